@@ -28,9 +28,10 @@ def _outputs(p: _impl.RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torc
 
 
 def _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-             is_neox, rotary_dim, layout):
+             is_neox, rotary_dim, layout, negative_wraps):
     return _impl.prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table,
-                         k_scale, v_scale, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout)
+                         k_scale, v_scale, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout,
+                         negative_wraps=negative_wraps)
 
 
 @torch.library.custom_op("fx_fusion::rope_kv_store", mutates_args=("k_cache", "v_cache"))
@@ -39,11 +40,11 @@ def rope_kv_store_op(
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-    is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool,
+    is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Default (CPU) implementation; see the module docstring. ``k_out`` is empty unless ``return_k``."""
     p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout)
+                 is_neox, rotary_dim, layout, negative_wraps)
     if validate:
         _impl.check_index_ranges(p)
     if _INTERPRETED:
@@ -56,9 +57,9 @@ def rope_kv_store_op(
 
 @rope_kv_store_op.register_kernel("cuda")
 def _(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-      is_neox, rotary_dim, layout, return_k, validate):
+      is_neox, rotary_dim, layout, return_k, validate, negative_wraps=False):
     p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout)
+                 is_neox, rotary_dim, layout, negative_wraps)
     if validate:
         _impl.check_index_ranges(p)
     q_out, k_out = _outputs(p, return_k)
@@ -69,9 +70,9 @@ def _(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k
 
 @rope_kv_store_op.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-      is_neox, rotary_dim, layout, return_k, validate):
+      is_neox, rotary_dim, layout, return_k, validate, negative_wraps=False):
     p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout)
+                 is_neox, rotary_dim, layout, negative_wraps)
     return _outputs(p, return_k)
 
 
@@ -83,6 +84,7 @@ def rope_kv_store(
     is_neox: bool = True, rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     swa_table: torch.Tensor | None = None, return_k: bool = False, validate: bool = False,
+    negative_wraps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
@@ -91,7 +93,8 @@ def rope_kv_store(
     computes them, or tables with ``positions``). ``validate=True`` also checks that every slot and
     position lies inside its cache or table, which costs a device sync; it is off by default so the
     op can run inside CUDA graphs, and the kernel never touches memory outside the tensors either way
-    (out-of-range slots are skipped, positions clamped to the table).
+    (out-of-range slots are skipped, positions clamped to the table). ``negative_wraps=True`` makes
+    negative slots and positions count from the end, as ``cache[slot] = k`` does, instead of skipping.
     """
     if cos_sin_cache is not None:
         if cos is not None or sin is not None:
@@ -111,5 +114,5 @@ def rope_kv_store(
         rotary_dim = cos.shape[-1]
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        is_neox, rotary_dim, layout, return_k, validate)
+        is_neox, rotary_dim, layout, return_k, validate, negative_wraps)
     return q_out, (k_out if return_k else None)

@@ -23,7 +23,9 @@ Cache layouts (``CacheLayout``), all ``[..., Hkv, D]`` with any strides:
 The slot of token ``(b, s)`` is ``slot_mapping[s]`` (``[T]`` for flat layouts, the ``cache_position``
 ``[S]`` for the sequence layout), optionally sent through a second table (``slot = swa_table[slot]``,
 SGLang's sliding-window pool). A negative entry at either level skips that token's k/v store; q is
-still rotated. Slots and positions outside the cache or table are never dereferenced.
+still rotated. With ``negative_wraps`` a negative final slot or position instead counts from the end,
+as torch indexing does (``cache[slot] = k``): the graph pass uses this to keep eager semantics.
+Slots and positions outside the cache or table are never dereferenced.
 
 Rotary tables: ``cos`` and ``sin`` are either tables ``[P, R']`` indexed by ``positions``
 (SGLang/vLLM ``cos_sin_cache`` split into halves, gpt-fast ``freqs_cis[..., 0]``), or per-token values
@@ -106,7 +108,7 @@ def _quantize(x, scale_ptr, fp8_max, HAS_SCALE: tl.constexpr, IS_FP8: tl.constex
 @triton.jit
 def _token_rows(
     pid, BLOCK_R: tl.constexpr, n_heads, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-    cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS: tl.constexpr,
+    cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
 ):
     """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h), mask, and cos/sin row offsets."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -117,6 +119,8 @@ def _token_rows(
     mask = t < T
     if HAS_POSITIONS:
         pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=mask, other=0).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            pos = tl.where(pos < 0, pos + n_positions, pos)
         pos = tl.minimum(tl.maximum(pos, 0), n_positions - 1)  # never read outside the table
         cos_row = pos * cos_sp
         sin_row = pos * sin_sp
@@ -150,7 +154,7 @@ def _rope_kv_store_kernel(
     sin_sp, sin_sb, sin_ss, sin_sd,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     HAS_SWA: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-    CACHE_IS_FP8: tl.constexpr, RETURN_K: tl.constexpr, HAS_TAIL: tl.constexpr,
+    CACHE_IS_FP8: tl.constexpr, RETURN_K: tl.constexpr, HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -162,7 +166,7 @@ def _rope_kv_store_kernel(
     if pid < n_q_programs:
         b, s, h, mask, cos_row, sin_row = _token_rows(
             pid, BLOCK_RQ, Hq, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS)
+            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
         q_row = b * q_sb + s * q_ss + h * q_sh
         o_row = b * qo_sb + s * qo_ss + h * qo_sh
         o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
@@ -177,12 +181,14 @@ def _rope_kv_store_kernel(
     else:
         b, s, h, mask, cos_row, sin_row = _token_rows(
             pid - n_q_programs, BLOCK_RKV, Hkv, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS)
+            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
         # slot of token (b, s): negative at either level, or outside the cache, means no store
         slot = tl.load(slot_ptr + b * slot_sb + s * slot_ss, mask=mask, other=-1).to(tl.int64)
         if HAS_SWA:
             in_swa = (slot >= 0) & (slot < n_swa)
             slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=mask & in_swa, other=-1).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            slot = tl.where(slot < 0, slot + n_slots, slot)
         store = mask & (slot >= 0) & (slot < n_slots)
         slot = tl.where(store, slot, 0)
         blk = slot // cache_block_size
@@ -248,6 +254,7 @@ class RopeKVProblem:
     layout: CacheLayout
     q_shape: torch.Size  # as given, for the outputs
     k_shape: torch.Size
+    negative_wraps: bool = False  # negative slots/positions count from the end instead of skipping
 
     @property
     def num_tokens(self) -> int:
@@ -311,7 +318,7 @@ def _as_bs(name: str, x: torch.Tensor, batch: int, seq: int, *, per_batch: bool)
 def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
     k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
-    layout: CacheLayout | str = CacheLayout.TOKEN,
+    layout: CacheLayout | str = CacheLayout.TOKEN, negative_wraps: bool = False,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -390,7 +397,7 @@ def prepare(
         if k_cache.dtype not in FP8_DTYPES:
             raise ValueError(f"{name} is given, but the caches are {k_cache.dtype}, not fp8")
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
-                         bool(is_neox), rotary_dim, layout, q.shape, k.shape)
+                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps))
 
 
 def check_index_ranges(p: RopeKVProblem) -> None:
@@ -403,14 +410,17 @@ def check_index_ranges(p: RopeKVProblem) -> None:
                              f"e.g. {int(slots[bad][0])}")
         slots = torch.where(slots >= 0, p.swa_table[slots.clamp(min=0).long()], -1)
     bad = slots >= p.num_slots
+    if p.negative_wraps:
+        bad |= slots < -p.num_slots
     if bool(bad.any()):
         where = "swa_table maps to" if p.swa_table is not None else "slot_mapping has"
         raise ValueError(f"{where} slots >= {p.num_slots} (the {p.layout.value} cache's capacity), "
                          f"e.g. {int(slots[bad][0])}")
     if p.positions is not None:
-        bad = (p.positions < 0) | (p.positions >= p.cos.shape[0])
+        low = -p.cos.shape[0] if p.negative_wraps else 0
+        bad = (p.positions < low) | (p.positions >= p.cos.shape[0])
         if bool(bad.any()):
-            raise ValueError(f"positions must lie in [0, {p.cos.shape[0]}) (the rotary table's rows), "
+            raise ValueError(f"positions must lie in [{low}, {p.cos.shape[0]}) (the rotary table's rows), "
                              f"got {int(p.positions[bad][0])}")
 
 
@@ -481,7 +491,7 @@ def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, **
         p.sin.stride(0), *sin_bs, p.sin.stride(-1),
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, HAS_POSITIONS=p.positions is not None,
         HAS_SWA=p.swa_table is not None, HAS_K_SCALE=p.k_scale is not None, HAS_V_SCALE=p.v_scale is not None,
-        CACHE_IS_FP8=fp8, RETURN_K=k_out is not None, HAS_TAIL=tail > 0,
+        CACHE_IS_FP8=fp8, RETURN_K=k_out is not None, HAS_TAIL=tail > 0, NEGATIVE_WRAPS=p.negative_wraps,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         **cfg,
     )
@@ -511,7 +521,9 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
     def table(c: torch.Tensor) -> torch.Tensor:  # -> [B or 1, S, 1, R'] per token
         if p.positions is not None:
-            return c[p.positions.long()].unsqueeze(2)
+            pos = p.positions.long()
+            pos = torch.where(pos < 0, pos + c.shape[0], pos) if p.negative_wraps else pos
+            return c[pos.clamp(0, c.shape[0] - 1)].unsqueeze(2)
         return (c if c.dim() == 3 else c.unsqueeze(0)).unsqueeze(2)
 
     cos, sin = table(p.cos).to(compute_dtype), table(p.sin).to(compute_dtype)
@@ -527,7 +539,7 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
         s1 = s2 = sin
 
     def rope(x: torch.Tensor) -> torch.Tensor:
-        out = x.to(compute_dtype)  # a copy: the tail passes through
+        out = x.to(compute_dtype, copy=True)  # never alias the input; the tail passes through
         x1, x2 = out[..., first].clone(), out[..., second].clone()
         out[..., first] = x1 * c1 - x2 * s1
         out[..., second] = x2 * c2 + x1 * s2
@@ -539,6 +551,8 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
     if p.swa_table is not None:
         in_table = (slots >= 0) & (slots < p.swa_table.shape[0])
         slots = torch.where(in_table, p.swa_table[slots.clamp(0, p.swa_table.shape[0] - 1)].long(), -1)
+    if p.negative_wraps:
+        slots = torch.where(slots < 0, slots + p.num_slots, slots)
     store = (slots >= 0) & (slots < p.num_slots)
     b_idx = torch.arange(batch, device=slots.device)[:, None].expand(batch, seq)[store]
     s_sel = slots[store]
