@@ -58,8 +58,13 @@ fx_fusion_backend = make_backend()
 
 
 def register() -> None:
-    """Register ``"fx_fusion"`` with Dynamo (idempotent: the entry point may have done it already)."""
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+    """Register ``"fx_fusion"`` with Dynamo on ``import fx_fusion``.
 
-    if _COMPILER_FNS.get("fx_fusion") is None:
-        register_backend(fx_fusion_backend, name="fx_fusion")
+    Skipped when already registered, and when Dynamo itself is loading our ``torch_dynamo_backends``
+    entry point (it registers the loaded function right after this import).
+    """
+    from torch._dynamo.backends import registry
+
+    if "fx_fusion" in registry._COMPILER_FNS or registry._BACKENDS.get("fx_fusion") is not None:
+        return
+    registry.register_backend(fx_fusion_backend, name="fx_fusion")

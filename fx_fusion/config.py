@@ -8,13 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from kernels.rope_kv_cache import CacheLayout
-
-
-class RopeStyle(str, enum.Enum):
-    """How rotary embedding pairs features: NeoX halves ``(i, i + R/2)`` or GPT-J neighbours ``(2i, 2i+1)``."""
-
-    NEOX = "neox"
-    GPTJ = "gptj"
+from patterns import FusionOptions, RopeStyle
 
 
 class OnUnfusable(str, enum.Enum):
@@ -62,6 +56,9 @@ class FusionConfig:
             raise ValueError(f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})")
         if self.dump_dir is not None:
             object.__setattr__(self, "dump_dir", str(self.dump_dir))
+
+    def pattern_options(self) -> FusionOptions:
+        return FusionOptions(self.layouts, self.styles, self.min_tokens, self.max_tokens, self.validate)
 
     def key(self) -> str:
         """A stable string naming every setting that changes the compiled graph."""

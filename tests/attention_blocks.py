@@ -4,11 +4,11 @@ They are test fixtures for the fusion pass: each block is a plain-torch re-imple
 source form, small enough to compile on CPU in a second, with the variants that change the aten graph
 exposed as constructor arguments.
 
-    form       layout of q/k at RoPE time        rotary tables                     cache store
-    "sglang"   2-D split slices [T, H*D]          cos_sin_cache[max_pos, rot]       k_buffer[loc] = k   ([slots, Hkv, D])
-    "vllm"     2-D split slices [T, H*D]          cos_sin_cache[max_pos, rot]       k_cache[s // bs, s % bs] = k
-    "hf"       [B, H, S, D] (after transpose)     inv_freq, position_ids (fp32)     index_copy_(2, pos, k) / [:, :, pos] = k
-    "gptfast"  [B, S, H, D] (before transpose)    freqs_cis[max_pos, D/2, 2]        k_cache[:, :, pos] = k
+    form       q/k at RoPE time                rotary tables                   cache store
+    "sglang"   2-D split slices [T, H*D]       cos_sin_cache[max_pos, rot]     k_buffer[loc] = k  ([slots, Hkv, D])
+    "vllm"     2-D split slices [T, H*D]       cos_sin_cache[max_pos, rot]     k_cache[s // bs, s % bs] = k
+    "hf"       [B, H, S, D] (transposed)       inv_freq, position_ids (fp32)   index_copy_(2, pos, k) / [:, :, pos] = k
+    "gptfast"  [B, S, H, D] (not transposed)   freqs_cis[max_pos, D/2, 2]      k_cache[:, :, pos] = k
 
 Every block: qkv projection -> RoPE on q, k -> store k, v into cache buffers (mutated in place)
 -> scaled_dot_product_attention over the cached keys/values -> o_proj.

@@ -1,0 +1,28 @@
+"""fx_fusion: fuse rotary embedding -> reshape -> KV-cache store in unmodified model code.
+
+The data flow, one file per arrow::
+
+    model code
+      -> Dynamo FX graph                      (torch.compile(..., backend="fx_fusion"): fx_fusion/backend.py)
+      -> AOTAutograd functional aten graph    (Inductor's compile_fx)
+      -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
+      -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
+      -> torch.ops.fx_fusion.rope_kv_store    (kernels/ops.py)
+      -> Triton kernel                        (kernels/rope_kv_cache.py)
+
+Entry points: ``torch.compile(model, backend="fx_fusion", options={...})``, ``@fx_fusion.compile``,
+and ``RopeKVFusionPass`` for engines that run their own torch.compile.
+"""
+
+from fx_fusion.backend import make_backend, register
+from fx_fusion.config import FusionConfig, OnUnfusable, RopeStyle
+from fx_fusion.decorator import compile
+from fx_fusion.fusion_pass import RopeKVFusionPass, UnfusableSiteError, install
+from kernels.rope_kv_cache import CacheLayout
+
+register()
+
+__all__ = [
+    "CacheLayout", "FusionConfig", "OnUnfusable", "RopeKVFusionPass", "RopeStyle", "UnfusableSiteError",
+    "compile", "install", "make_backend",
+]

@@ -1,0 +1,100 @@
+"""The post-grad Inductor pass: ``RopeKVFusionPass``, a ``CustomGraphPass`` with a cache-safe ``uuid()``."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from fx_fusion.config import FusionConfig, OnUnfusable
+from patterns import Site, fuse_rope_kv_stores
+
+log = logging.getLogger("fx_fusion")
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UnfusableSiteError(RuntimeError):
+    """Raised for a site that cannot be fused safely when ``on_unfusable="raise"``."""
+
+
+@functools.cache
+def _source_hash() -> bytes:
+    """Hash of the pass, its patterns and kernels: a change to any of them changes ``uuid()``."""
+    files = sorted(str(p) for pkg in ("fx_fusion", "patterns", "kernels") for p in (_PACKAGE_ROOT / pkg).glob("*.py"))
+    return get_hash_for_files(tuple(files))
+
+
+class RopeKVFusionPass(CustomGraphPass):
+    """Fuse RoPE -> reshape -> KV-cache store into ``torch.ops.fx_fusion.rope_kv_store``.
+
+    Install as ``torch._inductor.config.post_grad_custom_post_pass`` (see ``install``), or let the
+    ``fx_fusion`` backend / ``@fx_fusion.compile`` do it. Running it twice is a no-op: a fused graph
+    has no stores of RoPE outputs left.
+    """
+
+    def __init__(self, config: FusionConfig | None = None):
+        self.config = config or FusionConfig()
+        self.last_sites: list[Site] = []  # sites of the last graph this pass object saw
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        from torch._dynamo.utils import counters
+
+        before = self._snapshot(graph) if self.config.dump_dir else None
+        sites = fuse_rope_kv_stores(graph, self.config.pattern_options())
+        self.last_sites = sites
+        stats = counters["fx_fusion"]
+        stats["graphs"] += 1
+        for site in sites:
+            if site.fused:
+                stats["rope_kv_store_fused"] += 1
+                log.debug("fused RoPE + KV store at %s (%s, %s)", site.source, site.layout, site.style)
+            else:
+                stats["rope_kv_store_not_fused"] += 1
+                log.info("not fused: %s at %s", site.reason, site.source)
+        if before is not None:
+            from fx_fusion.dump import write_dump
+
+            write_dump(self.config.dump_dir, before, self._snapshot(graph), sites)
+        unsafe = [s for s in sites if not s.fused and not s.disabled]
+        if unsafe and self.config.on_unfusable is OnUnfusable.RAISE:
+            raise UnfusableSiteError("; ".join(f"{s.source}: {s.reason}" for s in unsafe))
+
+    @staticmethod
+    def _snapshot(graph: torch.fx.Graph):
+        from fx_fusion.dump import GraphSnapshot
+
+        return GraphSnapshot.of(graph)
+
+    def uuid(self) -> str:
+        return hashlib.sha256(_source_hash() + self.config.key().encode()).hexdigest()
+
+
+class ComposedPass(CustomGraphPass):
+    """Run a pass the user already installed, then ours (Inductor 2.11 takes one pass per hook)."""
+
+    def __init__(self, first, second: CustomGraphPass):
+        self.first, self.second = first, second
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.first(graph)
+        self.second(graph)
+
+    def uuid(self):
+        first = self.first.uuid() if hasattr(self.first, "uuid") else None
+        if first is None:
+            return None  # an unhashable user pass: Inductor bypasses the FX graph cache
+        return hashlib.sha256(f"{first}|{self.second.uuid()}".encode()).hexdigest()
+
+
+def install(fusion_pass: RopeKVFusionPass, existing=None):
+    """What to set as ``post_grad_custom_post_pass``: ours, after ``existing`` (minus any older fx_fusion pass)."""
+    while isinstance(existing, ComposedPass) and isinstance(existing.second, RopeKVFusionPass):
+        existing = existing.first
+    if existing is None or isinstance(existing, RopeKVFusionPass):
+        return fusion_pass
+    return ComposedPass(existing, fusion_pass)

@@ -1,0 +1,474 @@
+"""Recognise rotary position embedding by what a subgraph computes, not by how it is spelled.
+
+Model code spells RoPE many ways: ``chunk`` or slicing into halves, ``rotate_half`` with ``neg`` and
+``cat``, GPT-J's strided slices with ``stack(...).flatten(-2)``, gpt-fast's ``reshape(..., -1, 2)`` and
+``select``, upcasts to fp32, partial rotary with a pass-through tail. After AOTAutograd all of them
+are small graphs of view and elementwise aten ops over the last dimension. Instead of one pattern
+per spelling, ``evaluate`` runs that graph symbolically: every feature of the result becomes a
+polynomial in features of its leaves (the tensor being rotated and the cos/sin tables). ``match_rope``
+then checks the polynomials against the definition:
+
+    NeoX   out[i]     = x[i]     * cos[i] - x[i + R/2] * sin[i]
+           out[i+R/2] = x[i+R/2] * cos'[i] + x[i]      * sin'[i]        (GPT-J: pairs 2i, 2i + 1)
+           out[j]     = x[j]                                            for rotary_dim <= j < head_dim
+
+A wrong sign, swapped cos/sin, a missing term or a different table makes the match fail with a reason.
+Leading ("prefix") dimensions are tracked only to prove that each token's x meets the same token's
+table row (broadcasting over heads), whatever the order of batch/token/head dimensions.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class RopeStyle(str, enum.Enum):
+    """How rotary embedding pairs features: NeoX halves ``(i, i + R/2)`` or GPT-J neighbours ``(2i, 2i+1)``."""
+
+    NEOX = "neox"
+    GPTJ = "gptj"
+
+
+Sym = tuple[int, int]  # (leaf id, flat feature index of that leaf)
+Poly = dict[tuple[Sym, ...], float]  # monomial (sorted symbols) -> coefficient
+
+_PASS_THROUGH = {prims.convert_element_type.default, aten.clone.default, aten.alias.default,
+                 aten._to_copy.default}
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+
+
+def shape_of(n) -> tuple:
+    return tuple(n.meta["val"].shape)
+
+
+def is_one(s) -> bool:
+    return isinstance(s, int) and s == 1
+
+
+def same_size(a, b) -> bool:
+    """Sizes that a valid graph makes equal: equal ints, or non-1 sizes where one is symbolic.
+
+    (Dynamo may give the slots and the tokens different symbols for what is one size at run time;
+    an op that broadcasts them, like index_put, only runs when they agree.)
+    """
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return a is b or statically_known_true(a == b) or not (is_one(a) or is_one(b))
+
+
+@dataclass
+class Value:
+    """A tensor in the symbolic domain: ``prefix`` dims, then ``trail`` feature dims (concrete)."""
+
+    prefix: tuple  # sizes (ints or SymInts)
+    embed: tuple  # per prefix dim: frozenset of (leaf id, leaf prefix dim) that index along it
+    trail: tuple[int, ...]
+    feats: list[Poly]  # one polynomial per flat feature (row-major over ``trail``)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    node: Node
+    rank: int  # number of trailing dims that are its features
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """Where a RoPE's cos (or sin) values live: flat feature ``offset + stride * e`` of ``leaf``.
+
+    ``per_element``: e is the feature index (HF's duplicated cos/sin); otherwise e is the pair index.
+    ``dims`` maps each prefix dim of the leaf to the rotated tensor's prefix dim it follows (None: size 1).
+    """
+
+    leaf: Leaf
+    offset: int
+    stride: int
+    per_element: bool
+    dims: tuple
+
+
+@dataclass(frozen=True)
+class RopeMatch:
+    root: Node  # the node holding the rotated tensor
+    x: Node  # the tensor being rotated (before any upcast)
+    style: RopeStyle
+    rotary_dim: int
+    head_dim: int
+    cos: TableRef
+    sin: TableRef
+
+
+class NotRope(Exception):
+    """Why a subgraph is not a RoPE the fused op can compute; the message goes into the report."""
+
+
+class Evaluator:
+    """Symbolic evaluation of the last-dimension arithmetic below a node (memoised per node and rank)."""
+
+    def __init__(self, max_depth: int = 64):
+        self.leaves: list[Leaf] = []
+        self._leaf_ids: dict[Leaf, int] = {}
+        self._memo: dict[tuple[Node, int], Value] = {}
+        self.max_depth = max_depth
+
+    # ---- leaves ------------------------------------------------------------------------------
+    def leaf(self, node: Node, r: int) -> Value:
+        shp = shape_of(node)
+        if len(shp) < r or not all(isinstance(s, int) for s in shp[len(shp) - r:]):
+            raise NotRope(f"{node.name} has no static feature dims")
+        key = Leaf(node, r)
+        lid = self._leaf_ids.setdefault(key, len(self.leaves))
+        if lid == len(self.leaves):
+            self.leaves.append(key)
+        trail = tuple(shp[len(shp) - r:])
+        feats = [{((lid, f),): 1.0} for f in range(math.prod(trail))]
+        prefix = shp[: len(shp) - r]
+        return Value(prefix, tuple(frozenset({(lid, i)}) for i in range(len(prefix))), trail, feats)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self, node, r: int, depth: int = 0) -> Value:
+        if not isinstance(node, Node):
+            raise NotRope(f"unexpected constant {node!r}")
+        key = (node, r)
+        if key not in self._memo:
+            value = None
+            if depth < self.max_depth and node.op == "call_function" and "val" in node.meta:
+                try:
+                    value = self._evaluate_op(node, r, depth + 1)
+                except NotRope:
+                    value = None
+            self._memo[key] = value if value is not None else self.leaf(node, r)
+        return self._memo[key]
+
+    def _evaluate_op(self, n: Node, r: int, depth: int) -> Value | None:
+        t, args = n.target, n.args
+        ev = lambda x, rr=r: self.evaluate(x, rr, depth)  # noqa: E731
+        out_nd = len(shape_of(n))
+        if t in _PASS_THROUGH:
+            if t is aten._to_copy.default and set(n.kwargs) - {"dtype"}:
+                return None
+            return ev(args[0])
+        if t is aten.neg.default:
+            return _scale(ev(args[0]), -1.0)
+        if t in (aten.mul.Tensor, aten.mul.Scalar):
+            a, b = args
+            if isinstance(b, (int, float)):
+                return _scale(ev(a), float(b))
+            if isinstance(a, (int, float)):
+                return _scale(ev(b), float(a))
+            return _combine(ev(a), ev(b), _poly_mul)
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            if n.kwargs.get("alpha", 1) != 1 or not all(isinstance(x, Node) for x in args[:2]):
+                return None
+            sign = 1.0 if t is aten.add.Tensor else -1.0
+            return _combine(ev(args[0]), ev(args[1]), lambda p, q: _poly_add(p, q, sign))
+        if t is aten.unsqueeze.default:
+            d = args[1] % out_nd
+            if d >= out_nd - r:  # a new feature dim of size 1
+                v = ev(args[0], r - 1)
+                pos = d - (out_nd - r)
+                return Value(v.prefix, v.embed, v.trail[:pos] + (1,) + v.trail[pos:], v.feats)
+            v = ev(args[0])
+            return Value(v.prefix[:d] + (1,) + v.prefix[d:], v.embed[:d] + (frozenset(),) + v.embed[d:],
+                         v.trail, v.feats)
+        if t is aten.select.int:
+            in_nd = out_nd + 1
+            d = args[1] % in_nd
+            if d < in_nd - (r + 1):
+                return None
+            v = ev(args[0], r + 1)
+            return _take(v, d - (in_nd - r - 1), [args[2] % v.trail[d - (in_nd - r - 1)]], squeeze=True)
+        if t is aten.slice.Tensor:
+            x, d = args[0], args[1] % out_nd
+            start, end, step = (list(args[2:]) + [None, None, 1])[:3]
+            size = shape_of(x)[d]
+            if d < out_nd - r:
+                if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int)
+                                                                           and end >= 2**62)):
+                    return ev(x)
+                return None
+            if not isinstance(size, int):
+                return None
+            return _take(ev(x), d - (out_nd - r), list(range(*slice(start, end, step).indices(size))))
+        if t is operator.getitem and isinstance(args[0], Node) and args[0].target in (
+                aten.split.Tensor, aten.split_with_sizes.default):
+            src = args[0]
+            x, sizes, d = src.args[0], src.args[1], (src.args[2] if len(src.args) > 2 else 0)
+            nd = len(shape_of(x))
+            d %= nd
+            if d < nd - r:
+                return None
+            full = shape_of(x)[d]
+            if not isinstance(full, int):
+                return None
+            if isinstance(sizes, int):
+                sizes = [sizes] * math.ceil(full / sizes)
+            start = sum(sizes[: args[1]])
+            return _take(ev(x), d - (nd - r), list(range(start, min(start + sizes[args[1]], full))))
+        if t is aten.cat.default:
+            parts, d = args[0], (args[1] if len(args) > 1 else 0) % out_nd
+            if d < out_nd - r:
+                return None
+            return _concat([ev(p) for p in parts], d - (out_nd - r))
+        if t in _RESHAPES:
+            return self._reshape(n, r, ev)
+        if t is aten.expand.default:
+            v = ev(args[0])
+            out = shape_of(n)
+            if tuple(out[len(out) - r:]) != v.trail:
+                return None
+            extra = len(out) - r - len(v.prefix)
+            return Value(tuple(out[: len(out) - r]), (frozenset(),) * extra + v.embed, v.trail, v.feats)
+        if t in (aten.squeeze.dim, aten.squeeze.dims):
+            dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            in_nd = len(shape_of(args[0]))
+            dims = sorted({d % in_nd for d in dims if is_one(shape_of(args[0])[d % in_nd])})
+            if any(d >= in_nd - r for d in dims):
+                return None
+            v = ev(args[0])
+            keep = [i for i in range(len(v.prefix)) if i not in dims]
+            return Value(tuple(v.prefix[i] for i in keep), tuple(v.embed[i] for i in keep), v.trail, v.feats)
+        return None
+
+    def _reshape(self, n: Node, r: int, ev) -> Value | None:
+        """A reshape that keeps the prefix (up to size-1 dims) and regroups the feature dims."""
+        src, out = shape_of(n.args[0]), shape_of(n)
+        out_prefix, out_trail = out[: len(out) - r], out[len(out) - r:]
+        if not all(isinstance(s, int) for s in out_trail):
+            return None
+        for r_in in range(0, len(src) + 1):
+            in_prefix, in_trail = src[: len(src) - r_in], src[len(src) - r_in:]
+            if not all(isinstance(s, int) for s in in_trail) or math.prod(in_trail) != math.prod(out_trail):
+                continue
+            a = [i for i, s in enumerate(in_prefix) if not is_one(s)]
+            b = [i for i, s in enumerate(out_prefix) if not is_one(s)]
+            if len(a) != len(b) or not all(same_size(in_prefix[i], out_prefix[j]) for i, j in zip(a, b)):
+                continue
+            v = ev(n.args[0], r_in)
+            embed = [frozenset()] * len(out_prefix)
+            for i, j in zip(a, b):
+                embed[j] = v.embed[i]
+            return Value(tuple(out_prefix), tuple(embed), tuple(out_trail), v.feats)
+        return None
+
+
+# ---- polynomial helpers --------------------------------------------------------------------
+
+
+def _scale(v: Value, c: float) -> Value:
+    return Value(v.prefix, v.embed, v.trail, [{m: k * c for m, k in p.items()} for p in v.feats])
+
+
+def _poly_add(p: Poly, q: Poly, sign: float) -> Poly:
+    out = dict(p)
+    for m, k in q.items():
+        out[m] = out.get(m, 0.0) + sign * k
+    return {m: k for m, k in out.items() if k != 0.0}
+
+
+def _poly_mul(p: Poly, q: Poly) -> Poly:
+    out: Poly = {}
+    for m1, k1 in p.items():
+        for m2, k2 in q.items():
+            m = tuple(sorted(m1 + m2))
+            if len(m) > 2:
+                raise NotRope("products of more than two factors")
+            out[m] = out.get(m, 0.0) + k1 * k2
+    return {m: k for m, k in out.items() if k != 0.0}
+
+
+def _combine(a: Value, b: Value, fn) -> Value:
+    """Elementwise binary op with broadcasting of prefix and feature dims."""
+    if len(a.trail) != len(b.trail):
+        raise NotRope("operands with different feature ranks")
+    trail = []
+    for x, y in zip(a.trail, b.trail):
+        if x != y and 1 not in (x, y):
+            raise NotRope("feature dims do not broadcast")
+        trail.append(max(x, y))
+    n = max(len(a.prefix), len(b.prefix))
+    pa = (1,) * (n - len(a.prefix)) + a.prefix
+    pb = (1,) * (n - len(b.prefix)) + b.prefix
+    ea = (frozenset(),) * (n - len(a.embed)) + a.embed
+    eb = (frozenset(),) * (n - len(b.embed)) + b.embed
+    prefix, embed = [], []
+    for sa, sb, xa, xb in zip(pa, pb, ea, eb):
+        if is_one(sa) and not is_one(sb):
+            prefix.append(sb)
+            embed.append(xb)
+        elif is_one(sb) and not is_one(sa):
+            prefix.append(sa)
+            embed.append(xa)
+        else:
+            prefix.append(sa)
+            embed.append(xa | xb)
+    feats = []
+    for idx in _ndindex(trail):
+        fa = _flat([i if a.trail[d] > 1 else 0 for d, i in enumerate(idx)], a.trail)
+        fb = _flat([i if b.trail[d] > 1 else 0 for d, i in enumerate(idx)], b.trail)
+        feats.append(fn(a.feats[fa], b.feats[fb]))
+    return Value(tuple(prefix), tuple(embed), tuple(trail), feats)
+
+
+def _take(v: Value, dim: int, index: list[int], squeeze: bool = False) -> Value:
+    trail = list(v.trail)
+    trail[dim] = len(index)
+    feats = []
+    for idx in _ndindex(trail):
+        src = list(idx)
+        src[dim] = index[idx[dim]]
+        feats.append(v.feats[_flat(src, v.trail)])
+    if squeeze:
+        del trail[dim]
+    return Value(v.prefix, v.embed, tuple(trail), feats)
+
+
+def _concat(parts: list[Value], dim: int) -> Value:
+    first = parts[0]
+    if any(len(p.trail) != len(first.trail) or len(p.prefix) != len(first.prefix) for p in parts):
+        raise NotRope("cat of mismatched operands")
+    sizes = [p.trail[dim] for p in parts]
+    trail = list(first.trail)
+    trail[dim] = sum(sizes)
+    embed = tuple(frozenset().union(*(p.embed[i] for p in parts)) for i in range(len(first.prefix)))
+    feats = []
+    for idx in _ndindex(trail):
+        k, i = 0, idx[dim]
+        while i >= sizes[k]:
+            i -= sizes[k]
+            k += 1
+        src = list(idx)
+        src[dim] = i
+        feats.append(parts[k].feats[_flat(src, parts[k].trail)])
+    return Value(first.prefix, embed, tuple(trail), feats)
+
+
+def _ndindex(shape):
+    return list(itertools.product(*(range(s) for s in shape)))
+
+
+def _flat(idx, shape) -> int:
+    f = 0
+    for i, s in zip(idx, shape):
+        f = f * s + i
+    return f
+
+
+# ---- the RoPE check ------------------------------------------------------------------------
+
+
+def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
+    """Check that ``root`` holds RoPE of one tensor; raise ``NotRope`` with the reason otherwise."""
+    ev = evaluator or Evaluator()
+    v = ev.evaluate(root, 1)
+    head_dim = v.trail[0]
+    n_prefix = len(v.prefix)
+    # the rotated tensor: a leaf of the root's rank that indexes every prefix dim of the root
+    xs = [lid for lid, leaf in enumerate(ev.leaves)
+          if len(shape_of(leaf.node)) - leaf.rank == n_prefix and leaf.rank == 1
+          and all((lid, i) in v.embed[i] for i in range(n_prefix) if not is_one(v.prefix[i]))]
+    if len(xs) != 1:
+        raise NotRope("no single tensor is rotated" if not xs else "ambiguous rotated tensor")
+    x = xs[0]
+
+    def passthrough(j):
+        return v.feats[j] == {((x, j),): 1.0}
+
+    rot = head_dim
+    while rot > 0 and passthrough(rot - 1):
+        rot -= 1
+    if rot == 0:
+        raise NotRope("nothing is rotated")
+    if rot % 2:
+        raise NotRope(f"odd rotary dim {rot}")
+    half = rot // 2
+    partner0 = _partner(v.feats[0], x, 0)
+    if partner0 == half:
+        style, pairs = RopeStyle.NEOX, [(i, i + half) for i in range(half)]
+    elif partner0 == 1:
+        style, pairs = RopeStyle.GPTJ, [(2 * i, 2 * i + 1) for i in range(half)]
+    else:
+        raise NotRope("feature 0 is not paired like NeoX or GPT-J RoPE")
+    cos1, sin1, cos2, sin2 = [], [], [], []
+    for e1, e2 in pairs:
+        c1, s1 = _terms(v.feats[e1], x, e1, e2, -1.0)
+        c2, s2 = _terms(v.feats[e2], x, e2, e1, +1.0)
+        cos1.append(c1), sin1.append(s1), cos2.append(c2), sin2.append(s2)
+    firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+    cos = _table(ev, v, cos1, cos2, firsts, seconds, "cos")
+    sin = _table(ev, v, sin1, sin2, firsts, seconds, "sin")
+    if cos.per_element != sin.per_element:
+        raise NotRope("cos and sin tables have different layouts")
+    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin)
+
+
+def _partner(p: Poly, x: int, j: int) -> int | None:
+    for m in p:
+        for lid, f in m:
+            if lid == x and f != j:
+                return f
+    return None
+
+
+def _terms(p: Poly, x: int, own: int, other: int, other_sign: float) -> tuple[Sym, Sym]:
+    """Split ``x[own]*C + other_sign*x[other]*S`` into the table symbols (C, S)."""
+    if len(p) != 2:
+        raise NotRope(f"feature {own} is not a two-term rotation")
+    c = s = None
+    for m, k in p.items():
+        rest = [sym for sym in m if sym[0] != x]
+        xs = [sym for sym in m if sym[0] == x]
+        if len(m) != 2 or len(xs) != 1 or len(rest) != 1:
+            raise NotRope(f"feature {own} is not x times a table")
+        if xs[0][1] == own and k == 1.0:
+            c = rest[0]
+        elif xs[0][1] == other and k == other_sign:
+            s = rest[0]
+    if c is None or s is None:
+        raise NotRope(f"feature {own} has the wrong signs or partners for a rotation")
+    return c, s
+
+
+def _table(ev: Evaluator, v: Value, first: list[Sym], second: list[Sym], e1: list[int], e2: list[int],
+           name: str) -> TableRef:
+    lids = {s[0] for s in first + second}
+    if len(lids) != 1:
+        raise NotRope(f"{name} values come from several tensors")
+    lid = lids.pop()
+    a, b = [s[1] for s in first], [s[1] for s in second]
+    offset = a[0]
+    if a == b:  # one value per pair
+        stride = a[1] - a[0] if len(a) > 1 else 1
+        per_element = False
+        ok = stride > 0 and all(f == offset + stride * i for i, f in enumerate(a))
+    else:  # one value per feature: first at e1, second at e2
+        offset = a[0] - e1[0]
+        stride = ((b[0] - a[0]) // (e2[0] - e1[0])) if (e2[0] - e1[0]) else 0
+        offset = a[0] - stride * e1[0]
+        per_element = True
+        ok = stride > 0 and all(f == offset + stride * e for f, e in zip(a + b, e1 + e2))
+    if not ok:
+        raise NotRope(f"{name} values are not a strided row of one table")
+    leaf = ev.leaves[lid]
+    leaf_prefix = len(shape_of(leaf.node)) - leaf.rank
+    dims = []
+    for j in range(leaf_prefix):
+        if is_one(shape_of(leaf.node)[j]):
+            dims.append(None)
+            continue
+        hits = [i for i, e in enumerate(v.embed) if (lid, j) in e]
+        if len(hits) != 1:
+            raise NotRope(f"{name} does not follow one dim of the rotated tensor")
+        dims.append(hits[0])
+    return TableRef(leaf, offset, stride, per_element, tuple(dims))
