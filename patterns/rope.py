@@ -226,8 +226,12 @@ class Evaluator:
         if t is aten.expand.default:
             v = ev(args[0])
             out = shape_of(n)
-            if tuple(out[len(out) - r:]) != v.trail:
-                return None
+            out_trail = tuple(out[len(out) - r:])
+            if out_trail != v.trail:
+                if len(out_trail) != len(v.trail) or not all(
+                        isinstance(o, int) and (o == i or i == 1) for o, i in zip(out_trail, v.trail)):
+                    return None
+                v = _broadcast_features(v, out_trail)
             extra = len(out) - r - len(v.prefix)
             return Value(tuple(out[: len(out) - r]), (frozenset(),) * extra + v.embed, v.trail, v.feats)
         if t in (aten.squeeze.dim, aten.squeeze.dims):
@@ -319,6 +323,13 @@ def _combine(a: Value, b: Value, fn) -> Value:
         fb = _flat([i if b.trail[d] > 1 else 0 for d, i in enumerate(idx)], b.trail)
         feats.append(fn(a.feats[fa], b.feats[fb]))
     return Value(tuple(prefix), tuple(embed), tuple(trail), feats)
+
+
+def _broadcast_features(v: Value, trail: tuple) -> Value:
+    """Expand size-1 feature dims of ``v`` to ``trail`` (each feature repeated, as ``expand`` does)."""
+    feats = [v.feats[_flat([i if v.trail[d] > 1 else 0 for d, i in enumerate(idx)], v.trail)]
+             for idx in _ndindex(trail)]
+    return Value(v.prefix, v.embed, tuple(trail), feats)
 
 
 def _take(v: Value, dim: int, index: list[int], squeeze: bool = False) -> Value:
