@@ -392,6 +392,10 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     if len(xs) != 1:
         raise NotRope("no single tensor is rotated" if not xs else "ambiguous rotated tensor")
     x = xs[0]
+    width = shape_of(ev.leaves[x].node)[-1]
+    if width != head_dim:  # e.g. chunk(3, -1) of a per-head fused qkv: feature j of x is not feature j of root
+        raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} has {width} features, the result {head_dim} "
+                      "(RoPE of a slice of a wider last dim)")
 
     def passthrough(j):
         return v.feats[j] == {((x, j),): 1.0}
