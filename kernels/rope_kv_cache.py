@@ -80,6 +80,9 @@ def _rope_pairs(
     else:
         e1 = 2 * i
         e2 = 2 * i + 1
+    # x first: its address does not wait on the positions load, so both are in flight together
+    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
     if COS_PER_ELEMENT:
         c1 = tl.load(cos_ptr + cos_row[:, None] + (e1 * cos_sd)[None, :], mask=m, other=0.0).to(tl.float32)
         c2 = tl.load(cos_ptr + cos_row[:, None] + (e2 * cos_sd)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -90,8 +93,6 @@ def _rope_pairs(
         s1 = tl.load(sin_ptr + sin_row[:, None] + (i * sin_sd)[None, :], mask=m, other=0.0).to(tl.float32)
         c2 = c1
         s2 = s1
-    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, e1, e2, m
 
 
@@ -131,6 +132,102 @@ def _token_rows(
 
 
 @triton.jit
+def _rotate_q(
+    pid, q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr,
+    T, S, Hq, D, HALF, ROT, n_positions,
+    q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
+    pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
+    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
+    HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+):
+    """q_out = rope(q) for BLOCK_R (token, q-head) rows."""
+    b, s, h, mask, cos_row, sin_row = _token_rows(
+        pid, BLOCK_R, Hq, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
+        cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
+    q_row = b * q_sb + s * q_ss + h * q_sh
+    o_row = b * qo_sb + s * qo_ss + h * qo_sh
+    o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
+                                    cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+    out_ty = q_out_ptr.dtype.element_ty
+    tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
+    tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
+    if HAS_TAIL:
+        tail = ROT + tl.arange(0, BLOCK_TAIL)
+        tm = mask[:, None] & (tail < D)[None, :]
+        x = tl.load(q_ptr + q_row[:, None] + (tail * q_sd)[None, :], mask=tm)
+        tl.store(q_out_ptr + o_row[:, None] + (tail * qo_sd)[None, :], x, mask=tm)
+
+
+@triton.jit
+def _rotate_store_kv(
+    pid, k_ptr, v_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, swa_ptr, pos_ptr, cos_ptr, sin_ptr,
+    k_scale_ptr, v_scale_ptr,
+    T, S, Hkv, D, HALF, ROT, n_slots, n_swa, n_positions, cache_block_size, fp8_max,
+    k_sb, k_ss, k_sh, k_sd, v_sb, v_ss, v_sh, v_sd, ko_sb, ko_ss, ko_sh, ko_sd,
+    kc_sb, kc_sblk, kc_sin, kc_sh, kc_sd, vc_sb, vc_sblk, vc_sin, vc_sh, vc_sd,
+    slot_sb, slot_ss, pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
+    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
+    HAS_SWA: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
+    CACHE_IS_FP8: tl.constexpr, RETURN_K: tl.constexpr, HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """k_cache[slot] = quant(rope(k)), v_cache[slot] = quant(v) (and k_out = rope(k)) for BLOCK_R (token, kv-head) rows."""
+    b, s, h, mask, cos_row, sin_row = _token_rows(
+        pid, BLOCK_R, Hkv, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
+        cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
+    d = tl.arange(0, BLOCK_D)
+    vm = mask[:, None] & (d < D)[None, :]
+    v_row = b * v_sb + s * v_ss + h * v_sh
+    v = tl.load(v_ptr + v_row[:, None] + (d * v_sd)[None, :], mask=vm).to(tl.float32)
+    # slot of token (b, s): negative at either level, or outside the cache, means no store
+    slot = tl.load(slot_ptr + b * slot_sb + s * slot_ss, mask=mask, other=-1).to(tl.int64)
+    store = mask
+    if HAS_SWA:
+        if NEGATIVE_WRAPS:
+            slot = tl.where(slot < 0, slot + n_swa, slot)
+        in_swa = (slot >= 0) & (slot < n_swa)
+        store = store & in_swa
+        slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=store, other=-1).to(tl.int64)
+    if NEGATIVE_WRAPS:
+        slot = tl.where(slot < 0, slot + n_slots, slot)
+    store = store & (slot >= 0) & (slot < n_slots)
+    slot = tl.where(store, slot, 0)
+    blk = slot // cache_block_size
+    off = slot - blk * cache_block_size
+    kc_row = b * kc_sb + blk * kc_sblk + off * kc_sin + h * kc_sh
+    vc_row = b * vc_sb + blk * vc_sblk + off * vc_sin + h * vc_sh
+    k_row = b * k_sb + s * k_ss + h * k_sh
+    ko_row = b * ko_sb + s * ko_ss + h * ko_sh
+
+    o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
+                                    cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+    kc_ty = k_cache_ptr.dtype.element_ty
+    sm = m & store[:, None]
+    tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
+             _quantize(o1, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
+    tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
+             _quantize(o2, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
+    if RETURN_K:
+        ko_ty = k_out_ptr.dtype.element_ty
+        tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], o1.to(ko_ty), mask=m)
+        tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], o2.to(ko_ty), mask=m)
+    if HAS_TAIL:
+        tail = ROT + tl.arange(0, BLOCK_TAIL)
+        tm = mask[:, None] & (tail < D)[None, :]
+        x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
+        tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
+                 _quantize(x.to(tl.float32), k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty),
+                 mask=tm & store[:, None])
+        if RETURN_K:
+            tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
+
+    tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
+             _quantize(v, v_scale_ptr, fp8_max, HAS_V_SCALE, CACHE_IS_FP8).to(v_cache_ptr.dtype.element_ty),
+             mask=vm & store[:, None])
+
+
+@triton.jit
 def _rope_kv_store_kernel(
     # q [B, S, Hq, D]; k, v [B, S, Hkv, D]; q_out [B, S, Hq, D]; k_out [B, S, Hkv, D]: strides below
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
@@ -162,70 +259,24 @@ def _rope_kv_store_kernel(
     # BLOCK_RKV (token, kv-head) rows of k and store them, and the same rows of v, into the caches.
     # out = x * cos + rotate(x) * sin on features [0, ROT); features [ROT, D) pass through.
     pid = tl.program_id(0).to(tl.int64)
-    tail = ROT + tl.arange(0, BLOCK_TAIL)
     if pid < n_q_programs:
-        b, s, h, mask, cos_row, sin_row = _token_rows(
-            pid, BLOCK_RQ, Hq, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
-        q_row = b * q_sb + s * q_ss + h * q_sh
-        o_row = b * qo_sb + s * qo_ss + h * qo_sh
-        o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
-        out_ty = q_out_ptr.dtype.element_ty
-        tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
-        tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
-        if HAS_TAIL:
-            tm = mask[:, None] & (tail < D)[None, :]
-            x = tl.load(q_ptr + q_row[:, None] + (tail * q_sd)[None, :], mask=tm)
-            tl.store(q_out_ptr + o_row[:, None] + (tail * qo_sd)[None, :], x, mask=tm)
+        _rotate_q(pid, q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr,
+                  T, S, Hq, D, HALF, ROT, n_positions,
+                  q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
+                  pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
+                  IS_NEOX, COS_PER_ELEMENT, HAS_POSITIONS, HAS_TAIL, NEGATIVE_WRAPS,
+                  BLOCK_RQ, BLOCK_HALF, BLOCK_TAIL)
     else:
-        b, s, h, mask, cos_row, sin_row = _token_rows(
-            pid - n_q_programs, BLOCK_RKV, Hkv, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-            cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
-        # slot of token (b, s): negative at either level, or outside the cache, means no store
-        slot = tl.load(slot_ptr + b * slot_sb + s * slot_ss, mask=mask, other=-1).to(tl.int64)
-        if HAS_SWA:
-            in_swa = (slot >= 0) & (slot < n_swa)
-            slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=mask & in_swa, other=-1).to(tl.int64)
-        if NEGATIVE_WRAPS:
-            slot = tl.where(slot < 0, slot + n_slots, slot)
-        store = mask & (slot >= 0) & (slot < n_slots)
-        slot = tl.where(store, slot, 0)
-        blk = slot // cache_block_size
-        off = slot - blk * cache_block_size
-        kc_row = b * kc_sb + blk * kc_sblk + off * kc_sin + h * kc_sh
-        vc_row = b * vc_sb + blk * vc_sblk + off * vc_sin + h * vc_sh
-        k_row = b * k_sb + s * k_ss + h * k_sh
-        ko_row = b * ko_sb + s * ko_ss + h * ko_sh
-
-        o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
-        kc_ty = k_cache_ptr.dtype.element_ty
-        sm = m & store[:, None]
-        tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
-                 _quantize(o1, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
-        tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
-                 _quantize(o2, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
-        if RETURN_K:
-            ko_ty = k_out_ptr.dtype.element_ty
-            tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], o1.to(ko_ty), mask=m)
-            tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], o2.to(ko_ty), mask=m)
-        if HAS_TAIL:
-            tm = mask[:, None] & (tail < D)[None, :]
-            x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
-            tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
-                     _quantize(x.to(tl.float32), k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty),
-                     mask=tm & store[:, None])
-            if RETURN_K:
-                tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
-
-        d = tl.arange(0, BLOCK_D)
-        vm = mask[:, None] & (d < D)[None, :]
-        v_row = b * v_sb + s * v_ss + h * v_sh
-        x = tl.load(v_ptr + v_row[:, None] + (d * v_sd)[None, :], mask=vm).to(tl.float32)
-        tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
-                 _quantize(x, v_scale_ptr, fp8_max, HAS_V_SCALE, CACHE_IS_FP8).to(v_cache_ptr.dtype.element_ty),
-                 mask=vm & store[:, None])
+        _rotate_store_kv(pid - n_q_programs, k_ptr, v_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, swa_ptr,
+                         pos_ptr, cos_ptr, sin_ptr, k_scale_ptr, v_scale_ptr,
+                         T, S, Hkv, D, HALF, ROT, n_slots, n_swa, n_positions, cache_block_size, fp8_max,
+                         k_sb, k_ss, k_sh, k_sd, v_sb, v_ss, v_sh, v_sd, ko_sb, ko_ss, ko_sh, ko_sd,
+                         kc_sb, kc_sblk, kc_sin, kc_sh, kc_sd, vc_sb, vc_sblk, vc_sin, vc_sh, vc_sd,
+                         slot_sb, slot_ss, pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd,
+                         sin_sp, sin_sb, sin_ss, sin_sd,
+                         IS_NEOX, COS_PER_ELEMENT, HAS_POSITIONS, HAS_SWA, HAS_K_SCALE, HAS_V_SCALE,
+                         CACHE_IS_FP8, RETURN_K, HAS_TAIL, NEGATIVE_WRAPS,
+                         BLOCK_RKV, BLOCK_HALF, BLOCK_TAIL, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,20 +452,25 @@ def prepare(
 
 
 def check_index_ranges(p: RopeKVProblem) -> None:
-    """Raise ``ValueError`` if a slot or position lies outside its cache or table (syncs the device)."""
-    slots = p.slot_mapping
+    """Raise ``ValueError`` if a slot or position lies outside its cache or table (syncs the device).
+
+    Negative entries are allowed (they skip the store, or count from the end with ``negative_wraps``).
+    """
+    slots = p.slot_mapping.long()
     if p.swa_table is not None:
-        bad = slots >= p.swa_table.shape[0]
+        n_swa = p.swa_table.shape[0]
+        low = -n_swa if p.negative_wraps else None
+        bad = (slots >= n_swa) | ((slots < low) if low is not None else torch.zeros_like(slots, dtype=torch.bool))
         if bool(bad.any()):
-            raise ValueError(f"slot_mapping has entries >= len(swa_table) = {p.swa_table.shape[0]}, "
-                             f"e.g. {int(slots[bad][0])}")
-        slots = torch.where(slots >= 0, p.swa_table[slots.clamp(min=0).long()], -1)
+            raise ValueError(f"slot_mapping has entries outside swa_table's {n_swa} rows, e.g. {int(slots[bad][0])}")
+        wrapped = torch.where(slots < 0, slots + n_swa, slots) if p.negative_wraps else slots
+        slots = torch.where(wrapped >= 0, p.swa_table[wrapped.clamp(min=0)].long(), -1)
     bad = slots >= p.num_slots
     if p.negative_wraps:
         bad |= slots < -p.num_slots
     if bool(bad.any()):
         where = "swa_table maps to" if p.swa_table is not None else "slot_mapping has"
-        raise ValueError(f"{where} slots >= {p.num_slots} (the {p.layout.value} cache's capacity), "
+        raise ValueError(f"{where} slots outside the {p.layout.value} cache's {p.num_slots} slots, "
                          f"e.g. {int(slots[bad][0])}")
     if p.positions is not None:
         low = -p.cos.shape[0] if p.negative_wraps else 0
@@ -436,22 +492,22 @@ def _cache_strides(c: torch.Tensor, layout: CacheLayout) -> tuple[int, int, int,
 def launch_config(p: RopeKVProblem) -> dict:
     """Rows per program and warps, per target.
 
-    Each program moves about 4K elements per tensor when there are enough rows to fill the device
-    (bandwidth at large T); with few tokens the rows are split finer so that more programs share the
-    latency-bound work. On HIP a warp is a 64-lane wavefront: half the warps cover the same tile, and
-    ``waves_per_eu`` asks the compiler to leave room for two waves per SIMD.
+    At large T each q program moves about 2K elements (a 32 x 64 or 16 x 128 tile) and each kv program
+    half as many rows (it moves k and v); with fewer rows than ~512 such programs the rows are split
+    finer (down to 8 per program) so that more SMs share the latency-bound work. Four warps measured
+    best or within noise at every size on Hopper (benchmarks/RESULTS.md). On HIP a warp is a 64-lane
+    wavefront: half the warps cover the same tile, and ``waves_per_eu`` leaves the compiler room for
+    two waves per SIMD.
     """
     half = triton.next_power_of_2(p.rotary_dim // 2)
     d = triton.next_power_of_2(p.q.shape[-1])
     n_q_rows = p.num_tokens * p.q.shape[2]
-    block_rq = max(1, 4096 // d)
-    while block_rq > 4 and n_q_rows // block_rq < 256:
+    block_rq = max(1, 2048 // d)
+    while block_rq > 8 and n_q_rows // block_rq < 512:
         block_rq //= 2
-    block_rkv = max(1, block_rq // 2)
-    num_warps = 4 if block_rq * d >= 2048 else (2 if block_rq * d >= 512 else 1)
-    cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=block_rkv, BLOCK_HALF=half, BLOCK_D=d, num_warps=num_warps)
+    cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=max(1, block_rq // 2), BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
     if torch.version.hip is not None and p.q.is_cuda:
-        cfg.update(num_warps=max(1, num_warps // 2), waves_per_eu=2)
+        cfg.update(num_warps=2, waves_per_eu=2)
     return cfg
 
 
@@ -548,12 +604,16 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
     q_rot, k_rot = rope(p.q), rope(p.k)
 
     slots = p.slot_mapping.long().expand(batch, seq)
+    valid = torch.ones_like(slots, dtype=torch.bool)
     if p.swa_table is not None:
-        in_table = (slots >= 0) & (slots < p.swa_table.shape[0])
-        slots = torch.where(in_table, p.swa_table[slots.clamp(0, p.swa_table.shape[0] - 1)].long(), -1)
+        n_swa = p.swa_table.shape[0]
+        if p.negative_wraps:
+            slots = torch.where(slots < 0, slots + n_swa, slots)
+        valid = (slots >= 0) & (slots < n_swa)
+        slots = p.swa_table[slots.clamp(0, n_swa - 1)].long()
     if p.negative_wraps:
         slots = torch.where(slots < 0, slots + p.num_slots, slots)
-    store = (slots >= 0) & (slots < p.num_slots)
+    store = valid & (slots >= 0) & (slots < p.num_slots)
     b_idx = torch.arange(batch, device=slots.device)[:, None].expand(batch, seq)[store]
     s_sel = slots[store]
 

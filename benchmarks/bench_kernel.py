@@ -1,0 +1,154 @@
+"""Fused RoPE + KV-cache store vs. the unfused sequence (eager and stock torch.compile), on a GPU.
+
+For each model shape and token count: CUDA-graph replay medians (``triton.testing.do_bench_cudagraph``)
+of three implementations of "RoPE on q, k (SGLang forward_native) -> store k, v in a token-indexed
+cache at random slots", side by side in one process, plus the floor: the fewest bytes the operation
+must move divided by the device-to-device copy bandwidth measured in the same run.
+
+    python benchmarks/bench_kernel.py                      # the full table
+    python benchmarks/bench_kernel.py --tokens 1 8 --models gpt-oss
+    python benchmarks/bench_kernel.py --sweep              # also time launch configurations of ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import rope_kv_cache as impl  # noqa: E402
+from kernels import rope_kv_store  # noqa: E402
+
+MODELS = {"gpt-oss": (64, 8, 64), "llama3-8b": (32, 8, 128), "qwen3-moe": (32, 4, 128)}
+TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 32768]
+MAX_POS = 65536
+
+
+def unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d):
+    """SGLang's RotaryEmbedding.forward_native (NeoX) followed by the token-pool store."""
+    cos_sin = cos_sin_cache.index_select(0, positions)
+    cos, sin = cos_sin.chunk(2, dim=-1)
+
+    def rope(x, heads):
+        x = x.view(x.shape[0], heads, d)
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    q_out = rope(q, n_q)
+    k_cache[loc] = rope(k, n_kv)
+    v_cache[loc] = v.view(-1, n_kv, d)
+    return q_out
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def min_bytes(t, n_q, n_kv, d, dtype, table_dtype) -> int:
+    e = torch.empty((), dtype=dtype).element_size()
+    qkv_in = t * (n_q + 2 * n_kv) * d * e
+    q_out = t * n_q * d * e
+    kv_out = 2 * t * n_kv * d * e
+    table = t * d * torch.empty((), dtype=table_dtype).element_size()  # one cos/sin row per token
+    indices = 2 * t * 8  # positions and slots, int64
+    return qkv_in + q_out + kv_out + table + indices
+
+
+def make_case(t, n_q, n_kv, d, dtype=torch.bfloat16, gen=None):
+    dev = "cuda"
+    num_slots = max(2 * t, 4096)
+    qkv = torch.randn(t, (n_q + 2 * n_kv) * d, dtype=dtype, device=dev, generator=gen)
+    q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+    k_cache = torch.randn(num_slots, n_kv, d, dtype=dtype, device=dev, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    loc = torch.randperm(num_slots, device=dev, generator=gen)[:t]
+    positions = torch.randint(0, MAX_POS, (t,), device=dev, generator=gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+    freqs = torch.arange(MAX_POS, device=dev, dtype=torch.float32)[:, None] * inv[None]
+    cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache
+
+
+def check(case, n_q, n_kv, d) -> float:
+    """Max abs difference of ours vs. eager (q out and both caches, whole caches compared)."""
+    q, k, v, kc, vc, loc, pos, csc = case
+    kc2, vc2 = kc.clone(), vc.clone()
+    ref_q = unfused(q, k, v, kc2, vc2, loc, pos, csc, n_q, n_kv, d)
+    out_q, _ = rope_kv_store(q, k, v, kc, vc, loc, cos_sin_cache=csc, positions=pos)
+    return max((out_q.float().reshape(ref_q.shape) - ref_q.float()).abs().max().item(),
+               (kc.float() - kc2.float()).abs().max().item(), (vc.float() - vc2.float()).abs().max().item())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    ap.add_argument("--rep", type=int, default=100, help="ms of replays per measurement")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative launch configurations")
+    args = ap.parse_args()
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("| model | T | eager us | torch.compile us | fx_fusion us | floor us | fx_fusion % of floor "
+          "| speed-up vs compile | max abs err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        n_q, n_kv, d = MODELS[name]
+        for t in args.tokens:
+            case = make_case(t, n_q, n_kv, d, gen=gen)
+            err = check(case, n_q, n_kv, d)
+            q, k, v, kc, vc, loc, pos, csc = case
+            torch._dynamo.reset()
+            compiled = torch.compile(unfused)
+            with torch.no_grad():
+                compiled(q, k, v, kc, vc, loc, pos, csc, n_q, n_kv, d)  # compile outside the timing
+            eager_us = 1e3 * do_bench_cudagraph(lambda: unfused(q, k, v, kc, vc, loc, pos, csc, n_q, n_kv, d),
+                                                rep=args.rep, return_mode="median")
+            comp_us = 1e3 * do_bench_cudagraph(lambda: compiled(q, k, v, kc, vc, loc, pos, csc, n_q, n_kv, d),
+                                               rep=args.rep, return_mode="median")
+            ours_us = 1e3 * do_bench_cudagraph(lambda: rope_kv_store(q, k, v, kc, vc, loc, cos_sin_cache=csc,
+                                                                      positions=pos),
+                                               rep=args.rep, return_mode="median")
+            floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, q.dtype, csc.dtype) / bw
+            print(f"| {name} | {t} | {eager_us:.2f} | {comp_us:.2f} | {ours_us:.2f} | {floor_us:.2f} | "
+                  f"{100 * floor_us / ours_us:.0f}% | {comp_us / ours_us:.2f}x | {err:.3g} |", flush=True)
+            if args.sweep:
+                sweep(case, t, n_q, n_kv, d, args.rep, floor_us)
+
+
+def sweep(case, t, n_q, n_kv, d, rep, floor_us) -> None:
+    """Time ours under alternative (BLOCK_RQ, BLOCK_RKV, num_warps); print the best few."""
+    q, k, v, kc, vc, loc, pos, csc = case
+    half = d // 2
+    p = impl.prepare(q, k, v, kc, vc, loc, csc[:, :half], csc[:, half:], pos, rotary_dim=d)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    results = []
+    for brq, ratio, warps in itertools.product([1, 2, 4, 8, 16, 32, 64], [1, 2], [1, 2, 4, 8]):
+        brkv = max(1, brq // ratio)
+        if brq * d > 8192 or brq * d // 2 < 32 * warps // 2:  # tiles far too big, or most lanes idle
+            continue
+        cfg = dict(BLOCK_RQ=brq, BLOCK_RKV=brkv, num_warps=warps)
+        us = 1e3 * do_bench_cudagraph(lambda: impl.launch(p, q_out, None, **cfg), rep=rep // 2,
+                                      return_mode="median")
+        results.append((us, cfg))
+    results.sort(key=lambda r: r[0])
+    default = impl.launch_config(p)
+    print(f"    sweep T={t}: default {dict((k, default[k]) for k in ('BLOCK_RQ', 'BLOCK_RKV', 'num_warps'))}; best: "
+          + "; ".join(f"{us:.2f}us ({100 * floor_us / us:.0f}%) {cfg}" for us, cfg in results[:3]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
