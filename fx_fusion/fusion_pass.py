@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -44,11 +45,13 @@ class RopeKVFusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         from torch._dynamo.utils import counters
 
+        start = time.perf_counter()
         before = self._snapshot(graph) if self.config.dump_dir else None
         sites = fuse_rope_kv_stores(graph, self.config.pattern_options())
         self.last_sites = sites
         stats = counters["fx_fusion"]
         stats["graphs"] += 1
+        stats["pass_us"] += int(1e6 * (time.perf_counter() - start))
         for site in sites:
             if site.fused:
                 stats["rope_kv_store_fused"] += 1
