@@ -93,18 +93,22 @@ class Disabled(Unfusable):
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
     """Find every store of a RoPE output into a KV cache; fuse those that are safe and enabled."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    ev = Evaluator()
+    ropes = _RopeFinder()
     stores, sites, k_sites = [], [], []
     for n in list(graph.find_nodes(op="call_function", target=aten.index_put.default)):
         try:
             stores.append(match_store(n))
-        except NotAStore:
-            continue  # not a cache write at all: nothing to report
+        except NotAStore as e:
+            # not a cache store we can take over; a candidate site only if it stores a RoPE output
+            value = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], Node) else None
+            if value is not None and "val" in value.meta:
+                root, _, _ = walk_views(value, (None,) * value.meta["val"].dim())
+                if ropes.match(root) is not None:
+                    sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
     for st in stores:
         root, roles, chain = walk_views(st.value, st.value_roles)
-        try:
-            rope = match_rope(root, ev)
-        except NotRope:
+        rope = ropes.match(root)
+        if rope is None:
             continue  # a v store, or a store of something that is not rotated
         k_sites.append((st, root, roles, chain, rope))
     k_stores = {id(s[0]) for s in k_sites}
@@ -116,7 +120,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                     style=rope.style.value, rotary_dim=rope.rotary_dim, head_dim=rope.head_dim)
         sites.append(site)
         try:
-            plan = _plan(graph, st, root, roles, chain, rope, v_candidates, k_roots, used, order, ev, options, site)
+            plan = _plan(graph, st, root, roles, chain, rope, v_candidates, k_roots, used, order, ropes, options, site)
             _rewrite(graph, plan, options)
             used.update({plan.q_root, plan.v_store.node})
             site.fused = True
@@ -129,6 +133,22 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
         graph.eliminate_dead_code()
         graph.lint()
     return sites
+
+
+class _RopeFinder:
+    """``match_rope`` with one shared evaluator and a memo per node (q candidates are tried per site)."""
+
+    def __init__(self):
+        self.evaluator = Evaluator()
+        self._memo: dict[Node, RopeMatch | None] = {}
+
+    def match(self, node: Node) -> RopeMatch | None:
+        if node not in self._memo:
+            try:
+                self._memo[node] = match_rope(node, self.evaluator)
+            except NotRope:
+                self._memo[node] = None
+        return self._memo[node]
 
 
 def source_line(node: Node) -> str:
@@ -161,7 +181,7 @@ class _Plan:
 
 
 def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_roots, used, order,
-          ev: Evaluator, options: FusionOptions, site: Site) -> _Plan:
+          ropes: _RopeFinder, options: FusionOptions, site: Site) -> _Plan:
     # -- can_fuse: everything the rewrite needs to be exact --
     if root in used:
         raise Unfusable("this RoPE output is already taken by another site")
@@ -181,7 +201,7 @@ def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candida
     v_src, v_roles, _ = walk_views(v_store.value, v_store.value_roles)
     if v_src.meta["val"].dtype != kval.dtype:
         raise Unfusable(f"v is {v_src.meta['val'].dtype} but k is {kval.dtype}")
-    q_root, q = _pair_q(graph, root, rope, k_roots, used, order, ev)
+    q_root, q = _pair_q(root, rope, k_roots, used, order, ropes)
     if len(shape_of(q_root)) != len(shape_of(root)) or any(
             r != "h" and not same_size(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
         raise Unfusable(f"q {tuple(shape_of(q_root))} and k {tuple(shape_of(root))} differ beyond the head count")
@@ -227,7 +247,7 @@ def _pair_v(st: Store, candidates, used, order) -> Store:
     return min(same, key=lambda v: abs(order[v.node] - order[st.node]))
 
 
-def _pair_q(graph, k_root: Node, k: RopeMatch, k_roots, used, order, ev: Evaluator) -> tuple[Node, RopeMatch]:
+def _pair_q(k_root: Node, k: RopeMatch, k_roots, used, order, ropes: _RopeFinder) -> tuple[Node, RopeMatch]:
     """The q RoPE: same tables, style and rotary dim, its own input, nearest to the k RoPE."""
     found = []
     for cand in _reachable(k.cos.leaf.node, depth=24):
@@ -238,9 +258,8 @@ def _pair_q(graph, k_root: Node, k: RopeMatch, k_roots, used, order, ev: Evaluat
             continue
         if val.dtype != k_root.meta["val"].dtype or cand not in order:
             continue
-        try:
-            m = match_rope(cand, ev)
-        except NotRope:
+        m = ropes.match(cand)
+        if m is None:
             continue
         if (m.style, m.rotary_dim, m.cos, m.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and m.x is not k.x:
             found.append((cand, m))
