@@ -386,6 +386,8 @@ def prepare(
     cache_ndim = 3 if layout is CacheLayout.TOKEN else 4
     _expect_tensor("k_cache", k_cache, dtypes=(q.dtype, *FP8_DTYPES), ndims=(cache_ndim,), device=dev)
     _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(cache_ndim,), device=dev)
+    if k_cache.dtype == torch.float8_e4m3fnuz and dev.type == "cuda" and torch.version.hip is None:
+        raise TypeError("k_cache is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, but k_cache has {tuple(k_cache.shape)}")
     if layout is CacheLayout.SEQUENCE:
