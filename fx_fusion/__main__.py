@@ -1,0 +1,112 @@
+"""``python -m fx_fusion inspect DIR``: one table of every candidate site in a dump directory.
+
+A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
+``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
+RoPE style, rotary dim, token count, fused or not, the model source line, the reason when not fused)
+and the totals. Exit code 0, or 2 when DIR holds no reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
+
+
+def load_reports(directory: str | Path) -> list[dict]:
+    """The parsed ``graph_*.report.json`` files of ``directory``, in compilation order."""
+    paths = sorted(Path(directory).glob("graph_*.report.json"))
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable report ({e})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
+            raise ValueError(f"{path}: expected an object with a 'sites' list")
+        report.setdefault("graph", path.name.split(".")[0])
+        reports.append(report)
+    return reports
+
+
+def shorten_source(source: str | None, width: int) -> str:
+    """``/long/path/file.py, line 12, in fn: code`` -> ``file.py:12 code``, cut to ``width`` characters."""
+    if not source:
+        return "-"
+    where, _, code = source.partition(": ")
+    parts = [p.strip() for p in where.split(",")]
+    text = source
+    if len(parts) >= 2 and parts[1].startswith("line "):
+        text = f"{Path(parts[0]).name}:{parts[1][5:]} {code}".strip()
+    return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
+
+
+def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ...]]:
+    rows = []
+    for report in reports:
+        for site in report["sites"]:
+            rows.append((
+                str(report["graph"]),
+                str(site.get("layout") or "-"),
+                str(site.get("style") or "-"),
+                str(site.get("rotary_dim") if site.get("rotary_dim") is not None else "-"),
+                str(site.get("num_tokens") or "-"),
+                "yes" if site.get("fused") else "no",
+                shorten_source(site.get("source"), source_width),
+                "" if site.get("fused") else str(site.get("reason") or "-"),
+            ))
+    return rows
+
+
+def format_table(reports: list[dict], source_width: int = 60) -> str:
+    """The site table and totals as text."""
+    rows = site_rows(reports, source_width)
+    lines = []
+    if rows:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        lines += [fmt(COLUMNS), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    empty = [str(r["graph"]) for r in reports if not r["sites"]]
+    if empty:
+        lines.append(f"graphs without candidate sites: {', '.join(empty)}")
+    fused = sum(r[5] == "yes" for r in rows)
+    lines.append(f"graphs: {len(reports)}  sites: {len(rows)}  fused: {fused}  not fused: {len(rows) - fused}")
+    return "\n".join(lines) + "\n"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        print(f"error: {directory} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        reports = load_reports(directory)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not reports:
+        print(f"error: no graph_*.report.json in {directory} (compile with options={{'dump_dir': "
+              f"'{directory}'}} to write them)", file=sys.stderr)
+        return 2
+    sys.stdout.write(format_table(reports, args.source_width))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fx_fusion", description="fx_fusion tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="summarise the site reports of a dump directory",
+                                  description=__doc__.splitlines()[0])
+    inspect.add_argument("dir", help="a dump directory (FusionConfig.dump_dir)")
+    inspect.add_argument("--source-width", type=int, default=60, metavar="N",
+                         help="cut source lines to N characters (default 60)")
+    inspect.set_defaults(func=_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
