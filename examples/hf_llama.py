@@ -26,6 +26,7 @@ prefill eagerly, so there the cache is always allocated before compilation.
 # ``TRITON_INTERPRET=1`` must be set before fx_fusion or triton is imported (CPU only).
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
@@ -54,6 +55,9 @@ except ModuleNotFoundError:  # running from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import fx_fusion  # noqa: E402
 from fx_fusion.__main__ import format_table, load_reports  # noqa: E402
+
+# transformers renamed the forward/generate argument ``past_key_values`` to ``cache`` during 5.x
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 if args.device == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is available")
@@ -89,7 +93,7 @@ def greedy(forward, cache: StaticCache) -> list[int]:
     ids, tokens = prompt, prompt[0].tolist()
     with torch.no_grad():
         for _ in range(args.new_tokens):
-            logits = forward(input_ids=ids, cache=cache, use_cache=True).logits
+            logits = forward(input_ids=ids, use_cache=True, **{CACHE_ARG: cache}).logits
             ids = logits[:, -1:].argmax(-1)
             tokens.append(int(ids))
     return tokens
@@ -114,7 +118,7 @@ def show_and_check(dump_dir: Path, expect_graphs: int) -> list[str]:
 
 with torch.no_grad():
     expected = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
-                              cache=StaticCache(config=config, max_cache_len=max_cache_len))[0].tolist()
+                              **{CACHE_ARG: StaticCache(config=config, max_cache_len=max_cache_len)})[0].tolist()
 problems = []
 if greedy(model, new_cache()) != expected:
     problems.append("the eager manual loop disagrees with model.generate")
@@ -157,8 +161,8 @@ if not args.skip_generate:
     compile_config._compile_all_devices = True
     with torch.no_grad():
         generated = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
-                                   cache=StaticCache(config=config, max_cache_len=max_cache_len),
-                                   compile_config=compile_config)[0].tolist()
+                                   compile_config=compile_config,
+                                   **{CACHE_ARG: StaticCache(config=config, max_cache_len=max_cache_len)})[0].tolist()
     print("generate (compiled decode) tokens:", generated)
     if generated != expected:
         problems.append(f"generate with fx_fusion gave {generated}, eager {expected}")

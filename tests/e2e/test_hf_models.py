@@ -14,6 +14,7 @@ numerical mismatch still fails.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,10 @@ transformers = pytest.importorskip("transformers")
 
 import fx_fusion  # noqa: E402
 from fx_fusion.__main__ import load_reports  # noqa: E402
+
+# transformers renamed the forward argument ``past_key_values`` to ``cache`` during 5.x
+CACHE_ARG = ("cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+             else "past_key_values")
 
 LAYERS = 2
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -53,10 +58,11 @@ FAMILIES = {
     "gpt_neox": Family(lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128,
                                                           num_attention_heads=4, rotary_pct=0.5, **COMMON),
                        lambda c: transformers.GPTNeoXForCausalLM(c)),
-    # interleaved pairs (GPT-J style), partial rotary (8 of 16), sin/cos from a gathered table
+    # interleaved pairs (GPT-J style), partial rotary (8 of 16), sin/cos from a gathered table; eager attention
+    # (older transformers 5.x have no SDPA for GPT-J; attention comes after the cache update either way)
     "gptj": Family(lambda: transformers.GPTJConfig(n_embd=64, n_head=4, n_layer=LAYERS, rotary_dim=8, n_positions=64,
                                                    vocab_size=128, bos_token_id=0, eos_token_id=0,
-                                                   attn_implementation="sdpa"),
+                                                   attn_implementation="eager"),
                    lambda c: transformers.GPTJForCausalLM(c)),
 }
 
@@ -81,29 +87,29 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def new_cache(config, batch: int = 1, max_cache_len: int = 16):
+def new_cache(config, device, batch: int = 1, max_cache_len: int = 16):
     text = config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     cache = transformers.StaticCache(config=config, max_cache_len=max_cache_len)
     cache.early_initialization(batch_size=batch, num_heads=heads, head_dim=head_dim, dtype=torch.float32,
-                               device=torch.device("cpu"))
+                               device=device)
     return cache
 
 
 def run_steps(forward, cache, steps) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [forward(input_ids=ids, cache=cache, use_cache=True).logits for ids in steps]
+        return [forward(input_ids=ids, use_cache=True, **{CACHE_ARG: cache}).logits for ids in steps]
 
 
 @pytest.mark.parametrize("family", CASES)
-def test_static_cache_prefill_and_decode(family, tmp_path):
+def test_static_cache_prefill_and_decode(family, device, tmp_path):
     spec = FAMILIES[family]
     config = spec.config()
-    model = spec.model(config).eval()
-    steps = [torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 1)), torch.randint(1, 128, (1, 1))]
+    model = spec.model(config).to(device).eval()
+    steps = [torch.randint(1, 128, (1, n), device=device) for n in (5, 1, 1)]
 
-    ref_cache, cache = new_cache(config), new_cache(config)
+    ref_cache, cache = new_cache(config, device), new_cache(config, device)
     expected = run_steps(model, ref_cache, steps)
     compiled = fx_fusion.compile(model.forward, dump_dir=str(tmp_path))
     actual = run_steps(compiled, cache, steps)
