@@ -161,6 +161,10 @@ def _describe(indices) -> str:
 # ---- view chains ---------------------------------------------------------------------------
 
 
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
 def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     """Follow ``node`` back through pure views; return the first non-view node, its dims' roles, the chain.
 
@@ -194,6 +198,11 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
             a = [i for i, s in enumerate(shape_of(src)) if not is_one(s)]
             b = [i for i, s in enumerate(shape_of(node)) if not is_one(s)]
             if len(a) != len(b) or not all(same_size(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
+                # a round trip (x -> [T, H*D] -> [T, H, D], kept when the middle has other users) is the identity
+                if src.target in _RESHAPES and _same_shape(shape_of(src.args[0]), shape_of(node)):
+                    chain += [node, src]
+                    node = src.args[0]
+                    continue
                 break
             new = [None] * len(shape_of(src))
             for i, j in zip(a, b):

@@ -465,8 +465,6 @@ def test_rotated_k_with_another_user_fuses_with_return_k(records, codes, inferen
     assert args[15] == "True", f"return_k is {args[15]}"
 
 
-@pytest.mark.xfail(strict=True, reason="walk_views stops at a [T,H,D] -> [T,H*D] -> [T,H,D] round trip "
-                                        "whose middle has another user; match_rope cannot see through it")
 def test_rotated_2d_k_with_another_user_fuses_with_return_k(records, codes, inference):
     run_variant("k_user_2d", RAISE)
     check_fused(records, codes, [torch.empty(32, 2, 16)])
