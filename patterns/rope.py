@@ -116,7 +116,10 @@ class NotRope(Exception):
 class Evaluator:
     """Symbolic evaluation of the last-dimension arithmetic below a node (memoised per node and rank)."""
 
-    def __init__(self, max_depth: int = 64):
+    def __init__(self, head_dim: int | None = None, max_depth: int = 64):
+        # a head_dim-wide slice of a wider last dim (GPT-NeoX's per-head fused qkv) is a tensor to
+        # rotate, not a selection of features: evaluation stops there
+        self.head_dim = head_dim
         self.leaves: list[Leaf] = []
         self._leaf_ids: dict[Leaf, int] = {}
         self._memo: dict[tuple[Node, int], Value] = {}
@@ -200,7 +203,10 @@ class Evaluator:
                 return None
             if not isinstance(size, int):
                 return None
-            return _take(ev(x), d - (out_nd - r), list(range(*slice(start, end, step).indices(size))))
+            index = list(range(*slice(start, end, step).indices(size)))
+            if self._is_head_slice(r, d == out_nd - 1, len(index), size):
+                return None
+            return _take(ev(x), d - (out_nd - r), index)
         if t is operator.getitem and isinstance(args[0], Node) and args[0].target in (
                 aten.split.Tensor, aten.split_with_sizes.default):
             src = args[0]
@@ -215,7 +221,10 @@ class Evaluator:
             if isinstance(sizes, int):
                 sizes = [sizes] * math.ceil(full / sizes)
             start = sum(sizes[: args[1]])
-            return _take(ev(x), d - (nd - r), list(range(start, min(start + sizes[args[1]], full))))
+            index = list(range(start, min(start + sizes[args[1]], full)))
+            if self._is_head_slice(r, d == nd - 1, len(index), full):
+                return None
+            return _take(ev(x), d - (nd - r), index)
         if t is aten.cat.default:
             parts, d = args[0], (args[1] if len(args) > 1 else 0) % out_nd
             if d < out_nd - r:
@@ -244,6 +253,9 @@ class Evaluator:
             keep = [i for i in range(len(v.prefix)) if i not in dims]
             return Value(tuple(v.prefix[i] for i in keep), tuple(v.embed[i] for i in keep), v.trail, v.feats)
         return None
+
+    def _is_head_slice(self, r: int, last: bool, width: int, full: int) -> bool:
+        return r == 1 and last and self.head_dim is not None and width == self.head_dim < full
 
     def _reshape(self, n: Node, r: int, ev) -> Value | None:
         """A reshape that keeps the prefix (up to size-1 dims) and regroups the feature dims."""

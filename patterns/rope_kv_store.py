@@ -139,13 +139,15 @@ class _RopeFinder:
     """``match_rope`` with one shared evaluator and a memo per node (q candidates are tried per site)."""
 
     def __init__(self):
-        self.evaluator = Evaluator()
+        self._evaluators: dict[int, Evaluator] = {}  # one per head_dim (the width that bounds a leaf)
         self._memo: dict[Node, RopeMatch | None] = {}
 
     def match(self, node: Node) -> RopeMatch | None:
         if node not in self._memo:
+            head_dim = shape_of(node)[-1] if shape_of(node) else None
+            evaluator = self._evaluators.setdefault(head_dim, Evaluator(head_dim if isinstance(head_dim, int) else None))
             try:
-                self._memo[node] = match_rope(node, self.evaluator)
+                self._memo[node] = match_rope(node, evaluator)
             except NotRope:
                 self._memo[node] = None
         return self._memo[node]

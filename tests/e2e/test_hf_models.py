@@ -7,9 +7,6 @@ compilation (``early_initialization``; a cache allocated inside the compiled pre
 of the graph, not a cache input, and is not fused: see examples/hf_llama.py). The second decode step
 must reuse the decode graph, the logits and caches must equal eager, and every compiled graph must hold
 one ``fx_fusion.rope_kv_store`` per layer.
-
-Forms the pass does not fuse yet are ``xfail(strict=True, raises=NotFused)``: a fix flips them, and a
-numerical mismatch still fails.
 """
 
 from __future__ import annotations
@@ -66,18 +63,9 @@ FAMILIES = {
                    lambda c: transformers.GPTJForCausalLM(c)),
 }
 
-NEOX_REASON = (
-    "GPT-NeoX projects q, k, v per head into one [B, S, H, 3*D] tensor, transposes it and takes q, k, v "
-    "with chunk(3, dim=-1). The RoPE recogniser looks through that split to the whole [B, H, S, 3*D] "
-    "projection (k is features D..2D-1 of it), refuses a rotated tensor wider than the RoPE result, and "
-    "the k store is then treated as a store of an unrotated value: no site at all in the report"
-)
-
-CASES = [
-    "llama", "qwen3", "mistral",
-    pytest.param("gpt_neox", marks=pytest.mark.xfail(strict=True, raises=NotFused, reason=NEOX_REASON)),
-    "gptj",
-]
+# GPT-NeoX takes q, k, v per head with chunk(3, dim=-1) of one [B, H, S, 3*D] projection: the RoPE
+# recogniser stops at a head_dim-wide slice of a wider last dim and rotates that slice.
+CASES = ["llama", "qwen3", "mistral", "gpt_neox", "gptj"]
 
 
 @pytest.fixture(autouse=True)
