@@ -109,7 +109,7 @@ def rope_kv_store(
         rotary_dim = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
     elif cos is None or sin is None:
         raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
-    layout = CacheLayout(layout).value if isinstance(layout, (str, CacheLayout)) else layout
+    layout = layout.value if isinstance(layout, CacheLayout) else layout  # prepare() names a bad layout
     if rotary_dim is None and isinstance(cos, torch.Tensor):
         rotary_dim = cos.shape[-1]
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
