@@ -1,0 +1,713 @@
+"""End to end: decoder stacks under stock torch.compile and under the fx_fusion backend, side by side.
+
+Random-weight decoder stacks shaped like three deployments, written the way SGLang writes its models: a
+fused qkv Linear + split, ``RotaryEmbedding.forward_native`` (fp32 ``cos_sin_cache`` [max_pos, D] ->
+``index_select`` -> ``chunk``, NeoX rotation in the model dtype), ``k_buffer[loc] = k.view(-1, Hkv, D)`` into
+a token-indexed pool, ``F.scaled_dot_product_attention`` over the pool, RMSNorm and a dense SwiGLU MLP.
+Each model is compiled twice in one process with the same mode and flags, once by
+``torch.compile(model, mode=M)`` and once by ``torch.compile(model, backend="fx_fusion", mode=M)``:
+
+    decode    batch 1, 16, 64 after ``--past`` cached tokens, ``mode="reduce-overhead"`` (CUDA graphs);
+              per-step latency from CUDA events around every step: median (p10-p90)
+    prefill   2048 and 8192 tokens, batch 1, default mode (max-autotune compiles far too slowly);
+              tokens/s from the median step time (p10-p90)
+    compile   wall time of the calls that compiled, for each side, and the fusion pass's share of it
+
+For every point the two sides' outputs and the KV-cache rows they wrote are compared (bf16 tolerance),
+the rest of the fx_fusion side's caches is checked untouched, and the fx_fusion side must have fused one
+RoPE + KV-store site per layer in every graph it compiled (``counters["fx_fusion"]``).
+
+Shapes: decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and one for all batches
+>= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size, and each timed
+step replays one with the same shapes); prefill compiles one graph for both token counts.
+``--static-shapes`` compiles one graph per shape instead (slower to compile). The FX graph and AOT
+autograd caches are off, so each side really compiles.
+
+    python benchmarks/bench_e2e.py                          # models a, b, c: about 8 minutes on an H100
+    python benchmarks/bench_e2e.py --models c --layers 16   # fewer layers (printed)
+    python benchmarks/bench_e2e.py --smoke                  # 2 layers, tiny hidden size, CPU; no timing claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported: the CPU runs them interpreted
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fx_fusion  # noqa: E402,F401  (registers backend="fx_fusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One model's shapes (per GPU: a tensor-parallel shard sees only its own heads)."""
+
+    key: str
+    name: str
+    n_q: int
+    n_kv: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    layers: int
+    rope_base: float
+    bias: bool  # qkv and o projections with bias (gpt-oss) or without (Llama)
+    smoke_heads: tuple[int, int]  # (q, kv) heads of the --smoke version: the Triton interpreter is slow
+
+    def smoke(self) -> "Spec":
+        return dataclasses.replace(self, n_q=self.smoke_heads[0], n_kv=self.smoke_heads[1], hidden=SMOKE_HIDDEN,
+                                   intermediate=SMOKE_INTERMEDIATE, layers=SMOKE_LAYERS)
+
+
+SPECS = {
+    "a": Spec("a", "gpt-oss-120b TP-8 shard", 8, 1, 64, 2880, 2880, 36, 150000.0, True, (8, 1)),
+    "b": Spec("b", "gpt-oss-20b", 64, 8, 64, 2880, 2880, 24, 150000.0, True, (16, 2)),
+    "c": Spec("c", "Llama-3-8B", 32, 8, 128, 4096, 14336, 32, 500000.0, False, (8, 2)),
+}
+SMOKE_HIDDEN, SMOKE_INTERMEDIATE, SMOKE_LAYERS = 128, 256, 2
+
+# (atol, rtol): bf16 results of two compiled programs that round at different points
+OUT_TOL = (6e-2, 5e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model: SGLang-style decoder layers over a token-indexed KV pool
+# --------------------------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX RoPE as SGLang's ``RotaryEmbedding.forward_native`` computes it, rotating the whole head."""
+
+    def __init__(self, head_dim: int, max_pos: int, base: float, device):
+        super().__init__()
+        self.head_dim = self.rotary_dim = head_dim
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+
+    def forward(self, positions, query, key):
+        positions = positions.flatten()
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        return self._apply(positions.shape[0], query, cos, sin), self._apply(positions.shape[0], key, cos, sin)
+
+    def _apply(self, num_tokens, x, cos, sin):
+        shape = x.shape
+        x = x.view(num_tokens, -1, self.head_dim)
+        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
+        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        x1, x2 = torch.chunk(x_rot, 2, dim=-1)
+        x_rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.cat((x_rot, x_pass), dim=-1).reshape(shape)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, dtype, device, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """qkv Linear -> split -> RoPE -> store k, v in the pool -> SDPA over the pool -> o Linear.
+
+    The pool ``[num_slots, Hkv, D]`` is a module buffer (a static address for CUDA graphs). Sequence i owns
+    slots ``[i * L, (i + 1) * L)``, where ``B, L = mask.shape[0], mask.shape[-1]``: attention reads the pool
+    as ``[B, L, Hkv, D]`` and the boolean mask ``[B, 1, Tq, L]`` keeps the valid positions.
+    """
+
+    def __init__(self, spec: Spec, hidden: int, num_slots: int, rotary: RotaryEmbedding, gqa: bool, dtype, device):
+        super().__init__()
+        self.n_q, self.n_kv, self.d = spec.n_q, spec.n_kv, spec.head_dim
+        self.q_size, self.kv_size = self.n_q * self.d, self.n_kv * self.d
+        self.gqa = gqa
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.bias, dtype=dtype, device=device)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=spec.bias, dtype=dtype, device=device)
+        self.rotary = rotary
+        shape = (num_slots, self.n_kv, self.d)
+        self.register_buffer("k_buffer", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_buffer", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, positions, hidden, loc, mask):
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q, k)
+        # RadixAttention -> token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+        self.k_buffer[loc] = k.view(-1, self.n_kv, self.d)
+        self.v_buffer[loc] = v.view(-1, self.n_kv, self.d)
+        batch, tq, kv_len = mask.shape[0], mask.shape[2], mask.shape[3]
+        keys = self.k_buffer[: batch * kv_len].view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
+        values = self.v_buffer[: batch * kv_len].view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
+        q = q.view(batch, tq, self.n_q, self.d).transpose(1, 2)
+        if self.n_q == self.n_kv or self.gqa:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_q != self.n_kv)
+        else:  # SDPA would fall back to its math kernel with GQA and a mask: repeat the kv heads instead
+            rep = self.n_q // self.n_kv
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch * tq, self.q_size))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU: down(silu(gate) * up), gate and up from one merged Linear."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype, device):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec, hidden, intermediate, num_slots, rotary, gqa, dtype, device):
+        super().__init__()
+        self.input_norm = RMSNorm(hidden, dtype, device)
+        self.attn = Attention(spec, hidden, num_slots, rotary, gqa, dtype, device)
+        self.post_norm = RMSNorm(hidden, dtype, device)
+        self.mlp = MLP(hidden, intermediate, dtype, device)
+
+    def forward(self, positions, h, loc, mask):
+        h = h + self.attn(positions, self.input_norm(h), loc, mask)
+        return h + self.mlp(self.post_norm(h))
+
+
+class Decoder(nn.Module):
+    """forward(hidden [T, hidden], positions [T], loc [T], mask [B, 1, Tq, L]) -> normed hidden [T, hidden].
+
+    No embedding or LM head: the stack between them is what the fusion touches.
+    """
+
+    def __init__(self, spec, layers, hidden, intermediate, num_slots, max_pos, gqa, dtype, device):
+        super().__init__()
+        self.rotary = RotaryEmbedding(spec.head_dim, max_pos, spec.rope_base, device)
+        self.layers = nn.ModuleList(DecoderLayer(spec, hidden, intermediate, num_slots, self.rotary, gqa, dtype, device)
+                                    for _ in range(layers))
+        self.norm = RMSNorm(hidden, dtype, device)
+
+    def forward(self, hidden, positions, loc, mask):
+        for layer in self.layers:
+            hidden = layer(positions, hidden, loc, mask)
+        return self.norm(hidden)
+
+    def caches(self):
+        return [(layer.attn.k_buffer, layer.attn.v_buffer) for layer in self.layers]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs, caches, checks
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_inputs(batch, past, kv_len, hidden, dtype, device, seed):
+    """One new token for each of ``batch`` sequences, all at position ``past``."""
+    gen = torch.Generator(device).manual_seed(seed)
+    positions = torch.full((batch,), past, dtype=torch.int64, device=device)
+    loc = torch.arange(batch, device=device) * kv_len + past
+    x = torch.randn(batch, hidden, generator=gen, device=device).to(dtype)
+    mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None]).view(batch, 1, 1, kv_len)
+    return x, positions, loc, mask
+
+
+def prefill_inputs(tokens, hidden, dtype, device, seed):
+    """One sequence of ``tokens`` new tokens in slots 0..tokens-1, causal mask."""
+    gen = torch.Generator(device).manual_seed(seed)
+    positions = torch.arange(tokens, device=device)
+    x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
+    mask = (positions[None, :] <= positions[:, None]).view(1, 1, tokens, tokens)
+    return x, positions, positions.clone(), mask
+
+
+def mark_token_dim_dynamic(args, decode: bool) -> None:
+    """Compile the token dim symbolic. ``maybe_mark_dynamic``: a compile that specialises it anyway (a guard
+    such as ``T != 64``) recompiles, which the compile table shows, instead of raising."""
+    x, positions, loc, mask = args
+    for t in (x, positions, loc):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    for d in ((0,) if decode else (2, 3)):
+        torch._dynamo.maybe_mark_dynamic(mask, d)
+
+
+def _fill_seed(seed: int, layer: int, which: int) -> int:
+    return seed * 1000 + 2 * layer + which
+
+
+def fill_caches(model: Decoder, seed: int) -> None:
+    """Deterministic random caches: the 'past' tokens attention reads, and rows a stray write would change."""
+    for i, caches in enumerate(model.caches()):
+        for which, c in enumerate(caches):
+            c.normal_(generator=torch.Generator(c.device).manual_seed(_fill_seed(seed, i, which)))
+
+
+def untouched_rows_intact(model: Decoder, seed: int, loc: torch.Tensor) -> bool:
+    """Every cache row outside ``loc`` still holds what ``fill_caches(seed)`` put there."""
+    for i, caches in enumerate(model.caches()):
+        keep = torch.ones(caches[0].shape[0], dtype=torch.bool, device=loc.device)
+        keep[loc] = False
+        for which, c in enumerate(caches):
+            expected = torch.empty_like(c).normal_(generator=torch.Generator(c.device).manual_seed(
+                _fill_seed(seed, i, which)))
+            if not torch.equal(c[keep], expected[keep]):
+                return False
+    return True
+
+
+def written_rows(model: Decoder, loc: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack((k[loc], v[loc])) for k, v in model.caches()])
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    atol, rtol = OUT_TOL
+    return bool(torch.isfinite(a).all()) and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling, timing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompileLog:
+    """What the calls that compiled cost, for one side and one mode."""
+
+    graphs: int = 0
+    wall_s: float = 0.0
+    pass_us: int = 0
+    fused: int = 0
+    not_fused: int = 0
+    pass_graphs: int = 0
+    cudagraph_skips: int = 0
+
+
+def _snapshot() -> dict:
+    fx = counters["fx_fusion"]
+    return dict(graphs=counters["stats"]["unique_graphs"], pass_graphs=fx["graphs"], pass_us=fx["pass_us"],
+                fused=fx["rope_kv_store_fused"], not_fused=fx["rope_kv_store_not_fused"],
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(fn, args):
+    if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+    return fn(*args)
+
+
+def call_logged(fn, args, log: CompileLog, per_graph: list, device):
+    """Call ``fn``; if that compiled, add its wall time and the pass's counters to ``log``."""
+    before = _snapshot()
+    start = time.perf_counter()
+    out = step(fn, args)
+    sync(device)
+    wall = time.perf_counter() - start
+    after = _snapshot()
+    delta = {k: after[k] - before[k] for k in after}
+    if delta["graphs"]:
+        log.graphs += delta["graphs"]
+        log.wall_s += wall
+        log.pass_us += delta["pass_us"]
+        log.fused += delta["fused"]
+        log.not_fused += delta["not_fused"]
+        log.pass_graphs += delta["pass_graphs"]
+        log.cudagraph_skips += delta["cudagraph_skips"]
+        if delta["pass_graphs"]:
+            per_graph.append((delta["fused"], delta["not_fused"], delta["pass_graphs"]))
+    return out
+
+
+def time_steps(fn, args, n: int, device) -> list[float]:
+    """Milliseconds of each of ``n`` steps: CUDA events around every call (wall clock on CPU)."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            step(fn, args)
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step(fn, args)
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclasses.dataclass
+class Timing:
+    ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return quantile(self.ms, 0.5)
+
+    def spread(self) -> tuple[float, float]:
+        return quantile(self.ms, 0.1), quantile(self.ms, 0.9)
+
+
+def interleaved_timing(fns: dict, args, steps: int, blocks: int, device) -> dict[str, Timing]:
+    """``steps`` timed steps per side, in ``blocks`` alternating blocks (clock and thermal drift hit both)."""
+    per_block = max(1, math.ceil(steps / blocks))
+    out = {name: [] for name in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            out[name] += time_steps(fn, args, per_block, device)
+    return {name: Timing(ms) for name, ms in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    point: str  # "batch 16" / "2048 tokens"
+    stock: Timing
+    fused: Timing
+    equal: bool
+    fused_sites: str
+    detail: str
+
+
+@dataclasses.dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    decode_mode: str | None
+    decode_batches: list[int]
+    past: int
+    prefill_tokens: list[int]
+    steps: int
+    warmup: int
+    blocks: int
+    prefill_steps: int
+    max_pos: int
+    static_shapes: bool
+    smoke: bool
+
+
+def sdpa_backend(spec: Spec, s: Settings, batch: int, tq: int, kv_len: int) -> tuple[bool, str]:
+    """Whether SDPA with ``enable_gqa=True`` and a boolean mask avoids the math kernel; the backend's name."""
+    if spec.n_q == spec.n_kv:
+        return True, "-"
+    q = torch.empty(batch, spec.n_q, tq, spec.head_dim, dtype=s.dtype, device=s.device)
+    k = torch.empty(batch, kv_len, spec.n_kv, spec.head_dim, dtype=s.dtype, device=s.device).transpose(1, 2)
+    mask = torch.ones(batch, 1, tq, kv_len, dtype=torch.bool, device=s.device)
+    try:
+        choice = torch._fused_sdp_choice(q, k, k, mask, 0.0, False, enable_gqa=True)
+        name = torch.nn.attention.SDPBackend(choice).name
+    except Exception as e:  # an older or newer signature: repeat the kv heads, which always works
+        return False, f"unknown ({type(e).__name__})"
+    return name != "MATH" or s.device.type != "cuda", name
+
+
+def decode_kv_len(past: int) -> int:
+    return 64 * math.ceil((past + 1) / 64)
+
+
+def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: list, log) -> None:
+    hidden, intermediate = spec.hidden, spec.intermediate
+    kv_len = decode_kv_len(s.past)
+    num_slots = max(max(s.decode_batches, default=1) * kv_len, max(s.prefill_tokens, default=1))
+    gqa_decode, backend_decode = sdpa_backend(spec, s, max(s.decode_batches, default=1), 1, kv_len)
+    gqa_prefill, backend_prefill = sdpa_backend(spec, s, 1, max(s.prefill_tokens, default=1),
+                                                max(s.prefill_tokens, default=1))
+    gqa = gqa_decode and gqa_prefill
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Decoder(spec, layers, hidden, intermediate, num_slots, s.max_pos, gqa, s.dtype, s.device).eval()
+    for k, v in model.caches():
+        torch._dynamo.mark_static_address(k)
+        torch._dynamo.mark_static_address(v)
+    params = sum(p.numel() for p in model.parameters())
+    cache_bytes = sum(2 * k.numel() * k.element_size() for k, _ in model.caches())
+    log(f"\n## model {spec.key}: {spec.name} — {layers} layers"
+        + (f" (the real model has {spec.layers})" if layers != spec.layers else "")
+        + f", {spec.n_q} q / {spec.n_kv} kv heads, head_dim {spec.head_dim}, hidden {hidden}, "
+          f"SwiGLU intermediate {intermediate}, {params / 1e9:.2f} B params, KV pool {num_slots} slots "
+          f"({cache_bytes / 2**30:.2f} GiB)")
+    log(f"   cache: token pool [slots, Hkv, D] (SGLang style, k_buffer[loc] = k); attention: "
+        + ("SDPA(enable_gqa=True)" if gqa else "repeat_interleave kv heads + SDPA")
+        + f" with a bool mask; SDPA backend for GQA: decode {backend_decode}, prefill {backend_prefill}")
+
+    def check(fns, args, seed_base):
+        """Fill caches, one step per side (and eagerly); compare outputs and written rows."""
+        loc = args[2]
+        results = {}
+        for name, fn in (*fns.items(), ("eager", model)):
+            fill_caches(model, seed_base)
+            out = step(fn, args).clone()
+            sync(s.device)
+            intact = untouched_rows_intact(model, seed_base, loc) if name == "fx_fusion" else True
+            results[name] = (out, written_rows(model, loc), intact)
+        (o_s, r_s, _), (o_f, r_f, intact), (o_e, r_e, _) = results["stock"], results["fx_fusion"], results["eager"]
+        equal = close(o_f, o_s) and close(r_f, r_s) and intact
+        detail = (f"max|fx-stock| out {max_err(o_f, o_s):.3g} cache rows {max_err(r_f, r_s):.3g}; "
+                  f"max|stock-eager| out {max_err(o_s, o_e):.3g}; max|fx-eager| out {max_err(o_f, o_e):.3g} "
+                  f"cache rows {max_err(r_f, r_e):.3g}; "
+                  f"other cache rows {'untouched' if intact else 'CHANGED'}")
+        return equal, detail
+
+    with torch.no_grad():
+        # ---- decode -----------------------------------------------------------------------------
+        dynamic = False if s.static_shapes else None
+        mode = s.decode_mode
+        fns = {"stock": torch.compile(model, mode=mode, fullgraph=True, dynamic=dynamic),
+               "fx_fusion": torch.compile(model, backend="fx_fusion", mode=mode, fullgraph=True, dynamic=dynamic)}
+        logs = {name: CompileLog() for name in fns}
+        per_graph = {name: [] for name in fns}
+        for batch in s.decode_batches:
+            args = decode_inputs(batch, s.past, kv_len, hidden, s.dtype, s.device, seed=batch)
+            if batch > 1 and not s.static_shapes:
+                mark_token_dim_dynamic(args, decode=True)
+            fill_caches(model, 1)
+            for name in ("fx_fusion", "stock"):  # fx_fusion first: caches warmed by it only help stock
+                t0 = time.perf_counter()
+                call_logged(fns[name], args, logs[name], per_graph[name], s.device)
+                for _ in range(s.warmup):
+                    step(fns[name], args)
+                sync(s.device)
+                log(f"   decode batch {batch}: {name} ready in {time.perf_counter() - t0:.1f} s")
+            t = interleaved_timing(fns, args, s.steps, s.blocks, s.device)
+            equal, detail = check(fns, args, seed_base=100 + batch)
+            sites = _sites(per_graph["fx_fusion"], layers)
+            rows["decode"].append(Row(spec.key, f"batch {batch}", t["stock"], t["fx_fusion"], equal, sites, detail))
+            log(f"   decode batch {batch}: stock {t['stock'].median:.3f} ms, fx_fusion {t['fx_fusion'].median:.3f} ms;"
+                f" {detail}")
+        compile_rows.append((spec.key, f"decode ({mode or 'default'})", logs, per_graph, layers))
+
+        # ---- prefill ----------------------------------------------------------------------------
+        fns = {"stock": torch.compile(model, fullgraph=True, dynamic=dynamic),
+               "fx_fusion": torch.compile(model, backend="fx_fusion", fullgraph=True, dynamic=dynamic)}
+        logs = {name: CompileLog() for name in fns}
+        per_graph = {name: [] for name in fns}
+        for tokens in s.prefill_tokens:
+            args = prefill_inputs(tokens, hidden, s.dtype, s.device, seed=tokens)
+            if not s.static_shapes and tokens > 1:
+                mark_token_dim_dynamic(args, decode=False)
+            fill_caches(model, 2)
+            for name in ("fx_fusion", "stock"):
+                t0 = time.perf_counter()
+                call_logged(fns[name], args, logs[name], per_graph[name], s.device)
+                for _ in range(max(1, s.warmup // 4)):
+                    step(fns[name], args)
+                sync(s.device)
+                log(f"   prefill {tokens} tokens: {name} ready in {time.perf_counter() - t0:.1f} s")
+            t = interleaved_timing(fns, args, s.prefill_steps, min(s.blocks, s.prefill_steps), s.device)
+            equal, detail = check(fns, args, seed_base=200 + tokens)
+            sites = _sites(per_graph["fx_fusion"], layers)
+            rows["prefill"].append(Row(spec.key, f"{tokens} tokens", t["stock"], t["fx_fusion"], equal, sites,
+                                       detail))
+            log(f"   prefill {tokens} tokens: stock {t['stock'].median:.3f} ms, "
+                f"fx_fusion {t['fx_fusion'].median:.3f} ms; {detail}")
+        compile_rows.append((spec.key, "prefill (default)", logs, per_graph, layers))
+
+    del fns, model
+    torch._dynamo.reset()
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sites(per_graph: list, layers: int) -> str:
+    """'36/36' when every graph the fx_fusion side compiled fused one site per layer; else what it did."""
+    if not per_graph:
+        return "NO GRAPH"
+    if all(f == layers * g and nf == 0 for f, nf, g in per_graph):
+        return f"{layers}/{layers}" + (f" x{len(per_graph)} graphs" if len(per_graph) > 1 else "")
+    return "MISMATCH " + ", ".join(f"{f}/{layers * g}" + (f" (+{nf} refused)" if nf else "") for f, nf, g in per_graph)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def print_tables(rows: dict, compile_rows: list, s: Settings, header: list[str]) -> None:
+    print()
+    print("\n".join(header))
+    note = " (CPU smoke run: timings say nothing)" if s.device.type != "cuda" else ""
+    print(f"\n### Decode step latency, ms{note}: median (p10-p90) over {s.steps} steps per side, "
+          f"past length {s.past}, mode={s.decode_mode!r}")
+    print("| model | batch | stock median (p10-p90) | fx_fusion median (p10-p90) | speed-up % | outputs equal "
+          "| fused sites |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows["decode"]:
+        print(f"| {r.model} | {r.point.split()[1]} | {_fmt(r.stock)} | {_fmt(r.fused)} | "
+              f"{100 * (r.stock.median / r.fused.median - 1):+.1f} | {'yes' if r.equal else 'NO'} | {r.fused_sites} |")
+    print(f"\n### Prefill throughput, tokens/s{note}: median (p10-p90) over {s.prefill_steps} steps per side, "
+          "batch 1, default mode")
+    print("| model | tokens | stock median (p10-p90) | fx_fusion median (p10-p90) | speed-up % | outputs equal "
+          "| fused sites |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows["prefill"]:
+        tokens = int(r.point.split()[0])
+        print(f"| {r.model} | {tokens} | {_fmt_tput(r.stock, tokens)} | {_fmt_tput(r.fused, tokens)} | "
+              f"{100 * (r.stock.median / r.fused.median - 1):+.1f} | {'yes' if r.equal else 'NO'} | {r.fused_sites} |")
+    print("\n### Compile time: calls that compiled (first call of a shape; includes one run), wall seconds")
+    print("| model | mode | graphs stock / fx_fusion | stock s | fx_fusion s | fusion pass ms | pass share % "
+          "| fused sites per graph | CUDA-graph skips stock / fx_fusion |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
+    for key, mode, logs, per_graph, layers in compile_rows:
+        st, fx = logs["stock"], logs["fx_fusion"]
+        if st.graphs != fx.graphs:
+            notes.append(f"- {key} {mode}: fx_fusion compiled {fx.graphs} graphs where stock compiled {st.graphs}: "
+                         "a recompile (TORCH_LOGS=recompiles names the guard)")
+        share = 100 * fx.pass_us / (1e6 * fx.wall_s) if fx.wall_s else float("nan")
+        print(f"| {key} | {mode} | {st.graphs} / {fx.graphs} | {st.wall_s:.1f} | {fx.wall_s:.1f} | "
+              f"{fx.pass_us / 1e3:.0f} | {share:.2f} | {_sites(per_graph['fx_fusion'], layers)} | "
+              f"{st.cudagraph_skips} / {fx.cudagraph_skips} |")
+    if notes:
+        print("\n".join(["", *notes]))
+    print("\n### Checks per point")
+    for kind in ("decode", "prefill"):
+        for r in rows[kind]:
+            print(f"- {r.model} {kind} {r.point}: {'ok' if r.equal else 'MISMATCH'}; {r.detail}")
+
+
+def _fmt(t: Timing) -> str:
+    lo, hi = t.spread()
+    return f"{t.median:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def _fmt_tput(t: Timing, tokens: int) -> str:
+    lo, hi = t.spread()
+    return f"{tokens / t.median * 1e3:,.0f} ({tokens / hi * 1e3:,.0f}-{tokens / lo * 1e3:,.0f})"
+
+
+def parse_layers(values: list[str], models: list[str]) -> dict[str, int]:
+    """``--layers 16`` (every model) or ``--layers c=16 a=12``."""
+    out = {}
+    for v in values or []:
+        key, _, n = v.rpartition("=")
+        targets = [key] if key else models
+        for t in targets:
+            if t not in SPECS:
+                raise SystemExit(f"--layers: unknown model {t!r} in {v!r}")
+            out[t] = int(n)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS),
+                    help="a: gpt-oss-120b TP-8 shard, b: gpt-oss-20b, c: Llama-3-8B")
+    ap.add_argument("--layers", nargs="+", metavar="[MODEL=]N", help="fewer layers: N for all, or e.g. c=16")
+    ap.add_argument("--decode-batches", nargs="+", type=int)
+    ap.add_argument("--past", type=int, help="tokens already cached per sequence at decode (default 1024)")
+    ap.add_argument("--prefill-tokens", nargs="+", type=int)
+    ap.add_argument("--steps", type=int, help="timed decode steps per side and batch (default 120)")
+    ap.add_argument("--prefill-steps", type=int, help="timed prefill steps per side and size (default 10)")
+    ap.add_argument("--static-shapes", action="store_true", help="one compile per shape (dynamic=False)")
+    ap.add_argument("--smoke", action="store_true", help="2 layers, tiny hidden size, few steps (CPU ok)")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    smoke = args.smoke
+    s = Settings(
+        device=device, dtype=torch.bfloat16,
+        decode_mode="reduce-overhead" if cuda else None,
+        decode_batches=args.decode_batches or ([1, 3] if smoke else [1, 16, 64]),
+        past=args.past if args.past is not None else (40 if smoke else 1024),
+        prefill_tokens=args.prefill_tokens or ([16, 24] if smoke else [2048, 8192]),
+        steps=args.steps or (2 if smoke else 120), warmup=1 if smoke else 10, blocks=2 if smoke else 4,
+        prefill_steps=args.prefill_steps or (1 if smoke else 10),
+        max_pos=1024 if smoke else 131072, static_shapes=args.static_shapes, smoke=smoke)
+    layers = parse_layers(args.layers, args.models)
+
+    torch._inductor.config.fx_graph_cache = False  # each side really compiles, and the pass really runs
+    torch._functorch.config.enable_autograd_cache = False
+    for name in ("recompile_limit", "cache_size_limit"):  # 4 compiled wrappers share Decoder.forward
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+            break
+
+    card = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    header = [
+        "# fx_fusion end to end: stock torch.compile vs backend=\"fx_fusion\", same mode, one process",
+        f"- device: {card}; torch {torch.__version__}; triton {triton.__version__}; Python {platform.python_version()}",
+        f"- command: python {' '.join(shlex.quote(a) for a in sys.argv)}",
+        f"- dtype bf16; random weights; decode past length {s.past}; shapes: "
+        + ("one static graph per shape" if s.static_shapes else
+           "decode: batch 1 static + one graph with a dynamic batch for batch >= 2, prefill: one dynamic graph"),
+        "- cache: token-indexed pool (SGLang style) for every model; no embedding / LM head",
+    ]
+    if smoke:
+        header.append(f"- SMOKE: {SMOKE_LAYERS} layers, hidden {SMOKE_HIDDEN}, intermediate {SMOKE_INTERMEDIATE}, "
+                      "fewer heads (same head_dim)"
+                      + ("; CPU: no CUDA graphs, Triton interpreted, timings meaningless" if not cuda else ""))
+    print("\n".join(header), flush=True)
+
+    rows = {"decode": [], "prefill": []}
+    compile_rows = []
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {msg.lstrip()}" if not msg.startswith("\n") else msg,
+              flush=True)
+
+    crashed = []
+    for key in args.models:
+        spec = SPECS[key].smoke() if smoke else SPECS[key]
+        try:
+            run_model(spec, layers.get(key, spec.layers), s, rows, compile_rows, log)
+        except Exception:  # report it, keep the other models' numbers
+            traceback.print_exc()
+            crashed.append(key)
+            torch._dynamo.reset()
+            if cuda:
+                torch.cuda.empty_cache()
+    print_tables(rows, compile_rows, s, header)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    bad = [f"{r.model} {r.point}" for kind in rows.values() for r in kind
+           if not r.equal or not r.fused_sites[0].isdigit()]
+    bad += [f"model {key} crashed (traceback above)" for key in crashed]
+    if bad:
+        print(f"FAILED checks: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

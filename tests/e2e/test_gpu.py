@@ -1,0 +1,222 @@
+"""On a CUDA device: the fused op under CUDA graphs, with dynamic token counts, and through every surface form.
+
+Blocks from ``tests/attention_blocks.py`` are moved to the GPU and compiled with the fx_fusion backend; an
+eager deep copy runs the same steps, and outputs and every cache buffer (untouched rows included: caches
+start random) are compared after each step.
+
+* ``test_cuda_graph_replay``: ``mode="reduce-overhead"``; one compile, then several replays of one CUDA
+  graph with changing slots and positions (the caches are module buffers: static, written in place).
+* ``test_dynamic_token_count``: T = 1, 7, 64, 1000 prefill steps with the token dim dynamic
+  (``mark_dynamic`` or ``dynamic=True``); at most two compiles (T = 1 and one for T >= 2), each fused.
+* ``test_forms_match_eager``: sglang / vllm / hf / gptfast blocks, prefill then decode: the Triton
+  kernel (not the CPU reference) runs inside Inductor's code and matches eager.
+
+Skipped without CUDA. About 30 small compiles: well under 3 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.graph import GraphLowering
+
+import fx_fusion
+from fx_fusion import FusionConfig
+from tests.attention_blocks import make_block, make_inputs, prefill_inputs, token_slots
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEVICE = "cuda"
+BF16 = torch.bfloat16
+# (atol, rtol). Outputs: the compiled block keeps fp32 intermediates where eager rounds after every op.
+# Caches: the fused kernel rounds one fp32 RoPE result, eager may round twice (one bf16 ulp apart).
+OUTPUT_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), BF16: (6e-2, 5e-2)}
+CACHE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), BF16: (1e-2, 1.6e-2)}
+FUSED_CALL = "torch.ops.fx_fusion.rope_kv_store.default("
+
+
+@pytest.fixture(autouse=True)
+def inference():
+    """No autograd, no FX graph cache (a hit would skip the pass), a fresh Dynamo per test."""
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def output_code(monkeypatch) -> list[str]:
+    """Inductor's output code of every graph compiled during the test."""
+    codes: list[str] = []
+    monkeypatch.setattr(GraphLowering, "save_output_code", codes.append)
+    return codes
+
+
+def snapshot() -> dict[str, int]:
+    fx = counters["fx_fusion"]
+    return {"compiles": counters["stats"]["unique_graphs"], "pass_runs": fx["graphs"],
+            "fused": fx["rope_kv_store_fused"], "not_fused": fx["rope_kv_store_not_fused"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "non_static_inputs": counters["inductor"]["cudagraph_recorded_non_static_inputs"]}
+
+
+def delta(before: dict[str, int]) -> dict[str, int]:
+    now = snapshot()
+    return {k: now[k] - before[k] for k in now}
+
+
+def to_device(inputs) -> tuple:
+    return tuple(x.to(DEVICE) for x in inputs)
+
+
+def caches(model) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if "cache" in n or "buffer" in n}
+
+
+def assert_close(actual, expected, tol, what: str) -> None:
+    atol, rtol = tol[expected.dtype] if expected.is_floating_point() else (0, 0)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_step(out, expected, model, eager, what: str) -> None:
+    assert_close(out, expected, OUTPUT_TOL, f"{what} output")
+    mine, ref = caches(model), caches(eager)
+    assert mine.keys() == ref.keys() and mine
+    for name in ref:
+        assert_close(mine[name], ref[name], CACHE_TOL, f"{what} buffer {name}")
+
+
+def assert_every_graph_fused(d: dict[str, int], sites_per_graph: int = 1) -> None:
+    assert d["compiles"] >= 1, "nothing compiled"
+    assert d["pass_runs"] == d["compiles"], f"the fusion pass ran {d['pass_runs']} times for {d['compiles']} graphs"
+    assert d["not_fused"] == 0, f"{d['not_fused']} sites left unfused"
+    assert d["fused"] == sites_per_graph * d["compiles"], f"{d['fused']} fused sites in {d['compiles']} graphs"
+
+
+def cudagraph_state() -> str | None:
+    """What the CUDA-graph tree manager of this device did last (WARMUP, RECORDING, EXECUTION), if readable."""
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        return None if manager is None else manager.path_state.name
+    except (ImportError, AttributeError):  # internals moved: the equality checks still stand
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# (i) CUDA-graph capture and replay
+# ------------------------------------------------------------------------------------------------
+
+KV_LEN = 64  # positions the sglang block's attention reads back (fixed, so every step has the same shapes)
+
+
+def decode_step(block, past: int, step: int) -> tuple:
+    """Fixed-shape decode inputs whose slots and positions change with ``past``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    if block.form == "sglang":
+        positions = torch.arange(past, past + 4)  # four new tokens a step
+        hidden = torch.randn(4, block.hidden_size, generator=g).to(block.dtype)
+        return to_device((positions, hidden, token_slots(block, positions), token_slots(block, torch.arange(KV_LEN))))
+    batch = block.k_cache.shape[0]
+    hidden = torch.randn(batch, 1, block.hidden_size, generator=g).to(block.dtype)
+    position_ids = torch.full((batch, 1), past, dtype=torch.int64)
+    return to_device((hidden, position_ids, torch.tensor([past])))
+
+
+GRAPH_BLOCKS = [
+    pytest.param("sglang", dict(num_slots=256), id="sglang"),
+    pytest.param("hf", dict(batch=2, max_seq=KV_LEN, cache_update="setitem"), id="hf-setitem"),
+    pytest.param("hf", dict(batch=2, max_seq=KV_LEN, cache_update="index_copy", style="gptj"), id="hf-index_copy"),
+]
+
+
+@pytest.mark.parametrize("form, kw", GRAPH_BLOCKS)
+def test_cuda_graph_replay(form, kw):
+    block = make_block(form, num_heads=8, num_kv_heads=2, head_dim=64, dtype=BF16, max_pos=KV_LEN, **kw).to(DEVICE)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="fx_fusion", mode="reduce-overhead")
+    before = snapshot()
+    states = []
+    for step, past in enumerate(range(10, 40, 5)):  # 6 steps: warm-up, recording, then replays
+        inputs = decode_step(block, past, step)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*inputs).clone()  # a replay's output lives in the graph's pool: copy it out
+        states.append(cudagraph_state())
+        check_step(out, eager(*inputs), block, eager, f"step {step} (past {past})")
+    d = delta(before)
+    assert d["compiles"] == 1, f"{d['compiles']} compiles for one input shape"
+    assert_every_graph_fused(d)
+    assert d["cudagraph_skips"] == 0, "Inductor skipped CUDA graphs (TORCH_LOGS=perf_hints says why)"
+    # the caches are module buffers: static inputs, written in place, never copied in on replay
+    n_inputs = len(inputs)
+    assert d["non_static_inputs"] <= n_inputs, f"{d['non_static_inputs']} non-static inputs for {n_inputs} args"
+    if states[-1] is not None:
+        assert states[-3:] == ["EXECUTION"] * 3, f"the last steps did not replay a CUDA graph: {states}"
+
+
+# ------------------------------------------------------------------------------------------------
+# (ii) dynamic token count
+# ------------------------------------------------------------------------------------------------
+
+TOKEN_DIMS = {"sglang": (0, 0, 0, 0), "hf": (1, 1, 0)}  # token dim of each forward argument
+DYNAMIC_BLOCKS = {"sglang": dict(num_slots=2048, max_pos=1024), "hf": dict(max_seq=1024, cache_update="setitem")}
+
+
+@pytest.mark.parametrize("how", ["mark_dynamic", "dynamic=True"])
+@pytest.mark.parametrize("form", ["sglang", "hf"])
+def test_dynamic_token_count(form, how):
+    block = make_block(form, num_heads=8, num_kv_heads=2, head_dim=64, dtype=BF16, **DYNAMIC_BLOCKS[form]).to(DEVICE)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="fx_fusion", dynamic=True if how == "dynamic=True" else None)
+    before = snapshot()
+    after_first_dynamic = None
+    for t in (1, 7, 64, 1000):
+        inputs = to_device(prefill_inputs(block, num_tokens=t, seed=t))
+        if how == "mark_dynamic" and t > 1:  # a size-1 dim cannot be marked: Dynamo specialises it
+            for x, dim in zip(inputs, TOKEN_DIMS[form]):
+                torch._dynamo.mark_dynamic(x, dim)
+        check_step(compiled(*inputs), eager(*inputs), block, eager, f"T={t}")
+        if t == 7:
+            after_first_dynamic = delta(before)["compiles"]
+    d = delta(before)
+    # T = 1 may get a graph of its own (size-1 specialisation); every T >= 2 shares one: <= 2 in all
+    assert d["compiles"] <= 2, f"{d['compiles']} compiles for T = 1, 7, 64, 1000"
+    assert d["compiles"] == after_first_dynamic, "T = 64 or 1000 recompiled after T = 7"
+    assert_every_graph_fused(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# (iii) every surface form through the compiled graph, on CUDA
+# ------------------------------------------------------------------------------------------------
+
+FORM_CASES = [
+    pytest.param("sglang", dict(dtype=BF16), id="sglang-neox-bf16"),
+    pytest.param("sglang", dict(style="gptj", rot_dim=32, dtype=torch.float32), id="sglang-gptj-partial-fp32"),
+    pytest.param("vllm", dict(dtype=BF16, num_blocks=8, block_size=16), id="vllm-neox-bf16"),
+    pytest.param("vllm", dict(flat_store=True, style="gptj", dtype=torch.float16, num_blocks=8, block_size=16),
+                 id="vllm-flat-gptj-fp16"),
+    pytest.param("hf", dict(dtype=BF16, cache_update="index_copy"), id="hf-index_copy-bf16"),
+    pytest.param("hf", dict(rot_dim=32, dtype=torch.float32, cache_update="setitem"), id="hf-partial-fp32"),
+    pytest.param("gptfast", dict(dtype=BF16), id="gptfast-bf16"),
+    pytest.param("gptfast", dict(dtype=torch.float32), id="gptfast-fp32"),
+]
+
+
+@pytest.mark.parametrize("form, kw", FORM_CASES)
+def test_forms_match_eager(form, kw, output_code):
+    block = make_block(form, num_heads=8, num_kv_heads=2, head_dim=64, **kw).to(DEVICE)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
+    before = snapshot()
+    steps = [make_inputs(block, 5, past=0), make_inputs(block, 1, past=5), make_inputs(block, 1, past=6)]
+    for i, inputs in enumerate(steps):
+        inputs = to_device(inputs)
+        check_step(compiled(*inputs), eager(*inputs), block, eager, f"step {i}")
+    assert_every_graph_fused(delta(before))
+    assert output_code and all(code.count(FUSED_CALL) == 1 for code in output_code), \
+        "the fused op is not called once in every compiled graph"
+    assert all(b.device.type == DEVICE for b in caches(block).values())
