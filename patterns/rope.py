@@ -107,6 +107,7 @@ class RopeMatch:
     head_dim: int
     cos: TableRef
     sin: TableRef
+    x_dims: tuple = ()  # for each prefix dim of x: the root's prefix dim it follows (None: size 1)
 
 
 class NotRope(Exception):
@@ -397,13 +398,17 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     v = ev.evaluate(root, 1)
     head_dim = v.trail[0]
     n_prefix = len(v.prefix)
-    # the rotated tensor: a leaf of the root's rank that indexes every prefix dim of the root
-    xs = [lid for lid, leaf in enumerate(ev.leaves)
-          if len(shape_of(leaf.node)) - leaf.rank == n_prefix and leaf.rank == 1
-          and all((lid, i) in v.embed[i] for i in range(n_prefix) if not is_one(v.prefix[i]))]
-    if len(xs) != 1:
-        raise NotRope("no single tensor is rotated" if not xs else "ambiguous rotated tensor")
-    x = xs[0]
+    # the rotated tensor: a leaf that indexes every (non-1) prefix dim of the root
+    xs = {lid: dims for lid, leaf in enumerate(ev.leaves) if leaf.rank == 1
+          and (dims := _follows(ev, v, lid)) is not None}
+    if not xs:
+        raise NotRope("no single tensor is rotated")
+    # With one head (MQA) a per-token table indexes the same dims as x and the polynomials are
+    # symmetric in the two: prefer x of the root's rank, then one that is not a gather, then the dtype
+    # of the result. A wrong pick is still exact; it only fails to pair with q's RoPE later.
+    root_dtype = root.meta["val"].dtype
+    x = min(xs, key=lambda lid: (len(xs[lid]) != n_prefix, ev.leaves[lid].node.target is aten.index.Tensor,
+                                 ev.leaves[lid].node.meta["val"].dtype != root_dtype, lid))
     width = shape_of(ev.leaves[x].node)[-1]
     if width != head_dim:  # e.g. chunk(3, -1) of a per-head fused qkv: feature j of x is not feature j of root
         raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} has {width} features, the result {head_dim} "
@@ -437,7 +442,28 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     sin = _table(ev, v, sin1, sin2, firsts, seconds, "sin")
     if cos.per_element != sin.per_element:
         raise NotRope("cos and sin tables have different layouts")
-    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin)
+    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x])
+
+
+def _follows(ev: Evaluator, v: Value, lid: int) -> tuple | None:
+    """For each prefix dim of leaf ``lid``, the root prefix dim it indexes along (None for size-1 dims),
+    if the leaf covers every non-1 root dim exactly once; else None."""
+    shp = shape_of(ev.leaves[lid].node)
+    dims = []
+    for j in range(len(shp) - 1):
+        if is_one(shp[j]):
+            dims.append(None)
+            continue
+        hits = [i for i, e in enumerate(v.embed) if (lid, j) in e]
+        if len(hits) != 1:
+            return None
+        dims.append(hits[0])
+    covered = set(d for d in dims if d is not None)
+    if len(covered) != len([d for d in dims if d is not None]):
+        return None
+    if any(i not in covered for i in range(len(v.prefix)) if not is_one(v.prefix[i])):
+        return None
+    return tuple(dims)
 
 
 def _partner(p: Poly, x: int, j: int) -> int | None:

@@ -196,7 +196,7 @@ def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candida
     if rope.x.meta["val"].dtype != kval.dtype or kval.dtype not in MODEL_DTYPES:
         raise Unfusable(f"RoPE changes dtype ({rope.x.meta['val'].dtype} -> {kval.dtype})")
     named = [r for r in roles if r is not None]
-    if (len(set(named)) != len(named) or not set(named) <= set(_TOKEN_MAJOR[st.layout]) or "h" not in named
+    if (len(set(named)) != len(named) or not set(named) <= set(_TOKEN_MAJOR[st.layout])
             or any(r is None and not is_one(s) for r, s in zip(roles, shape_of(root)))):
         raise Unfusable(f"cannot tell token and head dims of k (dims {roles})")
     v_store = _pair_v(st, v_candidates, used, order)
@@ -204,6 +204,7 @@ def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candida
     if v_src.meta["val"].dtype != kval.dtype:
         raise Unfusable(f"v is {v_src.meta['val'].dtype} but k is {kval.dtype}")
     q_root, q = _pair_q(root, rope, k_roots, used, order, ropes)
+    roles = _complete_roles(roles, shape_of(q_root), _TOKEN_MAJOR[st.layout])
     if len(shape_of(q_root)) != len(shape_of(root)) or any(
             r != "h" and not same_size(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
         raise Unfusable(f"q {tuple(shape_of(q_root))} and k {tuple(shape_of(root))} differ beyond the head count")
@@ -239,6 +240,27 @@ def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candida
     return plan
 
 
+def _complete_roles(roles, q_shape, wanted) -> tuple:
+    """Name k's size-1 dims whose role the store did not show (one token, one kv head, batch 1).
+
+    The head dim goes where q has more than one head; the other roles fill the remaining size-1 dims
+    in order (any order is right for size-1 dims)."""
+    roles = list(roles)
+    free = [i for i, r in enumerate(roles) if r is None]
+    missing = [w for w in wanted if w not in roles and w != "d"]
+    if "h" in missing:
+        if not free:
+            raise Unfusable(f"cannot tell the head dim of k (dims {tuple(roles)})")
+        pick = next((i for i in free if not is_one(q_shape[i])), free[0])
+        roles[pick] = "h"
+        free.remove(pick)
+        missing.remove("h")
+    for w in missing:
+        if free:
+            roles[free.pop(0)] = w
+    return tuple(roles)
+
+
 def _pair_v(st: Store, candidates, used, order) -> Store:
     """The v store: same slots and layout, another cache of the same shape and dtype, nearest in the graph."""
     same = [v for v in candidates if v.indices == st.indices and v.layout is st.layout and v.node not in used
@@ -256,7 +278,9 @@ def _pair_q(k_root: Node, k: RopeMatch, k_roots, used, order, ropes: _RopeFinder
         if cand is k_root or cand in k_roots or cand in used or "val" not in cand.meta:
             continue
         val = cand.meta["val"]
-        if not isinstance(val, torch.Tensor) or val.dim() != len(shape_of(k_root)) or val.shape[-1] != k.head_dim:
+        # compare sizes without creating shape guards (a symbolic token count must stay symbolic)
+        if not isinstance(val, torch.Tensor) or val.dim() != len(shape_of(k_root)) or not (
+                isinstance(val.shape[-1], int) and val.shape[-1] == k.head_dim):
             continue
         if val.dtype != k_root.meta["val"].dtype or cand not in order:
             continue
@@ -395,6 +419,11 @@ def _table_view(b: _Builder, ref: TableRef, layout: CacheLayout, roles, rotary_d
     return sl, positions
 
 
+def _x_roles(m: RopeMatch, roles) -> tuple:
+    """Roles of the dims of the rotated tensor (its prefix dims follow the root's, its last is "d")."""
+    return tuple(roles[d] if d is not None else None for d in m.x_dims) + ("d",)
+
+
 def _rewrite(graph: Graph, p: _Plan, options: FusionOptions) -> None:
     st, layout = p.k_store, p.k_store.layout
     wanted = _TOKEN_MAJOR[layout]
@@ -402,8 +431,8 @@ def _rewrite(graph: Graph, p: _Plan, options: FusionOptions) -> None:
     last_input = max((p.q.x, p.k.x, p.v_src, st.slots, p.k.cos.leaf.node, p.k.sin.leaf.node), key=position.get)
     with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
         b = _Builder(graph, st.node)
-        q = _token_major(b, p.q.x, p.roles, wanted)
-        k = _token_major(b, p.k.x, p.roles, wanted)
+        q = _token_major(b, p.q.x, _x_roles(p.q, p.roles), wanted)
+        k = _token_major(b, p.k.x, _x_roles(p.k, p.roles), wanted)
         v = _token_major(b, p.v_src, p.v_roles, wanted)
         cos, positions = _table_view(b, p.k.cos, layout, p.roles, p.k.rotary_dim)
         sin, _ = _table_view(b, p.k.sin, layout, p.roles, p.k.rotary_dim)
