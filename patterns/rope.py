@@ -399,7 +399,8 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     head_dim = v.trail[0]
     n_prefix = len(v.prefix)
     # the rotated tensor: a leaf that indexes every (non-1) prefix dim of the root
-    xs = {lid: dims for lid, leaf in enumerate(ev.leaves) if leaf.rank == 1
+    used = {lid for p in v.feats for m in p for lid, _ in m}  # the evaluator also holds other roots' leaves
+    xs = {lid: dims for lid in sorted(used) if ev.leaves[lid].rank == 1
           and (dims := _follows(ev, v, lid)) is not None}
     if not xs:
         raise NotRope("no single tensor is rotated")

@@ -42,3 +42,24 @@ def test_dynamic_token_count_equal_to_head_dim_does_not_recompile():
         compiled(positions, hidden, slots, kv_slots)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch._dynamo.utils.counters["fx_fusion"]["rope_kv_store_fused"] == 1
+
+
+def test_one_kv_head_decode_fuses_every_layer():
+    """T = 1 and Hkv = 1: every size of k's prefix is 1, so leaves of other layers' RoPEs (the evaluator
+    holds them all) also 'index every dim'; only leaves of this RoPE may be the rotated tensor."""
+    shape = dict(num_heads=8, num_kv_heads=1, head_dim=16)
+    blocks = torch.nn.ModuleList(make_block("sglang", seed=i, **shape) for i in range(3))
+    eager = torch.nn.ModuleList(make_block("sglang", seed=i, **shape) for i in range(3))
+
+    def stack(layers, positions, hidden, loc, kv_loc):
+        for layer in layers:
+            hidden = hidden + layer(positions, hidden, loc, kv_loc)
+        return hidden
+
+    compiled = torch.compile(stack, backend=fx_fusion.make_backend(RAISE))
+    inputs = decode_inputs(blocks[0])
+    torch.testing.assert_close(compiled(blocks, *inputs), stack(eager, *inputs), atol=1e-5, rtol=1e-5)
+    for got, want in zip(blocks, eager):
+        for a, b in zip(got.caches().values(), want.caches().values()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["fx_fusion"]["rope_kv_store_fused"] == 3
