@@ -408,8 +408,15 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     # symmetric in the two: prefer x of the root's rank, then one that is not a gather, then the dtype
     # of the result. A wrong pick is still exact; it only fails to pair with q's RoPE later.
     root_dtype = root.meta["val"].dtype
-    x = min(xs, key=lambda lid: (len(xs[lid]) != n_prefix, ev.leaves[lid].node.target is aten.index.Tensor,
-                                 ev.leaves[lid].node.meta["val"].dtype != root_dtype, lid))
+
+    def preference(lid):
+        leaf = ev.leaves[lid].node
+        return len(xs[lid]) != n_prefix, leaf.target is aten.index.Tensor, leaf.meta["val"].dtype != root_dtype
+
+    ranked = sorted(xs, key=preference)
+    if len(ranked) > 1 and preference(ranked[0]) == preference(ranked[1]):
+        raise NotRope("ambiguous rotated tensor")
+    x = ranked[0]
     width = shape_of(ev.leaves[x].node)[-1]
     if width != head_dim:  # e.g. chunk(3, -1) of a per-head fused qkv: feature j of x is not feature j of root
         raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} has {width} features, the result {head_dim} "
