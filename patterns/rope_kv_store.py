@@ -120,7 +120,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                     style=rope.style.value, rotary_dim=rope.rotary_dim, head_dim=rope.head_dim)
         sites.append(site)
         try:
-            plan = _plan(graph, st, root, roles, chain, rope, v_candidates, k_roots, used, order, ropes, options, site)
+            plan = _plan(st, root, roles, chain, rope, v_candidates, k_roots, used, order, ropes, options, site)
             _rewrite(graph, plan, options)
             used.update({plan.q_root, plan.v_store.node})
             site.fused = True
@@ -180,9 +180,11 @@ class _Plan:
     return_k: bool
     v_src: Node
     v_roles: tuple
+    cos_src: tuple = ()  # (table node, (positions node, roles) or None), from _table_source
+    sin_src: tuple = ()
 
 
-def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_roots, used, order,
+def _plan(st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_roots, used, order,
           ropes: _RopeFinder, options: FusionOptions, site: Site) -> _Plan:
     # -- can_fuse: everything the rewrite needs to be exact --
     if root in used:
@@ -220,7 +222,7 @@ def _plan(graph, st: Store, root: Node, roles, chain, rope: RopeMatch, v_candida
     if (cos_src[1] is None) != (sin_src[1] is None) or (cos_src[1] and cos_src[1][0] is not sin_src[1][0]):
         raise Unfusable("cos and sin are indexed by different positions")
     other_k_users = any(u not in chain and u is not st.node for n in [root, *chain] for u in n.users)
-    plan = _Plan(st, v_store, q_root, q, rope, root, roles, other_k_users, v_src, v_roles)
+    plan = _Plan(st, v_store, q_root, q, rope, root, roles, other_k_users, v_src, v_roles, cos_src, sin_src)
     _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos_src[0], sin_src[0],
                           *(src[1][0] for src in (cos_src, sin_src) if src[1])])
 
@@ -401,9 +403,9 @@ def _from_token_major(b: _Builder, x: Node, wanted, roles) -> Node:
     return x
 
 
-def _table_view(b: _Builder, ref: TableRef, layout: CacheLayout, roles, rotary_dim: int):
-    """(cos-or-sin view for the kernel, positions node or None)."""
-    table, pos = _table_source(ref, layout, roles, "table")
+def _table_view(b: _Builder, ref: TableRef, source: tuple, layout: CacheLayout, roles, rotary_dim: int):
+    """(cos-or-sin view for the kernel, positions node or None); ``source`` from ``_table_source``."""
+    table, pos = source
     n = rotary_dim if ref.per_element else rotary_dim // 2
     if pos is not None:
         tshape = shape_of(table)
@@ -434,8 +436,8 @@ def _rewrite(graph: Graph, p: _Plan, options: FusionOptions) -> None:
         q = _token_major(b, p.q.x, _x_roles(p.q, p.roles), wanted)
         k = _token_major(b, p.k.x, _x_roles(p.k, p.roles), wanted)
         v = _token_major(b, p.v_src, p.v_roles, wanted)
-        cos, positions = _table_view(b, p.k.cos, layout, p.roles, p.k.rotary_dim)
-        sin, _ = _table_view(b, p.k.sin, layout, p.roles, p.k.rotary_dim)
+        cos, positions = _table_view(b, p.k.cos, p.cos_src, layout, p.roles, p.k.rotary_dim)
+        sin, _ = _table_view(b, p.k.sin, p.sin_src, layout, p.roles, p.k.rotary_dim)
         out = b(auto_functionalized, FUSED_OP, q=q, k=k, v=v, k_cache=st.cache, v_cache=p.v_store.cache,
                 slot_mapping=st.slots, cos=cos, sin=sin, positions=positions, swa_table=None, k_scale=None,
                 v_scale=None, is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim,
