@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from torch._inductor.graph import GraphLowering
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,3 +29,15 @@ def _seed(request):
     random.seed(seed)
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def codes(monkeypatch) -> list[str]:
+    """Inductor's output code of every graph compiled (or loaded from the FX graph cache) during the test.
+
+    The hook ``run_and_get_code`` uses, without its ``torch._dynamo.reset()`` (which would recompile
+    every step and hide recompilations).
+    """
+    out: list[str] = []
+    monkeypatch.setattr(GraphLowering, "save_output_code", out.append)
+    return out

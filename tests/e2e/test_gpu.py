@@ -21,7 +21,6 @@ import copy
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch._inductor.graph import GraphLowering
 
 import fx_fusion
 from fx_fusion import FusionConfig
@@ -45,14 +44,6 @@ def inference():
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         yield
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def output_code(monkeypatch) -> list[str]:
-    """Inductor's output code of every graph compiled during the test."""
-    codes: list[str] = []
-    monkeypatch.setattr(GraphLowering, "save_output_code", codes.append)
-    return codes
 
 
 def snapshot() -> dict[str, int]:
@@ -207,7 +198,7 @@ FORM_CASES = [
 
 
 @pytest.mark.parametrize("form, kw", FORM_CASES)
-def test_forms_match_eager(form, kw, output_code):
+def test_forms_match_eager(form, kw, codes):
     block = make_block(form, num_heads=8, num_kv_heads=2, head_dim=64, **kw).to(DEVICE)
     eager = copy.deepcopy(block)
     compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
@@ -217,6 +208,6 @@ def test_forms_match_eager(form, kw, output_code):
         inputs = to_device(inputs)
         check_step(compiled(*inputs), eager(*inputs), block, eager, f"step {i}")
     assert_every_graph_fused(delta(before))
-    assert output_code and all(code.count(FUSED_CALL) == 1 for code in output_code), \
+    assert codes and all(code.count(FUSED_CALL) == 1 for code in codes), \
         "the fused op is not called once in every compiled graph"
     assert all(b.device.type == DEVICE for b in caches(block).values())

@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
-from torch._inductor.graph import GraphLowering
 
 import fx_fusion
 import fx_fusion.backend as fx_backend
@@ -43,14 +42,6 @@ def fresh():
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         yield counters["fx_fusion"]
     torch._dynamo.reset()
-
-
-@pytest.fixture
-def codes(monkeypatch) -> list[str]:
-    """Inductor's output code of every graph compiled (or loaded from the cache) during the test."""
-    out: list[str] = []
-    monkeypatch.setattr(GraphLowering, "save_output_code", out.append)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
-from torch._inductor.graph import GraphLowering
 
 import fx_fusion
 import fx_fusion.backend as fx_backend
@@ -89,18 +88,6 @@ def records(monkeypatch) -> list[GraphRecord]:
                                    graph.python_code("self").src != before))
 
     monkeypatch.setattr(fx_backend, "RopeKVFusionPass", RecordingPass)
-    return out
-
-
-@pytest.fixture
-def codes(monkeypatch) -> list[str]:
-    """Inductor's output code of every graph compiled during the test, in order.
-
-    The hook ``run_and_get_code`` uses, without its ``torch._dynamo.reset()`` (which would recompile
-    every step and hide recompilations).
-    """
-    out: list[str] = []
-    monkeypatch.setattr(GraphLowering, "save_output_code", out.append)
     return out
 
 
