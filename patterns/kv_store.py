@@ -22,8 +22,8 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Node
 
-from kernels.rope_kv_cache import CacheLayout
-from patterns.rope import is_one, same_size, shape_of
+from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.patterns.fx_utils import RESHAPES, broadcast_equal, is_one, shape_of
 
 aten = torch.ops.aten
 
@@ -32,7 +32,6 @@ Roles = tuple  # per dim: "b", "s", "t" (token), "h" (head), "d" (feature) or No
 _INDEX_PUT = CallFunction(aten.index_put.default, KeywordArg("cache"), KeywordArg("indices"), KeywordArg("value"))
 _FLOOR_DIV = CallFunction(aten.div.Tensor_mode, KeywordArg("slot"), KeywordArg("block_size"), rounding_mode="floor")
 _REMAINDER = CallFunction(aten.remainder.Scalar, KeywordArg("slot"), KeywordArg("block_size"))
-_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
 class NotAStore(Exception):
@@ -69,7 +68,7 @@ def match_store(n: Node) -> Store:
         raise NotAStore("index_put accumulates")
     target, indices, value = m.kwargs["cache"], list(m.kwargs["indices"]), m.kwargs["value"]
     cache, cache_view = target, None
-    if isinstance(target, Node) and target.target in _RESHAPES:
+    if isinstance(target, Node) and target.target in RESHAPES:
         cache, cache_view = target.args[0], target
     if not isinstance(cache, Node) or cache.op != "placeholder":
         raise NotAStore("the written tensor is not a graph input (a cache buffer)")
@@ -126,7 +125,7 @@ def _epilogue(n: Node, cache: Node, cache_view: Node | None) -> Node:
     """The ``copy_(cache, new)`` that writes the store back into the graph input."""
     new = n
     if cache_view is not None:
-        back = [u for u in n.users if u.target in _RESHAPES and tuple(shape_of(u)) == tuple(shape_of(cache))]
+        back = [u for u in n.users if u.target in RESHAPES and tuple(shape_of(u)) == tuple(shape_of(cache))]
         if len(back) != 1:
             raise NotAStore("no reshape back to the cache after a store through a view")
         new = back[0]
@@ -148,7 +147,7 @@ def _value_roles(value, expected: tuple, roles: tuple) -> Roles:
         raise NotAStore(f"stored value {tuple(vshape)} is broadcast over {tuple(expected)}")
     out = []
     for s, e, role in zip(vshape, expected[lead:], roles[lead:]):
-        if not same_size(s, e):
+        if not broadcast_equal(s, e):
             raise NotAStore(f"stored value {tuple(vshape)} is broadcast over {tuple(expected)}")
         out.append(role)
     return tuple(out)
@@ -162,7 +161,7 @@ def _describe(indices) -> str:
 
 
 def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(broadcast_equal(x, y) for x, y in zip(a, b))
 
 
 def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
@@ -194,12 +193,12 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
             for d in squeezed:
                 new.insert(d, None)
             roles = tuple(new)
-        elif t in _RESHAPES:
+        elif t in RESHAPES:
             a = [i for i, s in enumerate(shape_of(src)) if not is_one(s)]
             b = [i for i, s in enumerate(shape_of(node)) if not is_one(s)]
-            if len(a) != len(b) or not all(same_size(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
+            if len(a) != len(b) or not all(broadcast_equal(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
                 # a round trip (x -> [T, H*D] -> [T, H, D], kept when the middle has other users) is the identity
-                if src.target in _RESHAPES and _same_shape(shape_of(src.args[0]), shape_of(node)):
+                if src.target in RESHAPES and _same_shape(shape_of(src.args[0]), shape_of(node)):
                     chain += [node, src]
                     node = src.args[0]
                     continue

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fx_fusion.patterns.fx_utils import RESHAPES, broadcast_equal, is_one, shape_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -45,26 +46,6 @@ Poly = dict[tuple[Sym, ...], float]  # monomial (sorted symbols) -> coefficient
 
 _PASS_THROUGH = {prims.convert_element_type.default, aten.clone.default, aten.alias.default,
                  aten._to_copy.default}
-_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-
-
-def shape_of(n) -> tuple:
-    return tuple(n.meta["val"].shape)
-
-
-def is_one(s) -> bool:
-    return isinstance(s, int) and s == 1
-
-
-def same_size(a, b) -> bool:
-    """Sizes that a valid graph makes equal: equal ints, or non-1 sizes where one is symbolic.
-
-    (Dynamo may give the slots and the tokens different symbols for what is one size at run time;
-    an op that broadcasts them, like index_put, only runs when they agree.)
-    """
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return a is b or statically_known_true(a == b) or not (is_one(a) or is_one(b))
 
 
 @dataclass
@@ -231,7 +212,7 @@ class Evaluator:
             if d < out_nd - r:
                 return None
             return _concat([ev(p) for p in parts], d - (out_nd - r))
-        if t in _RESHAPES:
+        if t in RESHAPES:
             return self._reshape(n, r, ev)
         if t is aten.expand.default:
             v = ev(args[0])
@@ -270,7 +251,7 @@ class Evaluator:
                 continue
             a = [i for i, s in enumerate(in_prefix) if not is_one(s)]
             b = [i for i, s in enumerate(out_prefix) if not is_one(s)]
-            if len(a) != len(b) or not all(same_size(in_prefix[i], out_prefix[j]) for i, j in zip(a, b)):
+            if len(a) != len(b) or not all(broadcast_equal(in_prefix[i], out_prefix[j]) for i, j in zip(a, b)):
                 continue
             v = ev(n.args[0], r_in)
             embed = [frozenset()] * len(out_prefix)

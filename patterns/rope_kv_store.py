@@ -35,11 +35,11 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Graph, Node
 
-import kernels.ops  # noqa: F401  (registers torch.ops.fx_fusion.rope_kv_store)
-from kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout
-from patterns.kv_store import NotAStore, Store, match_store, walk_views
-from patterns.rope import (Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, is_one, match_rope, same_size,
-                           shape_of)
+import fx_fusion.kernels.ops  # noqa: F401  (registers torch.ops.fx_fusion.rope_kv_store)
+from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout
+from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
+from fx_fusion.patterns.fx_utils import broadcast_equal, is_one, shape_of
+from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope
 
 aten = torch.ops.aten
 FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
@@ -208,7 +208,7 @@ def _plan(st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_
     q_root, q = _pair_q(root, rope, k_roots, used, order, ropes)
     roles = _complete_roles(roles, shape_of(q_root), _TOKEN_MAJOR[st.layout])
     if len(shape_of(q_root)) != len(shape_of(root)) or any(
-            r != "h" and not same_size(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
+            r != "h" and not broadcast_equal(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
         raise Unfusable(f"q {tuple(shape_of(q_root))} and k {tuple(shape_of(root))} differ beyond the head count")
     head_dim_index = roles.index("h")
     q_heads, k_heads = shape_of(q_root)[head_dim_index], shape_of(root)[head_dim_index]
