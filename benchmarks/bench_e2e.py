@@ -39,7 +39,6 @@ import shlex
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -51,7 +50,6 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fx_fusion  # noqa: E402,F401  (registers backend="fx_fusion")
 
 

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import rope_kv_cache as impl  # noqa: E402
-from kernels import rope_kv_store  # noqa: E402
+from fx_fusion.kernels import rope_kv_cache as impl
+from fx_fusion.kernels import rope_kv_store
 
 MODELS = {"gpt-oss": (64, 8, 64), "llama3-8b": (32, 8, 128), "qwen3-moe": (32, 4, 128)}
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 32768]

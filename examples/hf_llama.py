@@ -49,11 +49,7 @@ if args.device == "cpu":
 import torch  # noqa: E402
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
-try:
-    import fx_fusion  # noqa: E402
-except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import fx_fusion  # noqa: E402
+import fx_fusion  # noqa: E402  (registers backend="fx_fusion"; `pip install -e .` first)
 from fx_fusion.__main__ import format_table, load_reports  # noqa: E402
 
 # transformers renamed the forward/generate argument ``past_key_values`` to ``cache`` during 5.x

@@ -37,11 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-try:
-    import fx_fusion  # noqa: E402
-except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import fx_fusion  # noqa: E402
+import fx_fusion  # noqa: E402  (registers backend="fx_fusion"; `pip install -e .` first)
 from fx_fusion import __main__ as cli  # noqa: E402  (the `python -m fx_fusion` command)
 from fx_fusion.dump import to_dot  # noqa: E402
 

@@ -41,11 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-try:
-    import fx_fusion  # noqa: E402  (registers backend="fx_fusion")
-except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import fx_fusion  # noqa: E402
+import fx_fusion  # noqa: E402  (registers backend="fx_fusion"; `pip install -e .` first)
 
 if args.device == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is available")

@@ -18,7 +18,7 @@ from fx_fusion.backend import make_backend, register
 from fx_fusion.config import FusionConfig, OnUnfusable, RopeStyle
 from fx_fusion.decorator import compile
 from fx_fusion.fusion_pass import RopeKVFusionPass, UnfusableSiteError, install
-from kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.rope_kv_cache import CacheLayout
 
 register()
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kernels.rope_kv_cache import CacheLayout
-from patterns import FusionOptions, RopeStyle
+from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.patterns import FusionOptions, RopeStyle
 
 
 class OnUnfusable(str, enum.Enum):

@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from patterns import FUSED_OP, Site
+from fx_fusion.patterns import FUSED_OP, Site
 
 
 @dataclass

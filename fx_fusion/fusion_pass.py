@@ -12,11 +12,10 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from fx_fusion.config import FusionConfig, OnUnfusable
-from patterns import Site, fuse_rope_kv_stores
+from fx_fusion.patterns import Site, fuse_rope_kv_stores
 
 log = logging.getLogger("fx_fusion")
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class UnfusableSiteError(RuntimeError):
@@ -25,8 +24,16 @@ class UnfusableSiteError(RuntimeError):
 
 @functools.cache
 def _source_hash() -> bytes:
-    """Hash of the pass, its patterns and kernels: a change to any of them changes ``uuid()``."""
-    files = sorted(str(p) for pkg in ("fx_fusion", "patterns", "kernels") for p in (_PACKAGE_ROOT / pkg).glob("*.py"))
+    """Hash of the pass, its patterns and kernels: a change to any of them changes ``uuid()``.
+
+    The folders are found through the packages themselves (``fx_fusion.kernels`` and
+    ``fx_fusion.patterns`` live outside ``fx_fusion/`` in a checkout), so only our own files count.
+    """
+    import fx_fusion.kernels
+    import fx_fusion.patterns
+
+    folders = {Path(folder) for pkg in (fx_fusion, fx_fusion.kernels, fx_fusion.patterns) for folder in pkg.__path__}
+    files = sorted(str(p) for folder in folders for p in folder.glob("*.py"))
     return get_hash_for_files(tuple(files))
 
 

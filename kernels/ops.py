@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import rope_kv_cache as _impl
-from kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels import rope_kv_cache as _impl
+from fx_fusion.kernels.rope_kv_cache import CacheLayout
 
 _INTERPRETED = type(_impl._rope_kv_store_kernel).__name__ == "InterpretedFunction"
 

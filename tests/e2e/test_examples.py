@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_example(name: str, *args: str, timeout: float, tmp_path: Path) -> str:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.pop("TRITON_INTERPRET", None)  # the example must set it itself on CPU
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--device", "cpu",
                            "--dump-dir", str(tmp_path / "dump"), *args],
@@ -90,10 +89,9 @@ def test_inspect_cli(tmp_path, capsys):
     assert "graphs without candidate sites: graph_001" in out
     assert "graphs: 3  sites: 3  fused: 2  not fused: 1" in out
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "fx_fusion", "inspect", str(empty)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "fx_fusion", "inspect", str(empty)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no graph_*.report.json" in proc.stderr

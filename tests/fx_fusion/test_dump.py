@@ -8,7 +8,6 @@ fuses its site, the decode graph (1 token) reports it as not fused, so the dump 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,8 +125,7 @@ def test_dump_is_written_even_with_the_fx_graph_cache_on(tmp_path):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "fx_fusion", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fx_fusion", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 

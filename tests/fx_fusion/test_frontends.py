@@ -27,7 +27,7 @@ import fx_fusion
 import fx_fusion.backend as fx_backend
 from fx_fusion import CacheLayout, FusionConfig, OnUnfusable, RopeKVFusionPass, RopeStyle
 from fx_fusion.fusion_pass import ComposedPass, install
-from patterns import FUSED_OP
+from fx_fusion.patterns import FUSED_OP
 from tests.attention_blocks import make_block, prefill_inputs
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 Made to run under NVIDIA compute-sanitizer (memcheck, racecheck; see README.md next to this file): every
 input is its own allocation of exactly its size, every launch is followed by a device synchronisation,
 and the case is printed before it runs, so a report or a crash names the case. Each case is also
-checked against the float64 reference (``kernels.rope_kv_cache.reference``):
+checked against the float64 reference (``fx_fusion.kernels.rope_kv_cache.reference``):
 
 * q_out (and k_out), filled with NaN before the launch, within the output dtype's tolerance;
 * both caches whole, written rows within the cache dtype's tolerance, every other element unchanged
@@ -14,7 +14,7 @@ T in {1, 3, 333, 1000}. Every case also draws (deterministically) a mix of: part
 fp8 caches with scales, a sliding-window table with negative entries, negative and out-of-range slots,
 negative_wraps, return_k, per-token cos/sin instead of position-indexed tables, 2-D slices of one fused
 qkv projection instead of separate tensors, one fused k/v cache buffer, and the custom op
-(``kernels.rope_kv_store``) instead of ``prepare`` + ``launch``. A coverage table is printed at the end.
+(``fx_fusion.kernels.rope_kv_store``) instead of ``prepare`` + ``launch``. A coverage table is printed at the end.
 
     python tests/gpu/memcheck_kernel.py                   # the full grid (CUDA)
     python tests/gpu/memcheck_kernel.py --only paged      # cases whose description contains "paged"
@@ -33,16 +33,14 @@ import os
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels import rope_kv_store  # noqa: E402
-from kernels.rope_kv_cache import FP8_DTYPES, launch, prepare, reference  # noqa: E402
+from fx_fusion.kernels import rope_kv_store  # noqa: E402
+from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, launch, prepare, reference  # noqa: E402
 
 BLOCK_SIZE = 16  # paged layout
 N_POSITIONS = 4096  # rows of the position-indexed rotary tables

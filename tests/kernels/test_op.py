@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kernels
-from kernels import rope_kv_cache as rkc
-from kernels.rope_kv_cache import CacheLayout, prepare, reference
+from fx_fusion import kernels
+from fx_fusion.kernels import rope_kv_cache as rkc
+from fx_fusion.kernels.rope_kv_cache import CacheLayout, prepare, reference
 from tests.kernels.test_rope_kv_cache import (
     INTERPRETED,
     KernelSpy,
@@ -187,7 +187,7 @@ def test_fake_rejects_bad_arguments():
 @pytest.mark.parametrize("layout", [CacheLayout.TOKEN, "paged", CacheLayout.SEQUENCE])
 @pytest.mark.parametrize("rot", [64, 32], ids=["full", "partial"])
 def test_wrapper_cos_sin_cache(device, rot, layout, return_k):
-    """``kernels.rope_kv_store(..., cos_sin_cache=, positions=)``: rotary_dim from the table's width."""
+    """``fx_fusion.kernels.rope_kv_store(..., cos_sin_cache=, positions=)``: rotary_dim from the table's width."""
     layout_name = CacheLayout(layout).value
     batch = 2 if layout_name == "sequence" else 1
     args = make_args(device, T=6, Hq=4, Hkv=2, D=64, rot=rot, layout=layout_name, batch=batch, is_neox=False)

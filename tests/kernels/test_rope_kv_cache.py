@@ -30,8 +30,8 @@ import pytest
 import torch
 import triton
 
-from kernels import rope_kv_cache as rkc
-from kernels.rope_kv_cache import FP8_DTYPES, CacheLayout, launch, launch_config, prepare, reference
+from fx_fusion.kernels import rope_kv_cache as rkc
+from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, CacheLayout, launch, launch_config, prepare, reference
 
 # (atol, rtol) per dtype: the kernel rounds an fp32 result once, the reference a float64 one, so
 # they may differ by one unit in the last place of the storage dtype.

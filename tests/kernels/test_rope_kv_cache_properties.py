@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.rope_kv_cache import FP8_DTYPES, CacheLayout, launch, prepare, reference
+from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, CacheLayout, launch, prepare, reference
 from tests.kernels.test_rope_kv_cache import (
     TOLERANCES,
     as_bytes,

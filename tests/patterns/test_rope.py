@@ -1,4 +1,4 @@
-"""``patterns.rope.match_rope`` on post-grad-like aten graphs.
+"""``fx_fusion.patterns.rope.match_rope`` on post-grad-like aten graphs.
 
 Each case is a small function written the way model code spells RoPE. It is traced to aten with
 Inductor's decompositions (``make_fx``, fake tensors: the graph the post-grad pass sees, minus
@@ -18,8 +18,8 @@ import torch
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from patterns.kv_store import match_store, walk_views
-from patterns.rope import NotRope, RopeMatch, RopeStyle, TableRef, match_rope
+from fx_fusion.patterns.kv_store import match_store, walk_views
+from fx_fusion.patterns.rope import NotRope, RopeMatch, RopeStyle, TableRef, match_rope
 from tests.attention_blocks import (gptfast_apply_rotary_emb, make_block, prefill_inputs, rotate_every_two,
                                     rotate_half, token_pool_apply_rotary)
 

@@ -29,8 +29,8 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto
 import fx_fusion
 import fx_fusion.backend as fx_backend
 from fx_fusion import FusionConfig, RopeKVFusionPass, UnfusableSiteError
-from kernels.ops import rope_kv_store
-from patterns import FUSED_OP
+from fx_fusion.kernels.ops import rope_kv_store
+from fx_fusion.patterns import FUSED_OP
 from tests.attention_blocks import cos_sin_table, decode_inputs, make_block, prefill_inputs, token_pool_rotary
 
 RAISE = FusionConfig(on_unfusable="raise")
