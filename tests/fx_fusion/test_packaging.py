@@ -23,14 +23,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the sources (the checkout gets no build/ or egg-info)."""
-    pytest.importorskip("setuptools")
+    setuptools = pytest.importorskip("setuptools")
+    # setuptools >= 70.1 builds wheels by itself: use it as installed; else pip fetches a build backend
+    own = tuple(int(x) for x in setuptools.__version__.split(".")[:2]) >= (70, 1)
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in ("fx_fusion", "kernels", "patterns"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *(["--no-build-isolation"] * own), "-q",
                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = out.glob("fx_fusion-*.whl")
