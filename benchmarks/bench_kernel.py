@@ -8,12 +8,20 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py                      # the full table
     python benchmarks/bench_kernel.py --tokens 1 8 --models gpt-oss
     python benchmarks/bench_kernel.py --sweep              # also time launch configurations of ours
+    python benchmarks/bench_kernel.py --compiled           # compiled functions: stock vs backend="fx_fusion"
+
+``--compiled`` times what a torch.compile user gets instead of the op alone: one RoPE + KV-store function
+per cache layout (SGLang token pool, vLLM paged cache, Hugging Face sequence cache with per-token cos/sin),
+compiled by stock Inductor and by ``backend="fx_fusion"`` in one process, each measured two ways:
+CUDA-graph replay medians (GPU time) and a host loop without CUDA graphs (N calls back to back, one sync:
+what the default mode costs per call, host overhead included).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import time
 
 import torch
 import triton
@@ -41,6 +49,41 @@ def unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv,
     q_out = rope(q, n_q)
     k_cache[loc] = rope(k, n_kv)
     v_cache[loc] = v.view(-1, n_kv, d)
+    return q_out
+
+
+def vllm_paged(q, k, v, k_cache, v_cache, slot, positions, cos_sin_cache, n_q, n_kv, d):
+    """The same RoPE, stored vLLM-style into a paged cache ``[blocks, block_size, Hkv, D]``."""
+    cos_sin = cos_sin_cache.index_select(0, positions)
+    cos, sin = cos_sin.chunk(2, dim=-1)
+
+    def rope(x, heads):
+        x = x.view(x.shape[0], heads, d)
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    bs = k_cache.shape[1]
+    q_out = rope(q, n_q)
+    k_cache[slot // bs, slot % bs] = rope(k, n_kv)
+    v_cache[slot // bs, slot % bs] = v.view(-1, n_kv, d)
+    return q_out
+
+
+def hf_sequence(q, k, v, k_cache, v_cache, cache_position, cos, sin, n_q, n_kv, d):
+    """Hugging Face attention: ``[B, H, S, D]`` after the transpose, per-token cos/sin, ``StaticCache`` update."""
+    b, s = q.shape[:2]
+    q, k = q.view(b, s, n_q, d).transpose(1, 2), k.view(b, s, n_kv, d).transpose(1, 2)
+    v = v.view(b, s, n_kv, d).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_half(x):
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    q_out = q * cos + rotate_half(q) * sin
+    k_cache.index_copy_(2, cache_position, k * cos + rotate_half(k) * sin)
+    v_cache.index_copy_(2, cache_position, v)
     return q_out
 
 
@@ -93,12 +136,19 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--rep", type=int, default=100, help="ms of replays per measurement")
     ap.add_argument("--sweep", action="store_true", help="also time alternative launch configurations")
+    ap.add_argument("--compiled", action="store_true",
+                    help="time compiled functions (stock vs fx_fusion, replay and host loop) instead of the op")
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--host-calls", type=int, default=200, help="calls per host-loop measurement")
     args = ap.parse_args()
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    if args.compiled:
+        compiled_table(args, bw, gen)
+        return
     print("| model | T | eager us | torch.compile us | fx_fusion us | floor us | fx_fusion % of floor "
           "| speed-up vs compile | max abs err |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -124,6 +174,81 @@ def main() -> None:
                   f"{100 * floor_us / ours_us:.0f}% | {comp_us / ours_us:.2f}x | {err:.3g} |", flush=True)
             if args.sweep:
                 sweep(case, t, n_q, n_kv, d, args.rep, floor_us)
+
+
+LAYOUTS = {"token": unfused, "paged": vllm_paged, "sequence": hf_sequence}
+BLOCK_SIZE = 16  # paged layout
+
+
+def layout_case(layout: str, t: int, n_q: int, n_kv: int, d: int, gen, dtype=torch.bfloat16) -> tuple:
+    """Arguments of ``LAYOUTS[layout]`` for T tokens (the sequence layout: one sequence of T tokens)."""
+    q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache = make_case(t, n_q, n_kv, d, dtype, gen)
+    if layout == "token":
+        return q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d
+    if layout == "paged":
+        k_cache = k_cache.view(-1, BLOCK_SIZE, n_kv, d)
+        return q, k, v, k_cache, k_cache.clone().normal_(generator=gen), loc, positions, cos_sin_cache, n_q, n_kv, d
+    max_seq = max(2 * t, 4096)
+    k_cache = torch.randn(1, n_kv, max_seq, d, dtype=dtype, device="cuda", generator=gen)
+    start = int(torch.randint(0, max_seq - t + 1, (1,), device="cuda", generator=gen))
+    cache_position = torch.arange(start, start + t, device="cuda")
+    # HF: emb = cat(freqs, freqs); cos, sin = emb.cos(), emb.sin() in the model dtype, [1, T, D]
+    cos = torch.cat((cos_sin_cache[positions, : d // 2],) * 2, dim=-1)[None].to(dtype)
+    sin = torch.cat((cos_sin_cache[positions, d // 2:],) * 2, dim=-1)[None].to(dtype)
+    as_seq = lambda x: x.unsqueeze(0)  # noqa: E731  [1, T, H*D]
+    return (as_seq(q), as_seq(k), as_seq(v), k_cache, torch.randn_like(k_cache), cache_position, cos, sin,
+            n_q, n_kv, d)
+
+
+def host_loop_us(fn, args, calls: int) -> float:
+    """Microseconds per call of ``calls`` back-to-back calls without CUDA graphs, one sync at the end."""
+    for _ in range(10):
+        fn(*args)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def compiled_table(args, bw: float, gen) -> None:
+    """Stock torch.compile vs backend="fx_fusion" on each layout: replay medians and host loops."""
+    import fx_fusion  # noqa: F401  (registers backend="fx_fusion")
+    from torch._dynamo.utils import counters
+
+    print("| layout | model | T | stock replay us | fx_fusion replay us | replay speed-up | floor us "
+          "| fx_fusion % of floor | stock host us/call | fx_fusion host us/call | host speed-up | fused | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for layout in args.layouts:
+        fn = LAYOUTS[layout]
+        for name in args.models:
+            n_q, n_kv, d = MODELS[name]
+            for t in args.tokens:
+                case = layout_case(layout, t, n_q, n_kv, d, gen)
+                caches = (case[3], case[4])
+                sides, outs = {}, {}
+                for side, backend in (("stock", "inductor"), ("fx_fusion", "fx_fusion")):
+                    torch._dynamo.reset()
+                    counters.clear()
+                    saved = [c.clone() for c in caches]
+                    compiled = torch.compile(fn, backend=backend)
+                    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+                        out = compiled(*case)
+                        outs[side] = (out.float(), *(c.float() for c in caches))
+                        for c, s0 in zip(caches, saved):
+                            c.copy_(s0)  # same starting caches for both sides
+                        fused = counters["fx_fusion"]["rope_kv_store_fused"]
+                        replay = 1e3 * do_bench_cudagraph(lambda: compiled(*case), rep=args.rep, return_mode="median")
+                        host = host_loop_us(compiled, case, args.host_calls)
+                    sides[side] = (replay, host, fused)
+                diff = max((a - b).abs().max().item() for a, b in zip(outs["stock"], outs["fx_fusion"]))
+                (s_rep, s_host, _), (f_rep, f_host, fused) = sides["stock"], sides["fx_fusion"]
+                # per token: one fp32 cos|sin row (token, paged) or a bf16 cos row and sin row (sequence): 4*D bytes
+                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
+                print(f"| {layout} | {name} | {t} | {s_rep:.2f} | {f_rep:.2f} | {s_rep / f_rep:.2f}x | {floor_us:.2f} "
+                      f"| {100 * floor_us / f_rep:.0f}% | {s_host:.1f} | {f_host:.1f} | {s_host / f_host:.2f}x "
+                      f"| {fused} | {diff:.3g} |", flush=True)
 
 
 def sweep(case, t, n_q, n_kv, d, rep, floor_us) -> None:
