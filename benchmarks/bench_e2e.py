@@ -25,6 +25,7 @@ autograd caches are off, so each side really compiles.
 
     python benchmarks/bench_e2e.py                          # models a, b, c: about 8 minutes on an H100
     python benchmarks/bench_e2e.py --models c --layers 16   # fewer layers (printed)
+    python benchmarks/bench_e2e.py --decode-mode default     # decode without CUDA graphs (host cost counts)
     python benchmarks/bench_e2e.py --smoke                  # 2 layers, tiny hidden size, CPU; no timing claims
 """
 
@@ -637,6 +638,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="timed decode steps per side and batch (default 120)")
     ap.add_argument("--prefill-steps", type=int, help="timed prefill steps per side and size (default 10)")
     ap.add_argument("--static-shapes", action="store_true", help="one compile per shape (dynamic=False)")
+    ap.add_argument("--decode-mode", choices=["reduce-overhead", "default"],
+                    help="decode with CUDA graphs (reduce-overhead, the default on a GPU) or without (default)")
     ap.add_argument("--smoke", action="store_true", help="2 layers, tiny hidden size, few steps (CPU ok)")
     args = ap.parse_args()
 
@@ -645,7 +648,7 @@ def main() -> int:
     smoke = args.smoke
     s = Settings(
         device=device, dtype=torch.bfloat16,
-        decode_mode="reduce-overhead" if cuda else None,
+        decode_mode=None if (args.decode_mode == "default" or not cuda) else "reduce-overhead",
         decode_batches=args.decode_batches or ([1, 3] if smoke else [1, 16, 64]),
         past=args.past if args.past is not None else (40 if smoke else 1024),
         prefill_tokens=args.prefill_tokens or ([16, 24] if smoke else [2048, 8192]),
