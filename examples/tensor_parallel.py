@@ -74,7 +74,9 @@ else:
 
 
 def say(msg: str) -> None:
-    print(f"[rank {rank}] {msg}", flush=True)
+    """One write per message: the ranks share the terminal, and a single short write is not interleaved."""
+    sys.stdout.write(f"[rank {rank}] {msg}\n")
+    sys.stdout.flush()
 
 
 # %%
