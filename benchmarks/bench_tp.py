@@ -87,7 +87,7 @@ def local_sites(fused: int, not_fused: int, graphs: int, layers: int) -> str:
     return f"MISMATCH {fused}/{layers * graphs}" + (f" (+{not_fused} refused)" if not_fused else "")
 
 
-def table(header: list[str], points: list[Point], world: int, notes: list[str]) -> str:
+def table(header: list[str], points: list[Point], notes: list[str]) -> str:
     lines = [*header, "",
              "| batch | stock ms, rank 0: median (p10-p90) | fx_fusion ms, rank 0: median (p10-p90) | speed-up % "
              "| slowest rank's median, stock / fx_fusion ms | outputs and caches equal (per rank) "
@@ -100,7 +100,8 @@ def table(header: list[str], points: list[Point], world: int, notes: list[str]) 
         lo_s, hi_s = p.stock.spread()
         lo_f, hi_f = p.fused.spread()
         lines.append(
-            f"| {p.batch} | {p.stock.median:.3f} ({lo_s:.3f}-{hi_s:.3f}) | {p.fused.median:.3f} ({lo_f:.3f}-{hi_f:.3f}) "
+            f"| {p.batch} | {p.stock.median:.3f} ({lo_s:.3f}-{hi_s:.3f}) "
+            f"| {p.fused.median:.3f} ({lo_f:.3f}-{hi_f:.3f}) "
             f"| {100 * (p.stock.median / p.fused.median - 1):+.1f} | {p.slowest[0]:.3f} / {p.slowest[1]:.3f} "
             f"| {', '.join('yes' if e else 'NO' for e in p.equal)} | {', '.join(p.sites)} |")
     lines += ["", "Checks per point:"] + [f"- batch {p.batch}: {p.detail}" for p in points] + notes
@@ -206,7 +207,7 @@ def main() -> int:
 
     def publish() -> None:
         if rank == 0 and args.out:
-            args.out.write_text(table(header, points, world, notes))
+            args.out.write_text(table(header, points, notes))
 
     publish()
     failed = False
@@ -258,7 +259,7 @@ def main() -> int:
                 break  # the ranks may no longer run the same collectives: stop here
 
     if rank == 0:
-        print("\n" + table(header, points, world, notes), flush=True)
+        print("\n" + table(header, points, notes), flush=True)
         print(f"total wall time {time.perf_counter() - start:.0f} s" + (f"; written to {args.out}" if args.out else ""))
     bad = failed or any(not p.ok or not all(p.equal) or not all(s[0].isdigit() for s in p.sites) for p in points)
     if rank == 0 and bad:

@@ -248,8 +248,7 @@ def shard_plain(full: TinyDecoder) -> TinyDecoder:
     tp = TinyDecoder(len(full.layers), tp_size=world, all_reduce=True).to(device).eval()
     state = {}
     for name, value in full.state_dict().items():
-        _, _, rest = name.partition("layers.")
-        param = rest.partition(".")[2]
+        param = name.split(".", 2)[2] if name.startswith("layers.") else name  # "layers.0.<param>"
         if param in FUSED_PARTS:
             value = shard_rows(value, FUSED_PARTS[param], rank, world)
         elif param in ("self_attn.o_proj.weight", "down_proj.weight"):
