@@ -123,9 +123,10 @@ def rope_kv_store(
             rotary_dim = _impl.default_rotary_dim(cos, k_cache.shape[-1])
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if isinstance(cache, torch.Tensor):  # here grad mode is the caller's; inside the op it is not
-            _impl.check_writable(name, cache)
+    if not torch.compiler.is_compiling():  # Dynamo would break the graph on is_inference()
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if isinstance(cache, torch.Tensor):  # here grad mode is the caller's; inside the op it is not
+                _impl.check_writable(name, cache)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
         is_neox, rotary_dim, layout, return_k, validate, negative_wraps)

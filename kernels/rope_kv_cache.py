@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class CacheLayout(str, enum.Enum):
@@ -384,13 +384,13 @@ def _check_no_overlap(inputs: dict[str, torch.Tensor], caches: dict[str, torch.T
     way) and needs no device sync. Views that interleave without touching the same element (one
     buffer strided between an input and a cache) are conservatively counted as overlapping.
     """
-    spans = {}
+    input_storages = [(name, x, x.untyped_storage()) for name, x in inputs.items()]
     for cache_name, cache in caches.items():
         storage = cache.untyped_storage()
-        for name, x in inputs.items():
-            if x.untyped_storage() is not storage or x.numel() == 0 or cache.numel() == 0:
+        for name, x, x_storage in input_storages:
+            if x_storage is not storage or x.numel() == 0 or cache.numel() == 0:
                 continue
-            (a0, a1), (b0, b1) = _byte_span(x), spans.setdefault(cache_name, _byte_span(cache))
+            (a0, a1), (b0, b1) = _byte_span(x), _byte_span(cache)
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{name} overlaps {cache_name} in memory (bytes [{a0}, {a1}) and [{b0}, {b1}) of "
                                  f"one storage): the op writes {cache_name} while it reads {name}; pass a copy")
@@ -406,7 +406,7 @@ def check_writable(name: str, cache: torch.Tensor) -> None:
     only the inference check can fire, and the Python wrapper ``ops.rope_kv_store`` calls this
     before the op to catch the grad case.
     """
-    if is_fake(cache):
+    if not (cache.is_inference() or cache.requires_grad) or isinstance(cache, FakeTensor):
         return
     if cache.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{name} is an inference tensor (created under torch.inference_mode()), which cannot be "
