@@ -88,13 +88,17 @@ def rope_kv_store(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
-    Give the rotary table either as ``cos_sin_cache [max_pos, R]`` (cos half then sin half, as
-    SGLang and vLLM build it) with ``positions``, or as ``cos``/``sin`` (per-token values as HF
-    computes them, or tables with ``positions``). ``validate=True`` also checks that every slot and
-    position lies inside its cache or table, which costs a device sync; it is off by default so the
-    op can run inside CUDA graphs, and the kernel never touches memory outside the tensors either way
-    (out-of-range slots are skipped, positions clamped to the table). ``negative_wraps=True`` makes
-    negative slots and positions count from the end, as ``cache[slot] = k`` does, instead of skipping.
+    Give the rotary table either as ``cos_sin_cache [max_pos, rotary_dim]`` (cos half then sin half,
+    as SGLang and vLLM build it) with ``positions``, or as ``cos``/``sin`` (per-token values as HF
+    computes them, or tables with ``positions``). ``rotary_dim`` defaults to the ``cos_sin_cache``'s
+    width (a given one must equal it). With ``cos``/``sin`` of width ``W`` it defaults to ``W`` only
+    when ``2 W > head_dim``; otherwise ``W`` could be one value per feature or one per pair
+    (``cos_sin_cache`` halves, ``freqs_cis``), and ``rotary_dim`` is required (``ValueError``).
+    ``validate=True`` also checks that every slot and position lies inside its cache or table, which
+    costs a device sync; it is off by default so the op can run inside CUDA graphs, and the kernel
+    never touches memory outside the tensors either way (out-of-range slots are skipped, positions
+    clamped to the table). ``negative_wraps=True`` makes negative slots and positions count from the
+    end, as ``cache[slot] = k`` does, instead of skipping.
     """
     if cos_sin_cache is not None:
         if cos is not None or sin is not None:
@@ -104,14 +108,25 @@ def rope_kv_store(
                              f"{getattr(cos_sin_cache, 'shape', type(cos_sin_cache).__name__)}")
         if positions is None:
             raise ValueError("cos_sin_cache needs positions")
-        half = cos_sin_cache.shape[-1] // 2
-        cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
-        rotary_dim = cos_sin_cache.shape[-1] if rotary_dim is None else rotary_dim
+        width = cos_sin_cache.shape[-1]
+        if width % 2 or (rotary_dim is not None and width != rotary_dim):
+            want = "an even number" if rotary_dim is None else f"rotary_dim={rotary_dim}"
+            raise ValueError(f"cos_sin_cache has {width} columns, expected {want} (a cos half and a sin half of "
+                             f"rotary_dim / 2 columns each)")
+        cos, sin = cos_sin_cache[:, : width // 2], cos_sin_cache[:, width // 2:]
+        rotary_dim = width
     elif cos is None or sin is None:
         raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
     layout = layout.value if isinstance(layout, CacheLayout) else layout  # prepare() names a bad layout
     if rotary_dim is None and isinstance(cos, torch.Tensor):
-        rotary_dim = cos.shape[-1]
+        if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 0:
+            rotary_dim = _impl.default_rotary_dim(cos, k_cache.shape[-1])
+        else:
+            rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
+    if not torch.compiler.is_compiling():  # Dynamo would break the graph on is_inference()
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if isinstance(cache, torch.Tensor):  # here grad mode is the caller's; inside the op it is not
+                _impl.check_writable(name, cache)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
         is_neox, rotary_dim, layout, return_k, validate, negative_wraps)

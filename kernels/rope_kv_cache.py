@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class CacheLayout(str, enum.Enum):
@@ -366,6 +367,71 @@ def _as_bs(name: str, x: torch.Tensor, batch: int, seq: int, *, per_batch: bool)
     raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
 
 
+def _byte_span(x: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte offsets that a non-empty tensor's elements occupy in its storage."""
+    size = x.element_size()
+    start = x.storage_offset() * size
+    last = sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+    return start, start + (last + 1) * size
+
+
+def _check_no_overlap(inputs: dict[str, torch.Tensor], caches: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` if an input shares memory with a cache the op writes.
+
+    The kernel reads every input while other programs write the caches, so the result would depend on
+    the order programs run in (a race on a GPU). Two tensors overlap when they share a storage and
+    their byte ranges intersect; this works on fake tensors too (their storages are shared the same
+    way) and needs no device sync. Views that interleave without touching the same element (one
+    buffer strided between an input and a cache) are conservatively counted as overlapping.
+    """
+    input_storages = [(name, x, x.untyped_storage()) for name, x in inputs.items()]
+    for cache_name, cache in caches.items():
+        storage = cache.untyped_storage()
+        for name, x, x_storage in input_storages:
+            if x_storage is not storage or x.numel() == 0 or cache.numel() == 0:
+                continue
+            (a0, a1), (b0, b1) = _byte_span(x), _byte_span(cache)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{name} overlaps {cache_name} in memory (bytes [{a0}, {a1}) and [{b0}, {b1}) of "
+                                 f"one storage): the op writes {cache_name} while it reads {name}; pass a copy")
+
+
+def check_writable(name: str, cache: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` where eager ``cache[slot] = x`` would: an inference tensor outside inference
+    mode, or a cache that requires grad while grad mode is on (the op has no autograd formula).
+
+    Skipped for fake tensors: when a graph is traced, the grad and inference modes it will run under
+    are not those of the tracing, so only the real kernels check. The op's kernels run below
+    custom_op's autograd layer, which turns grad mode off whenever an input requires grad: there
+    only the inference check can fire, and the Python wrapper ``ops.rope_kv_store`` calls this
+    before the op to catch the grad case.
+    """
+    if not (cache.is_inference() or cache.requires_grad) or isinstance(cache, FakeTensor):
+        return
+    if cache.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name} is an inference tensor (created under torch.inference_mode()), which cannot be "
+                           f"written outside inference mode; call the op under torch.inference_mode() or pass "
+                           f"{name}.clone()")
+    if cache.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} requires grad, and the op writes it in place without recording the write for "
+                           f"autograd; call it under torch.no_grad() or torch.inference_mode(), or pass "
+                           f"{name}.detach()")
+
+
+def default_rotary_dim(cos: torch.Tensor, head_dim: int) -> int:
+    """``rotary_dim`` implied by a cos table's width ``W``, where only one reading is possible.
+
+    ``W`` is either ``rotary_dim`` (one value per feature) or ``rotary_dim / 2`` (one per pair). When
+    ``2 W > head_dim`` only the first fits; otherwise both do (a ``cos_sin_cache`` half of a full
+    rotary dim looks like an HF table of a half-width partial rotary) and ``ValueError`` asks for it.
+    """
+    width = cos.shape[-1]
+    if 2 * width > head_dim:
+        return width
+    raise ValueError(f"rotary_dim is needed: cos has {width} features, which is either rotary_dim={width} "
+                     f"(one value per feature) or rotary_dim={2 * width} (one per pair) for head_dim {head_dim}")
+
+
 def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
     k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
@@ -373,7 +439,9 @@ def prepare(
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
-    Raises ``TypeError``/``ValueError`` naming the argument, what was expected and what arrived.
+    Raises ``TypeError``/``ValueError`` naming the argument, what was expected and what arrived, and
+    ``RuntimeError`` for caches that eager mode would refuse to write (real tensors only).
+    ``rotary_dim=None`` takes it from cos's width where that is unambiguous (``default_rotary_dim``).
     """
     try:
         layout = CacheLayout(layout)
@@ -394,6 +462,9 @@ def prepare(
         cache_batch, n_kv, _, head_dim = k_cache.shape
     else:
         n_kv, head_dim = k_cache.shape[-2:]
+    if n_kv == 0 or head_dim == 0:
+        raise ValueError(f"k_cache must have at least one kv head and a head_dim above 0, got shape "
+                         f"{tuple(k_cache.shape)} ({n_kv} kv heads, head_dim {head_dim})")
 
     q4 = _as_bshd("q", q, layout, head_dim)
     k4 = _as_bshd("k", k, layout, head_dim)
@@ -404,8 +475,8 @@ def prepare(
             raise ValueError(f"{name} has {tuple(x.shape[:2])} (batch, tokens), but q has {tuple(q4.shape[:2])}")
         if x.shape[2] != n_kv:
             raise ValueError(f"{name} has {x.shape[2]} heads, but the caches have {n_kv}")
-    if q4.shape[2] % n_kv != 0:
-        raise ValueError(f"q has {q4.shape[2]} heads, not a multiple of the {n_kv} kv heads")
+    if q4.shape[2] == 0 or q4.shape[2] % n_kv != 0:
+        raise ValueError(f"q has {q4.shape[2]} heads, expected a positive multiple of the {n_kv} kv heads")
     if layout is CacheLayout.SEQUENCE and cache_batch != batch:
         raise ValueError(f"k_cache has batch {cache_batch}, but q has batch {batch}")
 
@@ -417,7 +488,7 @@ def prepare(
     if sin.shape != cos.shape:
         raise ValueError(f"sin has shape {tuple(sin.shape)}, but cos has {tuple(cos.shape)}")
     if rotary_dim is None:
-        rotary_dim = cos.shape[-1]
+        rotary_dim = default_rotary_dim(cos, head_dim)
     if not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
         raise ValueError(f"rotary_dim must be an even int in [2, head_dim={head_dim}], got {rotary_dim!r}")
     if cos.shape[-1] not in (rotary_dim, rotary_dim // 2):
@@ -449,6 +520,9 @@ def prepare(
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(scale.shape)}")
         if k_cache.dtype not in FP8_DTYPES:
             raise ValueError(f"{name} is given, but the caches are {k_cache.dtype}, not fp8")
+    _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
+    check_writable("k_cache", k_cache)
+    check_writable("v_cache", v_cache)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
                          bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps))
 

@@ -412,7 +412,7 @@ def test_wrapper_unknown_layout_names_the_argument():
     with pytest.raises(ValueError, match="layout"):
         kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"], args["v_cache"],
                               args["slot_mapping"], cos=args["cos"], sin=args["sin"], positions=args["positions"],
-                              layout="blocked")
+                              rotary_dim=args["rotary_dim"], layout="blocked")
     assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])
 
 

@@ -1,0 +1,279 @@
+"""The fused kernel compiles for AMD GPUs (gfx942, gfx950) without register spills or scratch memory.
+
+Triton wheels compile for AMD targets on any machine, so this runs in CI without an AMD GPU. The
+kernel's signature is not written down here: a subprocess (without ``TRITON_INTERPRET``, so that
+``@triton.jit`` yields a real ``JITFunction``) runs the real launcher, ``prepare()`` + ``launch()``, on
+small CPU tensors with ``JITFunction.run`` patched to record its bound arguments instead of launching.
+Each argument becomes an ``ASTSource`` signature entry the way Triton specialises it at launch
+(``native_specialize_impl``: pointer dtype, ints by magnitude, ints equal to 1 and ``None`` as
+constexprs, 16-divisibility hints), and the launcher's HIP options (``num_warps``, ``waves_per_eu``)
+become compile options. Without a GPU ``n_regs``/``n_spills`` stay unset, so the numbers come from the
+AMDGCN assembly's metadata.
+
+``python tests/kernels/test_hip_compile.py --table`` prints a markdown table of NumVgprs, NumSgprs,
+ScratchSize and Occupancy per configuration and target, with and without the launcher's
+``waves_per_eu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("gfx942", "gfx950")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One launch of the kernel: the features that change its code, and a token count (the tile size)."""
+
+    is_neox: bool = True
+    rot: int | None = None  # None: full rotary
+    layout: str = "token"
+    fp8: bool = False
+    table: str = "packed"  # "packed": [P, R/2] tables with positions; "hf": per-token [T, R]
+    return_k: bool = False
+    D: int = 128
+    T: int = 4096  # large enough for the launcher's largest tiles
+
+    @property
+    def name(self) -> str:
+        parts = ["neox" if self.is_neox else "gptj", f"D{self.D}", f"rot{self.rot}" if self.rot else "full",
+                 self.layout, "fp8" if self.fp8 else "bf16", self.table, "k" if self.return_k else "nok",
+                 f"T{self.T}"]
+        return "-".join(parts)
+
+
+# Every value of every feature, the costly ones (fp8, partial rotary, return_k, per-token tables) in
+# several combinations, both head dims in each layout, and a small token count (small tiles).
+CONFIGS = (
+    Config(),
+    Config(D=64),
+    Config(is_neox=False, D=64, return_k=True),
+    Config(is_neox=False, rot=64, fp8=True, return_k=True),
+    Config(rot=32, D=64, table="hf"),
+    Config(layout="paged", fp8=True),
+    Config(layout="paged", is_neox=False, D=64, rot=32, table="hf", return_k=True),
+    Config(layout="sequence", table="hf"),
+    Config(layout="sequence", is_neox=False, D=64, fp8=True, rot=32),
+    Config(layout="sequence", rot=64, return_k=True, table="hf", fp8=True),
+    Config(T=1),
+    Config(D=64, fp8=True, table="hf", T=1),
+)
+
+# --------------------------------------------------------------------------------------------------
+# Subprocess side: record the launch, compile it for each target
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_args(cfg: Config):
+    import torch
+
+    from fx_fusion.kernels.rope_kv_cache import prepare
+
+    torch.manual_seed(0)
+    Hq, Hkv, rot = 8, 2, cfg.rot or cfg.D
+    sequence = cfg.layout == "sequence"
+    batch, S = (2, cfg.T // 2 or 1) if sequence else (1, cfg.T)
+    n_tok = batch * S
+    dt = torch.bfloat16
+    if sequence:
+        q, k, v = (torch.randn(batch, S, h, cfg.D, dtype=dt) for h in (Hq, Hkv, Hkv))
+    else:  # slices of a fused qkv projection, as engines pass them
+        qkv = torch.randn(n_tok, (Hq + 2 * Hkv) * cfg.D, dtype=dt)
+        q, k, v = qkv.split([Hq * cfg.D, Hkv * cfg.D, Hkv * cfg.D], dim=-1)
+    rows = S + 16
+    shape = {"token": (n_tok + 16, Hkv, cfg.D), "paged": ((n_tok + 16 + 15) // 16, 16, Hkv, cfg.D),
+             "sequence": (batch, Hkv, rows, cfg.D)}[cfg.layout]
+    cache_dt = torch.float8_e4m3fn if cfg.fp8 else dt
+    k_cache, v_cache = (torch.zeros(shape, dtype=cache_dt) for _ in range(2))
+    slots = torch.arange(S if sequence else n_tok, dtype=torch.int64)
+    if cfg.table == "packed":
+        cos, sin = torch.randn(4096, rot // 2), torch.randn(4096, rot // 2)
+        positions = torch.randint(0, 4096, (batch, S) if sequence else (n_tok,))
+    else:
+        cos, sin = (torch.randn(batch, S, rot) if sequence else torch.randn(n_tok, rot) for _ in range(2))
+        positions = None
+    scales = (torch.ones(1), torch.ones(1)) if cfg.fp8 else (None, None)
+    p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales,
+                is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout)
+    q_out = torch.empty_like(q)
+    k_out = torch.empty_like(k) if cfg.return_k else None
+    return p, q_out, k_out
+
+
+def _record_launch(cfg: Config):
+    """(kernel, bound arguments by name, launch options) of the launcher's one kernel launch, as on HIP."""
+    import torch
+    import triton.runtime.jit as jit
+
+    from fx_fusion.kernels import rope_kv_cache as rkc
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        options = {n: kwargs.pop(n) for n in list(kwargs) if n not in self.arg_names}
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        launches.append((self, dict(bound.arguments), options))
+
+    p, q_out, k_out = _make_args(cfg)
+    saved = jit.JITFunction.run, torch.version.hip
+    # the launcher picks HIP options for HIP builds of torch and GPU tensors: pretend both
+    jit.JITFunction.run = record
+    torch.version.hip = "6.0"
+    torch.Tensor.is_cuda = property(lambda self: True)
+    try:
+        rkc.launch(p, q_out, k_out)
+    finally:
+        jit.JITFunction.run, torch.version.hip = saved
+        del torch.Tensor.is_cuda  # back to torch._C.TensorBase's
+    if len(launches) != 1:
+        raise RuntimeError(f"expected the launcher to launch one @triton.jit kernel, saw {len(launches)}")
+    return launches[0]
+
+
+def _specialise(fn, arguments: dict):
+    """ASTSource (signature, constexprs, attrs) for these arguments, specialised as a launch would be."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, constexprs, attrs = {}, {}, {}
+    dont = set(getattr(fn, "do_not_specialize", ()))
+    for i, param in enumerate(fn.params):
+        value = arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        ty, key = native_specialize_impl(BaseBackend, value, False, i not in dont and param.name not in dont, True)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = value
+        elif key and (parsed := BaseBackend.parse_attr(key)):
+            attrs[(i,)] = parsed
+    return signature, constexprs, attrs
+
+
+def _amdgcn_stats(asm: str) -> dict:
+    def field(pattern: str) -> int:
+        m = re.search(pattern, asm)
+        if m is None:
+            raise RuntimeError(f"no {pattern!r} in the AMDGCN assembly")
+        return int(m.group(1))
+
+    return dict(vgprs=field(r";\s*NumVgprs:\s*(\d+)"), sgprs=field(r";\s*(?:Total)?NumSgprs:\s*(\d+)"),
+                scratch=field(r";\s*ScratchSize:\s*(\d+)"), occupancy=field(r";\s*Occupancy:\s*(\d+)"),
+                vgpr_spills=field(r"\.vgpr_spill_count:\s*(\d+)"), sgpr_spills=field(r"\.sgpr_spill_count:\s*(\d+)"))
+
+
+def _compile_all() -> dict:
+    """{(config name, arch, with waves_per_eu): stats, "options": {config name: HIP launch options}}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out: dict = {"options": {}}
+    for cfg in CONFIGS:
+        fn, arguments, options = _record_launch(cfg)
+        signature, constexprs, attrs = _specialise(fn, arguments)
+        out["options"][cfg.name] = options
+        variants = [True, False] if "waves_per_eu" in options else [True]
+        for arch in ARCHS:
+            for with_waves in variants:
+                opts = {n: v for n, v in options.items() if with_waves or n != "waves_per_eu"}
+                src = ASTSource(fn, signature, constexprs, attrs)
+                compiled = triton.compile(src, target=GPUTarget("hip", arch, 64), options=opts)
+                out[(cfg.name, arch, with_waves)] = _amdgcn_stats(compiled.asm["amdgcn"])
+    return out
+
+
+def _hip_unavailable_reason() -> str | None:
+    try:
+        import triton
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        return f"Triton cannot compile ahead of time here: {e}"
+    if "amd" not in backends:
+        return f"this Triton {triton.__version__} has no AMD backend"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Test side
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_subprocess(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
+    root = Path(__file__).resolve().parents[2]
+    out = tmp / "stats.pkl"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--pickle", str(out)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling for HIP failed:\n{proc.stdout}\n{proc.stderr}")
+    return pickle.loads(out.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory) -> dict:
+    reason = _hip_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return _run_subprocess(tmp_path_factory.mktemp("hip"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_no_spills_no_scratch(stats, cfg, arch):
+    s = stats[(cfg.name, arch, True)]
+    print(f"{cfg.name} {arch}: {s}")
+    assert s["vgpr_spills"] == 0 and s["sgpr_spills"] == 0, s
+    assert s["scratch"] == 0, s
+    assert s["occupancy"] >= 1 and s["vgprs"] > 0, s
+
+
+def test_launcher_options_reach_the_compiler(stats):
+    """The recorded HIP options are the ones the launcher passes (num_warps at least)."""
+    for name, options in stats["options"].items():
+        assert "num_warps" in options, (name, options)
+
+
+def markdown_table(stats: dict) -> str:
+    lines = ["| config | arch | launch options | NumVgprs | NumSgprs | ScratchSize | Occupancy | spills (v/s) "
+             "| without waves_per_eu: NumVgprs / Occupancy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cfg in CONFIGS:
+        options = stats["options"][cfg.name]
+        for arch in ARCHS:
+            s = stats[(cfg.name, arch, True)]
+            plain = stats.get((cfg.name, arch, False))
+            other = f"{plain['vgprs']} / {plain['occupancy']}" if plain else "(not set)"
+            opts = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+            lines.append(f"| {cfg.name} | {arch} | {opts} | {s['vgprs']} | {s['sgprs']} | {s['scratch']} | "
+                         f"{s['occupancy']} | {s['vgpr_spills']}/{s['sgpr_spills']} | {other} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "TRITON_INTERPRET" in os.environ:
+        sys.exit("run without TRITON_INTERPRET: the kernel must be a JITFunction")
+    if len(sys.argv) == 3 and sys.argv[1] == "--pickle":
+        Path(sys.argv[2]).write_bytes(pickle.dumps(_compile_all()))
+    elif sys.argv[1:] == ["--table"]:
+        reason = _hip_unavailable_reason()
+        if reason:
+            sys.exit(reason)
+        print(markdown_table(_compile_all()))
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --table")
