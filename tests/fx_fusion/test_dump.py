@@ -8,8 +8,10 @@ fuses its site, the decode graph (1 token) reports it as not fused, so the dump 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import networkx as nx
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import fx_fusion
+from fx_fusion.dump import _dot_text, dot_graph, to_dot
 from tests import attention_blocks
 from tests.attention_blocks import decode_inputs, make_block, prefill_inputs
 
@@ -102,13 +105,74 @@ def test_graphml_loads_and_marks_the_fused_op(dump_dir):
     assert any(a.get("site") == "unfused" for _, a in unfused.nodes(data=True))
 
 
+def dot_nodes(text: str) -> dict[str, dict[str, str]]:
+    """node -> attributes of a DOT text as both writers format it (one statement a line, ids quoted or not)."""
+    nodes = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'("?)(\w+)\1 \[(.*)\];', line.strip())
+        if m and m.group(2) not in ("node", "edge", "graph"):
+            nodes[m.group(2)] = {k: v.strip('"') for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[^,\s]+)', m.group(3))}
+    return nodes
+
+
+def dot_edges(text: str) -> set[tuple[str, str]]:
+    return set(re.findall(r'^"?(\w+)"? -> "?(\w+)"?;$', text, re.M))
+
+
 def test_dot_files(dump_dir):
     for tag in ("before", "after"):
         text = (dump_dir / f"graph_000.{tag}.dot").read_text()
-        assert text.startswith(f'digraph "graph_000.{tag}"') and text.rstrip().endswith("}") and "->" in text
-    assert "palegreen" in (dump_dir / "graph_000.after.dot").read_text()
-    assert 'fillcolor="orange"' in (dump_dir / "graph_000.before.dot").read_text()
-    assert 'fillcolor="lightgrey"' in (dump_dir / "graph_001.before.dot").read_text()
+        assert re.match(f'(strict )?digraph "graph_000.{tag}" {{', text) and text.rstrip().endswith("}")
+        graph = nx.read_graphml(dump_dir / f"graph_000.{tag}.graphml")
+        nodes = dot_nodes(text)
+        assert set(nodes) == set(graph.nodes) and dot_edges(text) == set(graph.edges)
+        for name, attrs in graph.nodes(data=True):  # name, target, shape and dtype in every label
+            label = nodes[name]["label"].split("\\n")
+            assert label[0] == name and label[1] == attrs["target"], label
+            if attrs["shape"]:
+                assert label[2] == f"{attrs['shape']} {attrs['dtype']}"
+    after = dot_nodes((dump_dir / "graph_000.after.dot").read_text())
+    assert [n for n, a in after.items() if a.get("fillcolor") == "palegreen"] == [
+        n for n, a in after.items() if "fx_fusion.rope_kv_store" in a["label"]]
+    site = report(dump_dir, 0)["sites"][0]
+    before = dot_nodes((dump_dir / "graph_000.before.dot").read_text())
+    assert all(before[name]["fillcolor"] == "orange" for name in site["nodes"].values())
+    unfused = dot_nodes((dump_dir / "graph_001.before.dot").read_text())
+    assert all(unfused[name]["fillcolor"] == "lightgrey" for name in report(dump_dir, 1)["sites"][0]["nodes"].values())
+
+
+def test_dot_goes_through_networkx_and_pydot(dump_dir):
+    pydot = pytest.importorskip("pydot")
+    graph = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    text = to_dot(graph, "after")
+    assert text == nx.nx_pydot.to_pydot(dot_graph(graph, "after")).to_string()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydot's parser uses deprecated pyparsing names
+        (parsed,) = pydot.graph_from_dot_data(text)
+    assert {n.get_name() for n in parsed.get_nodes()} - {"node"} == set(graph.nodes)
+    assert len(parsed.get_edges()) == graph.number_of_edges()
+
+
+def test_dot_without_pydot_is_the_same_graph(dump_dir, monkeypatch):
+    """pydot is optional (the viz extra): without it the dump still writes DOT with the same content."""
+    graph = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    with_pydot = to_dot(graph, "after")
+    monkeypatch.setitem(sys.modules, "pydot", None)  # `import pydot` raises ImportError
+    without = to_dot(graph, "after")
+    assert without.startswith('strict digraph "after" {') and without.rstrip().endswith("}")
+    assert 'node [shape="box", fontsize="10"];' in without
+    assert dot_nodes(without) == dot_nodes(with_pydot) and dot_edges(without) == dot_edges(with_pydot)
+    assert set(dot_nodes(without)) == set(graph.nodes)
+
+
+def test_dot_text_quotes_and_escapes():
+    g = nx.DiGraph()
+    g.add_node('a"b', target='say "hi"\\', shape="(2,)", dtype="torch.int64", site="unfused")
+    g.add_node("c", target="c")
+    g.add_edge('a"b', "c")
+    text = _dot_text(dot_graph(g, "x"))
+    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightgrey"];' in text
+    assert '"a\\"b" -> "c";' in text
 
 
 def test_dump_is_written_even_with_the_fx_graph_cache_on(tmp_path):
