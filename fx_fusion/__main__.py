@@ -16,20 +16,81 @@ from pathlib import Path
 COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
 
 
+class ReportError(ValueError):
+    """A report file that cannot be read or does not hold what ``fx_fusion/dump.py`` writes."""
+
+
+_STRING = ((str,), "a string")
+_OPTIONAL_STRING = ((str, type(None)), "a string or null")
+_OPTIONAL_INT = ((int, type(None)), "an integer or null")
+_BOOL = ((bool,), "true or false")
+SITE_FIELDS = {
+    "store": _STRING,
+    "source": _OPTIONAL_STRING,
+    "fused": _BOOL,
+    "reason": _OPTIONAL_STRING,
+    "disabled": _BOOL,
+    "layout": _OPTIONAL_STRING,
+    "style": _OPTIONAL_STRING,
+    "rotary_dim": _OPTIONAL_INT,
+    "head_dim": _OPTIONAL_INT,
+    "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
+    "nodes": ((dict,), "an object of node names"),
+}
+"""The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
+
+
 def load_reports(directory: str | Path) -> list[dict]:
-    """The parsed ``graph_*.report.json`` files of ``directory``, in compilation order."""
-    paths = sorted(Path(directory).glob("graph_*.report.json"))
-    reports = []
-    for path in paths:
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable report ({e})") from None
-        if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
-            raise ValueError(f"{path}: expected an object with a 'sites' list")
-        report.setdefault("graph", path.name.split(".")[0])
-        reports.append(report)
-    return reports
+    """The parsed ``graph_*.report.json`` files of ``directory``, in compilation order.
+
+    Raises ``ReportError`` naming the file (and the site and field) for a report that is unreadable,
+    not JSON, not UTF-8 or whose fields have the wrong types.
+    """
+    return [load_report(path) for path in sorted(Path(directory).glob("graph_*.report.json"))]
+
+
+def load_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{path}: not UTF-8 text ({e})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable report ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
+        raise ReportError(f"{path}: expected an object with a 'sites' list, got {_describe(report)}")
+    report.setdefault("graph", path.name.split(".")[0])
+    if not isinstance(report["graph"], str):
+        raise ReportError(f"{path}: graph must be a string, got {_describe(report['graph'])}")
+    for i, site in enumerate(report["sites"]):
+        problem = _site_problem(site)
+        if problem:
+            raise ReportError(f"{path}: site {i}: {problem}")
+    return report
+
+
+def _site_problem(site) -> str | None:
+    if not isinstance(site, dict):
+        return f"expected an object, got {_describe(site)}"
+    if "fused" not in site:
+        return "fused is missing"
+    for name, (types, expected) in SITE_FIELDS.items():
+        value = site.get(name)
+        if name in site and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return f"{name} must be {expected}, got {_describe(value)}"
+    bad = [(k, v) for k, v in site.get("nodes", {}).items() if not isinstance(v, str)]
+    if bad:
+        return f"nodes must map roles to node names (strings), got {bad[0][0]!r}: {_describe(bad[0][1])}"
+    return None
+
+
+def _describe(value) -> str:
+    """A JSON value for an error message: ``5``, ``"text"``, ``true``, ``null``, ``an object``, ``an array``."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def shorten_source(source: str | None, width: int) -> str:
@@ -84,7 +145,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     try:
         reports = load_reports(directory)
-    except ValueError as e:
+    except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not reports:
