@@ -3,7 +3,9 @@
 A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
 ``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
 RoPE style, rotary dim, token count, fused or not, the model source line, the reason when not fused)
-and the totals. Exit code 0, or 2 when DIR holds no reports.
+and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
+in ``DIR/pictures`` (see ``fx_fusion/draw.py``), whose paths it prints. Exit code 0, or 2 when DIR holds
+no reports, a report is malformed or no renderer can draw the pictures.
 """
 
 from __future__ import annotations
@@ -152,7 +154,25 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"error: no graph_*.report.json in {directory} (compile with options={{'dump_dir': "
               f"'{directory}'}} to write them)", file=sys.stderr)
         return 2
+    renderer = None
+    if args.draw:
+        from fx_fusion import draw
+
+        try:
+            renderer = draw.pick_renderer(args.renderer)
+        except draw.DrawError as e:
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
     sys.stdout.write(format_table(reports, args.source_width))
+    if renderer is not None:
+        try:
+            pictures = draw.draw_reports(directory, reports, renderer)
+        except draw.DrawError as e:
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
+        print(f"pictures ({renderer}):" if pictures else "pictures: none (no sites)")
+        for path in pictures:
+            print(f"  {path}")
     return 0
 
 
@@ -164,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dir", help="a dump directory (FusionConfig.dump_dir)")
     inspect.add_argument("--source-width", type=int, default=60, metavar="N",
                          help="cut source lines to N characters (default 60)")
+    inspect.add_argument("--draw", action="store_true",
+                         help="draw each site before/after the pass into DIR/pictures and print the paths")
+    inspect.add_argument("--renderer", default="auto", choices=["auto", "dot", "matplotlib", "text"],
+                         help="with --draw: graphviz dot (SVG), matplotlib (PNG) or text; auto: dot, else "
+                              "matplotlib, else an error")
     inspect.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
     return args.func(args)

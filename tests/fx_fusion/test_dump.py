@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 import fx_fusion
+from fx_fusion import draw
+from fx_fusion.__main__ import main as cli_main
 from fx_fusion.dump import _dot_text, dot_graph, to_dot
 from tests import attention_blocks
 from tests.attention_blocks import decode_inputs, make_block, prefill_inputs
@@ -211,3 +214,97 @@ def test_cli_inspect_prints_a_summary_table(dump_dir, tmp_path):
     assert lines[-1].split() == ["graphs:", "2", "sites:", "2", "fused:", "1", "not", "fused:", "1"]
     empty = _run_cli("inspect", str(tmp_path))
     assert empty.returncode != 0 and "no graph_" in empty.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures: `inspect DIR --draw` (fx_fusion/draw.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dump_copy(dump_dir, tmp_path) -> Path:
+    """A copy of the dump, so pictures and deletions leave the module's dump as it was."""
+    return Path(shutil.copytree(dump_dir, tmp_path / "dump"))
+
+
+def test_draw_text_pictures_of_every_site(dump_copy, capsys):
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "text"]) == 0
+    out = capsys.readouterr().out
+    pictures = dump_copy / "pictures"
+    names = ["graph_000.site0.before.txt", "graph_000.site0.after.txt", "graph_001.site0.before.txt"]
+    assert out.splitlines()[-4:] == ["pictures (text):", *(f"  {pictures / n}" for n in names)]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(
+        [*names, *(n.replace(".txt", ".dot") for n in names)])
+    site = report(dump_copy, 0)["sites"][0]
+    before = (pictures / names[0]).read_text()
+    marked = [line.split()[0] for line in before.splitlines() if line.endswith("<== site")]
+    assert sorted(marked) == sorted(site["nodes"].values())
+    after = (pictures / names[1]).read_text()
+    (fused_line,) = [line for line in after.splitlines() if line.endswith("<== fused op")]
+    assert "fx_fusion.rope_kv_store" in fused_line and "index_put" not in after
+    assert "<== site (not fused)" in (pictures / names[2]).read_text()
+
+
+def test_regions_stop_at_the_projection(dump_dir):
+    before = nx.read_graphml(dump_dir / "graph_000.before.graphml")
+    after = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    site = report(dump_dir, 0)["sites"][0]
+    region = draw.region_before(before, site)
+    (mm,) = [n for n in region if region.nodes[n]["target"].startswith("mm")]
+    assert set(site["nodes"].values()) <= set(region) and region.in_degree(mm) == 0
+    assert not nx.ancestors(before, mm) & set(region)  # the hidden states and weight are left out
+    fused = draw.fused_node_of(before, after, site)
+    assert after.nodes[fused]["fused_op"] is True
+    region = draw.region_after(after, fused)
+    assert [n for n in region if region.nodes[n].get("fused_op")] == [fused]
+    assert set(after.successors(fused)) <= set(region)
+
+
+def test_fused_node_of_picks_the_call_reading_the_site_caches():
+    before, after = nx.DiGraph(), nx.DiGraph()
+    for layer in (0, 1):
+        for g in (before, after):
+            g.add_node(f"k{layer}", op="placeholder")
+            g.add_node(f"v{layer}", op="placeholder")
+        before.add_edges_from([(f"k{layer}", f"kst{layer}"), (f"v{layer}", f"vst{layer}")])
+        after.add_node(f"fused{layer}", op="call_function", fused_op=True)
+        after.add_edges_from([(f"k{layer}", f"fused{layer}"), (f"v{layer}", f"fused{layer}")])
+    for layer in (0, 1):
+        site = {"fused": True, "nodes": {"k_store": f"kst{layer}", "v_store": f"vst{layer}"}}
+        assert draw.fused_node_of(before, after, site) == f"fused{layer}"
+
+
+def test_draw_matplotlib_png(dump_copy, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "matplotlib"]) == 0
+    paths = [Path(line.strip()) for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+    assert len(paths) == 3
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
+def test_draw_dot_svg(dump_copy, capsys):
+    assert cli_main(["inspect", str(dump_copy), "--draw"]) == 0  # auto picks dot when installed
+    paths = [Path(line.strip()) for line in capsys.readouterr().out.splitlines() if line.endswith(".svg")]
+    assert len(paths) == 3
+    assert all("<svg" in p.read_text() for p in paths)
+    assert "palegreen" in paths[1].read_text()
+
+
+def test_draw_without_a_renderer_says_what_to_install(dump_copy, capsys, monkeypatch):
+    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
+    monkeypatch.setattr(draw.importlib.util, "find_spec", lambda name: None)
+    assert cli_main(["inspect", str(dump_copy), "--draw"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (dump_copy / "pictures").exists()
+    assert captured.err.startswith("error: --draw: no renderer for pictures: graphviz's `dot` program")
+    assert "pip install 'fx-fusion[viz]'" in captured.err and "--renderer text" in captured.err
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "dot"]) == 2
+    assert "`dot` program is not on PATH" in capsys.readouterr().err
+
+
+def test_draw_with_a_missing_graph_file_names_it(dump_copy, capsys):
+    (dump_copy / "graph_000.after.graphml").unlink()
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "text"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --draw: {dump_copy / 'graph_000.after.graphml'}: missing (the pictures are drawn from the dump's graphml files)\n"
