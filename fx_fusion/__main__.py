@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
 
@@ -26,7 +27,7 @@ _STRING = ((str,), "a string")
 _OPTIONAL_STRING = ((str, type(None)), "a string or null")
 _OPTIONAL_INT = ((int, type(None)), "an integer or null")
 _BOOL = ((bool,), "true or false")
-SITE_FIELDS = {
+SITE_FIELDS = MappingProxyType({
     "store": _STRING,
     "source": _OPTIONAL_STRING,
     "fused": _BOOL,
@@ -38,7 +39,7 @@ SITE_FIELDS = {
     "head_dim": _OPTIONAL_INT,
     "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
     "nodes": ((dict,), "an object of node names"),
-}
+})
 """The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
 
 

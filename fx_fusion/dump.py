@@ -11,14 +11,18 @@ Layout of a dump directory, one set per compiled graph (``NNN`` = order of compi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import networkx as nx
 import torch
 
 from fx_fusion.patterns import FUSED_OP, Site
+
+log = logging.getLogger("fx_fusion")
 
 
 @dataclass
@@ -56,7 +60,7 @@ def _is_fused_call(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and (n.target is FUSED_OP or (bool(n.args) and n.args[0] is FUSED_OP))
 
 
-FILL_COLOURS = {"fused_op": "palegreen", "fused": "orange", "unfused": "lightgrey"}
+FILL_COLOURS = MappingProxyType({"fused_op": "palegreen", "fused": "orange", "unfused": "lightgrey"})
 """Fill colour of a fused op call, of the nodes of a fused site, of the nodes of a site left unfused."""
 
 
@@ -155,4 +159,5 @@ def write_dump(dump_dir: str, before: GraphSnapshot, after: GraphSnapshot, sites
     Path(f"{stem}.report.txt").write_text(report_text(sites))
     report = {"graph": stem.name, "pid": os.getpid(), "sites": [s.as_dict() for s in sites]}
     Path(f"{stem}.report.json").write_text(json.dumps(report, indent=2))
+    log.info("dumped %s.* (%d sites)", stem, len(sites))
     return stem
