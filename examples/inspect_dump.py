@@ -6,7 +6,8 @@
 One SGLang-style attention block is compiled with ``options={"dump_dir": DIR}``. Then: the files of
 DIR, the site table of ``python -m fx_fusion inspect DIR``, the graphs as networkx graphs (the fused
 node and its neighbours), and a picture of the block before and after the pass, drawn with graphviz
-``dot`` if it is installed, else with matplotlib, else printed as text. Pictures go to DIR/pictures.
+``dot`` if it is installed, else with matplotlib, else printed as text (``fx_fusion.draw``). Pictures
+go to DIR/pictures.
 """
 
 # %%
@@ -16,8 +17,6 @@ node and its neighbours), and a picture of the block before and after the pass, 
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import nn  # noqa: E402
 
 import fx_fusion  # noqa: E402  (registers backend="fx_fusion"; `pip install -e .` first)
 from fx_fusion import __main__ as cli  # noqa: E402  (the `python -m fx_fusion` command)
-from fx_fusion.dump import to_dot  # noqa: E402
+from fx_fusion import draw  # noqa: E402  (pictures of a site, as `inspect --draw` draws them)
 
 if args.device == "cuda" and not torch.cuda.is_available():
     sys.exit("--device cuda: no CUDA device is available")
@@ -164,102 +163,24 @@ for n in fused_nodes:
 
 
 # %%
-# A picture of the block before and after
-# ---------------------------------------
+# A picture of the site before and after
+# --------------------------------------
 # Only the part that changes: everything feeding the k/v stores and the q RoPE, back to the qkv
-# projection (before), and the fused call with its inputs and users (after).
-
-
-def projection_of(g: nx.DiGraph, node: str) -> str | None:
-    """The matmul nearest above ``node`` (the qkv projection)."""
-    mms = [a for a in nx.ancestors(g, node) if g.nodes[a].get("target", "").split(".")[0] in ("mm", "addmm")]
-    return max(mms, key=lambda a: len(nx.ancestors(g, a)), default=None)
-
-
-def region_before(g: nx.DiGraph, roles: dict) -> nx.DiGraph:
-    ends = [roles[r] for r in ("q_rope", "k_rope", "k_store", "v_store") if r in roles]
-    keep = set(ends).union(*(nx.ancestors(g, e) for e in ends))
-    proj = projection_of(g, roles["k_rope"])
-    if proj is not None:
-        keep -= nx.ancestors(g, proj)
-    return g.subgraph(keep).copy()
-
-
-def region_after(g: nx.DiGraph, fused: list[str]) -> nx.DiGraph:
-    keep = set(fused)
-    for n in fused:
-        proj = projection_of(g, n)
-        above = nx.ancestors(g, n) - (nx.ancestors(g, proj) if proj is not None else set())
-        keep |= above
-        for s in g.successors(n):
-            keep |= {s, *g.successors(s)}
-    return g.subgraph(keep).copy()
-
-
-def as_text(g: nx.DiGraph) -> str:
-    """One line per node in topological order: name, target, shape, inputs (a set: see the .py for the call)."""
-    lines = []
-    for n in nx.topological_sort(g):
-        a = g.nodes[n]
-        mark = "  <== fused op" if a.get("fused_op") else ("  <== site" if a.get("site") == "fused" else "")
-        inputs = ", ".join(sorted(g.predecessors(n)))
-        lines.append(f"  {n:<22} {a.get('target', ''):<24} {a.get('shape', ''):<12}"
-                     f"{' <- ' + inputs if inputs else ''}{mark}")
-    return "\n".join(lines)
-
-
-def draw_matplotlib(g: nx.DiGraph, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    for depth, layer in enumerate(nx.topological_generations(g)):
-        for n in layer:
-            g.nodes[n]["depth"] = depth
-    pos = nx.multipartite_layout(g, subset_key="depth", align="horizontal", scale=4)
-    pos = {n: (x, -y) for n, (x, y) in pos.items()}  # inputs at the top
-    colours = ["palegreen" if g.nodes[n].get("fused_op") else "orange" if g.nodes[n].get("site") == "fused"
-               else "lightgrey" for n in g]
-    depth = max(nx.get_node_attributes(g, "depth").values(), default=0) + 1
-    fig, ax = plt.subplots(figsize=(12, max(4, 0.7 * depth)))
-    nx.draw_networkx(g, pos, ax=ax, node_color=colours, node_shape="s", node_size=500, font_size=7,
-                     labels={n: n if g.nodes[n].get("target") in (n, None) else f"{n}\n{g.nodes[n]['target']}" for n in g}, arrowsize=8)
-    ax.set_title(title)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
+# projection (before), and the fused call with its inputs and users (after). ``fx_fusion.draw`` does
+# it from the graphml files; ``python -m fx_fusion inspect DIR --draw`` draws every site this way.
 
 renderer = args.renderer
 if renderer == "auto":
-    renderer = "dot" if shutil.which("dot") else "matplotlib" if have_matplotlib() else "text"
+    try:
+        renderer = draw.pick_renderer("auto")  # graphviz dot, else matplotlib
+    except draw.DrawError:
+        renderer = "text"
 pictures = dump_dir / "pictures"
 pictures.mkdir(exist_ok=True)
-parts = {"before": region_before(before, site["nodes"]), "after": region_after(after, fused_nodes)}
-for tag, g in parts.items():
-    dot_path = pictures / f"{tag}.dot"
-    dot_path.write_text(to_dot(g, f"attention block {tag}"))
-    if renderer == "dot":
-        out_path = pictures / f"{tag}.svg"
-        subprocess.run(["dot", "-Tsvg", str(dot_path), "-o", str(out_path)], check=True)
-        print(f"{tag}: {g.number_of_nodes()} nodes -> {out_path}")
-    elif renderer == "matplotlib":
-        out_path = pictures / f"{tag}.png"
-        draw_matplotlib(g, out_path, f"attention block {tag} the fx_fusion pass")
-        print(f"{tag}: {g.number_of_nodes()} nodes -> {out_path}")
-    else:
-        print(f"\n{tag} ({g.number_of_nodes()} nodes; {dot_path.name} written, install graphviz or "
-              f"matplotlib for a picture):\n{as_text(g)}")
+for path in draw.draw_site(dump_dir, reports[0]["graph"], 0, site, renderer, pictures, before, after):
+    print(f"{path.name.split('.')[-2]}: -> {path}")
+    if renderer == "text":
+        print(path.read_text())
 
 if not same or not fused_nodes:
     sys.exit("MISMATCH: the compiled block differs from eager or nothing was fused")

@@ -3,7 +3,9 @@
 A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
 ``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
 RoPE style, rotary dim, token count, fused or not, the model source line, the reason when not fused)
-and the totals. Exit code 0, or 2 when DIR holds no reports.
+and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
+in ``DIR/pictures`` (see ``fx_fusion/draw.py``), whose paths it prints. Exit code 0, or 2 when DIR holds
+no reports, a report is malformed or no renderer can draw the pictures.
 """
 
 from __future__ import annotations
@@ -12,24 +14,86 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
 
 
+class ReportError(ValueError):
+    """A report file that cannot be read or does not hold what ``fx_fusion/dump.py`` writes."""
+
+
+_STRING = ((str,), "a string")
+_OPTIONAL_STRING = ((str, type(None)), "a string or null")
+_OPTIONAL_INT = ((int, type(None)), "an integer or null")
+_BOOL = ((bool,), "true or false")
+SITE_FIELDS = MappingProxyType({
+    "store": _STRING,
+    "source": _OPTIONAL_STRING,
+    "fused": _BOOL,
+    "reason": _OPTIONAL_STRING,
+    "disabled": _BOOL,
+    "layout": _OPTIONAL_STRING,
+    "style": _OPTIONAL_STRING,
+    "rotary_dim": _OPTIONAL_INT,
+    "head_dim": _OPTIONAL_INT,
+    "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
+    "nodes": ((dict,), "an object of node names"),
+})
+"""The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
+
+
 def load_reports(directory: str | Path) -> list[dict]:
-    """The parsed ``graph_*.report.json`` files of ``directory``, in compilation order."""
-    paths = sorted(Path(directory).glob("graph_*.report.json"))
-    reports = []
-    for path in paths:
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable report ({e})") from None
-        if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
-            raise ValueError(f"{path}: expected an object with a 'sites' list")
-        report.setdefault("graph", path.name.split(".")[0])
-        reports.append(report)
-    return reports
+    """The parsed ``graph_*.report.json`` files of ``directory``, in compilation order.
+
+    Raises ``ReportError`` naming the file (and the site and field) for a report that is unreadable,
+    not JSON, not UTF-8 or whose fields have the wrong types.
+    """
+    return [load_report(path) for path in sorted(Path(directory).glob("graph_*.report.json"))]
+
+
+def load_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{path}: not UTF-8 text ({e})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable report ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
+        raise ReportError(f"{path}: expected an object with a 'sites' list, got {_describe(report)}")
+    report.setdefault("graph", path.name.split(".")[0])
+    if not isinstance(report["graph"], str):
+        raise ReportError(f"{path}: graph must be a string, got {_describe(report['graph'])}")
+    for i, site in enumerate(report["sites"]):
+        problem = _site_problem(site)
+        if problem:
+            raise ReportError(f"{path}: site {i}: {problem}")
+    return report
+
+
+def _site_problem(site) -> str | None:
+    if not isinstance(site, dict):
+        return f"expected an object, got {_describe(site)}"
+    if "fused" not in site:
+        return "fused is missing"
+    for name, (types, expected) in SITE_FIELDS.items():
+        value = site.get(name)
+        if name in site and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return f"{name} must be {expected}, got {_describe(value)}"
+    bad = [(k, v) for k, v in site.get("nodes", {}).items() if not isinstance(v, str)]
+    if bad:
+        return f"nodes must map roles to node names (strings), got {bad[0][0]!r}: {_describe(bad[0][1])}"
+    return None
+
+
+def _describe(value) -> str:
+    """A JSON value for an error message: ``5``, ``"text"``, ``true``, ``null``, ``an object``, ``an array``."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def shorten_source(source: str | None, width: int) -> str:
@@ -84,14 +148,32 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     try:
         reports = load_reports(directory)
-    except ValueError as e:
+    except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not reports:
         print(f"error: no graph_*.report.json in {directory} (compile with options={{'dump_dir': "
               f"'{directory}'}} to write them)", file=sys.stderr)
         return 2
+    renderer = None
+    if args.draw:
+        from fx_fusion import draw
+
+        try:
+            renderer = draw.pick_renderer(args.renderer)
+        except draw.DrawError as e:
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
     sys.stdout.write(format_table(reports, args.source_width))
+    if renderer is not None:
+        try:
+            pictures = draw.draw_reports(directory, reports, renderer)
+        except draw.DrawError as e:
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
+        print(f"pictures ({renderer}):" if pictures else "pictures: none (no sites)")
+        for path in pictures:
+            print(f"  {path}")
     return 0
 
 
@@ -103,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dir", help="a dump directory (FusionConfig.dump_dir)")
     inspect.add_argument("--source-width", type=int, default=60, metavar="N",
                          help="cut source lines to N characters (default 60)")
+    inspect.add_argument("--draw", action="store_true",
+                         help="draw each site before/after the pass into DIR/pictures and print the paths")
+    inspect.add_argument("--renderer", default="auto", choices=["auto", "dot", "matplotlib", "text"],
+                         help="with --draw: graphviz dot (SVG), matplotlib (PNG) or text; auto: dot, else "
+                              "matplotlib, else an error")
     inspect.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
     return args.func(args)

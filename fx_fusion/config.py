@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
@@ -34,7 +34,10 @@ class FusionConfig:
     max_tokens: int | None = None
     """Fuse only sites whose token count is at most this (``None``: no limit); dynamic counts qualify."""
 
-    dump_dir: str | None = None
+    # Not part of key(): a dump changes no compiled code, so a graph compiled with and without one may share
+    # a cache entry. A cache hit skips the pass and so the dump, whatever the key says (a new dump_dir
+    # would only miss once); the backend turns the caches off while dumping instead.
+    dump_dir: str | None = field(default=None, metadata={"in_key": False})
     """Write graphs before/after, the site report and networkx exports of every compiled graph here."""
 
     on_unfusable: OnUnfusable = OnUnfusable.FALLBACK
@@ -58,19 +61,19 @@ class FusionConfig:
             object.__setattr__(self, "dump_dir", str(self.dump_dir))
 
     def pattern_options(self) -> FusionOptions:
-        return FusionOptions(self.layouts, self.styles, self.min_tokens, self.max_tokens, self.validate)
+        """The fields the patterns read, matched by name with ``FusionOptions``' fields (the rest is ours)."""
+        wanted = {f.name for f in dataclasses.fields(FusionOptions)}
+        return FusionOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in wanted})
 
     def key(self) -> str:
-        """A stable string naming every setting that changes the compiled graph."""
-        parts = [
-            f"layouts={sorted(x.value for x in self.layouts)}",
-            f"styles={sorted(x.value for x in self.styles)}",
-            f"min_tokens={self.min_tokens}",
-            f"max_tokens={self.max_tokens}",
-            f"on_unfusable={self.on_unfusable.value}",
-            f"validate={self.validate}",
-        ]
-        return ";".join(parts)
+        """A stable string of every field that may change the compiled graph: all of them, in declaration order,
+        except those declared with ``metadata={"in_key": False}``.
+
+        Part of the pass's ``uuid()`` (the FX graph cache key), so a field added later is covered unless it
+        opts out. Values are canonical (enums by value, sets sorted), so equal configs give equal keys.
+        """
+        return ";".join(f"{f.name}={_key_value(f.name, getattr(self, f.name))!r}"
+                        for f in dataclasses.fields(self) if f.metadata.get("in_key", True))
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -78,6 +81,20 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     names = {f.name for f in dataclasses.fields(FusionConfig)}
     ours = {k: v for k, v in options.items() if k in names}
     return ours, {k: v for k, v in options.items() if k not in names}
+
+
+def _key_value(name: str, value: Any) -> Any:
+    """``value`` as plain, ordered Python data whose ``repr`` is the same in every process."""
+    if isinstance(value, enum.Enum):
+        return _key_value(name, value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (set, frozenset)):
+        return sorted((_key_value(name, x) for x in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_key_value(name, x) for x in value]
+    raise TypeError(f"FusionConfig.{name}: cannot put a {type(value).__name__} into the cache key; "
+                    f"expected None, bool, int, float, str, an enum or a collection of them")
 
 
 def _iterable(name: str, value: Any):

@@ -11,14 +11,18 @@ Layout of a dump directory, one set per compiled graph (``NNN`` = order of compi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import networkx as nx
 import torch
 
 from fx_fusion.patterns import FUSED_OP, Site
+
+log = logging.getLogger("fx_fusion")
 
 
 @dataclass
@@ -56,21 +60,68 @@ def _is_fused_call(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and (n.target is FUSED_OP or (bool(n.args) and n.args[0] is FUSED_OP))
 
 
-def to_dot(g: nx.DiGraph, name: str) -> str:
-    """Graphviz DOT text; fused op calls filled green, nodes of fused sites orange, unfused sites grey."""
-    colours = {"fused": "orange", "unfused": "lightgrey"}
-    lines = [f'digraph "{name}" {{', "  node [shape=box, fontsize=10];"]
+FILL_COLOURS = MappingProxyType({"fused_op": "palegreen", "fused": "orange", "unfused": "lightgrey"})
+"""Fill colour of a fused op call, of the nodes of a fused site, of the nodes of a site left unfused."""
+
+
+def fill_colour(attrs: dict) -> str | None:
+    """The fill colour of a node of ``to_networkx``'s graph, ``None`` for a node outside every site."""
+    if attrs.get("fused_op"):
+        return FILL_COLOURS["fused_op"]
+    return FILL_COLOURS.get(attrs.get("site") or "")
+
+
+def node_label(node: str, attrs: dict) -> str:
+    """``name``, ``target`` and ``shape dtype`` on three lines (empty lines left out)."""
+    shape = f"{attrs.get('shape', '')} {attrs.get('dtype', '')}".strip()
+    return "\n".join(x for x in (node, attrs.get("target", ""), shape) if x)
+
+
+def dot_graph(g: nx.DiGraph, name: str) -> nx.DiGraph:
+    """A copy of ``g`` holding only Graphviz attributes: boxes labelled by ``node_label``, filled by ``fill_colour``."""
+    d = nx.DiGraph(name=name)
+    d.graph["node"] = {"shape": "box", "fontsize": "10"}
     for node, attrs in g.nodes(data=True):
-        label = f"{node}\\n{attrs['target']}\\n{attrs['shape']} {attrs['dtype']}".strip()
-        style = ""
-        if attrs.get("fused_op"):
-            style = ', style=filled, fillcolor="palegreen"'
-        elif attrs.get("site") in colours:
-            style = f', style=filled, fillcolor="{colours[attrs["site"]]}"'
-        lines.append(f'  "{node}" [label="{label}"{style}];')
-    lines += [f'  "{a}" -> "{b}";' for a, b in g.edges]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        dot_attrs = {"label": node_label(node, attrs)}
+        colour = fill_colour(attrs)
+        if colour is not None:
+            dot_attrs.update(style="filled", fillcolor=colour)
+        d.add_node(node, **dot_attrs)
+    d.add_edges_from(g.edges)
+    return d
+
+
+def to_dot(g: nx.DiGraph, name: str) -> str:
+    """Graphviz DOT text of ``dot_graph(g, name)``: fused op calls green, fused sites orange, unfused grey.
+
+    Written by networkx through pydot (the ``viz`` extra); without pydot by ``_dot_text``, a small writer
+    of the same graph, so a dump never depends on an optional package.
+    """
+    d = dot_graph(g, name)
+    try:
+        return nx.nx_pydot.to_pydot(d).to_string()
+    except ImportError:
+        return _dot_text(d)
+
+
+def _dot_text(d: nx.DiGraph) -> str:
+    """DOT for a ``dot_graph``: its node defaults, nodes with their attributes, edges."""
+
+    def attr_list(attrs: dict) -> str:
+        return ", ".join(f"{k}={_dot_id(str(v))}" for k, v in attrs.items())
+
+    lines = [f"strict digraph {_dot_id(d.name)} {{"]
+    if d.graph.get("node"):
+        lines.append(f"node [{attr_list(d.graph['node'])}];")
+    for node, attrs in d.nodes(data=True):
+        lines.append(f"{_dot_id(node)} [{attr_list(attrs)}];" if attrs else f"{_dot_id(node)};")
+    lines += [f"{_dot_id(a)} -> {_dot_id(b)};" for a, b in d.edges]
+    return "\n".join(lines) + "\n}\n"
+
+
+def _dot_id(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def _mark_sites(g: nx.DiGraph, sites: list[Site]) -> None:
@@ -108,4 +159,5 @@ def write_dump(dump_dir: str, before: GraphSnapshot, after: GraphSnapshot, sites
     Path(f"{stem}.report.txt").write_text(report_text(sites))
     report = {"graph": stem.name, "pid": os.getpid(), "sites": [s.as_dict() for s in sites]}
     Path(f"{stem}.report.json").write_text(json.dumps(report, indent=2))
+    log.info("dumped %s.* (%d sites)", stem, len(sites))
     return stem

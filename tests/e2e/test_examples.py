@@ -57,8 +57,11 @@ def test_inspect_dump(tmp_path):
     assert "<== fused op" in out and "<== site" in out  # the text pictures, before and after
     assert "OK: 1 fused op in graph_000" in out
     pictures = tmp_path / "dump" / "pictures"
-    assert (pictures / "before.dot").read_text().startswith("digraph")
-    assert "fx_fusion.rope_kv_store" in (pictures / "after.dot").read_text()
+    assert sorted(p.name for p in pictures.iterdir()) == [
+        f"graph_000.site0.{tag}.{ext}" for tag in ("after", "before") for ext in ("dot", "txt")]
+    assert f"after: -> {pictures / 'graph_000.site0.after.txt'}" in out
+    assert "digraph" in (pictures / "graph_000.site0.before.dot").read_text()
+    assert "fx_fusion.rope_kv_store" in (pictures / "graph_000.site0.after.dot").read_text()
 
 
 def _site(fused: bool, **kw) -> dict:

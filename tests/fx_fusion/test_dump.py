@@ -8,8 +8,11 @@ fuses its site, the decode graph (1 token) reports it as not fused, so the dump 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import networkx as nx
@@ -17,6 +20,9 @@ import pytest
 import torch
 
 import fx_fusion
+from fx_fusion import draw
+from fx_fusion.__main__ import main as cli_main
+from fx_fusion.dump import _dot_text, dot_graph, to_dot
 from tests import attention_blocks
 from tests.attention_blocks import decode_inputs, make_block, prefill_inputs
 
@@ -102,13 +108,74 @@ def test_graphml_loads_and_marks_the_fused_op(dump_dir):
     assert any(a.get("site") == "unfused" for _, a in unfused.nodes(data=True))
 
 
+def dot_nodes(text: str) -> dict[str, dict[str, str]]:
+    """node -> attributes of a DOT text as both writers format it (one statement a line, ids quoted or not)."""
+    nodes = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'("?)(\w+)\1 \[(.*)\];', line.strip())
+        if m and m.group(2) not in ("node", "edge", "graph"):
+            nodes[m.group(2)] = {k: v.strip('"') for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|[^,\s]+)', m.group(3))}
+    return nodes
+
+
+def dot_edges(text: str) -> set[tuple[str, str]]:
+    return set(re.findall(r'^"?(\w+)"? -> "?(\w+)"?;$', text, re.M))
+
+
 def test_dot_files(dump_dir):
     for tag in ("before", "after"):
         text = (dump_dir / f"graph_000.{tag}.dot").read_text()
-        assert text.startswith(f'digraph "graph_000.{tag}"') and text.rstrip().endswith("}") and "->" in text
-    assert "palegreen" in (dump_dir / "graph_000.after.dot").read_text()
-    assert 'fillcolor="orange"' in (dump_dir / "graph_000.before.dot").read_text()
-    assert 'fillcolor="lightgrey"' in (dump_dir / "graph_001.before.dot").read_text()
+        assert re.match(f'(strict )?digraph "graph_000.{tag}" {{', text) and text.rstrip().endswith("}")
+        graph = nx.read_graphml(dump_dir / f"graph_000.{tag}.graphml")
+        nodes = dot_nodes(text)
+        assert set(nodes) == set(graph.nodes) and dot_edges(text) == set(graph.edges)
+        for name, attrs in graph.nodes(data=True):  # name, target, shape and dtype in every label
+            label = nodes[name]["label"].split("\\n")
+            assert label[0] == name and label[1] == attrs["target"], label
+            if attrs["shape"]:
+                assert label[2] == f"{attrs['shape']} {attrs['dtype']}"
+    after = dot_nodes((dump_dir / "graph_000.after.dot").read_text())
+    assert [n for n, a in after.items() if a.get("fillcolor") == "palegreen"] == [
+        n for n, a in after.items() if "fx_fusion.rope_kv_store" in a["label"]]
+    site = report(dump_dir, 0)["sites"][0]
+    before = dot_nodes((dump_dir / "graph_000.before.dot").read_text())
+    assert all(before[name]["fillcolor"] == "orange" for name in site["nodes"].values())
+    unfused = dot_nodes((dump_dir / "graph_001.before.dot").read_text())
+    assert all(unfused[name]["fillcolor"] == "lightgrey" for name in report(dump_dir, 1)["sites"][0]["nodes"].values())
+
+
+def test_dot_goes_through_networkx_and_pydot(dump_dir):
+    pydot = pytest.importorskip("pydot")
+    graph = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    text = to_dot(graph, "after")
+    assert text == nx.nx_pydot.to_pydot(dot_graph(graph, "after")).to_string()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydot's parser uses deprecated pyparsing names
+        (parsed,) = pydot.graph_from_dot_data(text)
+    assert {n.get_name() for n in parsed.get_nodes()} - {"node"} == set(graph.nodes)
+    assert len(parsed.get_edges()) == graph.number_of_edges()
+
+
+def test_dot_without_pydot_is_the_same_graph(dump_dir, monkeypatch):
+    """pydot is optional (the viz extra): without it the dump still writes DOT with the same content."""
+    graph = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    with_pydot = to_dot(graph, "after")
+    monkeypatch.setitem(sys.modules, "pydot", None)  # `import pydot` raises ImportError
+    without = to_dot(graph, "after")
+    assert without.startswith('strict digraph "after" {') and without.rstrip().endswith("}")
+    assert 'node [shape="box", fontsize="10"];' in without
+    assert dot_nodes(without) == dot_nodes(with_pydot) and dot_edges(without) == dot_edges(with_pydot)
+    assert set(dot_nodes(without)) == set(graph.nodes)
+
+
+def test_dot_text_quotes_and_escapes():
+    g = nx.DiGraph()
+    g.add_node('a"b', target='say "hi"\\', shape="(2,)", dtype="torch.int64", site="unfused")
+    g.add_node("c", target="c")
+    g.add_edge('a"b', "c")
+    text = _dot_text(dot_graph(g, "x"))
+    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightgrey"];' in text
+    assert '"a\\"b" -> "c";' in text
 
 
 def test_dump_is_written_even_with_the_fx_graph_cache_on(tmp_path):
@@ -147,3 +214,97 @@ def test_cli_inspect_prints_a_summary_table(dump_dir, tmp_path):
     assert lines[-1].split() == ["graphs:", "2", "sites:", "2", "fused:", "1", "not", "fused:", "1"]
     empty = _run_cli("inspect", str(tmp_path))
     assert empty.returncode != 0 and "no graph_" in empty.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures: `inspect DIR --draw` (fx_fusion/draw.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dump_copy(dump_dir, tmp_path) -> Path:
+    """A copy of the dump, so pictures and deletions leave the module's dump as it was."""
+    return Path(shutil.copytree(dump_dir, tmp_path / "dump"))
+
+
+def test_draw_text_pictures_of_every_site(dump_copy, capsys):
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "text"]) == 0
+    out = capsys.readouterr().out
+    pictures = dump_copy / "pictures"
+    names = ["graph_000.site0.before.txt", "graph_000.site0.after.txt", "graph_001.site0.before.txt"]
+    assert out.splitlines()[-4:] == ["pictures (text):", *(f"  {pictures / n}" for n in names)]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(
+        [*names, *(n.replace(".txt", ".dot") for n in names)])
+    site = report(dump_copy, 0)["sites"][0]
+    before = (pictures / names[0]).read_text()
+    marked = [line.split()[0] for line in before.splitlines() if line.endswith("<== site")]
+    assert sorted(marked) == sorted(site["nodes"].values())
+    after = (pictures / names[1]).read_text()
+    (fused_line,) = [line for line in after.splitlines() if line.endswith("<== fused op")]
+    assert "fx_fusion.rope_kv_store" in fused_line and "index_put" not in after
+    assert "<== site (not fused)" in (pictures / names[2]).read_text()
+
+
+def test_regions_stop_at_the_projection(dump_dir):
+    before = nx.read_graphml(dump_dir / "graph_000.before.graphml")
+    after = nx.read_graphml(dump_dir / "graph_000.after.graphml")
+    site = report(dump_dir, 0)["sites"][0]
+    region = draw.region_before(before, site)
+    (mm,) = [n for n in region if region.nodes[n]["target"].startswith("mm")]
+    assert set(site["nodes"].values()) <= set(region) and region.in_degree(mm) == 0
+    assert not nx.ancestors(before, mm) & set(region)  # the hidden states and weight are left out
+    fused = draw.fused_node_of(before, after, site)
+    assert after.nodes[fused]["fused_op"] is True
+    region = draw.region_after(after, fused)
+    assert [n for n in region if region.nodes[n].get("fused_op")] == [fused]
+    assert set(after.successors(fused)) <= set(region)
+
+
+def test_fused_node_of_picks_the_call_reading_the_site_caches():
+    before, after = nx.DiGraph(), nx.DiGraph()
+    for layer in (0, 1):
+        for g in (before, after):
+            g.add_node(f"k{layer}", op="placeholder")
+            g.add_node(f"v{layer}", op="placeholder")
+        before.add_edges_from([(f"k{layer}", f"kst{layer}"), (f"v{layer}", f"vst{layer}")])
+        after.add_node(f"fused{layer}", op="call_function", fused_op=True)
+        after.add_edges_from([(f"k{layer}", f"fused{layer}"), (f"v{layer}", f"fused{layer}")])
+    for layer in (0, 1):
+        site = {"fused": True, "nodes": {"k_store": f"kst{layer}", "v_store": f"vst{layer}"}}
+        assert draw.fused_node_of(before, after, site) == f"fused{layer}"
+
+
+def test_draw_matplotlib_png(dump_copy, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "matplotlib"]) == 0
+    paths = [Path(line.strip()) for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+    assert len(paths) == 3
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
+def test_draw_dot_svg(dump_copy, capsys):
+    assert cli_main(["inspect", str(dump_copy), "--draw"]) == 0  # auto picks dot when installed
+    paths = [Path(line.strip()) for line in capsys.readouterr().out.splitlines() if line.endswith(".svg")]
+    assert len(paths) == 3
+    assert all("<svg" in p.read_text() for p in paths)
+    assert "palegreen" in paths[1].read_text()
+
+
+def test_draw_without_a_renderer_says_what_to_install(dump_copy, capsys, monkeypatch):
+    monkeypatch.setattr(draw.shutil, "which", lambda name: None)
+    monkeypatch.setattr(draw.importlib.util, "find_spec", lambda name: None)
+    assert cli_main(["inspect", str(dump_copy), "--draw"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (dump_copy / "pictures").exists()
+    assert captured.err.startswith("error: --draw: no renderer for pictures: graphviz's `dot` program")
+    assert "pip install 'fx-fusion[viz]'" in captured.err and "--renderer text" in captured.err
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "dot"]) == 2
+    assert "`dot` program is not on PATH" in capsys.readouterr().err
+
+
+def test_draw_with_a_missing_graph_file_names_it(dump_copy, capsys):
+    (dump_copy / "graph_000.after.graphml").unlink()
+    assert cli_main(["inspect", str(dump_copy), "--draw", "--renderer", "text"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --draw: {dump_copy / 'graph_000.after.graphml'}: missing (the pictures are drawn from the dump's graphml files)\n"
