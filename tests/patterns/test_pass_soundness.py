@@ -8,6 +8,7 @@ eager, and checks the site's report.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import fx_fusion
 import fx_fusion.backend as fx_backend
 import fx_fusion.patterns.rope_kv_store as rope_kv_store
 from fx_fusion import FusionConfig, RopeKVFusionPass, UnfusableSiteError
+from fx_fusion.patterns import FUSED_OP
 from fx_fusion.patterns.fx_utils import RESHAPES, Role
 from fx_fusion.patterns.kv_store import walk_views
 from tests.attention_blocks import cos_sin_table
@@ -34,9 +36,18 @@ def _fresh():
     torch._dynamo.reset()
 
 
+@dataclasses.dataclass
+class PassRun:
+    sites: list
+    before: str  # the graph's code before the pass
+    after: str  # and after it
+    without_val: list  # names of call_function nodes without meta["val"] after the pass
+    op_traces: list  # the stack trace of every fused op node after the pass
+
+
 @pytest.fixture
-def passes(monkeypatch) -> list:
-    """(sites, graph code before, graph code after) of every graph the fx_fusion backend compiles."""
+def passes(monkeypatch) -> list[PassRun]:
+    """What the pass saw and did for every graph the fx_fusion backend compiles."""
     out = []
 
     class Recording(RopeKVFusionPass):
@@ -45,7 +56,10 @@ def passes(monkeypatch) -> list:
             try:
                 super().__call__(graph)
             finally:
-                out.append((self.last_sites, before, graph.python_code("self").src))
+                calls = [n for n in graph.nodes if n.op == "call_function"]
+                out.append(PassRun(self.last_sites, before, graph.python_code("self").src,
+                                   [n.name for n in calls if "val" not in n.meta],
+                                   [n.meta.get("stack_trace") for n in calls if n.args and n.args[0] is FUSED_OP]))
 
     monkeypatch.setattr(fx_backend, "RopeKVFusionPass", Recording)
     return out
@@ -64,12 +78,12 @@ class Store(nn.Module):
     tables:  "gather"  ``cos_sin_cache[positions]`` (one row per token)
              "row"     ``cos_sin_cache[5:6]`` (one row for every token)
              "pos1"    ``cos_sin_cache[positions[:1]]`` (the first token's row for every token)
-    q_fp32:  q arrives in fp32, is rotated in fp32 and cast to k's dtype afterwards
+    q is rotated in its own dtype and cast to k's afterwards (a no-op unless the caller passes another dtype)
     """
 
-    def __init__(self, tables="gather", dtype=torch.float32, q_fp32=False):
+    def __init__(self, tables="gather", dtype=torch.float32):
         super().__init__()
-        self.tables, self.q_fp32 = tables, q_fp32
+        self.tables = tables
         self.register_buffer("cos_sin_cache", cos_sin_table(64, 16).to(dtype))
         self.register_buffer("k_buffer", torch.randn(32, 2, 16, dtype=dtype))
         self.register_buffer("v_buffer", torch.randn(32, 2, 16, dtype=dtype))
@@ -108,28 +122,28 @@ def test_dynamic_true_with_q_k_as_graph_inputs_is_reported_not_a_crash(passes):
     """``dynamic=True`` makes head_dim symbolic (q/k are inputs): this once crashed with "unhashable SymInt"."""
     compare(Store(), FALLBACK, [store_inputs(3), store_inputs(5)], dynamic=True)
     assert passes
-    for sites, _, _ in passes:
-        assert [(s.fused, s.disabled) for s in sites] == [(False, False)]
-        assert "symbolic" in sites[0].reason, sites[0].reason
+    for run in passes:
+        assert [(s.fused, s.disabled) for s in run.sites] == [(False, False)]
+        assert "symbolic" in run.sites[0].reason, run.sites[0].reason
 
 
 @pytest.mark.parametrize("tables", ["row", "pos1"])
 def test_one_cos_row_broadcast_over_tokens_fuses_exactly(tables, passes):
     """One cos/sin row for T = 3 tokens once crashed the compile in the op's fake ``prepare``."""
     compare(Store(tables), RAISE, [store_inputs(3), store_inputs(1)])
-    for sites, _, after in passes:
-        assert [s.fused for s in sites] == [True], [s.reason for s in sites]
-        assert fused_nodes(after) == 1
+    for run in passes:
+        assert [s.fused for s in run.sites] == [True], [s.reason for s in run.sites]
+        assert fused_nodes(run.after) == 1
 
 
 def test_q_dtype_other_than_k_is_not_fused(passes):
     """q rotated in fp32 and cast to bf16 afterwards, k rotated in bf16: the op needs one dtype."""
-    model = Store(dtype=torch.bfloat16, q_fp32=True)
+    model = Store(dtype=torch.bfloat16)
     compare(model, FALLBACK, [store_inputs(3, torch.bfloat16, q_dtype=torch.float32)], tol=2e-2)
-    ((sites, before, after),) = passes
-    assert [(s.fused, s.disabled) for s in sites] == [(False, False)]
-    assert "dtype" in sites[0].reason or "float32" in sites[0].reason, sites[0].reason
-    assert fused_nodes(after) == 0
+    ((run,),) = [passes]
+    assert [(s.fused, s.disabled) for s in run.sites] == [(False, False)]
+    assert "float32 but k is torch.bfloat16" in run.sites[0].reason, run.sites[0].reason
+    assert fused_nodes(run.after) == 0
 
 
 def _boom(*args, **kwargs):
@@ -140,9 +154,10 @@ def _boom(*args, **kwargs):
 def test_an_exception_inside_the_pass_leaves_the_graph_untouched(where, passes, monkeypatch):
     monkeypatch.setattr(rope_kv_store, where, _boom)
     compare(Store(), FALLBACK, [store_inputs(3)])
-    ((sites, before, after),) = passes
-    assert [(s.fused, s.disabled, s.reason) for s in sites] == [(False, False, "internal error: RuntimeError: boom")]
-    assert after == before
+    ((run,),) = [passes]
+    assert [(s.fused, s.disabled, s.reason) for s in run.sites] == [
+        (False, False, "internal error: RuntimeError: boom")]
+    assert run.after == run.before
 
 
 def test_an_exception_inside_the_pass_raises_when_asked(monkeypatch):
@@ -159,13 +174,17 @@ def test_an_exception_inside_the_pass_raises_when_asked(monkeypatch):
 
 
 def test_the_plain_store_fuses_with_one_functional_op_and_no_extra_copy(passes):
-    """The baseline of this file: the fused graph has one auto_functionalized op and two copy_ (the epilogue)."""
+    """The baseline of this file: the fused graph has one auto_functionalized op and two copy_ (the epilogue),
+    and every node carries a fake value; the inserted ones carry the store's stack trace."""
     compare(Store(), RAISE, [store_inputs(3)])
-    ((sites, before, after),) = passes
-    assert [s.fused for s in sites] == [True]
-    assert fused_nodes(after) == 1
-    assert after.count("torch.ops.aten.copy_.default(") == before.count("torch.ops.aten.copy_.default(") == 2
-    assert "index_put" not in after
+    ((run,),) = [passes]
+    assert [s.fused for s in run.sites] == [True]
+    assert fused_nodes(run.after) == 1
+    assert run.after.count("torch.ops.aten.copy_.default(") == run.before.count("torch.ops.aten.copy_.default(") == 2
+    assert "index_put" not in run.after
+    assert run.without_val == []
+    (trace,) = run.op_traces
+    assert "self.k_buffer[loc] = k_rot" in trace
 
 
 def test_reshape_that_swaps_a_symbolic_dim_is_not_a_view_of_the_same_dims():
