@@ -641,13 +641,11 @@ def _trace(fn: Callable, inputs: list, fake_mode, **static) -> torch.fx.GraphMod
     ``fwd_only`` with the graph's own fake mode: the symbolic sizes are the graph's symbols)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    # make_fx tells its inputs apart by their tensors: two nodes with one fake value would merge
+    nodes = {n for n in inputs if n is not None}
+    if len({id(n.meta["val"]) for n in nodes}) != len(nodes):
+        raise Unfusable("two inputs of the fused op share one fake value")
     vals = [None if n is None else n.meta["val"] for n in inputs]
-    tensors = [v for v in vals if v is not None]
-    if len({id(v) for v in tensors}) != len(tensors):
-        # make_fx keys placeholders by tensor: one fake value under two nodes would merge them
-        unique = {id(v): n for v, n in zip(vals, inputs) if v is not None}
-        if len(unique) != len({n for n in inputs if n is not None}):
-            raise Unfusable("two inputs of the fused op share one fake value")
 
     def traced(*args):
         return fn(*args, **static)
