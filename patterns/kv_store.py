@@ -23,15 +23,17 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Node
 
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
-from fx_fusion.patterns.fx_utils import RESHAPES, broadcast_equal, is_one, shape_of
+from fx_fusion.patterns.fx_utils import RESHAPES, Role, broadcast_equal, is_one, shape_of, sizes_equal
 
 aten = torch.ops.aten
 
-Roles = tuple  # per dim: "b", "s", "t" (token), "h" (head), "d" (feature) or None (a size-1 dim)
+Roles = tuple  # per dim: a Role, or None (a size-1 dim of no consequence)
 
 _INDEX_PUT = CallFunction(aten.index_put.default, KeywordArg("cache"), KeywordArg("indices"), KeywordArg("value"))
 _FLOOR_DIV = CallFunction(aten.div.Tensor_mode, KeywordArg("slot"), KeywordArg("block_size"), rounding_mode="floor")
 _REMAINDER = CallFunction(aten.remainder.Scalar, KeywordArg("slot"), KeywordArg("block_size"))
+_THD = (Role.TOKEN, Role.HEAD, Role.FEATURE)
+_BHSD = (Role.BATCH, Role.HEAD, Role.SEQ, Role.FEATURE)
 
 
 class NotAStore(Exception):
@@ -87,11 +89,11 @@ def match_store(n: Node) -> Store:
         if len(cshape) != 4 or len(vshape) != 3 or tuple(vshape) != (cshape[0] * cshape[1], *cshape[2:]):
             raise NotAStore(f"store through a view {tuple(vshape)} of a {tuple(cshape)} cache")
         layout, slots = CacheLayout.PAGED, _single_index(indices)
-        expected, roles = (shape_of(slots)[0], *cshape[2:]), ("t", "h", "d")
+        expected, roles = (shape_of(slots)[0], *cshape[2:]), _THD
         key = ("flat", slots)
     elif len(cshape) == 3:
         layout, slots = CacheLayout.TOKEN, _single_index(indices)
-        expected, roles = (shape_of(slots)[0], *cshape[1:]), ("t", "h", "d")
+        expected, roles = (shape_of(slots)[0], *cshape[1:]), _THD
         key = ("token", slots)
     elif len(cshape) == 4 and len(indices) == 2:
         div, rem = (_FLOOR_DIV.match(indices[0]) if isinstance(indices[0], Node) else None,
@@ -100,13 +102,13 @@ def match_store(n: Node) -> Store:
                 div.kwargs["block_size"] == rem.kwargs["block_size"] == cshape[1]):
             raise NotAStore("two index tensors that are not (slot // block_size, slot % block_size)")
         layout, slots = CacheLayout.PAGED, div.kwargs["slot"]
-        expected, roles = (shape_of(slots)[0], *cshape[2:]), ("t", "h", "d")
+        expected, roles = (shape_of(slots)[0], *cshape[2:]), _THD
         key = ("paged", slots)
     elif len(cshape) == 4 and len(indices) == 3 and indices[0] is None and indices[1] is None:
         layout, slots = CacheLayout.SEQUENCE, indices[2]
         if not isinstance(slots, Node) or len(shape_of(slots)) != 1:
             raise NotAStore("the sequence index is not a 1-D tensor")
-        expected, roles = (cshape[0], cshape[1], shape_of(slots)[0], cshape[3]), ("b", "h", "s", "d")
+        expected, roles = (cshape[0], cshape[1], shape_of(slots)[0], cshape[3]), _BHSD
         key = ("sequence", slots)
     else:
         raise NotAStore(f"index form {_describe(indices)} on a {len(cshape)}-D cache is not a KV-cache layout")
@@ -136,7 +138,10 @@ def _epilogue(n: Node, cache: Node, cache_view: Node | None) -> Node:
 
 
 def _value_roles(value, expected: tuple, roles: tuple) -> Roles:
-    """Roles of the stored value's dims; it may omit leading size-1 dims (broadcast by index_put)."""
+    """Roles of the stored value's dims; it may omit leading size-1 dims (broadcast by index_put).
+
+    ``broadcast_equal``: index_put broadcasts the value against the indexed shape, and a graph that runs
+    has them equal (a size 1 against a larger size is rejected: that would store one row many times)."""
     if not isinstance(value, Node):
         raise NotAStore("the stored value is a constant")
     vshape = shape_of(value)
@@ -161,7 +166,7 @@ def _describe(indices) -> str:
 
 
 def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(broadcast_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(sizes_equal(x, y) for x, y in zip(a, b))
 
 
 def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
@@ -196,7 +201,9 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
         elif t in RESHAPES:
             a = [i for i, s in enumerate(shape_of(src)) if not is_one(s)]
             b = [i for i, s in enumerate(shape_of(node)) if not is_one(s)]
-            if len(a) != len(b) or not all(broadcast_equal(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
+            # a reshape keeps the dims only if their sizes are known equal: ``[s0, 8, D] -> [8, s0, D]``
+            # regroups elements although a symbolic s0 "may be" 8 (no broadcasting here)
+            if len(a) != len(b) or not all(sizes_equal(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
                 # a round trip (x -> [T, H*D] -> [T, H, D], kept when the middle has other users) is the identity
                 if src.target in RESHAPES and _same_shape(shape_of(src.args[0]), shape_of(node)):
                     chain += [node, src]

@@ -10,25 +10,31 @@ see ``patterns/kv_store.py``)::
     ...readers of k_new, v_new...
     aten.copy_(k_cache, k_new); aten.copy_(v_cache, v_new)
 
-After::
+After (``replacement`` traced with ``make_fx`` on the nodes' fake values, then spliced in)::
 
     r = auto_functionalized(fx_fusion.rope_kv_store, q=tm(q_x), k=tm(k_x), v=tm(v),
                             k_cache=k_cache, v_cache=v_cache, slot_mapping=loc, cos=.., sin=.., positions=..)
     q_rot -> views(r[0]);  k_new -> r[2];  v_new -> r[3];  (k_rot -> views(r[1]) if k_rot has other users)
+    aten.copy_(k_cache, r[2]); aten.copy_(v_cache, r[3])     # the graph's own epilogue, unchanged
 
 ``tm`` views a tensor token-major (``[T, H, D]`` or ``[B, S, H, D]``) by squeeze/permute/unsqueeze only.
 Inductor re-inplaces the ``auto_functionalized`` call (the cache is written in place). The op mutates only
 the caches: q and k are never passed as mutated views of the qkv projection (that form was miscompiled).
 
-``can_fuse`` (is the rewrite exact?) and ``should_fuse`` (is it enabled and worth it?) are kept apart;
-every candidate site ends in a ``Site`` record, fused or with the reason it was not.
+Per site, ``can_fuse`` (is the rewrite exact? raises ``Unfusable``) and ``should_fuse`` (is it enabled
+and worth it? raises ``Disabled``) are kept apart, as Inductor's ``pad_mm`` keeps ``can_pad`` and
+``should_pad``. Every candidate site ends in a ``Site`` record, fused or with the reason it was not; an
+unexpected exception while planning or rewriting a site leaves the graph as it was and is reported as
+``internal error: <type>: <text>``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
@@ -37,15 +43,18 @@ from torch.fx import Graph, Node
 
 import fx_fusion.kernels.ops  # noqa: F401  (registers torch.ops.fx_fusion.rope_kv_store)
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout
+from fx_fusion.patterns.fx_utils import Role, broadcast_equal, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
-from fx_fusion.patterns.fx_utils import broadcast_equal, is_one, shape_of
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope
 
+log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
 FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
 _GATHER = CallFunction(aten.index.Tensor, KeywordArg("table"), KeywordArg("indices"))
-_TOKEN_MAJOR = {CacheLayout.TOKEN: ("t", "h", "d"), CacheLayout.PAGED: ("t", "h", "d"),
-                CacheLayout.SEQUENCE: ("b", "s", "h", "d")}
+_TOKEN_MAJOR = {CacheLayout.TOKEN: (Role.TOKEN, Role.HEAD, Role.FEATURE),
+                CacheLayout.PAGED: (Role.TOKEN, Role.HEAD, Role.FEATURE),
+                CacheLayout.SEQUENCE: (Role.BATCH, Role.SEQ, Role.HEAD, Role.FEATURE)}
+_TOKEN_ROLES = (Role.TOKEN, Role.BATCH, Role.SEQ)  # the dims whose product is the token count
 
 
 @dataclass(frozen=True)
@@ -90,42 +99,86 @@ class Disabled(Unfusable):
 # ---- finding sites ---------------------------------------------------------------------------
 
 
+@dataclass
+class _KStore:
+    """A store whose value is a RoPE output: the k half of a candidate site."""
+
+    store: Store
+    root: Node  # the RoPE output (the stored value seen through its views)
+    roles: tuple  # roles of root's dims, as far as the store shows them
+    chain: list  # the view nodes between root and the store
+    rope: RopeMatch
+
+
+@dataclass
+class _GraphState:
+    """What the sites of one graph share while the pass runs."""
+
+    order: dict  # node -> position in the graph before the pass
+    ropes: _RopeFinder
+    v_candidates: list  # stores that do not store a RoPE output
+    k_roots: set  # every k RoPE output (never a q)
+    used: set = field(default_factory=set)  # q RoPE outputs and v stores taken by fused sites
+
+
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
     """Find every store of a RoPE output into a KV cache; fuse those that are safe and enabled."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
     ropes = _RopeFinder()
-    stores, sites, k_sites = [], [], []
+    stores, sites, ks = [], [], []
     for n in list(graph.find_nodes(op="call_function", target=aten.index_put.default)):
         try:
             stores.append(match_store(n))
         except NotAStore as e:
             # not a cache store we can take over; a candidate site only if it stores a RoPE output
-            value = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], Node) else None
-            if value is not None and "val" in value.meta:
-                root, _, _ = walk_views(value, (None,) * value.meta["val"].dim())
-                if ropes.match(root) is not None:
-                    sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
+            try:
+                value = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], Node) else None
+                if value is not None and "val" in value.meta:
+                    root, _, _ = walk_views(value, (None,) * value.meta["val"].dim())
+                    if ropes.match(root) is not None:
+                        sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
+            except Exception as err:  # noqa: BLE001 (a bug in the matcher must not fail the compile)
+                sites.append(_internal_error(n, err))
+        except Exception as err:  # noqa: BLE001
+            sites.append(_internal_error(n, err))
+    v_candidates = []
     for st in stores:
-        root, roles, chain = walk_views(st.value, st.value_roles)
-        rope = ropes.match(root)
-        if rope is None:
-            continue  # a v store, or a store of something that is not rotated
-        k_sites.append((st, root, roles, chain, rope))
-    k_stores = {id(s[0]) for s in k_sites}
-    k_roots = {s[1] for s in k_sites}
-    v_candidates = [st for st in stores if id(st) not in k_stores]
-    used: set[Node] = set()
-    for st, root, roles, chain, rope in k_sites:
-        site = Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
-                    style=rope.style.value, rotary_dim=rope.rotary_dim, head_dim=rope.head_dim)
+        try:
+            root, roles, chain = walk_views(st.value, st.value_roles)
+            rope = ropes.match(root)
+        except Exception as err:  # noqa: BLE001
+            sites.append(_internal_error(st.node, err))
+            continue
+        if rope is not None:
+            ks.append(_KStore(st, root, roles, chain, rope))
+            continue
+        v_candidates.append(st)  # a v store, or a store of something that is not rotated
+        if root.op == "call_function" and not all(isinstance(s, int) for s in shape_of(root)[-1:]):
+            # RoPE is recognised by evaluating features one by one: a symbolic width cannot be checked
+            sites.append(Site(store=st.node.name, source=source_line(st.node), reason=(
+                f"the stored value {root.name} has a symbolic last dim {tuple(shape_of(root))}, so a RoPE "
+                "in it cannot be recognised (dynamic=True with q/k as graph inputs? mark only the token "
+                "dim dynamic)")))
+    state = _GraphState({n: i for i, n in enumerate(graph.nodes)}, ropes, v_candidates, {k.root for k in ks})
+    fake_mode = None
+    for k in ks:
+        site = Site(store=k.store.node.name, source=source_line(k.store.node), layout=k.store.layout.value,
+                    style=k.rope.style.value, rotary_dim=k.rope.rotary_dim, head_dim=k.rope.head_dim)
         sites.append(site)
         try:
-            plan = _plan(st, root, roles, chain, rope, v_candidates, k_roots, used, order, ropes, options, site)
-            _rewrite(graph, plan, options)
-            used.update({plan.q_root, plan.v_store.node})
+            plan = can_fuse(k, state)
+            site.num_tokens = str(plan.num_tokens) if plan.num_tokens is not None else "dynamic"
+            site.nodes = {"q_rope": plan.q_root.name, "k_rope": plan.k_root.name,
+                          "k_store": plan.k_store.node.name, "v_store": plan.v_store.node.name}
+            should_fuse(plan, options)
+            if fake_mode is None:
+                fake_mode = _fake_mode(graph)
+            rewrite(graph, plan, options, fake_mode)
+            state.used.update({plan.q_root, plan.v_store.node})
             site.fused = True
         except Unfusable as e:
             site.reason, site.disabled = str(e), isinstance(e, Disabled)
+        except Exception as err:  # noqa: BLE001
+            site.reason = _internal_error(k.store.node, err).reason
     if any(s.fused for s in sites):
         from torch._inductor.pattern_matcher import stable_topological_sort
 
@@ -135,19 +188,39 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
     return sites
 
 
+def _internal_error(node: Node, err: Exception) -> Site:
+    log.debug("fx_fusion: internal error at %s", node.name, exc_info=err)
+    return Site(store=node.name, source=source_line(node), reason=f"internal error: {type(err).__name__}: {err}")
+
+
+def _fake_mode(graph: Graph):
+    """The fake mode of the graph's values (one per graph), found from its inputs."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+    if mode is None:
+        raise Unfusable("the graph's inputs carry no fake values to trace the replacement with")
+    return mode
+
+
 class _RopeFinder:
     """``match_rope`` with one shared evaluator and a memo per node (q candidates are tried per site)."""
 
     def __init__(self):
-        self._evaluators: dict[int, Evaluator] = {}  # one per head_dim (the width that bounds a leaf)
+        self._evaluators: dict[int | None, Evaluator] = {}  # one per head_dim (the width that bounds a leaf)
         self._memo: dict[Node, RopeMatch | None] = {}
+        # the evaluator recurses at most this many ops from a RoPE output to a leaf (x, cos, sin)
+        self.max_depth = Evaluator().max_depth
 
     def match(self, node: Node) -> RopeMatch | None:
         if node not in self._memo:
-            head_dim = shape_of(node)[-1] if shape_of(node) else None
-            evaluator = self._evaluators.setdefault(head_dim, Evaluator(head_dim if isinstance(head_dim, int) else None))
+            shape = shape_of(node)
+            # a symbolic width is no dict key (SymInts are unhashable) and bounds no leaf: evaluate without it
+            head_dim = shape[-1] if shape and isinstance(shape[-1], int) else None
+            if head_dim not in self._evaluators:
+                self._evaluators[head_dim] = Evaluator(head_dim)
             try:
-                self._memo[node] = match_rope(node, evaluator)
+                self._memo[node] = match_rope(node, self._evaluators[head_dim])
             except NotRope:
                 self._memo[node] = None
         return self._memo[node]
@@ -168,28 +241,45 @@ def source_line(node: Node) -> str:
 # ---- can_fuse / should_fuse ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TableSource:
+    """Where the kernel reads cos (or sin) from: a ``[P, ...]`` table gathered by ``positions``, or
+    per-token values (``positions is None``); ``roles`` label the dims of ``positions`` or of ``node``."""
+
+    node: Node
+    positions: Node | None
+    roles: tuple
+
+
 @dataclass
-class _Plan:
+class Plan:
+    """Everything the rewrite of one site needs, checked exact by ``can_fuse``."""
+
     k_store: Store
     v_store: Store
-    q_root: Node
+    q_root: Node  # q's RoPE output (replaced by the op's q_out)
     q: RopeMatch
+    k_root: Node  # k's RoPE output (replaced by k_out when it has other users)
     k: RopeMatch
-    k_root: Node
-    roles: tuple  # roles of the rope roots' dims
+    roles: tuple  # roles of the RoPE outputs' dims (q's and k's agree but for the head count)
     return_k: bool
     v_src: Node
     v_roles: tuple
-    cos_src: tuple = ()  # (table node, (positions node, roles) or None), from _table_source
-    sin_src: tuple = ()
+    cos: TableSource
+    sin: TableSource
+    num_tokens: int | None  # None when symbolic
+
+    @property
+    def layout(self) -> CacheLayout:
+        return self.k_store.layout
 
 
-def _plan(st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_roots, used, order,
-          ropes: _RopeFinder, options: FusionOptions, site: Site) -> _Plan:
-    # -- can_fuse: everything the rewrite needs to be exact --
-    if root in used:
+def can_fuse(k: _KStore, state: _GraphState) -> Plan:
+    """The plan of an exact rewrite of the site around ``k``, or ``Unfusable`` with the reason."""
+    st, root, rope = k.store, k.root, k.rope
+    if root in state.used:
         raise Unfusable("this RoPE output is already taken by another site")
-    if roles[-1] != "d" or rope.head_dim != st.head_dim:
+    if k.roles[-1] != Role.FEATURE or rope.head_dim != st.head_dim:
         raise Unfusable("the stored feature dim is not the RoPE's last dim")
     kval = root.meta["val"]
     cache_val = st.cache.meta["val"]
@@ -197,49 +287,54 @@ def _plan(st: Store, root: Node, roles, chain, rope: RopeMatch, v_candidates, k_
         raise Unfusable(f"k is {kval.dtype} but the cache is {cache_val.dtype} (quantised stores are not matched)")
     if rope.x.meta["val"].dtype != kval.dtype or kval.dtype not in MODEL_DTYPES:
         raise Unfusable(f"RoPE changes dtype ({rope.x.meta['val'].dtype} -> {kval.dtype})")
-    named = [r for r in roles if r is not None]
-    if (len(set(named)) != len(named) or not set(named) <= set(_TOKEN_MAJOR[st.layout])
-            or any(r is None and not is_one(s) for r, s in zip(roles, shape_of(root)))):
-        raise Unfusable(f"cannot tell token and head dims of k (dims {roles})")
-    v_store = _pair_v(st, v_candidates, used, order)
+    wanted = _TOKEN_MAJOR[st.layout]
+    named = [r for r in k.roles if r is not None]
+    if (len(set(named)) != len(named) or not set(named) <= set(wanted)
+            or any(r is None and not is_one(s) for r, s in zip(k.roles, shape_of(root)))):
+        raise Unfusable(f"cannot tell token and head dims of k (dims {k.roles})")
+    v_store = _pair_v(st, state)
     v_src, v_roles, _ = walk_views(v_store.value, v_store.value_roles)
     if v_src.meta["val"].dtype != kval.dtype:
         raise Unfusable(f"v is {v_src.meta['val'].dtype} but k is {kval.dtype}")
-    q_root, q = _pair_q(root, rope, k_roots, used, order, ropes)
-    roles = _complete_roles(roles, shape_of(q_root), _TOKEN_MAJOR[st.layout])
+    q_root, q = _pair_q(root, rope, state)
+    # the op takes one dtype for q, k and v and returns q_out in it: q must be rotated in k's dtype
+    for what, dtype in (("q", q.x.meta["val"].dtype), ("q's RoPE output", q_root.meta["val"].dtype)):
+        if dtype != kval.dtype:
+            raise Unfusable(f"{what} is {dtype} but k is {kval.dtype}")
+    roles = _complete_roles(k.roles, shape_of(q_root), wanted)
+    # q's token dims must be k's: the op takes one token count (nothing broadcasts q against k here)
     if len(shape_of(q_root)) != len(shape_of(root)) or any(
-            r != "h" and not broadcast_equal(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
+            r != Role.HEAD and not sizes_equal(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
         raise Unfusable(f"q {tuple(shape_of(q_root))} and k {tuple(shape_of(root))} differ beyond the head count")
-    head_dim_index = roles.index("h")
-    q_heads, k_heads = shape_of(q_root)[head_dim_index], shape_of(root)[head_dim_index]
+    head = roles.index(Role.HEAD)
+    q_heads, k_heads = shape_of(q_root)[head], shape_of(root)[head]
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
     devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots)}
     if len(devices) != 1:
         raise Unfusable(f"tensors on several devices: {sorted(map(str, devices))}")
-    cos_src = _table_source(rope.cos, st.layout, roles, "cos")
-    sin_src = _table_source(rope.sin, st.layout, roles, "sin")
-    if (cos_src[1] is None) != (sin_src[1] is None) or (cos_src[1] and cos_src[1][0] is not sin_src[1][0]):
+    cos = _table_source(rope.cos, roles, "cos")
+    sin = _table_source(rope.sin, roles, "sin")
+    if (cos.positions is None) != (sin.positions is None) or cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
-    other_k_users = any(u not in chain and u is not st.node for n in [root, *chain] for u in n.users)
-    plan = _Plan(st, v_store, q_root, q, rope, root, roles, other_k_users, v_src, v_roles, cos_src, sin_src)
-    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos_src[0], sin_src[0],
-                          *(src[1][0] for src in (cos_src, sin_src) if src[1])])
-
-    # -- should_fuse: enabled by the config, worth it for this size --
-    tokens = [s for s, r in zip(shape_of(root), roles) if r in ("t", "b", "s")]
-    n_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
-    site.num_tokens = str(n_tokens) if n_tokens is not None else "dynamic"
-    site.nodes = {"q_rope": q_root.name, "k_rope": root.name, "k_store": st.node.name,
-                  "v_store": v_store.node.name}
-    if st.layout not in options.layouts:
-        raise Disabled(f"layout {st.layout.value!r} disabled by config")
-    if rope.style not in options.styles:
-        raise Disabled(f"RoPE style {rope.style.value!r} disabled by config")
-    if n_tokens is not None and (n_tokens < options.min_tokens or (
-            options.max_tokens is not None and n_tokens > options.max_tokens)):
-        raise Disabled(f"{n_tokens} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
+    return_k = any(u not in k.chain and u is not st.node for n in [root, *k.chain] for u in n.users)
+    tokens = [s for s, r in zip(shape_of(root), roles) if r in _TOKEN_ROLES]
+    num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
+    plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens)
+    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node,
+                          *(src.positions for src in (cos, sin) if src.positions is not None)])
     return plan
+
+
+def should_fuse(plan: Plan, options: FusionOptions) -> None:
+    """Raise ``Disabled`` if the options turn this (exact) site off: layout, style, token thresholds."""
+    if plan.layout not in options.layouts:
+        raise Disabled(f"layout {plan.layout.value!r} disabled by config")
+    if plan.k.style not in options.styles:
+        raise Disabled(f"RoPE style {plan.k.style.value!r} disabled by config")
+    n = plan.num_tokens  # a symbolic count always qualifies: one graph serves every size
+    if n is not None and (n < options.min_tokens or (options.max_tokens is not None and n > options.max_tokens)):
+        raise Disabled(f"{n} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
 
 
 def _complete_roles(roles, q_shape, wanted) -> tuple:
@@ -249,44 +344,47 @@ def _complete_roles(roles, q_shape, wanted) -> tuple:
     in order (any order is right for size-1 dims)."""
     roles = list(roles)
     free = [i for i, r in enumerate(roles) if r is None]
-    missing = [w for w in wanted if w not in roles and w != "d"]
-    if "h" in missing:
+    missing = [w for w in wanted if w not in roles and w != Role.FEATURE]
+    if Role.HEAD in missing:
         if not free:
             raise Unfusable(f"cannot tell the head dim of k (dims {tuple(roles)})")
         pick = next((i for i in free if not is_one(q_shape[i])), free[0])
-        roles[pick] = "h"
+        roles[pick] = Role.HEAD
         free.remove(pick)
-        missing.remove("h")
+        missing.remove(Role.HEAD)
     for w in missing:
         if free:
             roles[free.pop(0)] = w
     return tuple(roles)
 
 
-def _pair_v(st: Store, candidates, used, order) -> Store:
+def _pair_v(st: Store, state: _GraphState) -> Store:
     """The v store: same slots and layout, another cache of the same shape and dtype, nearest in the graph."""
-    same = [v for v in candidates if v.indices == st.indices and v.layout is st.layout and v.node not in used
-            and v.cache is not st.cache and tuple(shape_of(v.cache)) == tuple(shape_of(st.cache))
+    same = [v for v in state.v_candidates if v.indices == st.indices and v.layout is st.layout
+            and v.node not in state.used and v.cache is not st.cache
+            and tuple(shape_of(v.cache)) == tuple(shape_of(st.cache))
             and v.cache.meta["val"].dtype == st.cache.meta["val"].dtype]
     if not same:
         raise Unfusable("no matching v store (same slots, same cache shape) in this graph")
-    return min(same, key=lambda v: abs(order[v.node] - order[st.node]))
+    return min(same, key=lambda v: abs(state.order[v.node] - state.order[st.node]))
 
 
-def _pair_q(k_root: Node, k: RopeMatch, k_roots, used, order, ropes: _RopeFinder) -> tuple[Node, RopeMatch]:
+def _pair_q(k_root: Node, k: RopeMatch, state: _GraphState) -> tuple[Node, RopeMatch]:
     """The q RoPE: same tables, style and rotary dim, its own input, nearest to the k RoPE."""
     found = []
-    for cand in _reachable(k.cos.leaf.node, depth=24):
-        if cand is k_root or cand in k_roots or cand in used or "val" not in cand.meta:
+    # q's RoPE output reads the same cos leaf as k's; match_rope evaluates at most ``max_depth`` ops
+    # below a RoPE output, so every output it can accept lies within that many uses of the leaf
+    for cand in _reachable(k.cos.leaf.node, depth=state.ropes.max_depth):
+        if cand is k_root or cand in state.k_roots or cand in state.used or "val" not in cand.meta:
             continue
         val = cand.meta["val"]
         # compare sizes without creating shape guards (a symbolic token count must stay symbolic)
         if not isinstance(val, torch.Tensor) or val.dim() != len(shape_of(k_root)) or not (
                 isinstance(val.shape[-1], int) and val.shape[-1] == k.head_dim):
             continue
-        if val.dtype != k_root.meta["val"].dtype or cand not in order:
+        if val.dtype != k_root.meta["val"].dtype or cand not in state.order:
             continue
-        m = ropes.match(cand)
+        m = state.ropes.match(cand)
         if m is None:
             continue
         if (m.style, m.rotary_dim, m.cos, m.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and m.x is not k.x:
@@ -296,7 +394,7 @@ def _pair_q(k_root: Node, k: RopeMatch, k_roots, used, order, ropes: _RopeFinder
                                                  for u, m2 in found)]
     if not outer:
         raise Unfusable("no RoPE of q with the same cos/sin in this graph")
-    return min(outer, key=lambda cm: abs(order[cm[0]] - order[k_root]))
+    return min(outer, key=lambda cm: abs(state.order[cm[0]] - state.order[k_root]))
 
 
 def _reachable(start: Node, depth: int) -> list[Node]:
@@ -313,12 +411,12 @@ def _reachable(start: Node, depth: int) -> list[Node]:
     return out
 
 
-def _table_source(ref: TableRef, layout: CacheLayout, roles, name: str):
-    """(table node, (positions node, positions roles) or None) the kernel reads ``name`` from."""
+def _table_source(ref: TableRef, roles, name: str) -> TableSource:
+    """The table (and positions) or the per-token tensor the kernel reads ``name`` from."""
     leaf = ref.leaf.node
     leaf_prefix = len(shape_of(leaf)) - ref.leaf.rank
     leaf_roles = tuple(roles[d] if d is not None else None for d in ref.dims)
-    if any(r == "h" for r in leaf_roles):
+    if Role.HEAD in leaf_roles:
         raise Unfusable(f"{name} varies per head")
     m = _GATHER.match(leaf)
     if m and len(m.kwargs["indices"]) == 1 and isinstance(m.kwargs["indices"][0], Node):
@@ -326,13 +424,13 @@ def _table_source(ref: TableRef, layout: CacheLayout, roles, name: str):
         pshape, tshape = shape_of(pos), shape_of(table)
         if len(pshape) == leaf_prefix and len(tshape) - 1 == ref.leaf.rank and all(
                 isinstance(s, int) for s in tshape) and pos.meta["val"].dtype in (torch.int32, torch.int64):
-            return table, (pos, leaf_roles)
+            return TableSource(table, pos, leaf_roles)
     if ref.leaf.rank != 1:
         raise Unfusable(f"{name} is not a [tokens, features] tensor")
-    return leaf, None
+    return TableSource(leaf, None, leaf_roles + (Role.FEATURE,))
 
 
-def _check_acyclic(plan: _Plan, inputs: list[Node]) -> None:
+def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
     """The fused op's inputs must not depend on anything it replaces."""
     replaced = {plan.q_root, plan.k_root, plan.k_store.node, plan.v_store.node}
     inputs = set(inputs)
@@ -347,108 +445,241 @@ def _check_acyclic(plan: _Plan, inputs: list[Node]) -> None:
                 frontier.append(u)
 
 
-# ---- the rewrite -----------------------------------------------------------------------------
+# ---- the replacement -------------------------------------------------------------------------
 
 
-class _Builder:
-    """Inserts nodes and fills ``meta['val']`` by running them on the fake values."""
+def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
+                             rotary_dim: int, layout: str, return_k: bool, validate: bool):
+    """The fused op in functional form: ``(q_out, k_out, new k_cache, new v_cache)``.
 
-    def __init__(self, graph: Graph, meta_from: Node):
-        from torch._guards import detect_fake_mode
-
-        self.graph = graph
-        self.trace = meta_from.meta.get("stack_trace")
-        vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-        self.fake_mode = detect_fake_mode(vals)
-
-    def __call__(self, target, *args, **kwargs) -> Node:
-        n = self.graph.call_function(target, args, kwargs)
-        fake = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-        with self.fake_mode:
-            n.meta["val"] = target(*fake[0], **fake[1])
-        if self.trace:
-            n.meta["stack_trace"] = self.trace
-        return n
+    ``auto_functionalized`` of the mutating op; Inductor re-inplaces it into a write of the caches."""
+    return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
+                               slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
+                               k_scale=None, v_scale=None, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout,
+                               return_k=return_k, validate=validate, negative_wraps=True)
 
 
-def _token_major(b: _Builder, x: Node, roles, wanted) -> Node:
+def launcher_for(device: torch.device) -> Callable:
+    """The functional launcher the replacement calls for tensors on ``device`` (the one place to choose)."""
+    return functional_rope_kv_store
+
+
+@dataclass(frozen=True)
+class TableView:
+    """How ``replacement`` turns a ``TableSource`` into the kernel's cos/sin: features ``offset, offset +
+    stride, ...`` (``count`` of them) of a table gathered by positions, or of per-token values."""
+
+    roles: tuple  # of the positions' dims (table) or of the per-token tensor's dims (last: FEATURE)
+    indexed: bool  # a table read through positions
+    offset: int
+    stride: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ReplacementSpec:
+    """The static part of a site's replacement (everything but the tensors)."""
+
+    layout: CacheLayout
+    q_roles: tuple  # roles of the dims of q, k, v as they enter the op's replacement
+    k_roles: tuple
+    v_roles: tuple
+    out_roles: tuple  # roles of the RoPE outputs' dims (what q_out and k_out are viewed back to)
+    cos: TableView
+    sin: TableView
+    is_neox: bool
+    rotary_dim: int
+    return_k: bool
+    validate: bool
+    k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
+    v_store_shape: tuple | None
+
+
+def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: ReplacementSpec,
+                launch: Callable):
+    """What replaces a site, as plain torch: views to token-major, one fused op, views back.
+
+    Returns ``(q_rot, k_rot or None, new k cache, new v cache)``: the values of the RoPE outputs and of
+    the two ``index_put`` nodes. Sizes stay symbolic: the only branches are on static sizes.
+    """
+    wanted = _TOKEN_MAJOR[spec.layout]
+    q, k, v = (_to_token_major(x, roles, wanted) for x, roles in
+               ((q, spec.q_roles), (k, spec.k_roles), (v, spec.v_roles)))
+    tokens = {r: s for r, s in zip(wanted, q.shape) if r in _TOKEN_ROLES}
+    cos, positions = _kernel_table(cos, positions, spec.cos, spec.layout, tokens)
+    sin, _ = _kernel_table(sin, None, spec.sin, spec.layout, tokens)  # cos and sin share the positions
+    q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions,
+                                        is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
+                                        return_k=spec.return_k, validate=spec.validate)
+    q_rot = _from_token_major(q_out, wanted, spec.out_roles)
+    k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.return_k else None
+    if spec.k_store_shape is not None:
+        k_new = k_new.reshape(spec.k_store_shape)
+    if spec.v_store_shape is not None:
+        v_new = v_new.reshape(spec.v_store_shape)
+    return q_rot, k_rot, k_new, v_new
+
+
+def _to_token_major(x: torch.Tensor, roles, wanted) -> torch.Tensor:
     """View ``x`` (dims labelled by ``roles``) with dims ordered as ``wanted`` (size-1 dims added/dropped)."""
     drop = [i for i, r in enumerate(roles) if r not in wanted]
     if drop:
-        x = b(aten.squeeze.dims, x, drop)
+        x = x.squeeze(drop)
     roles = [r for r in roles if r in wanted]
     present = [w for w in wanted if w in roles]
     perm = [roles.index(w) for w in present]
     if perm != list(range(len(perm))):
-        x = b(aten.permute.default, x, perm)
+        x = x.permute(perm)
     for i, w in enumerate(wanted):
         if w not in present:
-            x = b(aten.unsqueeze.default, x, i)
+            x = x.unsqueeze(i)
     return x
 
 
-def _from_token_major(b: _Builder, x: Node, wanted, roles) -> Node:
-    """Inverse of ``_token_major``: view token-major ``x`` with dims ordered as ``roles``."""
+def _from_token_major(x: torch.Tensor, wanted, roles) -> torch.Tensor:
+    """Inverse of ``_to_token_major``: view token-major ``x`` with dims ordered as ``roles``."""
     missing = [i for i, w in enumerate(wanted) if w not in roles]
     if missing:
-        x = b(aten.squeeze.dims, x, missing)
+        x = x.squeeze(missing)
     present = [w for w in wanted if w in roles]
     target = [r for r in roles if r in present]
     perm = [present.index(r) for r in target]
     if perm != list(range(len(perm))):
-        x = b(aten.permute.default, x, perm)
+        x = x.permute(perm)
     for i, r in enumerate(roles):
         if r is None:
-            x = b(aten.unsqueeze.default, x, i)
+            x = x.unsqueeze(i)
     return x
 
 
-def _table_view(b: _Builder, ref: TableRef, source: tuple, layout: CacheLayout, roles, rotary_dim: int):
-    """(cos-or-sin view for the kernel, positions node or None); ``source`` from ``_table_source``."""
-    table, pos = source
-    n = rotary_dim if ref.per_element else rotary_dim // 2
-    if pos is not None:
-        tshape = shape_of(table)
-        flat = table if len(tshape) == 2 else b(aten.reshape.default, table, [tshape[0], math.prod(tshape[1:])])
-        pos_node, pos_roles = pos
-        wanted = ("t",) if layout is not CacheLayout.SEQUENCE else (("b", "s") if "b" in pos_roles else ("s",))
-        positions = _token_major(b, pos_node, pos_roles, wanted)
+def _kernel_table(src, positions, view: TableView, layout: CacheLayout, tokens: dict):
+    """(cos-or-sin as the kernel takes it, positions or None).
+
+    One row (or one position) broadcast over all tokens is expanded to one per token (a stride-0 view):
+    the op wants a row or a position per token."""
+    if view.indexed:
+        table = src if src.dim() == 2 else src.reshape(src.shape[0], -1)
+        if positions is not None:
+            want = (Role.TOKEN,) if layout is not CacheLayout.SEQUENCE else (
+                (Role.BATCH, Role.SEQ) if Role.BATCH in view.roles else (Role.SEQ,))
+            positions = _broadcast_tokens(_to_token_major(positions, view.roles, want), want, tokens)
     else:
-        wanted = ("t", "f") if layout is not CacheLayout.SEQUENCE else ("b", "s", "f")
-        leaf_roles = tuple(roles[d] if d is not None else None for d in ref.dims) + ("f",)
-        flat, positions = _token_major(b, table, leaf_roles, wanted), None
-    sl = b(aten.slice.Tensor, flat, -1, ref.offset, ref.offset + ref.stride * (n - 1) + 1, ref.stride)
-    return sl, positions
+        want = (Role.TOKEN, Role.FEATURE) if layout is not CacheLayout.SEQUENCE else (
+            Role.BATCH, Role.SEQ, Role.FEATURE)
+        table = _broadcast_tokens(_to_token_major(src, view.roles, want), want, tokens)
+    return table[..., view.offset:view.offset + view.stride * (view.count - 1) + 1:view.stride], positions
+
+
+def _broadcast_tokens(x: torch.Tensor, roles, tokens: dict) -> torch.Tensor:
+    """Expand size-1 token/sequence dims of ``x`` to q's (a branch on static sizes only: no guards)."""
+    sizes = [tokens[r] if r in (Role.TOKEN, Role.SEQ) and is_one(s) and not is_one(tokens[r]) else -1
+             for r, s in zip(roles, x.shape)]
+    return x.expand(sizes) if any(s != -1 for s in sizes) else x
 
 
 def _x_roles(m: RopeMatch, roles) -> tuple:
-    """Roles of the dims of the rotated tensor (its prefix dims follow the root's, its last is "d")."""
-    return tuple(roles[d] if d is not None else None for d in m.x_dims) + ("d",)
+    """Roles of the dims of the rotated tensor (its prefix dims follow the root's, its last is FEATURE)."""
+    return tuple(roles[d] if d is not None else None for d in m.x_dims) + (Role.FEATURE,)
 
 
-def _rewrite(graph: Graph, p: _Plan, options: FusionOptions) -> None:
-    st, layout = p.k_store, p.k_store.layout
-    wanted = _TOKEN_MAJOR[layout]
+def _table_view(ref: TableRef, src: TableSource, rotary_dim: int) -> TableView:
+    count = rotary_dim if ref.per_element else rotary_dim // 2
+    return TableView(src.roles, src.positions is not None, ref.offset, ref.stride, count)
+
+
+# ---- the rewrite -----------------------------------------------------------------------------
+
+
+def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
+    """Trace ``replacement`` on the site's fake values, splice it in, and redirect the replaced nodes.
+
+    Every new node exists before the first ``replace_all_uses_with``; if building them fails, they are
+    erased and the graph is as it was.
+    """
+    st = p.k_store
+    spec = ReplacementSpec(
+        layout=p.layout, q_roles=_x_roles(p.q, p.roles), k_roles=_x_roles(p.k, p.roles), v_roles=p.v_roles,
+        out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
+        sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim), is_neox=p.k.style is RopeStyle.NEOX,
+        rotary_dim=p.k.rotary_dim, return_k=p.return_k, validate=options.validate,
+        k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
+        v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None)
+    inputs = [p.q.x, p.k.x, p.v_src, st.cache, p.v_store.cache, st.slots, p.cos.node, p.sin.node,
+              p.cos.positions]
+    launch = launcher_for(st.cache.meta["val"].device)
     position = {n: i for i, n in enumerate(graph.nodes)}
-    last_input = max((p.q.x, p.k.x, p.v_src, st.slots, p.k.cos.leaf.node, p.k.sin.leaf.node), key=position.get)
+    last_input = max((n for n in inputs if n is not None), key=position.get)
     with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
-        b = _Builder(graph, st.node)
-        q = _token_major(b, p.q.x, _x_roles(p.q, p.roles), wanted)
-        k = _token_major(b, p.k.x, _x_roles(p.k, p.roles), wanted)
-        v = _token_major(b, p.v_src, p.v_roles, wanted)
-        cos, positions = _table_view(b, p.k.cos, p.cos_src, layout, p.roles, p.k.rotary_dim)
-        sin, _ = _table_view(b, p.k.sin, p.sin_src, layout, p.roles, p.k.rotary_dim)
-        out = b(auto_functionalized, FUSED_OP, q=q, k=k, v=v, k_cache=st.cache, v_cache=p.v_store.cache,
-                slot_mapping=st.slots, cos=cos, sin=sin, positions=positions, swa_table=None, k_scale=None,
-                v_scale=None, is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim,
-                layout=layout.value, return_k=p.return_k, validate=options.validate, negative_wraps=True)
-        q_out, k_out, k_new, v_new = (b(operator.getitem, out, i) for i in range(4))
-        p.q_root.replace_all_uses_with(_from_token_major(b, q_out, wanted, p.roles))
-        if p.return_k:
-            p.k_root.replace_all_uses_with(_from_token_major(b, k_out, wanted, p.roles))
-        for store, new in ((st, k_new), (p.v_store, v_new)):
-            if store.cache_view is not None:
-                new = b(aten.reshape.default, new, list(shape_of(store.cache_view)))
-            store.node.replace_all_uses_with(new)
+        new_nodes, outputs = _splice(graph, _trace(replacement, inputs, fake_mode, spec=spec, launch=launch),
+                                     inputs, st.node.meta.get("stack_trace"))
+    try:
+        q_rot, k_rot, k_new, v_new = outputs
+        for new, old in ((q_rot, p.q_root), (k_new, st.node), (v_new, p.v_store.node),
+                         (k_rot, p.k_root if p.return_k else None)):
+            if old is not None and not (isinstance(new, Node) and _same_meta(new.meta["val"], old.meta["val"])):
+                raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
+    except Exception:
+        for n in reversed(new_nodes):
+            graph.erase_node(n)
+        raise
+    p.q_root.replace_all_uses_with(q_rot)
+    if p.return_k:
+        p.k_root.replace_all_uses_with(k_rot)
+    st.node.replace_all_uses_with(k_new)
+    p.v_store.node.replace_all_uses_with(v_new)
     for store in (st, p.v_store):
         graph.erase_node(store.node)
+
+
+def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and sizes, compared without guards."""
+    return a.dtype == b.dtype and a.dim() == b.dim() and all(map(sizes_equal, a.shape, b.shape))
+
+
+def _trace(fn: Callable, inputs: list, fake_mode, **static) -> torch.fx.GraphModule:
+    """``fn(*inputs, **static)`` traced to an aten graph on the inputs' fake values (Inductor's
+    ``fwd_only`` with the graph's own fake mode: the symbolic sizes are the graph's symbols)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # make_fx tells its inputs apart by their tensors: two nodes with one fake value would merge
+    nodes = {n for n in inputs if n is not None}
+    if len({id(n.meta["val"]) for n in nodes}) != len(nodes):
+        raise Unfusable("two inputs of the fused op share one fake value")
+    vals = [None if n is None else n.meta["val"] for n in inputs]
+
+    def traced(*args):
+        return fn(*args, **static)
+
+    with fake_mode:
+        return make_fx(traced, tracing_mode="real")(*vals)
+
+
+def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None):
+    """Copy ``gm``'s nodes into ``graph`` at the insertion point, its inputs bound to ``inputs``.
+
+    Returns (the new nodes, the values of ``gm``'s outputs in ``graph``)."""
+    env: dict[Node, object] = {}
+    new_nodes: list[Node] = []
+    try:
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        for ph, node in zip(placeholders, inputs, strict=True):
+            env[ph] = node
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                return new_nodes, torch.fx.node.map_arg(n.args[0], env.__getitem__)
+            if n.op != "call_function":
+                raise RuntimeError(f"the traced replacement holds a {n.op} node ({n.name})")
+            new = graph.node_copy(n, env.__getitem__)
+            if stack_trace:
+                new.meta["stack_trace"] = stack_trace
+            if "val" not in new.meta:
+                raise RuntimeError(f"the traced replacement's {n.name} has no fake value")
+            env[n] = new
+            new_nodes.append(new)
+        raise RuntimeError("the traced replacement has no output")
+    except Exception:
+        for n in reversed(new_nodes):
+            graph.erase_node(n)
+        raise
