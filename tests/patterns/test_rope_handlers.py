@@ -14,40 +14,13 @@ import operator
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from fx_fusion.patterns import rope
 from fx_fusion.patterns.rope import Evaluator, NotRope, Step, Value
+from tests.patterns.test_rope_soundness import Graph
 
 aten, prims = torch.ops.aten, torch.ops.prims
 F32, BF16 = torch.float32, torch.bfloat16
-
-
-class Graph:
-    """A hand-built FX graph whose nodes carry fake values (as post-grad graphs do)."""
-
-    def __init__(self):
-        self.graph = torch.fx.Graph()
-        self.shape_env = ShapeEnv()
-        self.mode = FakeTensorMode(shape_env=self.shape_env)
-
-    def input(self, name: str, *sizes, dynamic=(), dtype=F32) -> torch.fx.Node:
-        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC if i in dynamic else DimDynamic.STATIC
-                                                      for i in range(len(sizes))])
-        n = self.graph.placeholder(name)
-        n.meta["val"] = self.mode.from_tensor(torch.empty(*sizes, dtype=dtype), symbolic_context=ctx)
-        return n
-
-    def op(self, target, *args, **kwargs) -> torch.fx.Node:
-        n = self.graph.call_function(target, args, kwargs)
-        args, kwargs = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-        with self.mode:
-            n.meta["val"] = target(*args, **kwargs)
-        return n
-
-    def guards(self) -> int:
-        return len(self.shape_env.guards)
 
 
 def run_handler(node: torch.fx.Node, r: int = 1, result: bool = False) -> tuple[Value | None, Evaluator]:
