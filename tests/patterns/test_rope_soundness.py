@@ -82,9 +82,10 @@ def token_pool(*, k_before=None, k_after=None, q_after=None, table=None):
 
     def fn(q, k, v, cos, sin, k_cache, v_cache, loc):
         cos, sin = table(cos)[:, None], table(sin)[:, None]
+        q_out = q_after(rope(q, cos, sin))  # before k: the casts after q's RoPE lie nearest to k's
         k_cache[loc] = k_after(rope(k_before(k), cos, sin))
         v_cache[loc] = v
-        return q_after(rope(q, cos, sin))
+        return q_out
 
     return fn
 
@@ -137,8 +138,8 @@ def gemma3_attention_prologue(q_in, k_in, v, q_weight, k_weight, cos, sin, k_cac
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6)
         return (out * (1.0 + weight.float())).type_as(x)
 
-    q = rms_norm(q_in, q_weight).transpose(1, 2)  # [B, H, S, D]
-    k = rms_norm(k_in, k_weight).transpose(1, 2)
+    q = rms_norm(q_in.transpose(1, 2), q_weight)  # [B, H, S, D], normed after the transpose as in HF
+    k = rms_norm(k_in.transpose(1, 2), k_weight)
     cos, sin = cos.to(q.dtype).unsqueeze(1), sin.to(q.dtype).unsqueeze(1)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     k_cache.index_copy_(2, cache_position, k)
