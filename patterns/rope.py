@@ -13,6 +13,11 @@ then checks the polynomials against the definition:
            out[j]     = x[j]                                            for rotary_dim <= j < head_dim
 
 A wrong sign, swapped cos/sin, a missing term or a different table makes the match fail with a reason.
+Casts: an exact upcast (fp16/bf16 -> fp32/fp64, fp32 -> fp64) is looked through; any other cast
+starts a leaf (a bf16 tensor made by an fp32 norm is the tensor rotated, rounded cos/sin are the
+tables), except on the result, where only the fused op's own rounding (fp32 -> the stored dtype) is
+accepted. One handler per aten op (``@_evaluates``) computes a node's value from its inputs'.
+
 Leading ("prefix") dimensions are tracked only to prove that each token's x meets the same token's
 table row (broadcasting over heads), whatever the order of batch/token/head dimensions.
 """
@@ -23,12 +28,12 @@ import enum
 import itertools
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.fx import Node
 
-from fx_fusion.patterns.fx_utils import RESHAPES, broadcast_equal, is_one, shape_of
+from fx_fusion.patterns.fx_utils import RESHAPES, is_one, shape_of, sizes_equal
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -44,8 +49,12 @@ class RopeStyle(str, enum.Enum):
 Sym = tuple[int, int]  # (leaf id, flat feature index of that leaf)
 Poly = dict[tuple[Sym, ...], float]  # monomial (sorted symbols) -> coefficient
 
-_PASS_THROUGH = {prims.convert_element_type.default, aten.clone.default, aten.alias.default,
-                 aten._to_copy.default}
+# Casts that keep every value: looked through. Any other cast rounds (or truncates) its input.
+_EXACT_CASTS = frozenset({(torch.float16, torch.float32), (torch.float16, torch.float64),
+                          (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float64),
+                          (torch.float32, torch.float64)})
+# The dtypes the fused op reads (x, cos, sin) and stores.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -56,6 +65,8 @@ class Value:
     embed: tuple  # per prefix dim: frozenset of (leaf id, leaf prefix dim) that index along it
     trail: tuple[int, ...]
     feats: list[Poly]  # one polynomial per flat feature (row-major over ``trail``)
+    # casts that are not exact, applied to the result after its arithmetic, innermost first: (from, to)
+    rounding: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,10 @@ class TableRef:
 
 @dataclass(frozen=True)
 class RopeMatch:
+    """``root`` holds ``rope(x, cos, sin)``, computed in x's dtype or wider and, when wider, rounded once
+    to the root's dtype (the fused op computes in fp32 and rounds once on store: exact when the root has
+    x's dtype, which callers check)."""
+
     root: Node  # the node holding the rotated tensor
     x: Node  # the tensor being rotated (before any upcast)
     style: RopeStyle
@@ -95,8 +110,68 @@ class NotRope(Exception):
     """Why a subgraph is not a RoPE the fused op can compute; the message goes into the report."""
 
 
+# ---- the handler registry ------------------------------------------------------------------
+
+_HANDLERS: dict = {}
+
+
+def _evaluates(*targets):
+    """Register the decorated function as the evaluator of ``targets`` (as Inductor registers lowerings).
+
+    A handler takes a ``Step`` and returns the node's ``Value``, or ``None`` when the node is not
+    evaluable (it then becomes a leaf); it may raise ``NotRope`` (same effect), never anything else.
+    """
+
+    def register(fn):
+        for t in targets:
+            if t in _HANDLERS:
+                raise RuntimeError(f"{t} already has the evaluator {_HANDLERS[t].__name__}")
+            _HANDLERS[t] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node being evaluated: what its handler sees."""
+
+    evaluator: Evaluator
+    node: Node
+    r: int  # how many trailing dims of the node are features
+    depth: int  # the node's distance from the root
+    result: bool  # the node reaches the root through views and exact casts only
+
+    @property
+    def args(self) -> tuple:
+        return self.node.args
+
+    def operand(self, x, r: int | None = None) -> Value:
+        """An input the op computes with: a rounding cast that produced it starts a leaf."""
+        return self.evaluator.evaluate(x, self.r if r is None else r, self.depth + 1)
+
+    def source(self, x, r: int | None = None) -> Value:
+        """An input the op only rearranges or casts exactly: still part of the result if this node is."""
+        return self.evaluator.evaluate(x, self.r if r is None else r, self.depth + 1, result=self.result)
+
+
 class Evaluator:
-    """Symbolic evaluation of the last-dimension arithmetic below a node (memoised per node and rank)."""
+    """Symbolic evaluation of the last-dimension arithmetic below a node (memoised per node and rank).
+
+    A cast that is not exact (see ``_EXACT_CASTS``) is where a tensor starts: the rounded tensor is a
+    leaf, so a RoPE of a bf16 tensor made by an fp32 norm rotates the bf16 tensor, and a rounded cos/sin
+    is the table. The one exception is the result: between the root and the RoPE's last arithmetic op
+    (``result`` mode: views and casts only) a cast is recorded in ``Value.rounding``; ``match_rope``
+    accepts only the single rounding the fused op also does.
+
+    ``max_depth`` bounds how far below a root the evaluation goes. The deepest RoPE spelling (gpt-fast:
+    upcast, reshape to pairs, select, four products, stack, flatten, cast back, under a partial-rotary
+    cat and views) is under 20 ops deep from the stored node; 64 leaves room for more views and casts
+    while bounding the Python recursion (a few frames per level) and the work per root, which would
+    otherwise walk the whole model in front of a store. A node cut off at the limit is a leaf for that
+    root only: results that depend on the cut are not memoised, so a root closer to the node sees it
+    evaluated.
+    """
 
     def __init__(self, head_dim: int | None = None, max_depth: int = 64):
         # a head_dim-wide slice of a wider last dim (GPT-NeoX's per-head fused qkv) is a tensor to
@@ -104,12 +179,13 @@ class Evaluator:
         self.head_dim = head_dim
         self.leaves: list[Leaf] = []
         self._leaf_ids: dict[Leaf, int] = {}
-        self._memo: dict[tuple[Node, int], Value] = {}
+        self._memo: dict[tuple[Node, int, bool], Value] = {}
         self.max_depth = max_depth
+        self._cut = False  # the evaluation in progress hit the depth limit somewhere below
 
     # ---- leaves ------------------------------------------------------------------------------
     def leaf(self, node: Node, r: int) -> Value:
-        shp = shape_of(node)
+        shp = _shape(node)
         if len(shp) < r or not all(isinstance(s, int) for s in shp[len(shp) - r:]):
             raise NotRope(f"{node.name} has no static feature dims")
         key = Leaf(node, r)
@@ -122,150 +198,261 @@ class Evaluator:
         return Value(prefix, tuple(frozenset({(lid, i)}) for i in range(len(prefix))), trail, feats)
 
     # ---- evaluation --------------------------------------------------------------------------
-    def evaluate(self, node, r: int, depth: int = 0) -> Value:
+    def evaluate(self, node, r: int, depth: int = 0, *, result: bool = False) -> Value:
+        """``node``'s value with its last ``r`` dims as features; ``result``: see ``Step.result``."""
         if not isinstance(node, Node):
             raise NotRope(f"unexpected constant {node!r}")
-        key = (node, r)
-        if key not in self._memo:
+        key = (node, r, result)
+        if key in self._memo:
+            return self._memo[key]
+        if depth >= self.max_depth:
+            self._cut = True
+            return self.leaf(node, r)
+        handler = _HANDLERS.get(node.target) if node.op == "call_function" else None
+        outer_cut, self._cut = self._cut, False
+        try:
             value = None
-            if depth < self.max_depth and node.op == "call_function" and "val" in node.meta:
+            if handler is not None and isinstance(node.meta.get("val"), torch.Tensor):
                 try:
-                    value = self._evaluate_op(node, r, depth + 1)
+                    value = handler(Step(self, node, r, depth, result))
                 except NotRope:
                     value = None
-            self._memo[key] = value if value is not None else self.leaf(node, r)
-        return self._memo[key]
+            if value is None:
+                value = self.leaf(node, r)
+            if not self._cut:
+                self._memo[key] = value
+            return value
+        finally:
+            self._cut = outer_cut or self._cut
 
-    def _evaluate_op(self, n: Node, r: int, depth: int) -> Value | None:
-        t, args = n.target, n.args
-        ev = lambda x, rr=r: self.evaluate(x, rr, depth)  # noqa: E731
-        out_nd = len(shape_of(n))
-        if t in _PASS_THROUGH:
-            if t is aten._to_copy.default and set(n.kwargs) - {"dtype"}:
-                return None
-            return ev(args[0])
-        if t is aten.neg.default:
-            return _scale(ev(args[0]), -1.0)
-        if t in (aten.mul.Tensor, aten.mul.Scalar):
-            a, b = args
-            if isinstance(b, (int, float)):
-                return _scale(ev(a), float(b))
-            if isinstance(a, (int, float)):
-                return _scale(ev(b), float(a))
-            return _combine(ev(a), ev(b), _poly_mul)
-        if t in (aten.add.Tensor, aten.sub.Tensor):
-            if n.kwargs.get("alpha", 1) != 1 or not all(isinstance(x, Node) for x in args[:2]):
-                return None
-            sign = 1.0 if t is aten.add.Tensor else -1.0
-            return _combine(ev(args[0]), ev(args[1]), lambda p, q: _poly_add(p, q, sign))
-        if t is aten.unsqueeze.default:
-            d = args[1] % out_nd
-            if d >= out_nd - r:  # a new feature dim of size 1
-                v = ev(args[0], r - 1)
-                pos = d - (out_nd - r)
-                return Value(v.prefix, v.embed, v.trail[:pos] + (1,) + v.trail[pos:], v.feats)
-            v = ev(args[0])
-            return Value(v.prefix[:d] + (1,) + v.prefix[d:], v.embed[:d] + (frozenset(),) + v.embed[d:],
-                         v.trail, v.feats)
-        if t is aten.select.int:
-            in_nd = out_nd + 1
-            d = args[1] % in_nd
-            if d < in_nd - (r + 1):
-                return None
-            v = ev(args[0], r + 1)
-            return _take(v, d - (in_nd - r - 1), [args[2] % v.trail[d - (in_nd - r - 1)]], squeeze=True)
-        if t is aten.slice.Tensor:
-            x, d = args[0], args[1] % out_nd
-            start, end, step = (list(args[2:]) + [None, None, 1])[:3]
-            size = shape_of(x)[d]
-            if d < out_nd - r:
-                if (start in (None, 0)) and step == 1 and (end is None or (isinstance(end, int)
-                                                                           and end >= 2**62)):
-                    return ev(x)
-                return None
-            if not isinstance(size, int):
-                return None
-            index = list(range(*slice(start, end, step).indices(size)))
-            if self._is_head_slice(r, d == out_nd - 1, len(index), size):
-                return None
-            return _take(ev(x), d - (out_nd - r), index)
-        if t is operator.getitem and isinstance(args[0], Node) and args[0].target in (
-                aten.split.Tensor, aten.split_with_sizes.default):
-            src = args[0]
-            x, sizes, d = src.args[0], src.args[1], (src.args[2] if len(src.args) > 2 else 0)
-            nd = len(shape_of(x))
-            d %= nd
-            if d < nd - r:
-                return None
-            full = shape_of(x)[d]
-            if not isinstance(full, int):
-                return None
-            if isinstance(sizes, int):
-                sizes = [sizes] * math.ceil(full / sizes)
-            start = sum(sizes[: args[1]])
-            index = list(range(start, min(start + sizes[args[1]], full)))
-            if self._is_head_slice(r, d == nd - 1, len(index), full):
-                return None
-            return _take(ev(x), d - (nd - r), index)
-        if t is aten.cat.default:
-            parts, d = args[0], (args[1] if len(args) > 1 else 0) % out_nd
-            if d < out_nd - r:
-                return None
-            return _concat([ev(p) for p in parts], d - (out_nd - r))
-        if t in RESHAPES:
-            return self._reshape(n, r, ev)
-        if t is aten.expand.default:
-            v = ev(args[0])
-            out = shape_of(n)
-            out_trail = tuple(out[len(out) - r:])
-            if out_trail != v.trail:
-                if len(out_trail) != len(v.trail) or not all(
-                        isinstance(o, int) and (o == i or i == 1) for o, i in zip(out_trail, v.trail)):
-                    return None
-                v = _broadcast_features(v, out_trail)
-            extra = len(out) - r - len(v.prefix)
-            return Value(tuple(out[: len(out) - r]), (frozenset(),) * extra + v.embed, v.trail, v.feats)
-        if t in (aten.squeeze.dim, aten.squeeze.dims):
-            dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
-            in_nd = len(shape_of(args[0]))
-            dims = sorted({d % in_nd for d in dims if is_one(shape_of(args[0])[d % in_nd])})
-            if any(d >= in_nd - r for d in dims):
-                return None
-            v = ev(args[0])
-            keep = [i for i in range(len(v.prefix)) if i not in dims]
-            return Value(tuple(v.prefix[i] for i in keep), tuple(v.embed[i] for i in keep), v.trail, v.feats)
-        return None
-
-    def _is_head_slice(self, r: int, last: bool, width: int, full: int) -> bool:
+    def is_head_slice(self, r: int, last: bool, width: int, full: int) -> bool:
         return r == 1 and last and self.head_dim is not None and width == self.head_dim < full
 
-    def _reshape(self, n: Node, r: int, ev) -> Value | None:
-        """A reshape that keeps the prefix (up to size-1 dims) and regroups the feature dims."""
-        src, out = shape_of(n.args[0]), shape_of(n)
-        out_prefix, out_trail = out[: len(out) - r], out[len(out) - r:]
-        if not all(isinstance(s, int) for s in out_trail):
-            return None
-        for r_in in range(0, len(src) + 1):
-            in_prefix, in_trail = src[: len(src) - r_in], src[len(src) - r_in:]
-            if not all(isinstance(s, int) for s in in_trail) or math.prod(in_trail) != math.prod(out_trail):
-                continue
-            a = [i for i, s in enumerate(in_prefix) if not is_one(s)]
-            b = [i for i, s in enumerate(out_prefix) if not is_one(s)]
-            if len(a) != len(b) or not all(broadcast_equal(in_prefix[i], out_prefix[j]) for i, j in zip(a, b)):
-                continue
-            v = ev(n.args[0], r_in)
-            embed = [frozenset()] * len(out_prefix)
-            for i, j in zip(a, b):
-                embed[j] = v.embed[i]
-            return Value(tuple(out_prefix), tuple(embed), tuple(out_trail), v.feats)
+
+# ---- handlers: casts and copies ----------------------------------------------------------------
+
+
+@_evaluates(aten.clone.default, aten.alias.default)
+def _copy(s: Step) -> Value | None:
+    return s.source(s.args[0])
+
+
+@_evaluates(prims.convert_element_type.default, aten._to_copy.default)
+def _cast(s: Step) -> Value | None:
+    """Exact casts are looked through; another cast ends the evaluation (a leaf), unless it rounds the
+    result, where it is recorded for ``match_rope`` to judge."""
+    if s.node.target is aten._to_copy.default and set(s.node.kwargs) - {"dtype"}:
         return None
+    x = s.args[0]
+    src, dst = _dtype(x), _dtype(s.node)
+    if src == dst or (src, dst) in _EXACT_CASTS:
+        return s.source(x)
+    if not s.result:
+        return None
+    v = s.source(x)
+    return replace(v, rounding=v.rounding + ((src, dst),))
+
+
+# ---- handlers: arithmetic ----------------------------------------------------------------------
+
+
+@_evaluates(aten.neg.default)
+def _neg(s: Step) -> Value | None:
+    return _scale(s.operand(s.args[0]), -1.0)
+
+
+@_evaluates(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(s: Step) -> Value | None:
+    a, b = s.args[:2]
+    if _is_number(b):
+        return _scale(s.operand(a), float(b))
+    if _is_number(a):
+        return _scale(s.operand(b), float(a))
+    if isinstance(a, Node) and isinstance(b, Node):
+        return _combine(s.operand(a), s.operand(b), _poly_mul)
+    return None
+
+
+@_evaluates(aten.add.Tensor, aten.sub.Tensor)
+def _add(s: Step) -> Value | None:
+    a, b = s.args[:2]
+    alpha = s.node.kwargs.get("alpha", 1)
+    if not (isinstance(a, Node) and isinstance(b, Node) and _is_number(alpha) and alpha == 1):
+        return None
+    sign = 1.0 if s.node.target is aten.add.Tensor else -1.0
+    return _combine(s.operand(a), s.operand(b), lambda p, q: _poly_add(p, q, sign))
+
+
+# ---- handlers: views and selections ------------------------------------------------------------
+
+
+@_evaluates(aten.unsqueeze.default)
+def _unsqueeze(s: Step) -> Value | None:
+    out_nd = len(_shape(s.node))
+    d = _dim(s.args[1], out_nd)
+    if d >= out_nd - s.r:  # a new feature dim of size 1
+        v = s.source(s.args[0], s.r - 1)
+        pos = d - (out_nd - s.r)
+        return replace(v, trail=v.trail[:pos] + (1,) + v.trail[pos:])
+    v = s.source(s.args[0])
+    return replace(v, prefix=v.prefix[:d] + (1,) + v.prefix[d:], embed=v.embed[:d] + (frozenset(),) + v.embed[d:])
+
+
+@_evaluates(aten.squeeze.dim, aten.squeeze.dims)
+def _squeeze(s: Step) -> Value | None:
+    x = s.args[0]
+    in_shape = _shape(x)
+    dims = s.args[1] if isinstance(s.args[1], (list, tuple)) else [s.args[1]]
+    dims = sorted({d for d in (_dim(d, len(in_shape)) for d in dims) if is_one(in_shape[d])})
+    if any(d >= len(in_shape) - s.r for d in dims):
+        return None
+    v = s.source(x)
+    keep = [i for i in range(len(v.prefix)) if i not in dims]
+    return replace(v, prefix=tuple(v.prefix[i] for i in keep), embed=tuple(v.embed[i] for i in keep))
+
+
+@_evaluates(aten.select.int)
+def _select(s: Step) -> Value | None:
+    in_nd = len(_shape(s.node)) + 1
+    d, index = _dim(s.args[1], in_nd), s.args[2]
+    first = in_nd - (s.r + 1)  # the input's first feature dim
+    if d < first:
+        return None
+    v = s.source(s.args[0], s.r + 1)
+    size = v.trail[d - first]
+    if not isinstance(index, int) or not -size <= index < size:
+        return None
+    return _take(v, d - first, [index % size], squeeze=True)
+
+
+@_evaluates(aten.slice.Tensor)
+def _slice(s: Step) -> Value | None:
+    x, out_nd = s.args[0], len(_shape(s.node))
+    d = _dim(s.args[1] if len(s.args) > 1 else 0, out_nd)
+    start, end, step = (list(s.args[2:]) + [None, None, 1])[:3]
+    if s.node.kwargs or not all(b is None or isinstance(b, int) for b in (start, end, step)):
+        return None  # a symbolic bound
+    size = _shape(x)[d]
+    if d < out_nd - s.r:  # a prefix dim: only the whole of it
+        if start in (None, 0) and step in (None, 1) and (end is None or end >= 2**62):
+            return s.source(x)
+        return None
+    if not isinstance(size, int) or (step is not None and step < 1):
+        return None
+    index = list(range(*slice(start, end, step).indices(size)))
+    if s.evaluator.is_head_slice(s.r, d == out_nd - 1, len(index), size):
+        return None
+    return _take(s.source(x), d - (out_nd - s.r), index)
+
+
+@_evaluates(operator.getitem)
+def _split_part(s: Step) -> Value | None:
+    """One part of ``split`` / ``split_with_sizes`` along a feature dim."""
+    src, i = s.args[:2]
+    if not isinstance(src, Node) or src.target not in (aten.split.Tensor, aten.split_with_sizes.default):
+        return None
+    x, sizes = src.args[0], src.args[1]
+    nd = len(_shape(x))
+    d = _dim(src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0), nd)
+    if d < nd - s.r:
+        return None
+    full = _shape(x)[d]
+    if not isinstance(full, int):
+        return None
+    if isinstance(sizes, int):
+        sizes = [sizes] * math.ceil(full / sizes) if sizes > 0 else []
+    if not isinstance(sizes, (list, tuple)) or not isinstance(i, int) or not all(isinstance(z, int) and z >= 0 for z in sizes) or not 0 <= i < len(sizes):
+        return None  # symbolic split sizes
+    start = sum(sizes[:i])
+    index = list(range(start, min(start + sizes[i], full)))
+    if s.evaluator.is_head_slice(s.r, d == nd - 1, len(index), full):
+        return None
+    return _take(s.source(x), d - (nd - s.r), index)
+
+
+@_evaluates(aten.cat.default)
+def _cat(s: Step) -> Value | None:
+    parts, out_nd = s.args[0], len(_shape(s.node))
+    d = _dim(s.args[1] if len(s.args) > 1 else 0, out_nd)
+    if d < out_nd - s.r or not parts or not all(isinstance(p, Node) for p in parts):
+        return None
+    return _concat([s.source(p) for p in parts], d - (out_nd - s.r))
+
+
+@_evaluates(*RESHAPES)
+def _reshape(s: Step) -> Value | None:
+    """A reshape that keeps the prefix (up to size-1 dims) and regroups the feature dims."""
+    src, out = _shape(s.args[0]), _shape(s.node)
+    out_prefix, out_trail = out[: len(out) - s.r], out[len(out) - s.r:]
+    if not all(isinstance(z, int) for z in out_trail):
+        return None
+    for r_in in range(0, len(src) + 1):
+        in_prefix, in_trail = src[: len(src) - r_in], src[len(src) - r_in:]
+        if not all(isinstance(z, int) for z in in_trail) or math.prod(in_trail) != math.prod(out_trail):
+            continue
+        a = [i for i, z in enumerate(in_prefix) if not is_one(z)]
+        b = [i for i, z in enumerate(out_prefix) if not is_one(z)]
+        # equal sizes, not merely sizes that could be equal: [s0, 8] -> [8, s0] moves data between dims
+        if len(a) != len(b) or not all(sizes_equal(in_prefix[i], out_prefix[j]) for i, j in zip(a, b)):
+            continue
+        v = s.source(s.args[0], r_in)
+        embed = [frozenset()] * len(out_prefix)
+        for i, j in zip(a, b):
+            embed[j] = v.embed[i]
+        return replace(v, prefix=tuple(out_prefix), embed=tuple(embed), trail=tuple(out_trail))
+    return None
+
+
+@_evaluates(aten.expand.default)
+def _expand(s: Step) -> Value | None:
+    out = _shape(s.node)
+    out_trail = tuple(out[len(out) - s.r:])
+    if not all(isinstance(o, int) for o in out_trail):
+        return None
+    v = s.source(s.args[0])
+    if out_trail != v.trail:
+        if len(out_trail) != len(v.trail) or not all(o == i or i == 1 for o, i in zip(out_trail, v.trail)):
+            return None
+        v = _broadcast_features(v, out_trail)
+    extra = len(out) - s.r - len(v.prefix)
+    if extra < 0:
+        return None
+    return replace(v, prefix=tuple(out[: len(out) - s.r]), embed=(frozenset(),) * extra + v.embed)
+
+
+# ---- small helpers -------------------------------------------------------------------------------
+
+
+def _shape(x) -> tuple:
+    """Like ``shape_of``, but ``NotRope`` for anything that is not a node holding a tensor."""
+    val = x.meta.get("val") if isinstance(x, Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise NotRope(f"{x} is not a tensor")
+    return tuple(val.shape)
+
+
+def _dtype(x) -> torch.dtype:
+    val = x.meta.get("val") if isinstance(x, Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise NotRope(f"{x} is not a tensor")
+    return val.dtype
+
+
+def _dim(d, nd: int) -> int:
+    if not isinstance(d, int) or not -nd <= d < nd:
+        raise NotRope(f"dim {d!r} of a {nd}-d tensor")
+    return d % nd
+
+
+def _is_number(c) -> bool:
+    return isinstance(c, (int, float))
 
 
 # ---- polynomial helpers --------------------------------------------------------------------
 
 
 def _scale(v: Value, c: float) -> Value:
-    return Value(v.prefix, v.embed, v.trail, [{m: k * c for m, k in p.items()} for p in v.feats])
+    return replace(v, feats=[{m: k * c for m, k in p.items()} for p in v.feats])
 
 
 def _poly_add(p: Poly, q: Poly, sign: float) -> Poly:
@@ -323,7 +510,7 @@ def _broadcast_features(v: Value, trail: tuple) -> Value:
     """Expand size-1 feature dims of ``v`` to ``trail`` (each feature repeated, as ``expand`` does)."""
     feats = [v.feats[_flat([i if v.trail[d] > 1 else 0 for d, i in enumerate(idx)], v.trail)]
              for idx in _ndindex(trail)]
-    return Value(v.prefix, v.embed, tuple(trail), feats)
+    return replace(v, trail=tuple(trail), feats=feats)
 
 
 def _take(v: Value, dim: int, index: list[int], squeeze: bool = False) -> Value:
@@ -336,13 +523,16 @@ def _take(v: Value, dim: int, index: list[int], squeeze: bool = False) -> Value:
         feats.append(v.feats[_flat(src, v.trail)])
     if squeeze:
         del trail[dim]
-    return Value(v.prefix, v.embed, tuple(trail), feats)
+    return replace(v, trail=tuple(trail), feats=feats)
 
 
 def _concat(parts: list[Value], dim: int) -> Value:
     first = parts[0]
     if any(len(p.trail) != len(first.trail) or len(p.prefix) != len(first.prefix) for p in parts):
         raise NotRope("cat of mismatched operands")
+    roundings = {p.rounding for p in parts if p.rounding}
+    if len(roundings) > 1:
+        raise NotRope("cat of parts cast differently")
     sizes = [p.trail[dim] for p in parts]
     trail = list(first.trail)
     trail[dim] = sum(sizes)
@@ -356,7 +546,7 @@ def _concat(parts: list[Value], dim: int) -> Value:
         src = list(idx)
         src[dim] = i
         feats.append(parts[k].feats[_flat(src, parts[k].trail)])
-    return Value(first.prefix, embed, tuple(trail), feats)
+    return Value(first.prefix, embed, tuple(trail), feats, roundings.pop() if roundings else ())
 
 
 def _ndindex(shape):
@@ -376,7 +566,7 @@ def _flat(idx, shape) -> int:
 def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     """Check that ``root`` holds RoPE of one tensor; raise ``NotRope`` with the reason otherwise."""
     ev = evaluator or Evaluator()
-    v = ev.evaluate(root, 1)
+    v = ev.evaluate(root, 1, result=True)
     head_dim = v.trail[0]
     n_prefix = len(v.prefix)
     # the rotated tensor: a leaf that indexes every (non-1) prefix dim of the root
@@ -431,7 +621,25 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     sin = _table(ev, v, sin1, sin2, firsts, seconds, "sin")
     if cos.per_element != sin.per_element:
         raise NotRope("cos and sin tables have different layouts")
+    for name, ref in (("cos", cos), ("sin", sin)):
+        if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
+            raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")
+    _check_rounding(v.rounding, root_dtype)
     return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x])
+
+
+def _check_rounding(rounding: tuple, root_dtype: torch.dtype) -> None:
+    """The result may be rounded once, from fp32 (or fp64) to the stored dtype, as the fused op does.
+
+    Anything else (fp32 -> fp16 -> fp32, a cast to int or fp8 and back, two roundings) changes values
+    the op would store unrounded."""
+    if not rounding:
+        return
+    (src, dst), *more = rounding
+    if more or src not in (torch.float32, torch.float64) or dst != root_dtype or dst not in _KERNEL_DTYPES:
+        casts = " -> ".join(str(d) for d in (src, *(d for _, d in rounding)))
+        raise NotRope(f"the RoPE result is cast {casts} before it is stored as {root_dtype}; the fused op "
+                      "rounds an fp32 result once, to the stored dtype")
 
 
 def _follows(ev: Evaluator, v: Value, lid: int) -> tuple | None:
