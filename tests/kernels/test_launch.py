@@ -238,3 +238,32 @@ def test_symbolic_token_count_is_not_specialised(device, traced_kernels, monkeyp
     assert isinstance(node.kwargs["grid"][0][0], torch.fx.Node), "the grid was specialised to a constant"
     for T in (13, 2):
         run_graph(gm, module, interpreted, monkeypatch, case_args(device, kw, T=T), return_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public op inside compiled code
+# --------------------------------------------------------------------------------------------------
+
+
+def test_op_runs_inside_torch_compile(device):
+    """A direct call inside compiled code: on CUDA broken down into the kernel launch, elsewhere kept; same result."""
+    args = case_args(device, dict(layout="token", table="packed", dtype=torch.float32), T=6)
+    p = rkc.prepare(**args)
+    ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
+    q_ref, _ = rkc.reference(ref, False, compute_dtype=torch.float64)
+    before = (p.k_cache.clone(), p.v_cache.clone())
+
+    def step(q, k, v, k_cache, v_cache, slots, cos, sin, positions):
+        q_out, _ = torch.ops.fx_fusion.rope_kv_store(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None,
+                                                     None, None, True, 64, "token", False, False)
+        return q_out * 2
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(step, fullgraph=True)(*(args[n] for n in ("q", "k", "v", "k_cache", "v_cache",
+                                                                        "slot_mapping", "cos", "sin", "positions")))
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, 2 * q_ref, atol=1e-5, rtol=1e-5)
+    addressed = addressed_rows(p)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
