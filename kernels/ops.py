@@ -9,71 +9,108 @@ Implementations:
     CPU                   the Triton kernel through the interpreter when ``TRITON_INTERPRET=1``,
                           otherwise the plain-torch reference in fp32 (same maths as the kernel)
     Meta / fake           shapes only, with the same argument checks
+    torch.compile         like ``torch.library.triton_op``: on CUDA, with ``validate=False``, AOTAutograd
+                          breaks the op down into its kernel launch (``triton_kernel_wrapper_functional``),
+                          which Inductor launches from its generated code. Elsewhere (CPU, the
+                          interpreter, ``validate=True``: a device sync) the op stays opaque.
+
+``rope_kv_store_functional`` is that breakdown as a plain function of the op's arguments, for a graph
+pass to trace (see ``rope_kv_cache.launch_traceable``).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from triton import knobs as triton_knobs
 
 from fx_fusion.kernels import rope_kv_cache as _impl
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
 
-_INTERPRETED = type(_impl._rope_kv_store_kernel).__name__ == "InterpretedFunction"
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as Triton reads it)."""
+    return bool(triton_knobs.runtime.interpret)
 
 
-def _outputs(p: _impl.RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out = p.q.new_empty(p.q_shape)
-    k_out = p.k.new_empty(p.k_shape) if return_k else p.k.new_empty((0,))
-    return q_out, k_out
-
-
-def _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-             is_neox, rotary_dim, layout, negative_wraps):
-    return _impl.prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table,
-                         k_scale, v_scale, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout,
-                         negative_wraps=negative_wraps)
-
-
-@torch.library.custom_op("fx_fusion::rope_kv_store", mutates_args=("k_cache", "v_cache"))
-def rope_kv_store_op(
+def _rope_kv_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
     is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default (CPU) implementation; see the module docstring. ``k_out`` is empty unless ``return_k``."""
-    p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout, negative_wraps)
+    """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``."""
+    p, return_k, validate = _problem(locals())
     if validate:
         _impl.check_index_ranges(p)
-    if _INTERPRETED:
-        q_out, k_out = _outputs(p, return_k)
-        _impl.launch(p, q_out, k_out if return_k else None)
-        return q_out, k_out
-    q_out, k_out = _impl.reference(p, return_k, compute_dtype=torch.float32)
-    return q_out, (k_out if return_k else p.k.new_empty((0,)))
-
-
-@rope_kv_store_op.register_kernel("cuda")
-def _(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-      is_neox, rotary_dim, layout, return_k, validate, negative_wraps=False):
-    p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout, negative_wraps)
-    if validate:
-        _impl.check_index_ranges(p)
-    q_out, k_out = _outputs(p, return_k)
-    with torch.cuda.device(q.device):
+    if p.q.device.type == "cpu" and not _interpreted():
+        q_out, k_out = _impl.reference(p, return_k, compute_dtype=torch.float32)
+        return q_out, (k_out if return_k else p.k.new_empty((0,)))
+    q_out = p.q.new_empty(p.q_shape)
+    k_out = p.k.new_empty(p.k_shape if return_k else (0,))
+    if p.q.is_cuda:
+        with torch.cuda.device(p.q.device):
+            _impl.launch(p, q_out, k_out if return_k else None)
+    else:
         _impl.launch(p, q_out, k_out if return_k else None)
     return q_out, k_out
 
 
+_SIGNATURE = inspect.signature(_rope_kv_store)  # the op's one signature: everything below binds to it
+
+
+def _problem(args: dict) -> tuple[_impl.RopeKVProblem, bool, bool]:
+    """(checked problem, return_k, validate) from the op's arguments by name."""
+    args = dict(args)
+    return_k, validate = args.pop("return_k"), args.pop("validate")
+    return _impl.prepare(**args), return_k, validate
+
+
+def _bind(args: tuple, kwargs: dict) -> dict:
+    bound = _SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+rope_kv_store_op = torch.library.custom_op("fx_fusion::rope_kv_store", _rope_kv_store,
+                                           mutates_args=("k_cache", "v_cache"))
+
+
 @rope_kv_store_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-      is_neox, rotary_dim, layout, return_k, validate, negative_wraps=False):
-    p = _prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-                 is_neox, rotary_dim, layout, negative_wraps)
-    return _outputs(p, return_k)
+def _(*args, **kwargs):
+    p, return_k, _ = _problem(_bind(args, kwargs))  # the same checks; validate needs data: skipped
+    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if return_k else (0,))
+
+
+def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's arguments -> ``(q_out, k_out)`` through ``wrap_triton``: the op broken down into its launch.
+
+    Checks the arguments (``prepare``) when called, so on fake tensors at trace time; never validates
+    slot ranges (that needs the data).
+    """
+    p, return_k, _ = _problem(_bind(args, kwargs))
+    return _impl.launch_traceable(p, return_k)
+
+
+def _break_down_when_compiled(mode, op, types, args, kwargs):
+    """Under AOTAutograd's functionalization: launch through ``wrap_triton`` where Inductor can own the launch."""
+    bound = _bind(args, kwargs)
+    q = bound["q"]
+    traceable = (
+        isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not _interpreted()
+        and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
+    )
+    if not traceable:
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return rope_kv_store_functional(**bound)
+
+
+rope_kv_store_op.register_torch_dispatch(FunctionalTensorMode, _break_down_when_compiled)
 
 
 def rope_kv_store(

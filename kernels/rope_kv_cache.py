@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 
 class CacheLayout(str, enum.Enum):
@@ -64,9 +65,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 @triton.jit
 def _rope_pairs(
-    x_ptr, x_row, x_sd,                      # x row offsets [BLOCK_R], feature stride
-    cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
-    mask, HALF,
+    x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
+    cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
+    mask, HALF: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Rotate BLOCK_R rows; returns (o1, o2) in fp32 at feature indices (e1, e2) and their mask.
@@ -82,202 +83,176 @@ def _rope_pairs(
         e1 = 2 * i
         e2 = 2 * i + 1
     # x first: its address does not wait on the positions load, so both are in flight together
-    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * x_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
     if COS_PER_ELEMENT:
-        c1 = tl.load(cos_ptr + cos_row[:, None] + (e1 * cos_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + cos_row[:, None] + (e2 * cos_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + sin_row[:, None] + (e1 * sin_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + sin_row[:, None] + (e2 * sin_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + cos_row[:, None] + (e1 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cos_row[:, None] + (e2 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + sin_row[:, None] + (e1 * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + sin_row[:, None] + (e2 * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
     else:
-        c1 = tl.load(cos_ptr + cos_row[:, None] + (i * cos_sd)[None, :], mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + sin_row[:, None] + (i * sin_sd)[None, :], mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + cos_row[:, None] + (i * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + sin_row[:, None] + (i * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
         c2 = c1
         s2 = s1
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, e1, e2, m
 
 
 @triton.jit
-def _quantize(x, scale_ptr, fp8_max, HAS_SCALE: tl.constexpr, IS_FP8: tl.constexpr):
-    # out = clamp(x / scale, -fp8_max, fp8_max)  for fp8 caches; identity otherwise
-    if HAS_SCALE:
+def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
+    # out = clamp(x / scale, -FP8_MAX, FP8_MAX) for fp8 caches, NaN kept (as eager ``.to(fp8)`` keeps it);
+    # identity otherwise. Scale 0, negative or non-finite: whatever the fp32 division gives, as in eager.
+    if scale_ptr is not None:
         x = x / tl.load(scale_ptr).to(tl.float32)
-    if IS_FP8:
-        x = tl.minimum(tl.maximum(x, -fp8_max), fp8_max)
+    if FP8_MAX is not None:
+        x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX))
     return x
 
 
 @triton.jit
+def _offset(b, s, h, sb, SS: tl.constexpr, SH: tl.constexpr):
+    """b * sb + s * SS + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
+    off = s * SS + h * SH
+    if sb is not None:
+        off += b * sb
+    return off
+
+
+@triton.jit
 def _token_rows(
-    pid, BLOCK_R: tl.constexpr, n_heads, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-    cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.constexpr,
+    pos_ptr, pos_sb, POS_SS: tl.constexpr, N_POSITIONS: tl.constexpr,
+    cos_sb, COS_SR: tl.constexpr, sin_sb, SIN_SR: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
 ):
     """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h), mask, and cos/sin row offsets."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    t = rows // n_heads
-    h = rows - t * n_heads
-    b = t // S
-    s = t - b * S
+    t = rows // N_HEADS
+    h = rows - t * N_HEADS
     mask = t < T
-    if HAS_POSITIONS:
-        pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=mask, other=0).to(tl.int64)
-        if NEGATIVE_WRAPS:
-            pos = tl.where(pos < 0, pos + n_positions, pos)
-        pos = tl.minimum(tl.maximum(pos, 0), n_positions - 1)  # never read outside the table
-        cos_row = pos * cos_sp
-        sin_row = pos * sin_sp
+    if B == 1:
+        b = 0
+        s = t
     else:
-        cos_row = b * cos_sb + s * cos_ss
-        sin_row = b * sin_sb + s * sin_ss
+        seq = T // B
+        b = t // seq
+        s = t - b * seq
+    if pos_ptr is not None:
+        pos = tl.load(pos_ptr + _offset(b, s, 0, pos_sb, POS_SS, 0), mask=mask, other=0).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            pos = tl.where(pos < 0, pos + N_POSITIONS, pos)
+        pos = tl.minimum(tl.maximum(pos, 0), N_POSITIONS - 1)  # never read outside the table
+        cos_row = pos * COS_SR
+        sin_row = pos * SIN_SR
+    else:
+        cos_row = _offset(b, s, 0, cos_sb, COS_SR, 0)
+        sin_row = _offset(b, s, 0, sin_sb, SIN_SR, 0)
     return b, s, h, mask, cos_row, sin_row
 
 
 @triton.jit
-def _rotate_q(
-    pid, q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr,
-    T, S, Hq, D, HALF, ROT, n_positions,
-    q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
-    pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
-    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-):
-    """q_out = rope(q) for BLOCK_R (token, q-head) rows."""
-    b, s, h, mask, cos_row, sin_row = _token_rows(
-        pid, BLOCK_R, Hq, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-        cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
-    q_row = b * q_sb + s * q_ss + h * q_sh
-    o_row = b * qo_sb + s * qo_ss + h * qo_sh
-    o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                    cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
-    out_ty = q_out_ptr.dtype.element_ty
-    tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
-    tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
-    if HAS_TAIL:
-        tail = ROT + tl.arange(0, BLOCK_TAIL)
-        tm = mask[:, None] & (tail < D)[None, :]
-        x = tl.load(q_ptr + q_row[:, None] + (tail * q_sd)[None, :], mask=tm)
-        tl.store(q_out_ptr + o_row[:, None] + (tail * qo_sd)[None, :], x, mask=tm)
-
-
-@triton.jit
-def _rotate_store_kv(
-    pid, k_ptr, v_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, swa_ptr, pos_ptr, cos_ptr, sin_ptr,
-    k_scale_ptr, v_scale_ptr,
-    T, S, Hkv, D, HALF, ROT, n_slots, n_swa, n_positions, cache_block_size, fp8_max,
-    k_sb, k_ss, k_sh, k_sd, v_sb, v_ss, v_sh, v_sd, ko_sb, ko_ss, ko_sh, ko_sd,
-    kc_sb, kc_sblk, kc_sin, kc_sh, kc_sd, vc_sb, vc_sblk, vc_sin, vc_sh, vc_sd,
-    slot_sb, slot_ss, pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
-    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    HAS_SWA: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-    CACHE_IS_FP8: tl.constexpr, RETURN_K: tl.constexpr, HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """k_cache[slot] = quant(rope(k)), v_cache[slot] = quant(v) (and k_out = rope(k)) for BLOCK_R (token, kv-head) rows."""
-    b, s, h, mask, cos_row, sin_row = _token_rows(
-        pid, BLOCK_R, Hkv, T, S, pos_ptr, pos_sb, pos_ss, n_positions,
-        cos_sp, cos_sb, cos_ss, sin_sp, sin_sb, sin_ss, HAS_POSITIONS, NEGATIVE_WRAPS)
-    d = tl.arange(0, BLOCK_D)
-    vm = mask[:, None] & (d < D)[None, :]
-    v_row = b * v_sb + s * v_ss + h * v_sh
-    v = tl.load(v_ptr + v_row[:, None] + (d * v_sd)[None, :], mask=vm).to(tl.float32)
-    # slot of token (b, s): negative at either level, or outside the cache, means no store
-    slot = tl.load(slot_ptr + b * slot_sb + s * slot_ss, mask=mask, other=-1).to(tl.int64)
-    store = mask
-    if HAS_SWA:
-        if NEGATIVE_WRAPS:
-            slot = tl.where(slot < 0, slot + n_swa, slot)
-        in_swa = (slot >= 0) & (slot < n_swa)
-        store = store & in_swa
-        slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=store, other=-1).to(tl.int64)
-    if NEGATIVE_WRAPS:
-        slot = tl.where(slot < 0, slot + n_slots, slot)
-    store = store & (slot >= 0) & (slot < n_slots)
-    slot = tl.where(store, slot, 0)
-    blk = slot // cache_block_size
-    off = slot - blk * cache_block_size
-    kc_row = b * kc_sb + blk * kc_sblk + off * kc_sin + h * kc_sh
-    vc_row = b * vc_sb + blk * vc_sblk + off * vc_sin + h * vc_sh
-    k_row = b * k_sb + s * k_ss + h * k_sh
-    ko_row = b * ko_sb + s * ko_ss + h * ko_sh
-
-    o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                    cos_sd, sin_sd, mask, HALF, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
-    kc_ty = k_cache_ptr.dtype.element_ty
-    sm = m & store[:, None]
-    tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
-             _quantize(o1, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
-    tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
-             _quantize(o2, k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty), mask=sm)
-    if RETURN_K:
-        ko_ty = k_out_ptr.dtype.element_ty
-        tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], o1.to(ko_ty), mask=m)
-        tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], o2.to(ko_ty), mask=m)
-    if HAS_TAIL:
-        tail = ROT + tl.arange(0, BLOCK_TAIL)
-        tm = mask[:, None] & (tail < D)[None, :]
-        x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
-        tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
-                 _quantize(x.to(tl.float32), k_scale_ptr, fp8_max, HAS_K_SCALE, CACHE_IS_FP8).to(kc_ty),
-                 mask=tm & store[:, None])
-        if RETURN_K:
-            tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
-
-    tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
-             _quantize(v, v_scale_ptr, fp8_max, HAS_V_SCALE, CACHE_IS_FP8).to(v_cache_ptr.dtype.element_ty),
-             mask=vm & store[:, None])
-
-
-@triton.jit
 def _rope_kv_store_kernel(
-    # q [B, S, Hq, D]; k, v [B, S, Hkv, D]; q_out [B, S, Hq, D]; k_out [B, S, Hkv, D]: strides below
+    # q [B, S, HQ, D]; k, v [B, S, HKV, D]; q_out [B, S, HQ, D]; k_out [B, S, HKV, D] or None.
+    # Element (b, s, h, d) of tensor x sits at b*x_sb + s*x_ss + h*x_sh + d*x_sd.
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
-    # caches: element (b, slot, h, d) at b*sb + (slot // block_size)*sblk + (slot % block_size)*sin
+    # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sin
     #         + h*sh + d*sd  (token: sblk = stride(0); paged: + in-block stride; sequence: sb = stride(0))
     k_cache_ptr, v_cache_ptr,
-    slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [.., S]; swa_table [n_swa]; positions [.., S]
-    cos_ptr, sin_ptr,                # tables [P, R'] (HAS_POSITIONS) or per-token [.., S, R']
-    k_scale_ptr, v_scale_ptr,        # [1] fp32 (fp8 caches)
-    T, S, Hq, Hkv, D, HALF, ROT,
-    n_q_programs, n_slots, n_swa, n_positions, cache_block_size, fp8_max,
-    q_sb, q_ss, q_sh, q_sd,
-    k_sb, k_ss, k_sh, k_sd,
-    v_sb, v_ss, v_sh, v_sd,
-    qo_sb, qo_ss, qo_sh, qo_sd,
-    ko_sb, ko_ss, ko_sh, ko_sd,
-    kc_sb, kc_sblk, kc_sin, kc_sh, kc_sd,
-    vc_sb, vc_sblk, vc_sin, vc_sh, vc_sd,
-    slot_sb, slot_ss, pos_sb, pos_ss,
-    cos_sp, cos_sb, cos_ss, cos_sd,
-    sin_sp, sin_sb, sin_ss, sin_sd,
-    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, HAS_POSITIONS: tl.constexpr,
-    HAS_SWA: tl.constexpr, HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-    CACHE_IS_FP8: tl.constexpr, RETURN_K: tl.constexpr, HAS_TAIL: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [B or 1, S]; swa_table [N_SWA] or None; positions [B or 1, S] or None
+    cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
+    k_scale_ptr, v_scale_ptr,        # [1] fp32, or None
+    T,                               # tokens: B * S
+    # Run-time strides: the batch strides, the only ones that involve the token count (S * ...) in the
+    # layouts we take; None where the batch index is always 0 (B = 1) or the tensor is broadcast.
+    q_sb, k_sb, v_sb, qo_sb, ko_sb, slot_sb, pos_sb, cos_sb, sin_sb,
+    # Every other stride and size is fixed for a compiled graph: constexprs.
+    q_ss: tl.constexpr, q_sh: tl.constexpr, q_sd: tl.constexpr,
+    k_ss: tl.constexpr, k_sh: tl.constexpr, k_sd: tl.constexpr,
+    v_ss: tl.constexpr, v_sh: tl.constexpr, v_sd: tl.constexpr,
+    qo_ss: tl.constexpr, qo_sh: tl.constexpr, qo_sd: tl.constexpr,
+    ko_ss: tl.constexpr, ko_sh: tl.constexpr, ko_sd: tl.constexpr,
+    kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sin: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
+    vc_sb: tl.constexpr, vc_sblk: tl.constexpr, vc_sin: tl.constexpr, vc_sh: tl.constexpr, vc_sd: tl.constexpr,
+    slot_ss: tl.constexpr, pos_ss: tl.constexpr,
+    cos_sr: tl.constexpr, cos_sd: tl.constexpr, sin_sr: tl.constexpr, sin_sd: tl.constexpr,  # row: table row or token
+    B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+    N_SLOTS: tl.constexpr, N_SWA: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
+    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Programs [0, n_q_programs) each rotate BLOCK_RQ (token, q-head) rows. The others each rotate
-    # BLOCK_RKV (token, kv-head) rows of k and store them, and the same rows of v, into the caches.
+    # The first cdiv(T * HQ, BLOCK_RQ) programs each rotate BLOCK_RQ (token, q-head) rows. The others each
+    # rotate BLOCK_RKV (token, kv-head) rows of k and store them, and the same rows of v, into the caches.
     # out = x * cos + rotate(x) * sin on features [0, ROT); features [ROT, D) pass through.
     pid = tl.program_id(0).to(tl.int64)
+    n_q_programs = (T * HQ + BLOCK_RQ - 1) // BLOCK_RQ
     if pid < n_q_programs:
-        _rotate_q(pid, q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr,
-                  T, S, Hq, D, HALF, ROT, n_positions,
-                  q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
-                  pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd, sin_sp, sin_sb, sin_ss, sin_sd,
-                  IS_NEOX, COS_PER_ELEMENT, HAS_POSITIONS, HAS_TAIL, NEGATIVE_WRAPS,
-                  BLOCK_RQ, BLOCK_HALF, BLOCK_TAIL)
+        b, s, h, mask, cos_row, sin_row = _token_rows(
+            pid, BLOCK_RQ, HQ, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr, sin_sb, sin_sr,
+            NEGATIVE_WRAPS)
+        q_row = _offset(b, s, h, q_sb, q_ss, q_sh)
+        o_row = _offset(b, s, h, qo_sb, qo_ss, qo_sh)
+        o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
+                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+        out_ty = q_out_ptr.dtype.element_ty
+        tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
+        tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
+        if ROT < D:
+            tail = ROT + tl.arange(0, BLOCK_TAIL)
+            tm = mask[:, None] & (tail < D)[None, :]
+            x = tl.load(q_ptr + q_row[:, None] + (tail * q_sd)[None, :], mask=tm)
+            tl.store(q_out_ptr + o_row[:, None] + (tail * qo_sd)[None, :], x, mask=tm)
     else:
-        _rotate_store_kv(pid - n_q_programs, k_ptr, v_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, swa_ptr,
-                         pos_ptr, cos_ptr, sin_ptr, k_scale_ptr, v_scale_ptr,
-                         T, S, Hkv, D, HALF, ROT, n_slots, n_swa, n_positions, cache_block_size, fp8_max,
-                         k_sb, k_ss, k_sh, k_sd, v_sb, v_ss, v_sh, v_sd, ko_sb, ko_ss, ko_sh, ko_sd,
-                         kc_sb, kc_sblk, kc_sin, kc_sh, kc_sd, vc_sb, vc_sblk, vc_sin, vc_sh, vc_sd,
-                         slot_sb, slot_ss, pos_sb, pos_ss, cos_sp, cos_sb, cos_ss, cos_sd,
-                         sin_sp, sin_sb, sin_ss, sin_sd,
-                         IS_NEOX, COS_PER_ELEMENT, HAS_POSITIONS, HAS_SWA, HAS_K_SCALE, HAS_V_SCALE,
-                         CACHE_IS_FP8, RETURN_K, HAS_TAIL, NEGATIVE_WRAPS,
-                         BLOCK_RKV, BLOCK_HALF, BLOCK_TAIL, BLOCK_D)
+        b, s, h, mask, cos_row, sin_row = _token_rows(
+            pid - n_q_programs, BLOCK_RKV, HKV, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS,
+            cos_sb, cos_sr, sin_sb, sin_sr, NEGATIVE_WRAPS)
+        d = tl.arange(0, BLOCK_D)
+        vm = mask[:, None] & (d < D)[None, :]
+        v = tl.load(v_ptr + _offset(b, s, h, v_sb, v_ss, v_sh)[:, None] + (d * v_sd)[None, :], mask=vm)
+        v = v.to(tl.float32)
+        # slot of token (b, s): negative at either level, or outside the cache, means no store
+        slot = tl.load(slot_ptr + _offset(b, s, 0, slot_sb, slot_ss, 0), mask=mask, other=-1).to(tl.int64)
+        store = mask
+        if swa_ptr is not None:
+            if NEGATIVE_WRAPS:
+                slot = tl.where(slot < 0, slot + N_SWA, slot)
+            in_swa = (slot >= 0) & (slot < N_SWA)
+            store = store & in_swa
+            slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=store, other=-1).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            slot = tl.where(slot < 0, slot + N_SLOTS, slot)
+        store = store & (slot >= 0) & (slot < N_SLOTS)
+        slot = tl.where(store, slot, 0)
+        blk = slot // CACHE_BLOCK_SIZE
+        off = slot - blk * CACHE_BLOCK_SIZE
+        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sin
+        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sin
+        k_row = _offset(b, s, h, k_sb, k_ss, k_sh)
+
+        o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
+                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+        kc_ty = k_cache_ptr.dtype.element_ty
+        sm = m & store[:, None]
+        tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
+                 _quantize(o1, k_scale_ptr, FP8_MAX).to(kc_ty), mask=sm)
+        tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
+                 _quantize(o2, k_scale_ptr, FP8_MAX).to(kc_ty), mask=sm)
+        if k_out_ptr is not None:
+            ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
+            ko_ty = k_out_ptr.dtype.element_ty
+            tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], o1.to(ko_ty), mask=m)
+            tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], o2.to(ko_ty), mask=m)
+        if ROT < D:
+            tail = ROT + tl.arange(0, BLOCK_TAIL)
+            tm = mask[:, None] & (tail < D)[None, :]
+            x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
+            tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
+                     _quantize(x.to(tl.float32), k_scale_ptr, FP8_MAX).to(kc_ty), mask=tm & store[:, None])
+            if k_out_ptr is not None:
+                tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
+
+        tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
+                 _quantize(v, v_scale_ptr, FP8_MAX).to(v_cache_ptr.dtype.element_ty), mask=vm & store[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,15 +531,6 @@ def check_index_ranges(p: RopeKVProblem) -> None:
                              f"got {int(p.positions[bad][0])}")
 
 
-def _cache_strides(c: torch.Tensor, layout: CacheLayout) -> tuple[int, int, int, int, int, int]:
-    """(sb, sblk, sin, sh, sd, block_size) of a cache for the kernel's address formula."""
-    if layout is CacheLayout.TOKEN:
-        return 0, c.stride(0), 0, c.stride(1), c.stride(2), 1
-    if layout is CacheLayout.PAGED:
-        return 0, c.stride(0), c.stride(1), c.stride(2), c.stride(3), c.shape[1]
-    return c.stride(0), c.stride(2), 0, c.stride(1), c.stride(3), 1
-
-
 def launch_config(p: RopeKVProblem) -> dict:
     """Rows per program and warps, per target.
 
@@ -572,18 +538,23 @@ def launch_config(p: RopeKVProblem) -> dict:
     half as many rows (it moves k and v); with fewer rows than ~512 such programs the rows are split
     finer (down to 8 per program) so that more SMs share the latency-bound work. Four warps measured
     best or within noise at every size on Hopper (benchmarks/RESULTS.md). On HIP a warp is a 64-lane
-    wavefront: half the warps cover the same tile, and ``waves_per_eu`` leaves the compiler room for
-    two waves per SIMD.
+    wavefront: half the warps cover the same tile. (No ``waves_per_eu``: from Triton 3.6 on it also caps
+    occupancy, and Inductor's launch of a user kernel does not pass it.)
+
+    Under torch.compile the token count may be symbolic: a decision on it would install a guard (one
+    compile per count), so then only the static dims decide and the large-T tiles are used (the sweep
+    found at most ~4 % between configurations at small T).
     """
-    half = triton.next_power_of_2(p.rotary_dim // 2)
-    d = triton.next_power_of_2(p.q.shape[-1])
-    n_q_rows = p.num_tokens * p.q.shape[2]
+    half = triton.next_power_of_2(_static(p.rotary_dim) // 2)
+    d = triton.next_power_of_2(_static(p.q.shape[-1]))
     block_rq = max(1, 2048 // d)
-    while block_rq > 8 and n_q_rows // block_rq < 512:
-        block_rq //= 2
+    n_q_rows = p.num_tokens * p.q.shape[2]
+    if isinstance(n_q_rows, int):
+        while block_rq > 8 and n_q_rows // block_rq < 512:
+            block_rq //= 2
     cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=max(1, block_rq // 2), BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
     if torch.version.hip is not None and p.q.is_cuda:
-        cfg.update(num_warps=2, waves_per_eu=2)
+        cfg.update(num_warps=2)
     return cfg
 
 
@@ -591,54 +562,106 @@ def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, **
     """Launch the kernel once (nothing for T = 0). ``q_out``/``k_out`` have the shapes of q/k."""
     if p.num_tokens == 0:
         return
+    grid, args = kernel_arguments(p, q_out, k_out, **config)
+    _rope_kv_store_kernel[grid](**args)
+
+
+def launch_traceable(p: RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch through ``torch.library.wrap_triton``; returns ``(q_out, k_out)``.
+
+    Made to be traced (``make_fx(torch.func.functionalize(fn, remove="mutations"))`` over fake tensors,
+    ``p`` from ``prepare`` on them): the graph then holds ``triton_kernel_wrapper_functional`` and Inductor
+    launches the kernel from its own generated code. No argument checks (``prepare`` did them), no
+    Python branch on the token count and no ``int()`` of it: it reaches the kernel and the grid as a
+    symbolic value. ``k_out`` is empty unless ``return_k``, as the custom op returns it.
+    """
+    q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=p.q.device)
+    k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
+    grid, args = kernel_arguments(p, q_out, k_out if return_k else None)
+    torch.library.wrap_triton(_rope_kv_store_kernel)[grid](**args)  # the launch for T = 0 is empty
+    return q_out, k_out
+
+
+def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None,
+                     **config) -> tuple[tuple, dict]:
+    """``(grid, keyword arguments)`` of one launch; ``config`` overrides ``launch_config(p)``.
+
+    Run-time values: the tensors (absent ones are None: Triton makes them constexprs), the token
+    count and the batch strides. Everything else is a constexpr.
+    """
     head_dim = p.q.shape[-1]
     qo = _as_bshd("q_out", q_out, p.layout, head_dim)
-    ko = _as_bshd("k_out", k_out, p.layout, head_dim) if k_out is not None else qo
-    kc = _cache_strides(p.k_cache, p.layout)
-    vc = _cache_strides(p.v_cache, p.layout)
-    cfg = launch_config(p)
-    cfg.update(config)
-    block_rq, block_rkv = cfg["BLOCK_RQ"], cfg["BLOCK_RKV"]
-    n_q_programs = triton.cdiv(p.num_tokens * p.q.shape[2], block_rq)
-    n_kv_programs = triton.cdiv(p.num_tokens * p.k.shape[2], block_rkv)
-    tail = head_dim - p.rotary_dim
-    pos = p.positions if p.positions is not None else p.slot_mapping  # dummy pointer when unused
-    swa = p.swa_table if p.swa_table is not None else p.slot_mapping
-    cos_bs, sin_bs = _per_token_strides(p.cos), _per_token_strides(p.sin)
+    ko = _as_bshd("k_out", k_out, p.layout, head_dim) if k_out is not None else None
     fp8 = p.k_cache.dtype in FP8_DTYPES
-    _rope_kv_store_kernel[(n_q_programs + n_kv_programs,)](
-        p.q, p.k, p.v, q_out, ko,
-        p.k_cache, p.v_cache,
-        p.slot_mapping, swa, pos,
-        p.cos, p.sin,
-        p.k_scale if p.k_scale is not None else p.cos, p.v_scale if p.v_scale is not None else p.cos,
-        p.num_tokens, p.q.shape[1], p.q.shape[2], p.k.shape[2], head_dim, p.rotary_dim // 2, p.rotary_dim,
-        n_q_programs, p.num_slots, swa.shape[0], p.cos.shape[0], kc[5],
-        torch.finfo(p.k_cache.dtype).max if fp8 else 0.0,
-        *p.q.stride(), *p.k.stride(), *p.v.stride(), *qo.stride(), *ko.stride(),
-        *kc[:5], *vc[:5],
-        _bstride(p.slot_mapping), p.slot_mapping.stride(1),
-        _bstride(pos) if p.positions is not None else 0, pos.stride(-1),
-        p.cos.stride(0), *cos_bs, p.cos.stride(-1),
-        p.sin.stride(0), *sin_bs, p.sin.stride(-1),
-        IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, HAS_POSITIONS=p.positions is not None,
-        HAS_SWA=p.swa_table is not None, HAS_K_SCALE=p.k_scale is not None, HAS_V_SCALE=p.v_scale is not None,
-        CACHE_IS_FP8=fp8, RETURN_K=k_out is not None, HAS_TAIL=tail > 0, NEGATIVE_WRAPS=p.negative_wraps,
+    cfg = launch_config(p) | config
+    tail = _static(head_dim) - _static(p.rotary_dim)
+    args = dict(
+        q_ptr=p.q, k_ptr=p.k, v_ptr=p.v, q_out_ptr=q_out, k_out_ptr=k_out, k_cache_ptr=p.k_cache,
+        v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
+        cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale,
+        T=p.num_tokens,
+        **_token_strides("q", p.q), **_token_strides("k", p.k), **_token_strides("v", p.v),
+        **_token_strides("qo", qo), **_token_strides("ko", ko),
+        **_cache_strides("kc", p.k_cache, p.layout), **_cache_strides("vc", p.v_cache, p.layout),
+        **_index_strides("slot", p.slot_mapping), **_index_strides("pos", p.positions),
+        **_rotary_strides("cos", p.cos, p.positions is not None),
+        **_rotary_strides("sin", p.sin, p.positions is not None),
+        B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=p.rotary_dim,
+        N_SLOTS=p.num_slots, N_SWA=p.swa_table.shape[0] if p.swa_table is not None else None,
+        N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
+        CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
+        FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
+        IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         **cfg,
     )
+    n_q_programs = triton.cdiv(p.num_tokens * p.q.shape[2], cfg["BLOCK_RQ"])
+    n_kv_programs = triton.cdiv(p.num_tokens * p.k.shape[2], cfg["BLOCK_RKV"])
+    return (n_q_programs + n_kv_programs,), args
 
 
-def _bstride(x: torch.Tensor) -> int:
-    """Batch stride of a [B or 1, S] view: 0 when broadcast over the batch."""
-    return x.stride(0) if x.shape[0] > 1 else 0
+def _static(n):
+    """A size the kernel takes as a constexpr, as an int (a symbolic one is specialised, as Inductor would)."""
+    return n if isinstance(n, int) else guard_int(n)
 
 
-def _per_token_strides(c: torch.Tensor) -> tuple[int, int]:
-    """(batch, token) strides of a per-token cos/sin seen as [B or 1, S, R']."""
-    if c.dim() == 2:
-        return 0, c.stride(0)
-    return (c.stride(0) if c.shape[0] > 1 else 0), c.stride(1)
+def _batch_stride(x: torch.Tensor):
+    """Stride of dim 0 of a [B or 1, S, ...] view; None when that dim has size 1 (B = 1, or broadcast)."""
+    return None if x.shape[0] == 1 else x.stride(0)
+
+
+def _token_strides(name: str, x: torch.Tensor | None) -> dict:
+    """{name}_sb (run time), _ss, _sh, _sd (constexprs) of a [B, S, H, D] view; all None without the tensor."""
+    if x is None:
+        return dict.fromkeys((f"{name}_sb", f"{name}_ss", f"{name}_sh", f"{name}_sd"))
+    return {f"{name}_sb": _batch_stride(x), f"{name}_ss": x.stride(1), f"{name}_sh": x.stride(2),
+            f"{name}_sd": x.stride(3)}
+
+
+def _index_strides(name: str, x: torch.Tensor | None) -> dict:
+    """{name}_sb (run time), _ss of a [B or 1, S] index view."""
+    if x is None:
+        return {f"{name}_sb": None, f"{name}_ss": None}
+    return {f"{name}_sb": _batch_stride(x), f"{name}_ss": x.stride(1)}
+
+
+def _rotary_strides(name: str, c: torch.Tensor, table: bool) -> dict:
+    """{name}_sb (run time), _sr, _sd of cos/sin: a table [P, R'] (row = position) or per-token values
+    [S, R'] / [B or 1, S, R'] (row = token)."""
+    if table or c.dim() == 2:
+        return {f"{name}_sb": None, f"{name}_sr": c.stride(0), f"{name}_sd": c.stride(-1)}
+    return {f"{name}_sb": _batch_stride(c), f"{name}_sr": c.stride(1), f"{name}_sd": c.stride(2)}
+
+
+def _cache_strides(name: str, c: torch.Tensor, layout: CacheLayout) -> dict:
+    """{name}_sb, _sblk, _sin, _sh, _sd of a cache for the kernel's address formula (all constexprs)."""
+    if layout is CacheLayout.TOKEN:
+        sb, sblk, sin, sh, sd = None, c.stride(0), 0, c.stride(1), c.stride(2)
+    elif layout is CacheLayout.PAGED:
+        sb, sblk, sin, sh, sd = None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)
+    else:
+        sb, sblk, sin, sh, sd = _batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)
+    return {f"{name}_sb": sb, f"{name}_sblk": sblk, f"{name}_sin": sin, f"{name}_sh": sh, f"{name}_sd": sd}
 
 
 # --------------------------------------------------------------------------------------------

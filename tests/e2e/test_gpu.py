@@ -211,3 +211,43 @@ def test_forms_match_eager(form, kw, codes):
     assert codes and all(code.count(FUSED_CALL) == 1 for code in codes), \
         "the fused op is not called once in every compiled graph"
     assert all(b.device.type == DEVICE for b in caches(block).values())
+
+
+# ------------------------------------------------------------------------------------------------
+# (iv) the public op called inside compiled code: Inductor launches the kernel itself
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_direct_op_call_is_launched_by_inductor(codes, dynamic):
+    """``torch.ops.fx_fusion.rope_kv_store`` in user code compiled by stock Inductor: the output code launches
+    our Triton kernel directly (``.run(``), with no call of the custom op, and matches eager."""
+    from fx_fusion.kernels import rope_kv_store
+
+    n_q, n_kv, d, slots, max_pos = 8, 2, 64, 64, 128
+    k_cache = torch.randn(slots, n_kv, d, dtype=BF16, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    csc = torch.randn(max_pos, d, device=DEVICE)
+
+    def step(qkv, loc, pos, k_cache, v_cache):
+        q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+        q_out, _ = rope_kv_store(q, k, v, k_cache, v_cache, loc, cos_sin_cache=csc, positions=pos)
+        return q_out
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for t in (5, 9, 33):
+        qkv = torch.randn(t, (n_q + 2 * n_kv) * d, dtype=BF16, device=DEVICE)
+        loc = torch.randperm(slots, device=DEVICE)[:t]
+        pos = torch.randint(0, max_pos, (t,), device=DEVICE)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        expected = step(qkv, loc, pos, kc, vc)
+        out = compiled(qkv, loc, pos, k_cache, v_cache)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)  # the same kernel on both sides
+        torch.testing.assert_close(k_cache, kc, atol=0, rtol=0)
+        torch.testing.assert_close(v_cache, vc, atol=0, rtol=0)
+    assert codes, "nothing compiled"
+    for code in codes:
+        assert "torch.ops.fx_fusion" not in code, "the op is still called through the dispatcher"
+        assert "_rope_kv_store_kernel" in code and ".run(" in code, "no direct launch of our kernel"
+    if dynamic:
+        assert len(codes) <= 2, f"{len(codes)} compiles for T = 5, 9, 33 with a dynamic token count"

@@ -82,7 +82,7 @@ def test_registered():
     assert hasattr(torch.ops.fx_fusion, "rope_kv_store")
     assert isinstance(OP.default, torch._ops.OpOverload)
     name = "fx_fusion::rope_kv_store"
-    for key in ("CompositeExplicitAutograd", "CUDA", "Meta"):  # the default (CPU) kernel, CUDA, fake
+    for key in ("CompositeExplicitAutograd", "Meta"):  # one eager kernel for every device, fake
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), key
     assert [a.name for a in OP.default._schema.arguments] == list(ARG_ORDER)
 

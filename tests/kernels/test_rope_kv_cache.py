@@ -790,14 +790,15 @@ def test_launch_grid_and_config(kernel_spy, T, Hq, Hkv, D, rot):
 
     launch(p, torch.empty_like(q), None)
     (grid, kw), = kernel_spy.launches
-    n_q = kw["n_q_programs"]
+    n_q = triton.cdiv(T * Hq, kw["BLOCK_RQ"])  # the kernel's split of the grid
     assert len(grid) == 1 and grid[0] >= 2
     assert 1 <= n_q < grid[0]
     # q programs cover the T * Hq rows, kv programs the T * Hkv rows, none of them empty
     assert (n_q - 1) * kw["BLOCK_RQ"] < T * Hq <= n_q * kw["BLOCK_RQ"]
     n_kv = grid[0] - n_q
     assert (n_kv - 1) * kw["BLOCK_RKV"] < T * Hkv <= n_kv * kw["BLOCK_RKV"]
-    assert kw["T"] == T and kw["Hq"] == Hq and kw["Hkv"] == Hkv and kw["D"] == D and kw["ROT"] == rot
-    assert kw["BLOCK_TAIL"] >= D - rot and kw["HAS_TAIL"] == (rot < D)
+    assert kw["T"] == T and kw["HQ"] == Hq and kw["HKV"] == Hkv and kw["D"] == D and kw["ROT"] == rot
+    assert kw["BLOCK_TAIL"] >= D - rot
+    assert kw["k_out_ptr"] is None  # not returned: not passed (no alias of q_out)
     assert {k: kw[k] for k in cfg} == cfg
     assert triton.cdiv(T * Hq, cfg["BLOCK_RQ"]) == n_q

@@ -1,0 +1,269 @@
+"""The kernel's launch interface: run-time arguments, fp8 NaN and scales, and the traceable launcher.
+
+``launch_traceable`` is traced with ``make_fx(torch.func.functionalize(...))`` as a graph pass traces it:
+the graph must hold ``triton_kernel_wrapper_functional`` (Inductor's user-kernel op) and no fx_fusion op,
+and running it must match the float64 reference (outputs poisoned, whole caches compared).
+
+On CPU: ``wrap_triton`` only traces real ``@triton.jit`` functions, and the interpreter's are not, so
+the graph is traced from a copy of the kernels module loaded with the interpreter off; to run the graph,
+the kernel it names is swapped for the interpreted one (same source).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import sys
+
+import pytest
+import torch
+import triton
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fx_fusion.kernels import rope_kv_cache as rkc
+from tests.kernels.test_rope_kv_cache import (
+    INTERPRETED,
+    TOLERANCES,
+    KernelSpy,
+    addressed_rows,
+    assert_cache,
+    exact_fp8_casts_in_interpreter,  # noqa: F401  (autouse fixture, applies to this module too)
+    make_args,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Run-time arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def _constexpr_names() -> set[str]:
+    fn = getattr(rkc._rope_kv_store_kernel, "fn", rkc._rope_kv_store_kernel)
+    return {n for n, prm in inspect.signature(fn).parameters.items() if "constexpr" in str(prm.annotation)}
+
+
+CONSTEXPRS = _constexpr_names()
+
+
+COMMON_CASES = {
+    # id: (make_args keyword arguments, return_k): SGLang/vLLM decode and prefill, HF StaticCache
+    "sglang-token": (dict(layout="token", table="packed"), False),
+    "vllm-paged": (dict(layout="paged", table="packed"), False),
+    "hf-sequence-b2": (dict(layout="sequence", batch=2, table="hf"), False),
+    "hf-sequence-b2-return-k": (dict(layout="sequence", batch=2, table="hf_b1"), True),
+}
+
+
+@pytest.mark.parametrize("case", COMMON_CASES.values(), ids=COMMON_CASES.keys())
+def test_at_most_16_run_time_arguments(device, monkeypatch, case):
+    """Sizes, strides that do not involve the token count, flags and block sizes are constexprs."""
+    kw, return_k = case
+    spy = KernelSpy(rkc._rope_kv_store_kernel.arg_names)
+    monkeypatch.setattr(rkc, "_rope_kv_store_kernel", spy)
+    p = rkc.prepare(**make_args(device, T=5, Hq=8, Hkv=2, D=64, **kw))
+    q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=device)
+    rkc.launch(p, q_out, torch.empty(p.k_shape, dtype=p.k.dtype, device=device) if return_k else None)
+    (_, args), = spy.launches
+    run_time = {n for n, x in args.items() if x is not None and n not in CONSTEXPRS
+                and n not in ("num_warps", "num_stages")}
+    assert len(run_time) <= 16, sorted(run_time)
+    assert "T" in run_time and {"q_ptr", "k_cache_ptr", "slot_ptr"} <= run_time
+    assert ("k_out_ptr" in run_time) == return_k
+
+
+# --------------------------------------------------------------------------------------------------
+# fp8: NaN stays NaN; scales act as in eager (x / scale).clamp(-max, max).to(fp8)
+# --------------------------------------------------------------------------------------------------
+
+
+def eager_quant(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    fmax = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_keeps_nan(device, cache_dtype):
+    """A NaN in v (and so in rotated k) is stored as NaN, not saturated to -max (regression)."""
+    args = make_args(device, T=4, Hq=2, Hkv=1, D=16, dtype=torch.float32, cache_dtype=cache_dtype, qkv="3d")
+    args["v"][1, 0, 3] = float("nan")
+    args["k"][2, 0, 0] = float("nan")
+    p = rkc.prepare(**args)
+    rkc.launch(p, torch.empty(p.q_shape, device=device), None)
+    slots = p.slot_mapping.reshape(-1)
+    v_row, k_row = p.v_cache[slots[1], 0].float(), p.k_cache[slots[2], 0].float()
+    assert torch.isnan(v_row[3]), f"v NaN stored as {v_row[3].item()}"
+    assert torch.isnan(v_row[torch.arange(16, device=device) != 3]).sum() == 0
+    # NeoX pairs (0, 8): a NaN at feature 0 makes both rotated features NaN
+    assert torch.isnan(k_row[0]) and torch.isnan(k_row[8]), f"k NaN stored as {k_row[[0, 8]].tolist()}"
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan")], ids=["zero", "negative", "inf", "nan"])
+def test_fp8_scale_edge_cases_follow_eager(device, scale):
+    """Scale 0, negative or non-finite: the stored v equals eager (v / scale).clamp(-max, max).to(fp8)."""
+    cache_dtype = torch.float8_e4m3fn
+    args = make_args(device, T=3, Hq=2, Hkv=1, D=16, dtype=torch.float32, cache_dtype=cache_dtype, qkv="3d")
+    args["v"][0, 0, :2] = 0.0  # 0 / 0 = NaN with a zero scale
+    args["v_scale"] = torch.tensor([scale], device=device)
+    p = rkc.prepare(**args)
+    rkc.launch(p, torch.empty(p.q_shape, device=device), None)
+    got = p.v_cache[p.slot_mapping.reshape(-1)][:, 0].float()
+    want = eager_quant(args["v"][:, 0], scale, cache_dtype).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+# --------------------------------------------------------------------------------------------------
+# The traceable launcher
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced_kernels():
+    """(module to trace with, interpreted kernel to run the graph with or None on a GPU)."""
+    if not INTERPRETED:
+        yield rkc, None
+        return
+    name = "fx_fusion_rope_kv_cache_jit"
+    spec = importlib.util.spec_from_file_location(name, rkc.__file__)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")  # Triton reads it when @triton.jit runs
+        mp.setitem(sys.modules, name, module)  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    assert isinstance(module._rope_kv_store_kernel, triton.runtime.JITFunction)
+    yield module, rkc._rope_kv_store_kernel
+
+
+def trace(module, args: dict, return_k: bool, tracing_mode: str) -> torch.fx.GraphModule:
+    """make_fx(functionalize(prepare -> launch_traceable)) over the tensors of ``args``, on fake tensors."""
+    names = [n for n, x in args.items() if isinstance(x, torch.Tensor)]
+    static = {n: x for n, x in args.items() if n not in names}
+
+    def fn(*tensors):
+        p = module.prepare(**dict(zip(names, tensors)), **static)
+        return module.launch_traceable(p, return_k)
+
+    return make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode=tracing_mode)(
+        *(args[n] for n in names))
+
+
+def run_graph(gm, module, interpreted, monkeypatch, args: dict, return_k: bool):
+    """Run the traced graph on real tensors (empty outputs poisoned with NaN); compare with the reference."""
+    if interpreted is not None:  # (the table holds the kernel wrapped in a one-config autotuner: num_warps)
+        (node,) = kernel_nodes(gm)
+        monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], interpreted)
+    p = module.prepare(**args)
+    before = (p.k_cache.clone(), p.v_cache.clone())
+    ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
+    q_ref, k_ref = module.reference(ref, return_k, compute_dtype=torch.float64)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)  # torch.empty fills NaN: poisoned outputs
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        q_out, k_out = gm(*(x for x in args.values() if isinstance(x, torch.Tensor)))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    atol, rtol = TOLERANCES[p.q.dtype]
+    torch.testing.assert_close(q_out, q_ref, atol=atol, rtol=rtol, msg=lambda m: f"q_out: {m}")
+    if return_k:
+        torch.testing.assert_close(k_out, k_ref, atol=atol, rtol=rtol, msg=lambda m: f"k_out: {m}")
+    else:
+        assert k_out.shape == (0,)
+    # addressed_rows and assert_cache know this module's layouts by value
+    p_here = rkc.prepare(**dict(args, layout=p.layout.value))
+    addressed = addressed_rows(p_here)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p_here.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p_here.layout)
+
+
+def kernel_nodes(gm) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "__name__", "") == "triton_kernel_wrapper_functional"]
+
+
+TRACE_CASES = {
+    # id: (make_args keyword arguments, return_k)
+    "token-packed-fused2d": (dict(layout="token", table="packed"), False),
+    "paged-hf-gptj-return-k": (dict(layout="paged", table="hf", is_neox=False, qkv="3d"), True),
+    "sequence-b2-partial": (dict(layout="sequence", batch=2, table="hf", rot=32), True),
+    "token-fp8-swa": (dict(layout="token", cache_dtype=torch.float8_e4m3fn, spare_rows=12), False),
+}
+
+
+def case_args(device, kw: dict, T: int) -> dict:
+    """A problem of T tokens; the caches keep 24 rows whatever T (cache sizes are constexprs)."""
+    args = make_args(device, T=T, Hq=4, Hkv=2, D=64, **{"spare_rows": 24 - T, **kw})
+    if kw.get("cache_dtype") is not None:
+        args["k_scale"] = torch.tensor([0.5], device=device)
+        args["v_scale"] = torch.tensor([2.0], device=device)
+        n_rows = args["k_cache"].shape[0]
+        args["swa_table"] = torch.randperm(n_rows, device=device)
+        args["slot_mapping"] = torch.randperm(n_rows, device=device)[:T]
+        args["slot_mapping"][0] = -1
+    return args
+
+
+@pytest.mark.parametrize("case", TRACE_CASES.values(), ids=TRACE_CASES.keys())
+def test_traced_graph_holds_the_kernel_op(device, traced_kernels, case):
+    """Fake tensors in, Inductor's functional user-kernel op out; no fx_fusion op, no aliasing outputs."""
+    module, _ = traced_kernels
+    kw, return_k = case
+    gm = trace(module, case_args(device, kw, T=5), return_k, "fake")
+    (node,) = kernel_nodes(gm)
+    assert "fx_fusion" not in gm.code
+    kernel_args = node.kwargs["kwargs"]
+    assert ("k_out_ptr" in kernel_args) == return_k  # not passed when not returned: no alias of q_out
+
+
+@pytest.mark.parametrize("case", TRACE_CASES.values(), ids=TRACE_CASES.keys())
+def test_traced_graph_matches_reference(device, traced_kernels, monkeypatch, case):
+    module, interpreted = traced_kernels
+    kw, return_k = case
+    args = case_args(device, kw, T=5)
+    gm = trace(module, args, return_k, "fake")
+    run_graph(gm, module, interpreted, monkeypatch, args, return_k)
+
+
+@pytest.mark.parametrize("case", ["token-packed-fused2d", "sequence-b2-partial"])
+def test_symbolic_token_count_is_not_specialised(device, traced_kernels, monkeypatch, case):
+    """Traced with a symbolic T (7), the graph computes the grid from T and runs right for T = 13 and 2."""
+    module, interpreted = traced_kernels
+    kw, return_k = TRACE_CASES[case]
+    gm = trace(module, case_args(device, kw, T=7), return_k, "symbolic")
+    (node,) = kernel_nodes(gm)
+    assert isinstance(node.kwargs["kwargs"]["T"], torch.fx.Node), "T was specialised to a constant"
+    assert isinstance(node.kwargs["grid"][0][0], torch.fx.Node), "the grid was specialised to a constant"
+    for T in (13, 2):
+        run_graph(gm, module, interpreted, monkeypatch, case_args(device, kw, T=T), return_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public op inside compiled code
+# --------------------------------------------------------------------------------------------------
+
+
+def test_op_runs_inside_torch_compile(device):
+    """A direct call inside compiled code: on CUDA broken down into the kernel launch, elsewhere kept; same result."""
+    args = case_args(device, dict(layout="token", table="packed", dtype=torch.float32), T=6)
+    p = rkc.prepare(**args)
+    ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
+    q_ref, _ = rkc.reference(ref, False, compute_dtype=torch.float64)
+    before = (p.k_cache.clone(), p.v_cache.clone())
+
+    def step(q, k, v, k_cache, v_cache, slots, cos, sin, positions):
+        q_out, _ = torch.ops.fx_fusion.rope_kv_store(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None,
+                                                     None, None, True, 64, "token", False, False)
+        return q_out * 2
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out = torch.compile(step, fullgraph=True)(*(args[n] for n in ("q", "k", "v", "k_cache", "v_cache",
+                                                                        "slot_mapping", "cos", "sin", "positions")))
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, 2 * q_ref, atol=1e-5, rtol=1e-5)
+    addressed = addressed_rows(p)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
