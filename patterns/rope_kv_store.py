@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,7 +42,7 @@ from torch.fx import Graph, Node
 
 import fx_fusion.kernels.ops  # noqa: F401  (registers torch.ops.fx_fusion.rope_kv_store)
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout
-from fx_fusion.patterns.fx_utils import Role, broadcast_equal, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope
 
