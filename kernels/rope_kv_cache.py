@@ -36,6 +36,7 @@ feature, as HF computes them) or ``R/2`` (one per pair).
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -578,8 +579,24 @@ def launch_traceable(p: RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, to
     q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=p.q.device)
     k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
     grid, args = kernel_arguments(p, q_out, k_out if return_k else None)
+    symbolic = sorted(name for name in _constexpr_names(_rope_kv_store_kernel)
+                      if isinstance(args.get(name), torch.SymInt))
+    if symbolic:
+        raise NotTraceable(f"the kernel takes {', '.join(symbolic)} as compile-time constants, but they are "
+                           "symbolic here: launching it from traced code would specialise them")
     torch.library.wrap_triton(_rope_kv_store_kernel)[grid](**args)  # the launch for T = 0 is empty
     return q_out, k_out
+
+
+class NotTraceable(Exception):
+    """``launch_traceable`` would pin a symbolic size to one value (a constexpr); launch the op instead."""
+
+
+def _constexpr_names(kernel) -> frozenset[str]:
+    """Names of the ``tl.constexpr`` parameters of a ``@triton.jit`` kernel (interpreted or not)."""
+    fn = getattr(kernel, "fn", kernel)
+    return frozenset(name for name, prm in inspect.signature(fn).parameters.items()
+                     if prm.annotation is tl.constexpr or prm.annotation in ("tl.constexpr", "constexpr"))
 
 
 def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None,

@@ -40,8 +40,8 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Graph, Node
 
-import fx_fusion.kernels.ops  # noqa: F401  (registers torch.ops.fx_fusion.rope_kv_store)
-from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout
+from fx_fusion.kernels.ops import rope_kv_store_functional
+from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope
@@ -458,9 +458,35 @@ def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, 
                                return_k=return_k, validate=validate, negative_wraps=True)
 
 
-def launcher_for(device: torch.device) -> Callable:
-    """The functional launcher the replacement calls for tensors on ``device`` (the one place to choose)."""
-    return functional_rope_kv_store
+def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
+                         rotary_dim: int, layout: str, return_k: bool, validate: bool):
+    """The fused kernel itself, for Inductor to launch from its output code: ``(q_out, k_out, new k_cache,
+    new v_cache)`` like ``functional_rope_kv_store``.
+
+    The op broken down into its ``wrap_triton`` launch and functionalized: the traced graph holds
+    ``triton_kernel_wrapper_functional``, which Inductor re-inplaces and launches as ``<kernel>.run(...)``
+    from its generated wrapper, with no Python dispatch and no argument checks on the hot path (they ran
+    once, here, on the fake tensors). Raises ``NotTraceable`` where the launch would pin a symbolic size.
+    """
+    def launch(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions):
+        q_out, k_out = rope_kv_store_functional(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions,
+                                                None, None, None, is_neox, rotary_dim, layout, return_k, validate,
+                                                True)
+        return q_out, k_out, k_cache, v_cache
+
+    return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_cache, v_cache, slot_mapping, cos, sin,
+                                                                positions)
+
+
+def launchers_for(device: torch.device, validate: bool) -> tuple[Callable, ...]:
+    """The functional launchers the replacement may call for tensors on ``device``, best first.
+
+    On CUDA (HIP included) the kernel launched from Inductor's own code; the op (``auto_functionalized``)
+    where that launch cannot be traced, on CPU (Inductor does not launch user Triton kernels there) and
+    with ``validate`` (a device sync the kernel launch does not do)."""
+    if device.type == "cuda" and not validate:
+        return kernel_rope_kv_store, functional_rope_kv_store
+    return (functional_rope_kv_store,)
 
 
 @dataclass(frozen=True)
@@ -605,12 +631,17 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None)
     inputs = [p.q.x, p.k.x, p.v_src, st.cache, p.v_store.cache, st.slots, p.cos.node, p.sin.node,
               p.cos.positions]
-    launch = launcher_for(st.cache.meta["val"].device)
+    launchers = launchers_for(st.cache.meta["val"].device, options.validate)
+    for launch in launchers:
+        try:
+            traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
+            break
+        except NotTraceable as e:  # e.g. a symbolic stride the kernel takes as a constant: the op instead
+            log.debug("%s: %s; emitting the op", st.node.name, e)
     position = {n: i for i, n in enumerate(graph.nodes)}
     last_input = max((n for n in inputs if n is not None), key=position.get)
     with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
-        new_nodes, outputs = _splice(graph, _trace(replacement, inputs, fake_mode, spec=spec, launch=launch),
-                                     inputs, st.node.meta.get("stack_trace"))
+        new_nodes, outputs = _splice(graph, traced, inputs, st.node.meta.get("stack_trace"), written=(3, 4))
     try:
         q_rot, k_rot, k_new, v_new = outputs
         for new, old in ((q_rot, p.q_root), (k_new, st.node), (v_new, p.v_store.node),
@@ -653,18 +684,25 @@ def _trace(fn: Callable, inputs: list, fake_mode, **static) -> torch.fx.GraphMod
         return make_fx(traced, tracing_mode="real")(*vals)
 
 
-def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None):
+def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None, written=()):
     """Copy ``gm``'s nodes into ``graph`` at the insertion point, its inputs bound to ``inputs``.
 
-    Returns (the new nodes, the values of ``gm``'s outputs in ``graph``)."""
+    ``gm``'s write-backs (``copy_``) into the inputs numbered in ``written`` (the caches) are left out: the
+    replaced ``index_put`` nodes' values are copied back by the graph's own epilogue. A write into any
+    other input is an error. Returns (the new nodes, the values of ``gm``'s outputs in ``graph``)."""
     env: dict[Node, object] = {}
     new_nodes: list[Node] = []
     try:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for ph, node in zip(placeholders, inputs, strict=True):
             env[ph] = node
+        write_backs = {placeholders[i] for i in written}
         for n in gm.graph.nodes:
             if n.op == "placeholder":
+                continue
+            if n.target is torch.ops.aten.copy_.default and n.args[0].op == "placeholder":
+                if n.args[0] not in write_backs or n.users:
+                    raise RuntimeError(f"the traced replacement writes its input {n.args[0].name}")
                 continue
             if n.op == "output":
                 return new_nodes, torch.fx.node.map_arg(n.args[0], env.__getitem__)

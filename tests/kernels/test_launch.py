@@ -227,17 +227,52 @@ def test_traced_graph_matches_reference(device, traced_kernels, monkeypatch, cas
     run_graph(gm, module, interpreted, monkeypatch, args, return_k)
 
 
+def trace_dynamic_tokens(module, args: dict, return_k: bool, T: int) -> torch.fx.GraphModule:
+    """Like ``trace``, with only the token dims symbolic (as in a graph compiled with a dynamic token dim).
+
+    Dims of size ``T`` are dynamic, every other size and stride is static. Inputs are made contiguous
+    (a view's sizes would come from its static base)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    names = [n for n, x in args.items() if isinstance(x, torch.Tensor)]
+    static = {n: x for n, x in args.items() if n not in names}
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(x: torch.Tensor) -> torch.Tensor:
+        dims = [DimDynamic.DYNAMIC if s == T else DimDynamic.STATIC for s in x.shape]
+        return mode.from_tensor(x.contiguous(), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    def fn(*tensors):
+        p = module.prepare(**dict(zip(names, tensors)), **static)
+        return module.launch_traceable(p, return_k)
+
+    fakes = [fake(args[n]) for n in names]
+    with mode:
+        return make_fx(torch.func.functionalize(fn, remove="mutations"))(*fakes)
+
+
 @pytest.mark.parametrize("case", ["token-packed-fused2d", "sequence-b2-partial"])
 def test_symbolic_token_count_is_not_specialised(device, traced_kernels, monkeypatch, case):
     """Traced with a symbolic T (7), the graph computes the grid from T and runs right for T = 13 and 2."""
     module, interpreted = traced_kernels
     kw, return_k = TRACE_CASES[case]
-    gm = trace(module, case_args(device, kw, T=7), return_k, "symbolic")
+    gm = trace_dynamic_tokens(module, case_args(device, kw, T=7), return_k, T=7)
     (node,) = kernel_nodes(gm)
     assert isinstance(node.kwargs["kwargs"]["T"], torch.fx.Node), "T was specialised to a constant"
     assert isinstance(node.kwargs["grid"][0][0], torch.fx.Node), "the grid was specialised to a constant"
     for T in (13, 2):
-        run_graph(gm, module, interpreted, monkeypatch, case_args(device, kw, T=T), return_k)
+        args = {n: x.contiguous() if isinstance(x, torch.Tensor) else x for n, x in case_args(device, kw, T=T).items()}
+        run_graph(gm, module, interpreted, monkeypatch, args, return_k)
+
+
+def test_symbolic_constexpr_is_not_traceable(device, traced_kernels):
+    """A size the kernel takes as a constexpr (here every size: all symbolic) is never pinned by the trace:
+    ``launch_traceable`` raises ``NotTraceable`` naming it, and the graph pass launches the op instead."""
+    module, _ = traced_kernels
+    kw, return_k = TRACE_CASES["token-packed-fused2d"]
+    with pytest.raises(module.NotTraceable, match=r"HQ.*compile-time constants"):
+        trace(module, case_args(device, kw, T=7), return_k, "symbolic")
 
 
 # --------------------------------------------------------------------------------------------------
