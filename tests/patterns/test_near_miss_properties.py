@@ -196,10 +196,10 @@ BUG_CASTS = [
     Case("sglang", {}, Perturbation(cast=I32, cast_at="k_rot")),  # 2. stored k truncated
     Case("sglang", {}, Perturbation(cast=FP8, cast_at="k_rot")),
     Case("hf", {}, Perturbation(cast=F16, cast_at="k_rot")),
-    Case("sglang", {}, Perturbation(cast=I32, cast_at="q_rot")),  # 2. same for q
+    Case("hf", {}, Perturbation(cast=I32, cast_at="q_rot")),  # 2. same for q
     Case("vllm", {}, Perturbation(cast=FP8, cast_at="cos")),  # 2. fp8-rounded cos / sin
     Case("gptfast", {}, Perturbation(cast=FP8, cast_at="sin")),
-    Case("sglang", {}, Perturbation(cast=I32, cast_at="k")),  # 2. truncation of k before the RoPE
+    Case("hf", {}, Perturbation(cast=I32, cast_at="k")),  # 2. truncation of k before the RoPE
 ]
 BUG_ROWS = [Case("sglang", {}, Perturbation(table_row="slice")),  # 3. csc[5:6] with T = 3
             Case("sglang", {}, Perturbation(table_row="index"))]  # 3. csc[pos[:1]]
