@@ -16,9 +16,15 @@ Every block: qkv projection -> RoPE on q, k -> store k, v into cache buffers (mu
 Use ``make_block(form, **kw)`` to build one and ``prefill_inputs`` / ``decode_inputs`` for its forward
 arguments. Caches start filled with random values, so a store to the wrong row shows up when whole
 caches are compared.
+
+``make_block(form, perturb=Perturbation(...))`` builds a *near miss* of the fusable chain instead (a cast
+round trip somewhere in it, scaled tables, one table row for every token), for soundness tests of the
+pass; without ``perturb`` every block traces exactly as before.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,65 @@ from torch import nn
 
 STYLES = ("neox", "gptj")
 FORMS = ("sglang", "vllm", "hf", "gptfast")
+CAST_POINTS = ("q", "k", "cos", "sin", "q_rot", "k_rot")
+TABLE_ROWS = ("slice", "index")
+
+
+# --------------------------------------------------------------------------------------------------
+# Near misses: optional perturbations of the RoPE -> store chain
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A change to the RoPE -> KV-store chain that a sound pass must either fuse exactly or leave alone.
+
+    cast / cast_at: round trip ``x.to(cast).to(x.dtype)`` at one point of the chain: "q" or "k" before
+    the RoPE, "cos" or "sin" (the per-token tables), "q_rot" or "k_rot" (the rotated result, before
+    attention or the cache store).  cos_scale / sin_scale: multiply one table (or both, differently).
+    table_row: one table row for every token, "slice" (``cos_sin_cache[5:6]``, position 5) or "index"
+    (``cos_sin_cache[positions[:1]]``, the first token's position).  The default changes nothing, and a
+    block built with it traces exactly like one built without.
+    """
+
+    cast: torch.dtype | None = None
+    cast_at: str = "k"
+    cos_scale: float = 1.0
+    sin_scale: float = 1.0
+    table_row: str | None = None
+
+    SLICE_ROW = 5  # the position whose row "slice" broadcasts
+
+    def __post_init__(self):
+        if self.cast_at not in CAST_POINTS:
+            raise ValueError(f"cast_at must be one of {CAST_POINTS}, got {self.cast_at!r}")
+        if self.table_row not in (None, *TABLE_ROWS):
+            raise ValueError(f"table_row must be None or one of {TABLE_ROWS}, got {self.table_row!r}")
+
+    def at(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` round-tripped through ``cast`` if this is the cast point, else ``x`` itself (no op traced)."""
+        if self.cast is None or point != self.cast_at:
+            return x
+        return x.to(self.cast).to(x.dtype)
+
+    def tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin with the scales and the cos/sin casts applied (untouched when there are none)."""
+        if self.cos_scale != 1.0:
+            cos = cos * self.cos_scale
+        if self.sin_scale != 1.0:
+            sin = sin * self.sin_scale
+        return self.at("cos", cos), self.at("sin", sin)
+
+    def rows(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``table`` rows for ``positions``, or one row for all of them (``table_row``), gathered on dim 0."""
+        if self.table_row == "slice":
+            return table[self.SLICE_ROW:self.SLICE_ROW + 1]
+        if self.table_row == "index":
+            return table[positions[:1]]
+        return table.index_select(0, positions)
+
+
+NO_PERTURBATION = Perturbation()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,20 +135,29 @@ def token_pool_apply_rotary(x, cos, sin, style: str, upcast: bool):
     return out.to(orig_dtype) if upcast else out
 
 
-def token_pool_rotary(positions, query, key, cos_sin_cache, head_dim, rot_dim, style, upcast, use_reshape):
-    """SGLang/vLLM ``RotaryEmbedding.forward_native``: q, k are [T, H*D]; returns the same shapes."""
+def token_pool_rotary(positions, query, key, cos_sin_cache, head_dim, rot_dim, style, upcast, use_reshape,
+                      perturb: Perturbation | None = None):
+    """SGLang/vLLM ``RotaryEmbedding.forward_native``: q, k are [T, H*D]; returns the same shapes.
+
+    ``perturb``: a near miss of this chain (see ``Perturbation``); ``None`` traces the plain form.
+    """
     positions = positions.flatten()
     num_tokens = positions.shape[0]
-    cos_sin = cos_sin_cache.index_select(0, positions)
-    cos, sin = cos_sin.chunk(2, dim=-1)
+    if perturb is None:
+        cos_sin = cos_sin_cache.index_select(0, positions)
+        cos, sin = cos_sin.chunk(2, dim=-1)
+    else:
+        cos, sin = perturb.tables(*perturb.rows(cos_sin_cache, positions).chunk(2, dim=-1))
     out = []
-    for x in (query, key):
+    for name, x in (("q", query), ("k", key)):
+        x = x if perturb is None else perturb.at(name, x)
         shape = x.shape
         x = x.reshape(num_tokens, -1, head_dim) if use_reshape else x.view(num_tokens, -1, head_dim)
         x_rot = x[..., :rot_dim]
         x_pass = x[..., rot_dim:]
         x_rot = token_pool_apply_rotary(x_rot, cos, sin, style, upcast)
-        out.append(torch.cat((x_rot, x_pass), dim=-1).reshape(shape))
+        x = torch.cat((x_rot, x_pass), dim=-1).reshape(shape)
+        out.append(x if perturb is None else perturb.at(f"{name}_rot", x))
     return out[0], out[1]
 
 
@@ -171,12 +245,14 @@ class _BlockBase(nn.Module):
     num_heads / num_kv_heads / head_dim: Hq, Hkv, D.  rot_dim: rotated prefix of each head (default D).
     style: "neox" (rotate halves) or "gptj" (rotate interleaved pairs).  upcast: compute RoPE in fp32 and
     cast back where the source form has no upcast.  use_reshape: ``reshape`` where the source says ``view``.
+    perturb: a near miss of the RoPE -> store chain (``Perturbation``); ``None`` (default) leaves it as is.
     """
 
     form = ""
 
     def __init__(self, *, num_heads=4, num_kv_heads=2, head_dim=16, rot_dim=None, style="neox",
-                 dtype=torch.float32, upcast=False, use_reshape=False, max_pos=64, hidden_size=None):
+                 dtype=torch.float32, upcast=False, use_reshape=False, max_pos=64, hidden_size=None,
+                 perturb: Perturbation | None = None):
         super().__init__()
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
@@ -188,6 +264,7 @@ class _BlockBase(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rot_dim, self.style, self.dtype = rot_dim, style, dtype
         self.upcast, self.use_reshape, self.max_pos = upcast, use_reshape, max_pos
+        self.perturb = None if perturb == NO_PERTURBATION else perturb
         self.hidden_size = hidden_size or num_heads * head_dim
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
@@ -232,7 +309,7 @@ class SGLangBlock(_BlockBase):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rot_dim,
-                                 self.style, self.upcast, self.use_reshape)
+                                 self.style, self.upcast, self.use_reshape, self.perturb)
         # RadixAttention -> token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
         self.k_buffer[loc] = self._view(k, -1, self.num_kv_heads, self.head_dim)
         self.v_buffer[loc] = self._view(v, -1, self.num_kv_heads, self.head_dim)
@@ -262,7 +339,7 @@ class VLLMPagedBlock(_BlockBase):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rot_dim,
-                                 self.style, self.upcast, self.use_reshape)
+                                 self.style, self.upcast, self.use_reshape, self.perturb)
         k = self._view(k, -1, self.num_kv_heads, self.head_dim)
         v = self._view(v, -1, self.num_kv_heads, self.head_dim)
         if self.flat_store:
@@ -346,8 +423,17 @@ class HFBlock(_BlockBase):
         k = k.transpose(1, 2)
         v = self._view(self.v_proj(hidden), *hidden_shape).transpose(1, 2)
 
-        cos, sin = self.rotary_emb(v, position_ids)
-        q, k = hf_apply_rotary_pos_emb(q, k, cos, sin, self.style, self.upcast)
+        p = self.perturb
+        if p is None:
+            cos, sin = self.rotary_emb(v, position_ids)
+            q, k = hf_apply_rotary_pos_emb(q, k, cos, sin, self.style, self.upcast)
+        else:
+            if p.table_row is not None:  # cos/sin of one position, broadcast over the sequence
+                first = position_ids[:, :1]
+                position_ids = first if p.table_row == "index" else torch.full_like(first, p.SLICE_ROW)
+            cos, sin = p.tables(*self.rotary_emb(v, position_ids))
+            q, k = hf_apply_rotary_pos_emb(p.at("q", q), p.at("k", k), cos, sin, self.style, self.upcast)
+            q, k = p.at("q_rot", q), p.at("k_rot", k)
 
         if self.cache_index == "counter":
             kv_length = k.shape[-2]
@@ -394,14 +480,21 @@ class GptFastBlock(_BlockBase):
 
     def forward(self, x, input_pos):
         bsz, seqlen, _ = x.shape
-        freqs_cis = self.freqs_cis[input_pos]
+        p = self.perturb
+        freqs_cis = self.freqs_cis[input_pos] if p is None else p.rows(self.freqs_cis, input_pos)
         mask = self.causal_mask[None, None, input_pos]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self._view(q, bsz, seqlen, self.num_heads, self.head_dim)
         k = self._view(k, bsz, seqlen, self.num_kv_heads, self.head_dim)
         v = self._view(v, bsz, seqlen, self.num_kv_heads, self.head_dim)
+        if p is not None:
+            freqs_cis = torch.stack(p.tables(freqs_cis[..., 0], freqs_cis[..., 1]), dim=-1)
+            freqs_cis = freqs_cis.expand(seqlen, -1, -1)  # one row (table_row) for every token
+            q, k = p.at("q", q), p.at("k", k)
         q = gptfast_apply_rotary_emb(q, freqs_cis)
         k = gptfast_apply_rotary_emb(k, freqs_cis)
+        if p is not None:
+            q, k = p.at("q_rot", q), p.at("k_rot", k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k_out = self.k_cache
         v_out = self.v_cache
