@@ -628,6 +628,23 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x])
 
 
+def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
+    """Whether ``root`` multiplies tensors feature by feature, as a RoPE does (a store of it that is not a
+    proven RoPE is a near miss worth a reason in the report; a raw v, or a view of one, is not): the number
+    of trailing dims taken as features where it does (1, or 2 for ``[..., heads, head_dim]``), else None."""
+    ev = evaluator or Evaluator()
+    for r in (1, 2):  # r = 2: heads split off the features after the RoPE (``[T, H*D] -> cast -> [T, H, D]``)
+        if len(shape_of(root)) < r:
+            break
+        try:
+            v = ev.evaluate(root, r, result=True)
+        except NotRope:
+            continue
+        if any(len(monomial) == 2 for poly in v.feats for monomial in poly):
+            return r
+    return None
+
+
 def _check_rounding(rounding: tuple, root_dtype: torch.dtype) -> None:
     """The result may be rounded once, from fp32 (or fp64) to the stored dtype, as the fused op does.
 

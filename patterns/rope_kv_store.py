@@ -44,12 +44,15 @@ from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
-from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope
+from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
 log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
 FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
 _GATHER = CallFunction(aten.index.Tensor, KeywordArg("table"), KeywordArg("indices"))
+# ops a RoPE ends in: a stored value computed by one of these may be a RoPE
+_ARITHMETIC = frozenset({aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default,
+                         torch.ops.prims.convert_element_type.default, aten._to_copy.default})
 _TOKEN_MAJOR = {CacheLayout.TOKEN: (Role.TOKEN, Role.HEAD, Role.FEATURE),
                 CacheLayout.PAGED: (Role.TOKEN, Role.HEAD, Role.FEATURE),
                 CacheLayout.SEQUENCE: (Role.BATCH, Role.SEQ, Role.HEAD, Role.FEATURE)}
@@ -133,7 +136,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 value = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], Node) else None
                 if value is not None and "val" in value.meta:
                     root, _, _ = walk_views(value, (None,) * value.meta["val"].dim())
-                    if ropes.match(root) is not None:
+                    if ropes.match(root) is not None or ropes.near_miss(root) is not None:
                         sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
             except Exception as err:  # noqa: BLE001 (a bug in the matcher must not fail the compile)
                 sites.append(_internal_error(n, err))
@@ -151,8 +154,12 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             ks.append(_KStore(st, root, roles, chain, rope))
             continue
         v_candidates.append(st)  # a v store, or a store of something that is not rotated
-        if root.op == "call_function" and not all(isinstance(s, int) for s in shape_of(root)[-1:]):
+        if (why := ropes.near_miss(root)) is not None:
+            sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
+                              reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
+        if root.target in _ARITHMETIC and not all(isinstance(s, int) for s in shape_of(root)[-1:]):
             # RoPE is recognised by evaluating features one by one: a symbolic width cannot be checked
+            # (a computed value is reported; a view of a projection, as v is, is not a candidate)
             sites.append(Site(store=st.node.name, source=source_line(st.node), reason=(
                 f"the stored value {root.name} has a symbolic last dim {tuple(shape_of(root))}, so a RoPE "
                 "in it cannot be recognised (dynamic=True with q/k as graph inputs? mark only the token "
@@ -208,6 +215,7 @@ class _RopeFinder:
     def __init__(self):
         self._evaluators: dict[int | None, Evaluator] = {}  # one per head_dim (the width that bounds a leaf)
         self._memo: dict[Node, RopeMatch | None] = {}
+        self._near_misses: dict[Node, str] = {}  # RoPE-like nodes that are not a RoPE: the reason
         # the evaluator recurses at most this many ops from a RoPE output to a leaf (x, cos, sin)
         self.max_depth = Evaluator().max_depth
 
@@ -220,9 +228,20 @@ class _RopeFinder:
                 self._evaluators[head_dim] = Evaluator(head_dim)
             try:
                 self._memo[node] = match_rope(node, self._evaluators[head_dim])
-            except NotRope:
+            except NotRope as e:
                 self._memo[node] = None
+                features = rope_like(node, self._evaluators[head_dim])
+                if features == 1:
+                    self._near_misses[node] = str(e)
+                elif features == 2:  # the RoPE is only seen across heads: something regroups its output
+                    self._near_misses[node] = ("products of tensors reach the store across heads: the RoPE "
+                                               "output is regrouped (e.g. flattened and cast) before the store")
         return self._memo[node]
+
+    def near_miss(self, node: Node) -> str | None:
+        """Why ``node`` is not a RoPE the op computes, if it looks like one (products of tensors); else None."""
+        self.match(node)
+        return self._near_misses.get(node)
 
 
 def source_line(node: Node) -> str:

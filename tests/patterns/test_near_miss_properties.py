@@ -203,10 +203,13 @@ BUG_CASTS = [
 ]
 BUG_ROWS = [Case("sglang", {}, Perturbation(table_row="slice")),  # 3. csc[5:6] with T = 3
             Case("sglang", {}, Perturbation(table_row="index"))]  # 3. csc[pos[:1]]
+# a scale on one table only, or different scales on cos and sin: not a RoPE (reported, never fused)
+UNEQUAL_SCALES = [Case("sglang", {}, Perturbation(cos_scale=2.0)),
+                  Case("hf", {}, Perturbation(cos_scale=2.0, sin_scale=3.0))]
 
 
 def _with_examples(test):
-    for case in reversed([BUG_DYNAMIC_INPUTS, *BUG_CASTS, *BUG_ROWS]):
+    for case in reversed([BUG_DYNAMIC_INPUTS, *BUG_CASTS, *BUG_ROWS, *UNEQUAL_SCALES]):
         test = example(case=case)(test)
     return test
 
@@ -282,6 +285,8 @@ def test_near_miss_is_fused_exactly_or_reported(case: Case):
             assert s.fused or s.reason, f"{what}: site {s.store} neither fused nor given a reason"
             if case.perturb.cast_at == "k_rot" and case.lossy_cast():
                 assert not s.fused, f"{what}: a store of a rotated k changed by a cast was fused"
+            if case.perturb.cos_scale != case.perturb.sin_scale:
+                assert not s.fused, f"{what}: cos and sin scaled differently, yet fused"
     torch._dynamo.reset()
     PASSED["examples"] += 1
     PASSED["with a fused site"] += any(s.fused for s in sites)
