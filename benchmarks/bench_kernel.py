@@ -9,6 +9,8 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py --tokens 1 8 --models gpt-oss
     python benchmarks/bench_kernel.py --sweep              # also time launch configurations of ours
     python benchmarks/bench_kernel.py --compiled           # compiled functions: stock vs backend="fx_fusion"
+    python benchmarks/bench_kernel.py --baseline OLD.py    # the kernel vs another version of it, per layout
+                                                           # (OLD.py: git show REV:kernels/rope_kv_cache.py)
 
 ``--compiled`` times what a torch.compile user gets instead of the op alone: one RoPE + KV-store function
 per cache layout (SGLang token pool, vLLM paged cache, Hugging Face sequence cache with per-token cos/sin),
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 
 import torch
@@ -105,9 +108,9 @@ def min_bytes(t, n_q, n_kv, d, dtype, table_dtype) -> int:
     return qkv_in + q_out + kv_out + table + indices
 
 
-def make_case(t, n_q, n_kv, d, dtype=torch.bfloat16, gen=None):
+def make_case(t, n_q, n_kv, d, dtype=torch.bfloat16, gen=None, num_slots=None):
     dev = "cuda"
-    num_slots = max(2 * t, 4096)
+    num_slots = num_slots or max(2 * t, 4096)
     qkv = torch.randn(t, (n_q + 2 * n_kv) * d, dtype=dtype, device=dev, generator=gen)
     q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
     k_cache = torch.randn(num_slots, n_kv, d, dtype=dtype, device=dev, generator=gen)
@@ -140,6 +143,8 @@ def main() -> None:
                     help="time compiled functions (stock vs fx_fusion, replay and host loop) instead of the op")
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--host-calls", type=int, default=200, help="calls per host-loop measurement")
+    ap.add_argument("--baseline", metavar="FILE",
+                    help="time the kernel against the kernels module in FILE (another version), per layout")
     args = ap.parse_args()
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -148,6 +153,9 @@ def main() -> None:
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
     if args.compiled:
         compiled_table(args, bw, gen)
+        return
+    if args.baseline:
+        baseline_table(args, bw, gen)
         return
     print("| model | T | eager us | torch.compile us | fx_fusion us | floor us | fx_fusion % of floor "
           "| speed-up vs compile | max abs err |")
@@ -180,17 +188,21 @@ LAYOUTS = {"token": unfused, "paged": vllm_paged, "sequence": hf_sequence}
 BLOCK_SIZE = 16  # paged layout
 
 
-def layout_case(layout: str, t: int, n_q: int, n_kv: int, d: int, gen, dtype=torch.bfloat16) -> tuple:
-    """Arguments of ``LAYOUTS[layout]`` for T tokens (the sequence layout: one sequence of T tokens)."""
-    q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache = make_case(t, n_q, n_kv, d, dtype, gen)
+def layout_case(layout: str, t: int, n_q: int, n_kv: int, d: int, gen, num_slots: int | None = None,
+                dtype=torch.bfloat16) -> tuple:
+    """Arguments of ``LAYOUTS[layout]`` for T tokens (the sequence layout: one sequence of T tokens).
+
+    ``num_slots``: cache rows (sequence layout: max_seq), by default ``max(2 T, 4096)``; keep it fixed
+    across T to reuse one compiled graph (a cache size is static)."""
+    num_slots = num_slots or max(2 * t, 4096)
+    q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache = make_case(t, n_q, n_kv, d, dtype, gen, num_slots)
     if layout == "token":
         return q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d
     if layout == "paged":
         k_cache = k_cache.view(-1, BLOCK_SIZE, n_kv, d)
         return q, k, v, k_cache, k_cache.clone().normal_(generator=gen), loc, positions, cos_sin_cache, n_q, n_kv, d
-    max_seq = max(2 * t, 4096)
-    k_cache = torch.randn(1, n_kv, max_seq, d, dtype=dtype, device="cuda", generator=gen)
-    start = int(torch.randint(0, max_seq - t + 1, (1,), device="cuda", generator=gen))
+    k_cache = torch.randn(1, n_kv, num_slots, d, dtype=dtype, device="cuda", generator=gen)
+    start = int(torch.randint(0, num_slots - t + 1, (1,), device="cuda", generator=gen))
     cache_position = torch.arange(start, start + t, device="cuda")
     # HF: emb = cat(freqs, freqs); cos, sin = emb.cos(), emb.sin() in the model dtype, [1, T, D]
     cos = torch.cat((cos_sin_cache[positions, : d // 2],) * 2, dim=-1)[None].to(dtype)
@@ -213,42 +225,85 @@ def host_loop_us(fn, args, calls: int) -> float:
 
 
 def compiled_table(args, bw: float, gen) -> None:
-    """Stock torch.compile vs backend="fx_fusion" on each layout: replay medians and host loops."""
+    """Stock torch.compile vs backend="fx_fusion" on each layout: replay medians and host loops.
+
+    One compiled function per side, layout and model, called at every T without a reset, as a server
+    calls its prefill: Dynamo compiles T = 1, the first other T, then one graph with a dynamic T."""
     import fx_fusion  # noqa: F401  (registers backend="fx_fusion")
     from torch._dynamo.utils import counters
 
     print("| layout | model | T | stock replay us | fx_fusion replay us | replay speed-up | floor us "
-          "| fx_fusion % of floor | stock host us/call | fx_fusion host us/call | host speed-up | fused | max abs diff |")
+          "| fx_fusion % of floor | stock host us/call | fx_fusion host us/call | host speed-up | fused / graphs "
+          "| max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    num_slots = max(4096, 2 * max(args.tokens))
     for layout in args.layouts:
         fn = LAYOUTS[layout]
         for name in args.models:
             n_q, n_kv, d = MODELS[name]
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = {"stock": torch.compile(fn), "fx_fusion": torch.compile(fn, backend="fx_fusion")}
             for t in args.tokens:
-                case = layout_case(layout, t, n_q, n_kv, d, gen)
+                case = layout_case(layout, t, n_q, n_kv, d, gen, num_slots)
                 caches = (case[3], case[4])
+                start = [c.clone() for c in caches]
                 sides, outs = {}, {}
-                for side, backend in (("stock", "inductor"), ("fx_fusion", "fx_fusion")):
-                    torch._dynamo.reset()
-                    counters.clear()
-                    saved = [c.clone() for c in caches]
-                    compiled = torch.compile(fn, backend=backend)
+                for side, f in compiled.items():
                     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-                        out = compiled(*case)
+                        for c, c0 in zip(caches, start):
+                            c.copy_(c0)  # same starting caches for both sides
+                        out = f(*case)
                         outs[side] = (out.float(), *(c.float() for c in caches))
-                        for c, s0 in zip(caches, saved):
-                            c.copy_(s0)  # same starting caches for both sides
-                        fused = counters["fx_fusion"]["rope_kv_store_fused"]
-                        replay = 1e3 * do_bench_cudagraph(lambda: compiled(*case), rep=args.rep, return_mode="median")
-                        host = host_loop_us(compiled, case, args.host_calls)
-                    sides[side] = (replay, host, fused)
+                        replay = 1e3 * do_bench_cudagraph(lambda: f(*case), rep=args.rep, return_mode="median")
+                        host = host_loop_us(f, case, args.host_calls)
+                    sides[side] = (replay, host)
+                fx = counters["fx_fusion"]
                 diff = max((a - b).abs().max().item() for a, b in zip(outs["stock"], outs["fx_fusion"]))
-                (s_rep, s_host, _), (f_rep, f_host, fused) = sides["stock"], sides["fx_fusion"]
+                (s_rep, s_host), (f_rep, f_host) = sides["stock"], sides["fx_fusion"]
                 # per token: one fp32 cos|sin row (token, paged) or a bf16 cos row and sin row (sequence): 4*D bytes
                 floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
                 print(f"| {layout} | {name} | {t} | {s_rep:.2f} | {f_rep:.2f} | {s_rep / f_rep:.2f}x | {floor_us:.2f} "
                       f"| {100 * floor_us / f_rep:.0f}% | {s_host:.1f} | {f_host:.1f} | {s_host / f_host:.2f}x "
-                      f"| {fused} | {diff:.3g} |", flush=True)
+                      f"| {fx['rope_kv_store_fused']} / {fx['graphs']} | {diff:.3g} |", flush=True)
+
+
+def _problem(module, layout: str, case: tuple):
+    """``module.prepare`` of a ``layout_case`` (the kernel's own arguments, no graph in between)."""
+    q, k, v, k_cache, v_cache, index, a, b, n_q, n_kv, d = case
+    if layout == "sequence":  # index: cache positions; a, b: per-token cos, sin [1, T, D]
+        t = q.shape[1]
+        return module.prepare(q.view(1, t, n_q, d), k.view(1, t, n_kv, d), v.view(1, t, n_kv, d), k_cache, v_cache,
+                              index, a, b, None, rotary_dim=d, layout=layout)
+    half = d // 2  # index: slots; a: positions; b: the fp32 cos_sin_cache
+    return module.prepare(q, k, v, k_cache, v_cache, index, b[:, :half], b[:, half:], a, rotary_dim=d, layout=layout)
+
+
+def baseline_table(args, bw: float, gen) -> None:
+    """CUDA-graph replay medians of this kernel and of another version of it (``--baseline FILE``), per layout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_rope_kv_cache", args.baseline)
+    baseline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = baseline  # its dataclasses look their module up
+    spec.loader.exec_module(baseline)
+    print(f"baseline: {args.baseline}")
+    print("| layout | model | T | baseline us | current us | current / baseline | floor us | current % of floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layout in args.layouts:
+        for name in args.models:
+            n_q, n_kv, d = MODELS[name]
+            for t in args.tokens:
+                case = layout_case(layout, t, n_q, n_kv, d, gen)
+                times = []
+                for module in (baseline, impl):
+                    p = _problem(module, layout, case)
+                    q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device="cuda")
+                    times.append(1e3 * do_bench_cudagraph(lambda: module.launch(p, q_out, None), rep=args.rep,
+                                                          return_mode="median"))
+                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
+                print(f"| {layout} | {name} | {t} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.3f} "
+                      f"| {floor_us:.2f} | {100 * floor_us / times[1]:.0f}% |", flush=True)
 
 
 def sweep(case, t, n_q, n_kv, d, rep, floor_us) -> None:

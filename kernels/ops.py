@@ -42,8 +42,12 @@ def _rope_kv_store(
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
     is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
+    table_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``."""
+    """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``.
+
+    ``table_dtype`` (bf16 or fp16): cos/sin are rounded to it before the multiply, as a model that casts
+    an fp32 table to its dtype first does."""
     p, return_k, validate = _problem(locals())
     if validate:
         _impl.check_index_ranges(p)
@@ -121,7 +125,7 @@ def rope_kv_store(
     is_neox: bool = True, rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     swa_table: torch.Tensor | None = None, return_k: bool = False, validate: bool = False,
-    negative_wraps: bool = False,
+    negative_wraps: bool = False, table_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
@@ -166,5 +170,5 @@ def rope_kv_store(
                 _impl.check_writable(name, cache)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        is_neox, rotary_dim, layout, return_k, validate, negative_wraps)
+        is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype)
     return q_out, (k_out if return_k else None)

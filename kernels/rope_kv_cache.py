@@ -56,6 +56,8 @@ class CacheLayout(str, enum.Enum):
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
+TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -69,9 +71,12 @@ def _rope_pairs(
     x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
     cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
     mask, HALF: tl.constexpr,
-    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND_TABLE: tl.constexpr,
 ):
     """Rotate BLOCK_R rows; returns (o1, o2) in fp32 at feature indices (e1, e2) and their mask.
+
+    ROUND_TABLE: 0, or 1 / 2 to round the cos/sin values to bf16 / fp16 first, as a model that casts its
+    fp32 table to the model dtype before the multiply (SGLang, vLLM ``forward_native``) does.
 
     # o1 = x1 * c1 - x2 * s1 ;  o2 = x2 * c2 + x1 * s2   (pairs: NeoX (i, i+HALF), GPT-J (2i, 2i+1))
     """
@@ -96,7 +101,22 @@ def _rope_pairs(
         s1 = tl.load(sin_ptr + sin_row[:, None] + (i * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
         c2 = c1
         s2 = s1
+    c1, c2, s1, s2 = _round(c1, ROUND_TABLE), _round(c2, ROUND_TABLE), _round(s1, ROUND_TABLE), _round(s2, ROUND_TABLE)
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, e1, e2, m
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr):
+    # x (fp32) rounded to bf16 (ROUND = 1) or fp16 (2), as fp32; x itself for 0. bf16 is rounded to nearest
+    # even on the bits (the upper 16 bits of an fp32; inf and NaN stay so), which the Triton interpreter
+    # also gets right (its bf16 conversion does not).
+    if ROUND == 1:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -179,6 +199,7 @@ def _rope_kv_store_kernel(
     N_SLOTS: tl.constexpr, N_SWA: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    ROUND_TABLE: tl.constexpr,       # round cos/sin to 0: nothing, 1: bf16, 2: fp16 (see _rope_pairs)
     BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -194,7 +215,8 @@ def _rope_kv_store_kernel(
         q_row = _offset(b, s, h, q_sb, q_ss, q_sh)
         o_row = _offset(b, s, h, qo_sb, qo_ss, qo_sh)
         o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
+                                        ROUND_TABLE)
         out_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
         tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
@@ -231,7 +253,8 @@ def _rope_kv_store_kernel(
         k_row = _offset(b, s, h, k_sb, k_ss, k_sh)
 
         o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF)
+                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
+                                        ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
@@ -283,6 +306,7 @@ class RopeKVProblem:
     q_shape: torch.Size  # as given, for the outputs
     k_shape: torch.Size
     negative_wraps: bool = False  # negative slots/positions count from the end instead of skipping
+    table_dtype: torch.dtype | None = None  # cos/sin are rounded to this dtype before the multiply
 
     @property
     def num_tokens(self) -> int:
@@ -412,6 +436,7 @@ def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
     k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
     layout: CacheLayout | str = CacheLayout.TOKEN, negative_wraps: bool = False,
+    table_dtype: torch.dtype | None = None,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -486,6 +511,8 @@ def prepare(
             raise ValueError(f"cos without positions must hold one row per token, shape [{seq}, R] or "
                              f"[{batch}, {seq}, R], got {tuple(cos.shape)}")
 
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {table_dtype!r}")
     if swa_table is not None:
         _expect_tensor("swa_table", swa_table, dtypes=INDEX_DTYPES, ndims=(1,), device=dev)
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -500,7 +527,7 @@ def prepare(
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
-                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps))
+                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype)
 
 
 def check_index_ranges(p: RopeKVProblem) -> None:
@@ -629,6 +656,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
+        ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         **cfg,
     )
@@ -698,7 +726,10 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
             return c[pos.clamp(0, c.shape[0] - 1)].unsqueeze(2)
         return (c if c.dim() == 3 else c.unsqueeze(0)).unsqueeze(2)
 
-    cos, sin = table(p.cos).to(compute_dtype), table(p.sin).to(compute_dtype)
+    cos, sin = table(p.cos), table(p.sin)
+    if p.table_dtype is not None:  # the model's cast of the table before the multiply
+        cos, sin = cos.to(p.table_dtype), sin.to(p.table_dtype)
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
     if p.is_neox:
         first, second = torch.arange(half), torch.arange(half) + half
     else:

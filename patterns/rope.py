@@ -73,6 +73,7 @@ class Value:
 class Leaf:
     node: Node
     rank: int  # number of trailing dims that are its features
+    round_to: torch.dtype | None = None  # the values are read rounded to this dtype (see ``_cast``)
 
 
 @dataclass(frozen=True)
@@ -188,14 +189,17 @@ class Evaluator:
         shp = _shape(node)
         if len(shp) < r or not all(isinstance(s, int) for s in shp[len(shp) - r:]):
             raise NotRope(f"{node.name} has no static feature dims")
-        key = Leaf(node, r)
-        lid = self._leaf_ids.setdefault(key, len(self.leaves))
-        if lid == len(self.leaves):
-            self.leaves.append(key)
+        lid = self.leaf_id(Leaf(node, r))
         trail = tuple(shp[len(shp) - r:])
         feats = [{((lid, f),): 1.0} for f in range(math.prod(trail))]
         prefix = shp[: len(shp) - r]
         return Value(prefix, tuple(frozenset({(lid, i)}) for i in range(len(prefix))), trail, feats)
+
+    def leaf_id(self, leaf: Leaf) -> int:
+        lid = self._leaf_ids.setdefault(leaf, len(self.leaves))
+        if lid == len(self.leaves):
+            self.leaves.append(leaf)
+        return lid
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, node, r: int, depth: int = 0, *, result: bool = False) -> Value:
@@ -247,10 +251,33 @@ def _cast(s: Step) -> Value | None:
     src, dst = _dtype(x), _dtype(s.node)
     if src == dst or (src, dst) in _EXACT_CASTS:
         return s.source(x)
-    if not s.result:
+    if s.result:
+        v = s.source(x)
+        return replace(v, rounding=v.rounding + ((src, dst),))
+    if (src, dst) in _TABLE_ROUNDINGS:
+        return _rounded(s, s.operand(x), dst)
+    return None
+
+
+# Roundings of a selection of a tensor that the fused op can do as it reads the tensor (cos/sin cast to
+# the model dtype before the multiply, as SGLang's and vLLM's ``forward_native`` do).
+_TABLE_ROUNDINGS = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
+
+
+def _rounded(s: Step, v: Value, dtype: torch.dtype) -> Value | None:
+    """``v`` rounded to ``dtype``, when every feature of ``v`` is one feature of an unrounded leaf (a gather,
+    slice or view commutes with the rounding): the same features of that leaf read rounded. Otherwise None
+    (the cast is a leaf: rounding an arithmetic result is not a read of another tensor)."""
+    leaves = s.evaluator.leaves
+    if not all(len(p) == 1 and next(iter(p.values())) == 1.0 and len(next(iter(p))) == 1 for p in v.feats):
         return None
-    v = s.source(x)
-    return replace(v, rounding=v.rounding + ((src, dst),))
+    used = {lid for p in v.feats for ((lid, _),) in p}
+    if any(leaves[lid].round_to is not None for lid in used):
+        return None
+    new = {lid: s.evaluator.leaf_id(replace(leaves[lid], round_to=dtype)) for lid in used}
+    feats = [{((new[lid], f),): 1.0} for p in v.feats for ((lid, f),) in p]
+    embed = tuple(frozenset((new.get(lid, lid), d) for lid, d in e) for e in v.embed)
+    return Value(v.prefix, embed, v.trail, feats, v.rounding)
 
 
 # ---- handlers: arithmetic ----------------------------------------------------------------------
@@ -588,6 +615,9 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     if len(ranked) > 1 and preference(ranked[0]) == preference(ranked[1]):
         raise NotRope("ambiguous rotated tensor")
     x = ranked[0]
+    if (dtype := ev.leaves[x].round_to) is not None:
+        raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} is rounded to {dtype} just before the RoPE; "
+                      "the fused op rotates the tensor it reads")
     width = shape_of(ev.leaves[x].node)[-1]
     if width != head_dim:  # e.g. chunk(3, -1) of a per-head fused qkv: feature j of x is not feature j of root
         raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} has {width} features, the result {head_dim} "
@@ -621,6 +651,8 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     sin = _table(ev, v, sin1, sin2, firsts, seconds, "sin")
     if cos.per_element != sin.per_element:
         raise NotRope("cos and sin tables have different layouts")
+    if cos.leaf.round_to != sin.leaf.round_to:
+        raise NotRope(f"cos is read rounded to {cos.leaf.round_to}, sin to {sin.leaf.round_to}")
     for name, ref in (("cos", cos), ("sin", sin)):
         if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
             raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")

@@ -467,18 +467,18 @@ def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
 
 
 def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
-                             rotary_dim: int, layout: str, return_k: bool, validate: bool):
+                             rotary_dim: int, layout: str, return_k: bool, validate: bool, table_dtype):
     """The fused op in functional form: ``(q_out, k_out, new k_cache, new v_cache)``.
 
     ``auto_functionalized`` of the mutating op; Inductor re-inplaces it into a write of the caches."""
     return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                                slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
                                k_scale=None, v_scale=None, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout,
-                               return_k=return_k, validate=validate, negative_wraps=True)
+                               return_k=return_k, validate=validate, negative_wraps=True, table_dtype=table_dtype)
 
 
 def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
-                         rotary_dim: int, layout: str, return_k: bool, validate: bool):
+                         rotary_dim: int, layout: str, return_k: bool, validate: bool, table_dtype):
     """The fused kernel itself, for Inductor to launch from its output code: ``(q_out, k_out, new k_cache,
     new v_cache)`` like ``functional_rope_kv_store``.
 
@@ -490,7 +490,7 @@ def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, posi
     def launch(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions):
         q_out, k_out = rope_kv_store_functional(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions,
                                                 None, None, None, is_neox, rotary_dim, layout, return_k, validate,
-                                                True)
+                                                True, table_dtype)
         return q_out, k_out, k_cache, v_cache
 
     return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_cache, v_cache, slot_mapping, cos, sin,
@@ -535,6 +535,7 @@ class ReplacementSpec:
     rotary_dim: int
     return_k: bool
     validate: bool
+    table_dtype: torch.dtype | None  # cos/sin rounded to it before the multiply (the model's cast)
     k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
     v_store_shape: tuple | None
 
@@ -554,7 +555,8 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: 
     sin, _ = _kernel_table(sin, None, spec.sin, spec.layout, tokens)  # cos and sin share the positions
     q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions,
                                         is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
-                                        return_k=spec.return_k, validate=spec.validate)
+                                        return_k=spec.return_k, validate=spec.validate,
+                                        table_dtype=spec.table_dtype)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
     k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.return_k else None
     if spec.k_store_shape is not None:
@@ -646,6 +648,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
         sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim), is_neox=p.k.style is RopeStyle.NEOX,
         rotary_dim=p.k.rotary_dim, return_k=p.return_k, validate=options.validate,
+        table_dtype=p.k.cos.leaf.round_to,
         k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
         v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None)
     inputs = [p.q.x, p.k.x, p.v_src, st.cache, p.v_store.cache, st.slots, p.cos.node, p.sin.node,

@@ -513,6 +513,31 @@ def test_rotary_tables(device, table, is_neox):
     run_and_check(args)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("table,layout", [("packed", "token"), ("hf", "sequence")])
+def test_tables_rounded_before_the_multiply(device, table_dtype, table, layout):
+    """``table_dtype``: cos/sin read from an fp32 table and rounded to it first, as ``cos.to(x.dtype)`` does.
+
+    fp32 q/k make the rounding visible: the result matches the reference that rounds the table (to fp32
+    accuracy) and differs from the one that does not by far more than that."""
+    batch = 2 if layout == "sequence" else 1
+    args = make_args(device, T=9, Hq=4, Hkv=2, D=32, layout=layout, batch=batch, dtype=torch.float32,
+                     table=table, table_dtype=torch.float32)
+    p, q_out, *_ = run_and_check(dict(args, table_dtype=table_dtype))
+    unrounded = dataclasses.replace(p, table_dtype=None, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
+    q_unrounded, _ = reference(unrounded, False, compute_dtype=torch.float64)
+    assert (q_out.double() - q_unrounded).abs().max() > 1e-4, "the table was not rounded"
+
+
+def test_table_dtype_must_be_bf16_or_fp16(device):
+    args = make_args(device, T=3, Hq=2, Hkv=1, D=16, dtype=torch.float32)
+    before = (args["k_cache"].clone(), args["v_cache"].clone())
+    with pytest.raises(ValueError, match="table_dtype must be one of"):
+        prepare(**args, table_dtype=torch.float8_e4m3fn)
+    for cache, old in zip((args["k_cache"], args["v_cache"]), before):  # poisoned with NaN: compare bytes
+        assert torch.equal(cache.contiguous().view(torch.uint8), old.contiguous().view(torch.uint8))
+
+
 @pytest.mark.parametrize("table", ["packed", "pairs", "hf"])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rot,head_dim", [(32, 80), (64, 128), (16, 64)], ids=["32of80", "64of128", "16of64"])

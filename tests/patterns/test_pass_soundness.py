@@ -194,3 +194,41 @@ def test_reshape_that_swaps_a_symbolic_dim_is_not_a_view_of_the_same_dims():
     (reshape,) = [n for n in gm.graph.nodes if n.target in RESHAPES]
     root, roles, chain = walk_views(reshape, (Role.HEAD, Role.TOKEN, Role.FEATURE))
     assert root is reshape and chain == [] and roles == (Role.HEAD, Role.TOKEN, Role.FEATURE)
+
+
+class CastTableStore(nn.Module):
+    """SGLang's ``forward_native`` in bf16 or fp16: the fp32 ``cos_sin_cache`` is gathered once, and each
+    RoPE call casts its cos/sin to the model dtype (one cast for q, one for k) before the multiply."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.register_buffer("csc", cos_sin_table(64, 16))
+        self.register_buffer("k_buffer", torch.randn(32, 2, 16, dtype=dtype))
+        self.register_buffer("v_buffer", torch.randn(32, 2, 16, dtype=dtype))
+
+    def rope(self, x, cos, sin):
+        return neox(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    def forward(self, q, k, v, positions, loc):
+        cos, sin = self.csc.index_select(0, positions).chunk(2, -1)
+        self.k_buffer[loc] = self.rope(k, cos, sin)
+        self.v_buffer[loc] = v
+        return self.rope(q, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_table_cast_per_rope_call_is_read_rounded(passes, dtype):
+    """The two casts of one fp32 table are one table read rounded: fused, with the op rounding cos/sin as
+    the casts do (``table_dtype``), equal to stock Inductor (which also rounds at the casts and computes
+    the products in fp32) to one bf16 rounding."""
+    block = CastTableStore(dtype)
+    stock = copy.deepcopy(block)
+    args = (torch.randn(5, 4, 16, dtype=dtype), torch.randn(5, 2, 16, dtype=dtype),
+            torch.randn(5, 2, 16, dtype=dtype), torch.randint(0, 64, (5,)), torch.randperm(32)[:5])
+    out = torch.compile(block, backend="fx_fusion")(*args)
+    expected = torch.compile(stock)(*args)
+    (run,) = passes
+    assert [s.fused for s in run.sites] == [True], run.sites
+    assert f"table_dtype = {dtype}" in run.after, run.after
+    for got, want in ((out, expected), (block.k_buffer, stock.k_buffer), (block.v_buffer, stock.v_buffer)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=8e-3)
