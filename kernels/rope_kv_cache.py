@@ -206,25 +206,27 @@ def _rope_kv_store_kernel(
     # The first cdiv(T * HQ, BLOCK_RQ) programs each rotate BLOCK_RQ (token, q-head) rows. The others each
     # rotate BLOCK_RKV (token, kv-head) rows of k and store them, and the same rows of v, into the caches.
     # out = x * cos + rotate(x) * sin on features [0, ROT); features [ROT, D) pass through.
+    # (The q branch's names start with q: Triton requires a name set in both branches to have one type,
+    # and the two branches' blocks differ in size.)
     pid = tl.program_id(0).to(tl.int64)
     n_q_programs = (T * HQ + BLOCK_RQ - 1) // BLOCK_RQ
     if pid < n_q_programs:
-        b, s, h, mask, cos_row, sin_row = _token_rows(
+        qb, qs, qh, qmask, qcos_row, qsin_row = _token_rows(
             pid, BLOCK_RQ, HQ, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr, sin_sb, sin_sr,
             NEGATIVE_WRAPS)
-        q_row = _offset(b, s, h, q_sb, q_ss, q_sh)
-        o_row = _offset(b, s, h, qo_sb, qo_ss, qo_sh)
-        o1, o2, e1, e2, m = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
-                                        ROUND_TABLE)
-        out_ty = q_out_ptr.dtype.element_ty
-        tl.store(q_out_ptr + o_row[:, None] + (e1 * qo_sd)[None, :], o1.to(out_ty), mask=m)
-        tl.store(q_out_ptr + o_row[:, None] + (e2 * qo_sd)[None, :], o2.to(out_ty), mask=m)
+        q_row = _offset(qb, qs, qh, q_sb, q_ss, q_sh)
+        qo_row = _offset(qb, qs, qh, qo_sb, qo_ss, qo_sh)
+        qo1, qo2, qe1, qe2, qm = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row,
+                                             cos_sd, sin_sd, qmask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
+                                             ROUND_TABLE)
+        qout_ty = q_out_ptr.dtype.element_ty
+        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], qo1.to(qout_ty), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], qo2.to(qout_ty), mask=qm)
         if ROT < D:
-            tail = ROT + tl.arange(0, BLOCK_TAIL)
-            tm = mask[:, None] & (tail < D)[None, :]
-            x = tl.load(q_ptr + q_row[:, None] + (tail * q_sd)[None, :], mask=tm)
-            tl.store(q_out_ptr + o_row[:, None] + (tail * qo_sd)[None, :], x, mask=tm)
+            qtail = ROT + tl.arange(0, BLOCK_TAIL)
+            qtm = qmask[:, None] & (qtail < D)[None, :]
+            qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
+            tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
     else:
         b, s, h, mask, cos_row, sin_row = _token_rows(
             pid - n_q_programs, BLOCK_RKV, HKV, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS,

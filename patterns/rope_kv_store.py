@@ -657,8 +657,11 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
     for launch in launchers:
         try:
             traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
+            _check_writes(traced, written=(3, 4))
             break
         except NotTraceable as e:  # e.g. a symbolic stride the kernel takes as a constant: the op instead
+            if launch is launchers[-1]:
+                raise
             log.debug("%s: %s; emitting the op", st.node.name, e)
     position = {n: i for i, n in enumerate(graph.nodes)}
     last_input = max((n for n in inputs if n is not None), key=position.get)
@@ -704,6 +707,19 @@ def _trace(fn: Callable, inputs: list, fake_mode, **static) -> torch.fx.GraphMod
 
     with fake_mode:
         return make_fx(traced, tracing_mode="real")(*vals)
+
+
+def _check_writes(gm: torch.fx.GraphModule, written: tuple) -> None:
+    """``gm`` writes (``copy_``) no input but those numbered in ``written`` (the caches).
+
+    Inductor decides which arguments a user Triton kernel writes from the kernel's TTIR; where that
+    analysis fails it assumes every tensor argument is written, and the functionalized launch writes
+    q, k and v back: raised as ``NotTraceable``, so the site is fused with the op instead."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    allowed = {placeholders[i] for i in written}
+    for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default):
+        if n.args[0].op == "placeholder" and n.args[0] not in allowed:
+            raise NotTraceable(f"the traced launch writes its input {n.args[0].name}")
 
 
 def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None, written=()):
