@@ -108,10 +108,13 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
         isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not _interpreted()
         and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
     )
-    if not traceable:
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-    with mode:
-        return rope_kv_store_functional(**bound)
+    if traceable:
+        try:
+            with mode:
+                return rope_kv_store_functional(**bound)
+        except _impl.NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
+            pass
+    return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
 rope_kv_store_op.register_torch_dispatch(FunctionalTensorMode, _break_down_when_compiled)

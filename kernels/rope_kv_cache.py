@@ -67,27 +67,35 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _rope_pairs(
-    x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
-    cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
-    mask, HALF: tl.constexpr,
-    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, BLOCK_HALF: tl.constexpr, ROUND_TABLE: tl.constexpr,
-):
-    """Rotate BLOCK_R rows; returns (o1, o2) in fp32 at feature indices (e1, e2) and their mask.
-
-    ROUND_TABLE: 0, or 1 / 2 to round the cos/sin values to bf16 / fp16 first, as a model that casts its
-    fp32 table to the model dtype before the multiply (SGLang, vLLM ``forward_native``) does.
-
-    # o1 = x1 * c1 - x2 * s1 ;  o2 = x2 * c2 + x1 * s2   (pairs: NeoX (i, i+HALF), GPT-J (2i, 2i+1))
-    """
+def _pair_features(BLOCK_HALF: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Pair index i and its two feature indices (e1, e2): NeoX (i, i + HALF), GPT-J (2i, 2i + 1)."""
     i = tl.arange(0, BLOCK_HALF)
-    m = mask[:, None] & (i < HALF)[None, :]
     if IS_NEOX:
         e1 = i
         e2 = i + HALF
     else:
         e1 = 2 * i
         e2 = 2 * i + 1
+    return i, e1, e2
+
+
+@triton.jit
+def _rope_pairs(
+    x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
+    cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
+    m, i, e1, e2,                            # [BLOCK_R, BLOCK_HALF] mask; pair index and its features
+    COS_PER_ELEMENT: tl.constexpr, ROUND_TABLE: tl.constexpr,
+):
+    """Rotate BLOCK_R rows; returns (o1, o2) in fp32, the values at features (e1, e2).
+
+    # o1 = x1 * c1 - x2 * s1 ;  o2 = x2 * c2 + x1 * s2   (pairs: NeoX (i, i+HALF), GPT-J (2i, 2i+1))
+
+    Only values come back: every address a store uses is computed in the kernel from index math and
+    loaded values, so Inductor's analysis of which arguments the kernel writes (it follows store
+    addresses back through calls to every argument of the call) sees that x, cos and sin are only read.
+    ROUND_TABLE: 0, or 1 / 2 to round the cos/sin values to bf16 / fp16 first, as a model that casts its
+    fp32 table to the model dtype before the multiply (SGLang, vLLM ``forward_native``) does.
+    """
     # x first: its address does not wait on the positions load, so both are in flight together
     x1 = tl.load(x_ptr + x_row[:, None] + (e1 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_row[:, None] + (e2 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -102,7 +110,7 @@ def _rope_pairs(
         c2 = c1
         s2 = s1
     c1, c2, s1, s2 = _round(c1, ROUND_TABLE), _round(c2, ROUND_TABLE), _round(s1, ROUND_TABLE), _round(s2, ROUND_TABLE)
-    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, e1, e2, m
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
 @triton.jit
@@ -140,12 +148,8 @@ def _offset(b, s, h, sb, SS: tl.constexpr, SH: tl.constexpr):
 
 
 @triton.jit
-def _token_rows(
-    pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.constexpr,
-    pos_ptr, pos_sb, POS_SS: tl.constexpr, N_POSITIONS: tl.constexpr,
-    cos_sb, COS_SR: tl.constexpr, sin_sb, SIN_SR: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
-):
-    """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h), mask, and cos/sin row offsets."""
+def _token_rows(pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.constexpr):
+    """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h) and mask (index math only)."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     t = rows // N_HEADS
     h = rows - t * N_HEADS
@@ -157,6 +161,15 @@ def _token_rows(
         seq = T // B
         b = t // seq
         s = t - b * seq
+    return b, s, h, mask
+
+
+@triton.jit
+def _table_rows(
+    b, s, mask, pos_ptr, pos_sb, POS_SS: tl.constexpr, N_POSITIONS: tl.constexpr,
+    cos_sb, COS_SR: tl.constexpr, sin_sb, SIN_SR: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+):
+    """cos/sin row offsets of tokens (b, s): the table row of their position, or their own row."""
     if pos_ptr is not None:
         pos = tl.load(pos_ptr + _offset(b, s, 0, pos_sb, POS_SS, 0), mask=mask, other=0).to(tl.int64)
         if NEGATIVE_WRAPS:
@@ -167,7 +180,7 @@ def _token_rows(
     else:
         cos_row = _offset(b, s, 0, cos_sb, COS_SR, 0)
         sin_row = _offset(b, s, 0, sin_sb, SIN_SR, 0)
-    return b, s, h, mask, cos_row, sin_row
+    return cos_row, sin_row
 
 
 @triton.jit
@@ -211,14 +224,15 @@ def _rope_kv_store_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n_q_programs = (T * HQ + BLOCK_RQ - 1) // BLOCK_RQ
     if pid < n_q_programs:
-        qb, qs, qh, qmask, qcos_row, qsin_row = _token_rows(
-            pid, BLOCK_RQ, HQ, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr, sin_sb, sin_sr,
-            NEGATIVE_WRAPS)
+        qb, qs, qh, qmask = _token_rows(pid, BLOCK_RQ, HQ, T, B)
+        qcos_row, qsin_row = _table_rows(qb, qs, qmask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                         sin_sb, sin_sr, NEGATIVE_WRAPS)
         q_row = _offset(qb, qs, qh, q_sb, q_ss, q_sh)
         qo_row = _offset(qb, qs, qh, qo_sb, qo_ss, qo_sh)
-        qo1, qo2, qe1, qe2, qm = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row,
-                                             cos_sd, sin_sd, qmask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
-                                             ROUND_TABLE)
+        qi, qe1, qe2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
+        qm = qmask[:, None] & (qi < ROT // 2)[None, :]
+        qo1, qo2 = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
+                               qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         qout_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], qo1.to(qout_ty), mask=qm)
         tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], qo2.to(qout_ty), mask=qm)
@@ -228,9 +242,9 @@ def _rope_kv_store_kernel(
             qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
             tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
     else:
-        b, s, h, mask, cos_row, sin_row = _token_rows(
-            pid - n_q_programs, BLOCK_RKV, HKV, T, B, pos_ptr, pos_sb, pos_ss, N_POSITIONS,
-            cos_sb, cos_sr, sin_sb, sin_sr, NEGATIVE_WRAPS)
+        b, s, h, mask = _token_rows(pid - n_q_programs, BLOCK_RKV, HKV, T, B)
+        cos_row, sin_row = _table_rows(b, s, mask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                       sin_sb, sin_sr, NEGATIVE_WRAPS)
         d = tl.arange(0, BLOCK_D)
         vm = mask[:, None] & (d < D)[None, :]
         v = tl.load(v_ptr + _offset(b, s, h, v_sb, v_ss, v_sh)[:, None] + (d * v_sd)[None, :], mask=vm)
@@ -254,9 +268,10 @@ def _rope_kv_store_kernel(
         vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sin
         k_row = _offset(b, s, h, k_sb, k_ss, k_sh)
 
-        o1, o2, e1, e2, m = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row,
-                                        cos_sd, sin_sd, mask, ROT // 2, IS_NEOX, COS_PER_ELEMENT, BLOCK_HALF,
-                                        ROUND_TABLE)
+        i, e1, e2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
+        m = mask[:, None] & (i < ROT // 2)[None, :]
+        o1, o2 = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
+                             m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
@@ -492,6 +507,8 @@ def prepare(
         raise ValueError(f"sin has shape {tuple(sin.shape)}, but cos has {tuple(cos.shape)}")
     if rotary_dim is None:
         rotary_dim = default_rotary_dim(cos, head_dim)
+    if isinstance(rotary_dim, torch.SymInt):  # traced with dynamic=True: a kernel constant, one per graph
+        rotary_dim = guard_int(rotary_dim)
     if not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2 or rotary_dim > head_dim:
         raise ValueError(f"rotary_dim must be an even int in [2, head_dim={head_dim}], got {rotary_dim!r}")
     if cos.shape[-1] not in (rotary_dim, rotary_dim // 2):

@@ -218,6 +218,49 @@ def test_traced_graph_holds_the_kernel_op(device, traced_kernels, case):
     assert ("k_out_ptr" in kernel_args) == return_k  # not passed when not returned: no alias of q_out
 
 
+class _CudaTarget:
+    """Stands in for Triton's CUDA driver where there is no GPU: only the target, which is all that
+    Inductor's analysis of the kernel's writes needs (it builds the kernel's TTIR for that target)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.fixture
+def ttir_analysis():
+    """Inductor's written-argument analysis, runnable without a GPU (on a GPU: the real driver)."""
+    from triton.runtime import driver
+
+    if torch.cuda.is_available():
+        yield
+        return
+    previous = driver._active  # (reset_active() would look for a real driver, and there is none)
+    driver.set_active(_CudaTarget())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+@pytest.mark.parametrize("case", TRACE_CASES.values(), ids=TRACE_CASES.keys())
+def test_kernel_writes_only_outputs_and_caches(device, traced_kernels, ttir_analysis, case):
+    """Inductor decides from the kernel's TTIR which arguments it writes, following store addresses back
+    through calls to every argument of the call. A write found in q, k, v, the tables or the indices
+    would make Inductor copy them (and the graph pass falls back to the op): only outputs and caches."""
+    module, _ = traced_kernels
+    kw, return_k = case
+    gm = trace(module, case_args(device, kw, T=5), return_k, "fake")
+    (node,) = kernel_nodes(gm)
+    written = set(node.kwargs["tensors_to_clone"])
+    assert written <= {"q_out_ptr", "k_out_ptr", "k_cache_ptr", "v_cache_ptr"}, sorted(written)
+    assert {"q_out_ptr", "k_cache_ptr", "v_cache_ptr"} <= written, sorted(written)
+
+
 @pytest.mark.parametrize("case", TRACE_CASES.values(), ids=TRACE_CASES.keys())
 def test_traced_graph_matches_reference(device, traced_kernels, monkeypatch, case):
     module, interpreted = traced_kernels
