@@ -139,9 +139,9 @@ def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def _offset(b, s, h, sb, SS: tl.constexpr, SH: tl.constexpr):
-    """b * sb + s * SS + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
-    off = s * SS + h * SH
+def _offset(b, s, h, sb, ss, SH: tl.constexpr):
+    """b * sb + s * ss + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
+    off = s * ss + h * SH
     if sb is not None:
         off += b * sb
     return off
@@ -195,13 +195,15 @@ def _rope_kv_store_kernel(
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
     k_scale_ptr, v_scale_ptr,        # [1] fp32, or None
     T,                               # tokens: B * S
-    # Run-time strides: the batch strides, the only ones that involve the token count (S * ...) in the
-    # layouts we take; None where the batch index is always 0 (B = 1) or the tensor is broadcast.
+    # Run-time strides, those that may involve the token count: the batch strides (S * ...; None where the
+    # batch index is always 0 (B = 1) or the tensor is broadcast), and the token strides of q, k, v (views
+    # the caller made, e.g. of a fused qkv input whose sizes are all dynamic).
     q_sb, k_sb, v_sb, qo_sb, ko_sb, slot_sb, pos_sb, cos_sb, sin_sb,
+    q_ss, k_ss, v_ss,
     # Every other stride and size is fixed for a compiled graph: constexprs.
-    q_ss: tl.constexpr, q_sh: tl.constexpr, q_sd: tl.constexpr,
-    k_ss: tl.constexpr, k_sh: tl.constexpr, k_sd: tl.constexpr,
-    v_ss: tl.constexpr, v_sh: tl.constexpr, v_sd: tl.constexpr,
+    q_sh: tl.constexpr, q_sd: tl.constexpr,
+    k_sh: tl.constexpr, k_sd: tl.constexpr,
+    v_sh: tl.constexpr, v_sd: tl.constexpr,
     qo_ss: tl.constexpr, qo_sh: tl.constexpr, qo_sd: tl.constexpr,
     ko_ss: tl.constexpr, ko_sh: tl.constexpr, ko_sd: tl.constexpr,
     kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sin: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
@@ -695,7 +697,8 @@ def _batch_stride(x: torch.Tensor):
 
 
 def _token_strides(name: str, x: torch.Tensor | None) -> dict:
-    """{name}_sb (run time), _ss, _sh, _sd (constexprs) of a [B, S, H, D] view; all None without the tensor."""
+    """{name}_sb, _ss, _sh, _sd of a [B, S, H, D] view (which are constexprs: see the kernel's signature);
+    all None without the tensor."""
     if x is None:
         return dict.fromkeys((f"{name}_sb", f"{name}_ss", f"{name}_sh", f"{name}_sd"))
     return {f"{name}_sb": _batch_stride(x), f"{name}_ss": x.stride(1), f"{name}_sh": x.stride(2),

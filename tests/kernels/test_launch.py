@@ -47,11 +47,12 @@ CONSTEXPRS = _constexpr_names()
 
 
 COMMON_CASES = {
-    # id: (make_args keyword arguments, return_k): SGLang/vLLM decode and prefill, HF StaticCache
+    # id: (make_args keyword arguments, return_k): SGLang/vLLM decode and prefill, HF StaticCache (one
+    # sequence: a batch of B > 1 adds up to 6 batch strides, which involve the sequence length)
     "sglang-token": (dict(layout="token", table="packed"), False),
     "vllm-paged": (dict(layout="paged", table="packed"), False),
-    "hf-sequence-b2": (dict(layout="sequence", batch=2, table="hf"), False),
-    "hf-sequence-b2-return-k": (dict(layout="sequence", batch=2, table="hf_b1"), True),
+    "hf-sequence": (dict(layout="sequence", batch=1, table="hf"), False),
+    "hf-sequence-return-k": (dict(layout="sequence", batch=1, table="hf_b1"), True),
 }
 
 

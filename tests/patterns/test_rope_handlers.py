@@ -225,10 +225,36 @@ def test_exact_casts_are_looked_through(src, dst):
 def test_other_casts_start_a_leaf_or_round_the_result(src, dst):
     g = Graph()
     x = g.input("x", 3, 4, dtype=src)
-    n = g.op(prims.convert_element_type.default, x, dst)
-    assert run_handler(n)[0] is None  # below arithmetic: the cast tensor is a leaf
-    v, ev = run_handler(n, result=True)  # the result itself: recorded for match_rope
-    assert features(ev, v) == picks("x", range(4)) and v.rounding == ((src, dst),)
+    computed = g.op(aten.mul.Tensor, x, x)
+    n = g.op(prims.convert_element_type.default, computed, dst)
+    assert run_handler(n)[0] is None  # below arithmetic, rounding a computed tensor: the cast is a leaf
+    v, ev = run_handler(n, result=True)  # the result itself: recorded for match_rope, evaluated through
+    assert v.rounding == ((src, dst),)
+    assert features(ev, v) == [{(("x", i), ("x", i)): 1.0} for i in range(4)]
+
+
+@pytest.mark.parametrize("dst", [BF16, torch.float16], ids=str)
+def test_a_stored_table_rounded_is_read_rounded(dst):
+    """fp32 -> bf16/fp16 of an input (or rows gathered from one): the same features of that input, read
+    rounded (a leaf with ``round_to``), so two casts of one table are one table."""
+    g = Graph()
+    x = g.input("x", 3, 4)
+    casts = [g.op(prims.convert_element_type.default, x, dst) for _ in range(2)]
+    leaves = set()
+    for n in casts:
+        v, ev = run_handler(n)
+        assert features(ev, v) == picks("x", range(4)) and v.rounding == ()
+        (leaf,) = {ev.leaves[lid] for p in v.feats for ((lid, _),) in p}
+        assert leaf.node is x and leaf.round_to == dst
+        leaves.add(leaf)
+    assert len(leaves) == 1  # the two casts read one table
+
+
+@pytest.mark.parametrize("src, dst", [(F32, torch.int32), (F32, torch.float8_e4m3fn), (torch.float16, BF16)])
+def test_other_roundings_of_a_stored_table_are_leaves(src, dst):
+    g = Graph()
+    x = g.input("x", 3, 4, dtype=src)
+    assert run_handler(g.op(prims.convert_element_type.default, x, dst))[0] is None
 
 
 def test_to_copy_with_more_than_a_dtype_is_a_leaf():
