@@ -7,7 +7,7 @@ The data flow, one file per arrow::
       -> AOTAutograd functional aten graph    (Inductor's compile_fx)
       -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
       -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
-      -> torch.ops.fx_fusion.rope_kv_store    (kernels/ops.py)
+      -> the kernel's launch, or the op       (kernels/ops.py: launched by Inductor on CUDA, else the op)
       -> Triton kernel                        (kernels/rope_kv_cache.py)
 
 Entry points: ``torch.compile(model, backend="fx_fusion", options={...})``, ``@fx_fusion.compile``,
