@@ -38,10 +38,9 @@ TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 32768]
 MAX_POS = 65536
 
 
-def unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d):
-    """SGLang's RotaryEmbedding.forward_native (NeoX) followed by the token-pool store."""
-    cos_sin = cos_sin_cache.index_select(0, positions)
-    cos, sin = cos_sin.chunk(2, dim=-1)
+def forward_native(q, k, positions, cos_sin_cache, n_q, n_kv, d):
+    """SGLang's RotaryEmbedding.forward_native (NeoX) on [T, H*D] q and k: ([T, Hq, D], [T, Hkv, D])."""
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
 
     def rope(x, heads):
         x = x.view(x.shape[0], heads, d)
@@ -49,26 +48,22 @@ def unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv,
         c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
-    q_out = rope(q, n_q)
-    k_cache[loc] = rope(k, n_kv)
+    return rope(q, n_q), rope(k, n_kv)
+
+
+def unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d):
+    """SGLang's RoPE followed by the token-pool store."""
+    q_out, k_rot = forward_native(q, k, positions, cos_sin_cache, n_q, n_kv, d)
+    k_cache[loc] = k_rot
     v_cache[loc] = v.view(-1, n_kv, d)
     return q_out
 
 
 def vllm_paged(q, k, v, k_cache, v_cache, slot, positions, cos_sin_cache, n_q, n_kv, d):
     """The same RoPE, stored vLLM-style into a paged cache ``[blocks, block_size, Hkv, D]``."""
-    cos_sin = cos_sin_cache.index_select(0, positions)
-    cos, sin = cos_sin.chunk(2, dim=-1)
-
-    def rope(x, heads):
-        x = x.view(x.shape[0], heads, d)
-        x1, x2 = torch.chunk(x, 2, dim=-1)
-        c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
+    q_out, k_rot = forward_native(q, k, positions, cos_sin_cache, n_q, n_kv, d)
     bs = k_cache.shape[1]
-    q_out = rope(q, n_q)
-    k_cache[slot // bs, slot % bs] = rope(k, n_kv)
+    k_cache[slot // bs, slot % bs] = k_rot
     v_cache[slot // bs, slot % bs] = v.view(-1, n_kv, d)
     return q_out
 
