@@ -82,14 +82,7 @@ def test_disjoint_views_of_one_buffer_accepted(device):
     buf = torch.randn(2 * n + 10, 2, 32, device=device)
     args["k_cache"], args["v_cache"] = buf[:n].fill_(float("nan")), buf[n:2 * n].fill_(float("nan"))
     args["k"], args["v"] = buf[2 * n:2 * n + 5], buf[2 * n + 5:]
-    p = prepare(**args)
-    before = (p.k_cache.clone(), p.v_cache.clone())
-    ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
-    q_ref, _ = reference(ref, False)
-    q_out, _ = OP(*op_args(args))
-    torch.testing.assert_close(q_out, q_ref.to(q_out.dtype), atol=1e-5, rtol=1e-5)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.layout)
+    check_against_reference(args, lambda: OP(*op_args(args)))
 
 
 def test_interleaved_kv_cache_accepted(device):
@@ -97,13 +90,7 @@ def test_interleaved_kv_cache_accepted(device):
     args = make_args(device, T=5, Hq=4, Hkv=2, D=32, qkv="3d", dtype=torch.float32)
     kv = torch.full((args["k_cache"].shape[0], 2, 2, 32), float("nan"), device=device)
     args["k_cache"], args["v_cache"] = kv[:, 0], kv[:, 1]
-    p = prepare(**args)
-    ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
-    before = (p.k_cache.clone(), p.v_cache.clone())
-    reference(ref, False)
-    OP(*op_args(args))
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.layout)
+    check_against_reference(args, lambda: OP(*op_args(args)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,17 +103,23 @@ def _wrapper_call(args: dict, **kw):
                                  args["slot_mapping"], **kw)
 
 
-def _check_wrapper(args: dict, ref_rotary_dim: int, **kw) -> None:
-    """The wrapper's q_out and caches against the float64 reference computed with ``ref_rotary_dim``."""
-    p = prepare(**dict(args, rotary_dim=ref_rotary_dim))
+def check_against_reference(args: dict, call, rotary_dim: int | None = None) -> None:
+    """``call()`` (the op or the wrapper on ``args``): its q_out and both whole caches against the float64
+    reference (computed with ``rotary_dim`` when given)."""
+    p = prepare(**(args if rotary_dim is None else dict(args, rotary_dim=rotary_dim)))
     before = (p.k_cache.clone(), p.v_cache.clone())
     ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
     q_ref, _ = reference(ref, False)
-    q_out, _ = _wrapper_call(args, **kw)
+    q_out, _ = call()
     atol, rtol = TOLERANCES[p.q.dtype]
     torch.testing.assert_close(q_out, q_ref.to(q_out.dtype), atol=atol, rtol=rtol)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.layout)
+    assert_cache("k_cache", p.k_cache.detach(), before[0], ref.k_cache, addressed_rows(p), p.layout)
+    assert_cache("v_cache", p.v_cache.detach(), before[1], ref.v_cache, addressed_rows(p), p.layout)
+
+
+def _check_wrapper(args: dict, ref_rotary_dim: int, **kw) -> None:
+    """The wrapper's q_out and caches against the float64 reference computed with ``ref_rotary_dim``."""
+    check_against_reference(args, lambda: _wrapper_call(args, **kw), rotary_dim=ref_rotary_dim)
 
 
 def test_wrapper_per_pair_tables_need_rotary_dim(device):
@@ -214,13 +207,7 @@ def test_inference_cache_inside_inference_mode_accepted():
     args = valid_token_problem()
     with torch.inference_mode():
         args["k_cache"], args["v_cache"] = args["k_cache"].clone(), args["v_cache"].clone()
-        p = prepare(**args)
-        ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
-        before = (p.k_cache.clone(), p.v_cache.clone())
-        reference(ref, False)
-        OP(*op_args(args))
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.layout)
+        check_against_reference(args, lambda: OP(*op_args(args)))
 
 
 @pytest.mark.parametrize("which", ["k_cache", "v_cache"])
@@ -253,12 +240,7 @@ def test_cache_requiring_grad_accepted_under_no_grad():
     args = valid_token_problem()
     args["k_cache"].requires_grad_()
     with torch.no_grad():
-        p = prepare(**args)
-        ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
-        before = (p.k_cache.clone(), p.v_cache.clone())
-        reference(ref, False)
-        OP(*op_args(args))
-    assert_cache("k_cache", p.k_cache.detach(), before[0], ref.k_cache, addressed_rows(p), p.layout)
+        check_against_reference(args, lambda: OP(*op_args(args)))
 
 
 def test_fake_does_not_check_writability():
