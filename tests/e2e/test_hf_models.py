@@ -117,3 +117,36 @@ def test_static_cache_prefill_and_decode(family, device, tmp_path):
         if calls != LAYERS or len(fused) != LAYERS:
             raise NotFused(f"{report['graph']}: {calls} fused op calls, {len(fused)} fused sites for {LAYERS} "
                            f"layers; not fused: {reasons or 'no candidate site'}")
+
+
+def test_gpt_oss_bf16_yarn_sliding_and_full_layers(tmp_path):
+    """Hugging Face gpt-oss as deployed (bf16), with its default YaRN scaling (``cos = emb.cos() *
+    attention_scaling``, cast to bf16 by the rotary embedding: the rounded, scaled table is what the op
+    reads) and one sliding-window and one full-attention layer: every layer of the prefill and decode
+    graphs fused, logits and caches equal to eager at bf16 tolerance (the kernel rounds once in fp32 where
+    eager rounds after every op)."""
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8, attn_implementation="eager")
+    assert (getattr(config, "rope_parameters", None) or config.rope_scaling)["rope_type"] == "yarn"
+    model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    steps = [torch.randint(1, 128, (1, n)) for n in (5, 1)]
+
+    def cache():
+        c = transformers.StaticCache(config=config, max_cache_len=16)
+        c.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.bfloat16, device="cpu")
+        return c
+
+    ref_cache, fused_cache = cache(), cache()
+    expected = run_steps(model, ref_cache, steps)
+    actual = run_steps(fx_fusion.compile(model.forward, dump_dir=str(tmp_path)), fused_cache, steps)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i} logits: {m}")
+    for i, (layer, ref_layer) in enumerate(zip(fused_cache.layers, ref_cache.layers)):
+        torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), atol=2e-2, rtol=2e-2)
+    reports = load_reports(tmp_path)
+    assert len(reports) == 2
+    for report in reports:
+        assert [s["fused"] for s in report["sites"]] == [True] * LAYERS, report["sites"]
