@@ -232,3 +232,25 @@ def test_table_cast_per_rope_call_is_read_rounded(passes, dtype):
     assert f"table_dtype = {dtype}" in run.after, run.after
     for got, want in ((out, expected), (block.k_buffer, stock.k_buffer), (block.v_buffer, stock.v_buffer)):
         torch.testing.assert_close(got, want, atol=1e-2, rtol=8e-3)
+
+
+class HalfCastTableStore(CastTableStore):
+    """Only cos is cast to the model dtype: sin stays fp32 (the products with sin are then fp32)."""
+
+    def rope(self, x, cos, sin):
+        return neox(x, cos.to(x.dtype), sin).to(x.dtype)
+
+
+def test_table_cast_on_cos_only_is_reported_not_fused(passes):
+    """cos read rounded, sin not: no one table rounding describes it, so the site is not fused, the
+    report says why, and outputs and caches are eager's."""
+    block = HalfCastTableStore(torch.bfloat16)
+    eager = copy.deepcopy(block)
+    args = (torch.randn(5, 4, 16, dtype=torch.bfloat16), torch.randn(5, 2, 16, dtype=torch.bfloat16),
+            torch.randn(5, 2, 16, dtype=torch.bfloat16), torch.randint(0, 64, (5,)), torch.randperm(32)[:5])
+    out = torch.compile(block, backend="fx_fusion")(*args)
+    expected = eager(*args)
+    (run,) = passes
+    assert [s.fused for s in run.sites] == [False] and "rounded" in run.sites[0].reason, run.sites
+    for got, want in ((out, expected), (block.k_buffer, eager.k_buffer), (block.v_buffer, eager.v_buffer)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=8e-3)
