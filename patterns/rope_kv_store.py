@@ -21,6 +21,11 @@ After (``replacement`` traced with ``make_fx`` on the nodes' fake values, then s
 Inductor re-inplaces the ``auto_functionalized`` call (the cache is written in place). The op mutates only
 the caches: q and k are never passed as mutated views of the qkv projection (that form was miscompiled).
 
+On CUDA (HIP included) the traced launcher is the kernel's own launch instead of the op
+(``kernel_rope_kv_store``): the graph then holds ``triton_kernel_wrapper_functional``, which Inductor
+re-inplaces the same way and launches from its output code, with no Python on the hot path. A launch that
+would pin a symbolic size, or whose trace writes an input other than the caches, falls back to the op.
+
 Per site, ``can_fuse`` (is the rewrite exact? raises ``Unfusable``) and ``should_fuse`` (is it enabled
 and worth it? raises ``Disabled``) are kept apart, as Inductor's ``pad_mm`` keeps ``can_pad`` and
 ``should_pad``. Every candidate site ends in a ``Site`` record, fused or with the reason it was not; an
