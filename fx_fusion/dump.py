@@ -20,7 +20,7 @@ from types import MappingProxyType
 import networkx as nx
 import torch
 
-from fx_fusion.patterns import FUSED_OP, Site
+from fx_fusion.patterns import Site, is_fused_node
 
 log = logging.getLogger("fx_fusion")
 
@@ -42,7 +42,7 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
         val = n.meta.get("val")
         g.add_node(n.name, op=n.op, target=_target_name(n), shape=str(tuple(val.shape)) if isinstance(
             val, torch.Tensor) else "", dtype=str(val.dtype) if isinstance(val, torch.Tensor) else "",
-                   fused_op=_is_fused_call(n), site="")
+                   fused_op=is_fused_node(n), site="")
         for a in n.all_input_nodes:
             g.add_edge(a.name, n.name)
     return g
@@ -51,13 +51,9 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
 def _target_name(n: torch.fx.Node) -> str:
     if n.op != "call_function":
         return str(n.target)
-    if _is_fused_call(n):
+    if is_fused_node(n):
         return "fx_fusion.rope_kv_store"
     return getattr(n.target, "__name__", str(n.target)).replace("<", "").replace(">", "")
-
-
-def _is_fused_call(n: torch.fx.Node) -> bool:
-    return n.op == "call_function" and (n.target is FUSED_OP or (bool(n.args) and n.args[0] is FUSED_OP))
 
 
 FILL_COLOURS = MappingProxyType({"fused_op": "palegreen", "fused": "orange", "unfused": "lightgrey"})

@@ -46,6 +46,7 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Graph, Node
 
 from fx_fusion.kernels.ops import rope_kv_store_functional
+from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
@@ -500,6 +501,23 @@ def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, posi
 
     return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_cache, v_cache, slot_mapping, cos, sin,
                                                                 positions)
+
+
+def is_fused_node(n: Node) -> bool:
+    """Whether ``n`` is what a fused site became: the op (``auto_functionalized`` or direct), or the launch
+    of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
+    if n.op != "call_function":
+        return False
+    if n.target is FUSED_OP or (n.args and n.args[0] is FUSED_OP):
+        return True
+    if "triton_kernel_wrapper" not in getattr(n.target, "__name__", ""):
+        return False
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+    while kernel is not None and kernel is not rope_kv_cache._rope_kv_store_kernel:
+        kernel = getattr(kernel, "fn", None)  # an Autotuner holds the JITFunction
+    return kernel is not None
 
 
 def launchers_for(device: torch.device, validate: bool) -> tuple[Callable, ...]:

@@ -346,3 +346,16 @@ def test_op_runs_inside_torch_compile(device):
     addressed = addressed_rows(p)
     assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
     assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
+
+
+def test_the_launch_counts_as_a_fused_node(device, traced_kernels, monkeypatch):
+    """Dumps and pictures mark the kernel's launch as the fused op (``is_fused_node``), as they mark the op."""
+    from fx_fusion.patterns import is_fused_node
+
+    module, _ = traced_kernels
+    kw, return_k = TRACE_CASES["token-packed-fused2d"]
+    gm = trace(module, case_args(device, kw, T=5), return_k, "fake")
+    (node,) = kernel_nodes(gm)
+    monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], rkc._rope_kv_store_kernel)
+    assert is_fused_node(node)
+    assert not any(is_fused_node(n) for n in gm.graph.nodes if n is not node)
