@@ -48,7 +48,7 @@ from torch.fx import Graph, Node
 from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
-from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
@@ -163,7 +163,8 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
         if (why := ropes.near_miss(root)) is not None:
             sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
                               reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
-        if root.target in _ARITHMETIC and not all(isinstance(s, int) for s in shape_of(root)[-1:]):
+        if (_below_views_and_casts(root).target in _ARITHMETIC
+                and not all(isinstance(s, int) for s in shape_of(root)[-1:])):
             # RoPE is recognised by evaluating features one by one: a symbolic width cannot be checked
             # (a computed value is reported; a view of a projection, as v is, is not a candidate)
             sites.append(Site(store=st.node.name, source=source_line(st.node), reason=(
@@ -237,17 +238,35 @@ class _RopeFinder:
             except NotRope as e:
                 self._memo[node] = None
                 features = rope_like(node, self._evaluators[head_dim])
+                computed = _below_views_and_casts(node)
                 if features == 1:
                     self._near_misses[node] = str(e)
                 elif features == 2:  # the RoPE is only seen across heads: something regroups its output
                     self._near_misses[node] = ("products of tensors reach the store across heads: the RoPE "
                                                "output is regrouped (e.g. flattened and cast) before the store")
+                elif computed is not node and rope_like(computed, self._evaluators[head_dim]):
+                    # views the evaluator cannot follow (symbolic sizes) or casts stand between the two
+                    self._near_misses[node] = (f"{computed.name} computes products of tensors like a RoPE, but "
+                                               f"views or casts between it and the store hide it ({e})")
         return self._memo[node]
 
     def near_miss(self, node: Node) -> str | None:
         """Why ``node`` is not a RoPE the op computes, if it looks like one (products of tensors); else None."""
         self.match(node)
         return self._near_misses.get(node)
+
+
+_VIEWS_AND_CASTS = RESHAPES | {aten.permute.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+                                aten.clone.default, aten.alias.default, aten.expand.default,
+                                torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+
+
+def _below_views_and_casts(node: Node) -> Node:
+    """The first node below ``node`` that is neither a view nor a cast."""
+    while node.op == "call_function" and node.target in _VIEWS_AND_CASTS and node.args and isinstance(
+            node.args[0], Node):
+        node = node.args[0]
+    return node
 
 
 def source_line(node: Node) -> str:
