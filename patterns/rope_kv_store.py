@@ -160,9 +160,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             ks.append(_KStore(st, root, roles, chain, rope))
             continue
         v_candidates.append(st)  # a v store, or a store of something that is not rotated
-        if (why := ropes.near_miss(root)) is not None:
-            sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
-                              reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
+        # one report entry per store that looks like a RoPE's (a v store, a raw view, gets none)
         if (_below_views_and_casts(root).target in _ARITHMETIC
                 and not all(isinstance(s, int) for s in shape_of(root)[-1:])):
             # RoPE is recognised by evaluating features one by one: a symbolic width cannot be checked
@@ -171,6 +169,9 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 f"the stored value {root.name} has a symbolic last dim {tuple(shape_of(root))}, so a RoPE "
                 "in it cannot be recognised (dynamic=True with q/k as graph inputs? mark only the token "
                 "dim dynamic)")))
+        elif (why := ropes.near_miss(root)) is not None:
+            sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
+                              reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
     state = _GraphState({n: i for i, n in enumerate(graph.nodes)}, ropes, v_candidates, {k.root for k in ks})
     fake_mode = None
     for k in ks:

@@ -210,7 +210,9 @@ UNEQUAL_SCALES = [Case("sglang", {}, Perturbation(cos_scale=2.0)),
 # evaluator cannot follow the reshape back to [T, H*D], and the rounded k store still needs its report entry
 FOUND = [Case("inputs", dict(num_heads=4, num_kv_heads=2, head_dim=16, style="neox", rot_dim=16, dtype=BF16,
                              upcast=False, flat=True), Perturbation(cast=F16, cast_at="k_rot"), tokens=3,
-              dynamic=True)]
+              dynamic=True),
+         Case("inputs", dict(num_heads=4, num_kv_heads=2, head_dim=16, style="gptj", rot_dim=16, flat=True),
+              Perturbation(table_row="slice"), tokens=3, dynamic=True)]  # was reported twice
 
 
 def _with_examples(test):
