@@ -20,6 +20,7 @@ pass to trace (see ``rope_kv_cache.launch_traceable``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -54,14 +55,15 @@ def _rope_kv_store(
     if p.q.device.type == "cpu" and not _interpreted():
         q_out, k_out = _impl.reference(p, return_k, compute_dtype=torch.float32)
         return q_out, (k_out if return_k else p.k.new_empty((0,)))
-    q_out = p.q.new_empty(p.q_shape)
-    k_out = p.k.new_empty(p.k_shape if return_k else (0,))
-    if p.q.is_cuda:
-        with torch.cuda.device(p.q.device):
-            _impl.launch(p, q_out, k_out if return_k else None)
-    else:
+    q_out, k_out = _outputs(p, return_k)
+    with torch.cuda.device(p.q.device) if p.q.is_cuda else contextlib.nullcontext():
         _impl.launch(p, q_out, k_out if return_k else None)
     return q_out, k_out
+
+
+def _outputs(p: _impl.RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ``(q_out, k_out)``; ``k_out`` is empty unless ``return_k``."""
+    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if return_k else (0,))
 
 
 _SIGNATURE = inspect.signature(_rope_kv_store)  # the op's one signature: everything below binds to it
@@ -87,7 +89,7 @@ rope_kv_store_op = torch.library.custom_op("fx_fusion::rope_kv_store", _rope_kv_
 @rope_kv_store_op.register_fake
 def _(*args, **kwargs):
     p, return_k, _ = _problem(_bind(args, kwargs))  # the same checks; validate needs data: skipped
-    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if return_k else (0,))
+    return _outputs(p, return_k)
 
 
 def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -700,7 +700,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
     for launch in launchers:
         try:
             traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
-            _check_writes(traced, written=(3, 4))
+            write_backs = _write_backs(traced, written=(3, 4))  # the caches
             break
         except NotTraceable as e:  # e.g. a symbolic stride the kernel takes as a constant: the op instead
             if launch is launchers[-1]:
@@ -709,7 +709,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
     position = {n: i for i, n in enumerate(graph.nodes)}
     last_input = max((n for n in inputs if n is not None), key=position.get)
     with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
-        new_nodes, outputs = _splice(graph, traced, inputs, st.node.meta.get("stack_trace"), written=(3, 4))
+        new_nodes, outputs = _splice(graph, traced, inputs, st.node.meta.get("stack_trace"), write_backs)
     try:
         q_rot, k_rot, k_new, v_new = outputs
         for new, old in ((q_rot, p.q_root), (k_new, st.node), (v_new, p.v_store.node),
@@ -752,38 +752,36 @@ def _trace(fn: Callable, inputs: list, fake_mode, **static) -> torch.fx.GraphMod
         return make_fx(traced, tracing_mode="real")(*vals)
 
 
-def _check_writes(gm: torch.fx.GraphModule, written: tuple) -> None:
-    """``gm`` writes (``copy_``) no input but those numbered in ``written`` (the caches).
+def _write_backs(gm: torch.fx.GraphModule, written: tuple) -> set[Node]:
+    """``gm``'s write-backs (``copy_``) into the inputs numbered in ``written`` (the caches), which the
+    splice leaves out: the replaced ``index_put`` nodes' values are copied back by the graph's epilogue.
 
-    Inductor decides which arguments a user Triton kernel writes from the kernel's TTIR; where that
-    analysis fails it assumes every tensor argument is written, and the functionalized launch writes
-    q, k and v back: raised as ``NotTraceable``, so the site is fused with the op instead."""
+    A write into any other input raises ``NotTraceable``, so the site is fused with the op instead:
+    Inductor decides which arguments a user Triton kernel writes from the kernel's TTIR, and where that
+    analysis fails it assumes every tensor argument is written (the functionalized launch writes q, k, v)."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     allowed = {placeholders[i] for i in written}
+    out = set()
     for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default):
-        if n.args[0].op == "placeholder" and n.args[0] not in allowed:
+        if n.args[0].op != "placeholder":
+            continue
+        if n.args[0] not in allowed or n.users:
             raise NotTraceable(f"the traced launch writes its input {n.args[0].name}")
+        out.add(n)
+    return out
 
 
-def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None, written=()):
-    """Copy ``gm``'s nodes into ``graph`` at the insertion point, its inputs bound to ``inputs``.
-
-    ``gm``'s write-backs (``copy_``) into the inputs numbered in ``written`` (the caches) are left out: the
-    replaced ``index_put`` nodes' values are copied back by the graph's own epilogue. A write into any
-    other input is an error. Returns (the new nodes, the values of ``gm``'s outputs in ``graph``)."""
+def _splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: str | None, skip=frozenset()):
+    """Copy ``gm``'s nodes but those in ``skip`` (see ``_write_backs``) into ``graph`` at the insertion point,
+    its inputs bound to ``inputs``. Returns (the new nodes, the values of ``gm``'s outputs in ``graph``)."""
     env: dict[Node, object] = {}
     new_nodes: list[Node] = []
     try:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         for ph, node in zip(placeholders, inputs, strict=True):
             env[ph] = node
-        write_backs = {placeholders[i] for i in written}
         for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.target is torch.ops.aten.copy_.default and n.args[0].op == "placeholder":
-                if n.args[0] not in write_backs or n.users:
-                    raise RuntimeError(f"the traced replacement writes its input {n.args[0].name}")
+            if n.op == "placeholder" or n in skip:
                 continue
             if n.op == "output":
                 return new_nodes, torch.fx.node.map_arg(n.args[0], env.__getitem__)
