@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import sys
 
 import pytest
@@ -38,12 +37,7 @@ from tests.kernels.test_rope_kv_cache import (
 # --------------------------------------------------------------------------------------------------
 
 
-def _constexpr_names() -> set[str]:
-    fn = getattr(rkc._rope_kv_store_kernel, "fn", rkc._rope_kv_store_kernel)
-    return {n for n, prm in inspect.signature(fn).parameters.items() if "constexpr" in str(prm.annotation)}
-
-
-CONSTEXPRS = _constexpr_names()
+CONSTEXPRS = rkc._constexpr_names(rkc._rope_kv_store_kernel)
 
 
 COMMON_CASES = {
