@@ -24,6 +24,7 @@ import contextlib
 import inspect
 
 import torch
+from torch._library.autograd import make_autograd_impl
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from triton import knobs as triton_knobs
@@ -122,6 +123,29 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
 rope_kv_store_op.register_torch_dispatch(FunctionalTensorMode, _break_down_when_compiled)
 
 
+def _autograd_checked(generated):
+    """custom_op's autograd kernel, preceded by eager's in-place checks on the caches.
+
+    Only this layer sees the caller's grad mode: custom_op runs the kernels below it with grad mode off
+    whenever an input requires grad. So a leaf cache that requires grad is rejected here, before
+    anything is written, as ``cache[slot] = x`` rejects it; everything else goes on to custom_op's
+    own autograd kernel (which raises in backward: the op has no formula).
+    """
+    def autograd_kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled():
+            bound = _bind(args, kwargs)
+            for name in ("k_cache", "v_cache"):
+                if isinstance(bound[name], torch.Tensor):
+                    _impl.check_writable(name, bound[name])
+        return generated(keyset, *args, **kwargs)
+    return autograd_kernel
+
+
+rope_kv_store_op._lib.impl(  # replaces the kernel custom_op registered for the key with the same one, checked
+    "rope_kv_store", _autograd_checked(make_autograd_impl(rope_kv_store_op._opoverload, rope_kv_store_op)),
+    "Autograd", with_keyset=True)
+
+
 def rope_kv_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, *,
@@ -169,10 +193,6 @@ def rope_kv_store(
             rotary_dim = _impl.default_rotary_dim(cos, k_cache.shape[-1])
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
-    if not torch.compiler.is_compiling():  # Dynamo would break the graph on is_inference()
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if isinstance(cache, torch.Tensor):  # here grad mode is the caller's; inside the op it is not
-                _impl.check_writable(name, cache)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
         is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype)

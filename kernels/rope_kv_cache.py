@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 
@@ -419,13 +420,13 @@ def check_writable(name: str, cache: torch.Tensor) -> None:
     """Raise ``RuntimeError`` where eager ``cache[slot] = x`` would: an inference tensor outside inference
     mode, or a cache that requires grad while grad mode is on (the op has no autograd formula).
 
-    Skipped for fake tensors: when a graph is traced, the grad and inference modes it will run under
-    are not those of the tracing, so only the real kernels check. The op's kernels run below
-    custom_op's autograd layer, which turns grad mode off whenever an input requires grad: there
-    only the inference check can fire, and the Python wrapper ``ops.rope_kv_store`` calls this
-    before the op to catch the grad case.
+    Skipped for fake and functional tensors: when a graph is traced, the grad and inference modes it
+    will run under are not those of the tracing, so only the real kernels check. The op's kernels run
+    below custom_op's autograd layer, which turns grad mode off whenever an input requires grad: there
+    only the inference check can fire, and the op's own autograd kernel (``ops._autograd_checked``)
+    makes the grad check, where the caller's grad mode is still in force.
     """
-    if not (cache.is_inference() or cache.requires_grad) or isinstance(cache, FakeTensor):
+    if not (cache.is_inference() or cache.requires_grad) or isinstance(cache, (FakeTensor, FunctionalTensor)):
         return
     if cache.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{name} is an inference tensor (created under torch.inference_mode()), which cannot be "

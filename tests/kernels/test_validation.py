@@ -226,13 +226,22 @@ def test_cache_requiring_grad_rejected_by_the_wrapper(which, view):
         prepare(**args)
 
 
-@pytest.mark.xfail(strict=True, reason="custom_op's autograd layer runs the kernels with grad mode off, so "
-                   "they cannot tell a write under torch.no_grad() (allowed) from one with grad on; the check "
-                   "belongs in an autograd registration of the op")
-def test_cache_requiring_grad_rejected_by_the_op():
+@pytest.mark.parametrize("name", ["k_cache", "v_cache"])
+def test_cache_requiring_grad_rejected_by_the_op(name):
+    """A direct op call, as eager ``cache[slot] = x`` with grad on: raised before anything is written."""
     args = valid_token_problem()
-    args["k_cache"] = args["k_cache"].clone().requires_grad_()
-    assert_rejected(args, RuntimeError, r"^k_cache requires grad")
+    args[name] = args[name].clone().requires_grad_()
+    assert_rejected(args, RuntimeError, rf"^{name} requires grad")
+
+
+def test_q_requiring_grad_keeps_autograd_honest():
+    """The cache check must not cut q off from autograd: backward raises (no formula) instead of a silent zero."""
+    args = valid_token_problem()
+    args["q"] = args["q"].clone().requires_grad_()
+    q_out, _ = OP(*op_args(args))
+    assert q_out.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        q_out.sum().backward()
 
 
 def test_cache_requiring_grad_accepted_under_no_grad():
