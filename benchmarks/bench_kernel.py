@@ -7,7 +7,7 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
 
     python benchmarks/bench_kernel.py                      # the full table
     python benchmarks/bench_kernel.py --tokens 1 8 --models gpt-oss
-    python benchmarks/bench_kernel.py --sweep              # also time launch configurations of ours
+    python benchmarks/bench_kernel.py --sweep --layouts sequence  # launch configurations of ours, per layout
     python benchmarks/bench_kernel.py --compiled           # compiled functions: stock vs backend="fx_fusion"
     python benchmarks/bench_kernel.py --baseline OLD.py    # the kernel vs another version of it, per layout
                                                            # (OLD.py: git show REV:kernels/rope_kv_cache.py)
@@ -133,11 +133,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--rep", type=int, default=100, help="ms of replays per measurement")
-    ap.add_argument("--sweep", action="store_true", help="also time alternative launch configurations")
+    ap.add_argument("--sweep", action="store_true", help="time alternative launch configurations (per layout)")
     ap.add_argument("--compiled", action="store_true",
                     help="time compiled functions (stock vs fx_fusion, replay and host loop) instead of the op")
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--host-calls", type=int, default=200, help="calls per host-loop measurement")
+    ap.add_argument("--host-rounds", type=int, default=5, help="host loops per side (median; sides alternate)")
     ap.add_argument("--baseline", metavar="FILE",
                     help="time the kernel against the kernels module in FILE (another version), per layout")
     args = ap.parse_args()
@@ -151,6 +152,9 @@ def main() -> None:
         return
     if args.baseline:
         baseline_table(args, bw, gen)
+        return
+    if args.sweep:
+        sweep_table(args, bw, gen)
         return
     print("| model | T | eager us | torch.compile us | fx_fusion us | floor us | fx_fusion % of floor "
           "| speed-up vs compile | max abs err |")
@@ -175,8 +179,6 @@ def main() -> None:
             floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, q.dtype, csc.dtype) / bw
             print(f"| {name} | {t} | {eager_us:.2f} | {comp_us:.2f} | {ours_us:.2f} | {floor_us:.2f} | "
                   f"{100 * floor_us / ours_us:.0f}% | {comp_us / ours_us:.2f}x | {err:.3g} |", flush=True)
-            if args.sweep:
-                sweep(case, t, n_q, n_kv, d, args.rep, floor_us)
 
 
 LAYOUTS = {"token": unfused, "paged": vllm_paged, "sequence": hf_sequence}
@@ -207,16 +209,33 @@ def layout_case(layout: str, t: int, n_q: int, n_kv: int, d: int, gen, num_slots
             n_q, n_kv, d)
 
 
-def host_loop_us(fn, args, calls: int) -> float:
-    """Microseconds per call of ``calls`` back-to-back calls without CUDA graphs, one sync at the end."""
-    for _ in range(10):
-        fn(*args)
+def host_loop_us(fns: dict, args, calls: int, rounds: int) -> dict:
+    """Microseconds per call of ``calls`` back-to-back calls without CUDA graphs, one sync at the end, for
+    each function in ``fns``: the median of ``rounds`` loops, the functions taking turns loop by loop so
+    that both see the same machine (host timings drift by tens of us over a run)."""
+    for fn in fns.values():
+        for _ in range(10):
+            fn(*args)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn(*args)
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(*args)
+            torch.cuda.synchronize()
+            times[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def with_fused_qkv(fn, n_q: int, n_kv: int, d: int):
+    """``fn`` taking one fused qkv tensor and splitting it inside, as a model splits its projection: the
+    q/k/v views then have static strides in the graph even when the token count is dynamic."""
+    def f(qkv, *rest):
+        q, k, v = qkv.split([n_q * d, n_kv * d, n_kv * d], dim=-1)
+        return fn(q, k, v, *rest)
+    f.__name__ = fn.__name__
+    return f
 
 
 def compiled_table(args, bw: float, gen) -> None:
@@ -238,26 +257,28 @@ def compiled_table(args, bw: float, gen) -> None:
             n_q, n_kv, d = MODELS[name]
             torch._dynamo.reset()
             counters.clear()
-            compiled = {"stock": torch.compile(fn), "fx_fusion": torch.compile(fn, backend="fx_fusion")}
+            fused = with_fused_qkv(fn, n_q, n_kv, d)
+            compiled = {"stock": torch.compile(fused), "fx_fusion": torch.compile(fused, backend="fx_fusion")}
             for t in args.tokens:
-                case = layout_case(layout, t, n_q, n_kv, d, gen, num_slots)
-                caches = (case[3], case[4])
+                q, k, v, *rest = layout_case(layout, t, n_q, n_kv, d, gen, num_slots)
+                case = (torch.cat((q, k, v), dim=-1), *rest)
+                caches = (case[1], case[2])
                 start = [c.clone() for c in caches]
-                sides, outs = {}, {}
-                for side, f in compiled.items():
-                    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+                replay, outs = {}, {}
+                with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+                    for side, f in compiled.items():
                         for c, c0 in zip(caches, start):
                             c.copy_(c0)  # same starting caches for both sides
                         out = f(*case)
                         outs[side] = (out.float(), *(c.float() for c in caches))
-                        replay = 1e3 * do_bench_cudagraph(lambda: f(*case), rep=args.rep, return_mode="median")
-                        host = host_loop_us(f, case, args.host_calls)
-                    sides[side] = (replay, host)
+                        replay[side] = 1e3 * do_bench_cudagraph(lambda: f(*case), rep=args.rep, return_mode="median")
+                    host = host_loop_us(compiled, case, args.host_calls, args.host_rounds)
+                sides = {side: (replay[side], host[side]) for side in compiled}
                 fx = counters["fx_fusion"]
                 diff = max((a - b).abs().max().item() for a, b in zip(outs["stock"], outs["fx_fusion"]))
                 (s_rep, s_host), (f_rep, f_host) = sides["stock"], sides["fx_fusion"]
                 # per token: one fp32 cos|sin row (token, paged) or a bf16 cos row and sin row (sequence): 4*D bytes
-                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
+                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, q.dtype, torch.float32) / bw
                 print(f"| {layout} | {name} | {t} | {s_rep:.2f} | {f_rep:.2f} | {s_rep / f_rep:.2f}x | {floor_us:.2f} "
                       f"| {100 * floor_us / f_rep:.0f}% | {s_host:.1f} | {f_host:.1f} | {s_host / f_host:.2f}x "
                       f"| {fx['rope_kv_store_fused']} / {fx['graphs']} | {diff:.3g} |", flush=True)
@@ -301,25 +322,32 @@ def baseline_table(args, bw: float, gen) -> None:
                       f"| {floor_us:.2f} | {100 * floor_us / times[1]:.0f}% |", flush=True)
 
 
-def sweep(case, t, n_q, n_kv, d, rep, floor_us) -> None:
-    """Time ours under alternative (BLOCK_RQ, BLOCK_RKV, num_warps); print the best few."""
-    q, k, v, kc, vc, loc, pos, csc = case
-    half = d // 2
-    p = impl.prepare(q, k, v, kc, vc, loc, csc[:, :half], csc[:, half:], pos, rotary_dim=d)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    results = []
-    for brq, ratio, warps in itertools.product([1, 2, 4, 8, 16, 32, 64], [1, 2], [1, 2, 4, 8]):
-        brkv = max(1, brq // ratio)
-        if brq * d > 8192 or brq * d // 2 < 32 * warps // 2:  # tiles far too big, or most lanes idle
-            continue
-        cfg = dict(BLOCK_RQ=brq, BLOCK_RKV=brkv, num_warps=warps)
-        us = 1e3 * do_bench_cudagraph(lambda: impl.launch(p, q_out, None, **cfg), rep=rep // 2,
-                                      return_mode="median")
-        results.append((us, cfg))
-    results.sort(key=lambda r: r[0])
-    default = impl.launch_config(p)
-    print(f"    sweep T={t}: default {dict((k, default[k]) for k in ('BLOCK_RQ', 'BLOCK_RKV', 'num_warps'))}; best: "
-          + "; ".join(f"{us:.2f}us ({100 * floor_us / us:.0f}%) {cfg}" for us, cfg in results[:3]), flush=True)
+def sweep_table(args, bw: float, gen) -> None:
+    """For each layout, model and T: ours under alternative (BLOCK_RQ, BLOCK_RKV, num_warps), the best few."""
+    for layout in args.layouts:
+        for name in args.models:
+            n_q, n_kv, d = MODELS[name]
+            for t in args.tokens:
+                case = layout_case(layout, t, n_q, n_kv, d, gen)
+                p = _problem(impl, layout, case)
+                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
+                q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device="cuda")
+                results = []
+                for brq, ratio, warps in itertools.product([1, 2, 4, 8, 16, 32, 64], [1, 2], [1, 2, 4, 8]):
+                    brkv = max(1, brq // ratio)
+                    if brq * d > 8192 or brq * d // 2 < 32 * warps // 2:  # tiles far too big, or most lanes idle
+                        continue
+                    cfg = dict(BLOCK_RQ=brq, BLOCK_RKV=brkv, num_warps=warps)
+                    us = 1e3 * do_bench_cudagraph(lambda: impl.launch(p, q_out, None, **cfg), rep=args.rep,
+                                                  return_mode="median")
+                    results.append((us, cfg))
+                results.sort(key=lambda r: r[0])
+                default = {k: impl.launch_config(p)[k] for k in ("BLOCK_RQ", "BLOCK_RKV", "num_warps")}
+                at_default = next((us for us, cfg in results if cfg == default), float("nan"))
+                print(f"{layout} {name} T={t}: default {default} {at_default:.2f}us "
+                      f"({100 * floor_us / at_default:.0f}% of floor); best: "
+                      + "; ".join(f"{us:.2f}us ({100 * floor_us / us:.0f}%) {cfg}" for us, cfg in results[:3]),
+                      flush=True)
 
 
 if __name__ == "__main__":
