@@ -141,9 +141,12 @@ def _autograd_checked(generated):
     return autograd_kernel
 
 
-rope_kv_store_op._lib.impl(  # replaces the kernel custom_op registered for the key with the same one, checked
-    "rope_kv_store", _autograd_checked(make_autograd_impl(rope_kv_store_op._opoverload, rope_kv_store_op)),
-    "Autograd", with_keyset=True)
+# On the backend autograd keys: a kernel registered there takes precedence over custom_op's, which sits on
+# the Autograd alias key (and which torch < 2.13 does not let Python override).
+for _key in ("AutogradCPU", "AutogradCUDA"):  # CUDA covers HIP
+    rope_kv_store_op._lib.impl(
+        "rope_kv_store", _autograd_checked(make_autograd_impl(rope_kv_store_op._opoverload, rope_kv_store_op)),
+        _key, with_keyset=True)
 
 
 def rope_kv_store(
