@@ -1,30 +1,54 @@
 """End to end: decoder stacks under stock torch.compile and under the fx_fusion backend, side by side.
 
-Random-weight decoder stacks shaped like three deployments, written the way SGLang writes its models: a
-fused qkv Linear + split, ``RotaryEmbedding.forward_native`` (fp32 ``cos_sin_cache`` [max_pos, D] ->
-``index_select`` -> ``chunk``, NeoX rotation in the model dtype), ``k_buffer[loc] = k.view(-1, Hkv, D)`` into
-a token-indexed pool, ``F.scaled_dot_product_attention`` over the pool, RMSNorm and a dense SwiGLU MLP.
+Models a, b, c: random-weight decoder stacks shaped like three deployments (a: gpt-oss-120b TP-8 shard,
+b: gpt-oss-20b, c: Llama-3-8B), written the way SGLang writes its models: a fused qkv Linear + split,
+``RotaryEmbedding.forward_native`` (fp32 ``cos_sin_cache`` [max_pos, D] -> ``index_select`` -> ``chunk``, NeoX
+rotation in the model dtype), ``k_buffer[loc] = k.view(-1, Hkv, D)`` into a token-indexed pool,
+``F.scaled_dot_product_attention`` over the pool, RMSNorm and a dense SwiGLU MLP. No embedding or LM head.
+
+Model a-fp8 (``--models a-fp8``): model a with the pool in fp8 as SGLang stores it, float8_e4m3fn bytes in a
+uint8 pool: ``k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8)``, attention reading
+``k_buffer.view(float8_e4m3fn).to(bf16) * k_scale`` (0-d fp32 scales). Outputs compared at (1e-1, 1e-1), the
+written rows dequantised at one e4m3 step (rtol 2**-3; see FP8_ROW_RTOL). Its fused-site count is reported,
+not required (the pass does not match this spelling yet: 0 sites is expected until it does).
+
+Model d (``--models d``): Hugging Face ``GptOssForCausalLM`` at gpt-oss-20b sizes (64 q / 8 kv heads, head_dim
+64, hidden 2880, 32 experts top-4, sliding window 128 on alternate layers, YaRN rope scaling from
+``GptOssConfig``'s defaults), random bf16 weights built on the device (nothing downloaded), embedding and LM
+head included (last token's logits), eager attention (sinks), driven through HF's ``StaticCache`` made as
+HF's docs make it and allocated by a first eager call. Before every step the cache is rewound (outside the
+timed interval) to ``--past`` tokens (decode) or to empty (prefill), so each step runs at the same position.
+Static shapes: one graph per batch and per token count. Default: 8 of the 24 layers, estimated (not yet
+timed) to compile both sides in 2-3 minutes on an H200; ``--layers d=24`` for the whole model. Every
+layer's site should fuse, but today some do not (e.g. sliding-window layers once the window is full): the
+count and the pass's reasons are reported, not required. Needs ``transformers`` 5.x; without it model d
+prints "skipped: transformers not installed" and the other models run.
+
 Each model is compiled twice in one process with the same mode and flags, once by
 ``torch.compile(model, mode=M)`` and once by ``torch.compile(model, backend="fx_fusion", mode=M)``:
 
-    decode    batch 1, 16, 64 after ``--past`` cached tokens, ``mode="reduce-overhead"`` (CUDA graphs);
-              per-step latency from CUDA events around every step: median (p10-p90)
-    prefill   2048 and 8192 tokens, batch 1, default mode (max-autotune compiles far too slowly);
-              tokens/s from the median step time (p10-p90)
+    decode    batch 1, 16, 64 (model d: 1, 16) after ``--past`` cached tokens, ``mode="reduce-overhead"``
+              (CUDA graphs); per-step latency from CUDA events around every step: median (p10-p90)
+    prefill   2048 and 8192 tokens (model d: 2048), batch 1, default mode (max-autotune compiles far too
+              slowly); tokens/s from the median step time (p10-p90)
     compile   wall time of the calls that compiled, for each side, and the fusion pass's share of it
 
-For every point the two sides' outputs and the KV-cache rows they wrote are compared (bf16 tolerance),
-the rest of the fx_fusion side's caches is checked untouched, and the fx_fusion side must have fused one
-RoPE + KV-store site per layer in every graph it compiled (``counters["fx_fusion"]``).
+For every point the two sides' outputs and the KV-cache rows they wrote are compared (bf16 tolerance;
+model d: logits and every layer's whole cache), the rest of the fx_fusion side's caches is checked
+untouched, and the fx_fusion side must have fused one RoPE + KV-store site per layer in every graph it
+compiled (``counters["fx_fusion"]``; models a-fp8 and d: reported only). The reasons the pass gave for
+sites it did not fuse are listed after the compile table.
 
-Shapes: decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and one for all batches
->= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size, and each timed
-step replays one with the same shapes); prefill compiles one graph for both token counts.
+Shapes (models a, b, c, a-fp8): decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and
+one for all batches >= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size,
+and each timed step replays one with the same shapes); prefill compiles one graph for both token counts.
 ``--static-shapes`` compiles one graph per shape instead (slower to compile). The FX graph and AOT
 autograd caches are off, so each side really compiles.
 
     python benchmarks/bench_e2e.py                          # models a, b, c: about 8 minutes on an H100
     python benchmarks/bench_e2e.py --models c --layers 16   # fewer layers (printed)
+    python benchmarks/bench_e2e.py --models d --layers d=8  # HF gpt-oss-20b, 8 of 24 layers (the default)
+    python benchmarks/bench_e2e.py --models a-fp8 --layers 12  # fp8 KV pool
     python benchmarks/bench_e2e.py --decode-mode default     # decode without CUDA graphs (host cost counts)
     python benchmarks/bench_e2e.py --smoke                  # 2 layers, tiny hidden size, CPU; no timing claims
 """
