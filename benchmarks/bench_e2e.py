@@ -1,30 +1,54 @@
 """End to end: decoder stacks under stock torch.compile and under the fx_fusion backend, side by side.
 
-Random-weight decoder stacks shaped like three deployments, written the way SGLang writes its models: a
-fused qkv Linear + split, ``RotaryEmbedding.forward_native`` (fp32 ``cos_sin_cache`` [max_pos, D] ->
-``index_select`` -> ``chunk``, NeoX rotation in the model dtype), ``k_buffer[loc] = k.view(-1, Hkv, D)`` into
-a token-indexed pool, ``F.scaled_dot_product_attention`` over the pool, RMSNorm and a dense SwiGLU MLP.
+Models a, b, c: random-weight decoder stacks shaped like three deployments (a: gpt-oss-120b TP-8 shard,
+b: gpt-oss-20b, c: Llama-3-8B), written the way SGLang writes its models: a fused qkv Linear + split,
+``RotaryEmbedding.forward_native`` (fp32 ``cos_sin_cache`` [max_pos, D] -> ``index_select`` -> ``chunk``, NeoX
+rotation in the model dtype), ``k_buffer[loc] = k.view(-1, Hkv, D)`` into a token-indexed pool,
+``F.scaled_dot_product_attention`` over the pool, RMSNorm and a dense SwiGLU MLP. No embedding or LM head.
+
+Model a-fp8 (``--models a-fp8``): model a with the pool in fp8 as SGLang stores it, float8_e4m3fn bytes in a
+uint8 pool: ``k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8)``, attention reading
+``k_buffer.view(float8_e4m3fn).to(bf16) * k_scale`` (0-d fp32 scales). Outputs compared at (1e-1, 1e-1), the
+written rows dequantised at one e4m3 step (rtol 2**-3; see FP8_ROW_RTOL). Its fused-site count is reported,
+not required (the pass does not match this spelling yet: 0 sites is expected until it does).
+
+Model d (``--models d``): Hugging Face ``GptOssForCausalLM`` at gpt-oss-20b sizes (64 q / 8 kv heads, head_dim
+64, hidden 2880, 32 experts top-4, sliding window 128 on alternate layers, YaRN rope scaling from
+``GptOssConfig``'s defaults), random bf16 weights built on the device (nothing downloaded), embedding and LM
+head included (last token's logits), eager attention (sinks), driven through HF's ``StaticCache`` made as
+HF's docs make it and allocated by a first eager call. Before every step the cache is rewound (outside the
+timed interval) to ``--past`` tokens (decode) or to empty (prefill), so each step runs at the same position.
+Static shapes: one graph per batch and per token count. Default: 8 of the 24 layers, estimated (not yet
+timed) to compile both sides in 2-3 minutes on an H200; ``--layers d=24`` for the whole model. Every
+layer's site should fuse, but today some do not (e.g. sliding-window layers once the window is full): the
+count and the pass's reasons are reported, not required. Needs ``transformers`` 5.x; without it model d
+prints "skipped: transformers not installed" and the other models run.
+
 Each model is compiled twice in one process with the same mode and flags, once by
 ``torch.compile(model, mode=M)`` and once by ``torch.compile(model, backend="fx_fusion", mode=M)``:
 
-    decode    batch 1, 16, 64 after ``--past`` cached tokens, ``mode="reduce-overhead"`` (CUDA graphs);
-              per-step latency from CUDA events around every step: median (p10-p90)
-    prefill   2048 and 8192 tokens, batch 1, default mode (max-autotune compiles far too slowly);
-              tokens/s from the median step time (p10-p90)
+    decode    batch 1, 16, 64 (model d: 1, 16) after ``--past`` cached tokens, ``mode="reduce-overhead"``
+              (CUDA graphs); per-step latency from CUDA events around every step: median (p10-p90)
+    prefill   2048 and 8192 tokens (model d: 2048), batch 1, default mode (max-autotune compiles far too
+              slowly); tokens/s from the median step time (p10-p90)
     compile   wall time of the calls that compiled, for each side, and the fusion pass's share of it
 
-For every point the two sides' outputs and the KV-cache rows they wrote are compared (bf16 tolerance),
-the rest of the fx_fusion side's caches is checked untouched, and the fx_fusion side must have fused one
-RoPE + KV-store site per layer in every graph it compiled (``counters["fx_fusion"]``).
+For every point the two sides' outputs and the KV-cache rows they wrote are compared (bf16 tolerance;
+model d: logits and every layer's whole cache), the rest of the fx_fusion side's caches is checked
+untouched, and the fx_fusion side must have fused one RoPE + KV-store site per layer in every graph it
+compiled (``counters["fx_fusion"]``; models a-fp8 and d: reported only). The reasons the pass gave for
+sites it did not fuse are listed after the compile table.
 
-Shapes: decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and one for all batches
->= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size, and each timed
-step replays one with the same shapes); prefill compiles one graph for both token counts.
+Shapes (models a, b, c, a-fp8): decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and
+one for all batches >= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size,
+and each timed step replays one with the same shapes); prefill compiles one graph for both token counts.
 ``--static-shapes`` compiles one graph per shape instead (slower to compile). The FX graph and AOT
 autograd caches are off, so each side really compiles.
 
     python benchmarks/bench_e2e.py                          # models a, b, c: about 8 minutes on an H100
     python benchmarks/bench_e2e.py --models c --layers 16   # fewer layers (printed)
+    python benchmarks/bench_e2e.py --models d --layers d=8  # HF gpt-oss-20b, 8 of 24 layers (the default)
+    python benchmarks/bench_e2e.py --models a-fp8 --layers 12  # fp8 KV pool
     python benchmarks/bench_e2e.py --decode-mode default     # decode without CUDA graphs (host cost counts)
     python benchmarks/bench_e2e.py --smoke                  # 2 layers, tiny hidden size, CPU; no timing claims
 """
@@ -32,7 +56,10 @@ autograd caches are off, so each side really compiles.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import inspect
+import logging
 import math
 import os
 import platform
@@ -69,6 +96,7 @@ class Spec:
     rope_base: float
     bias: bool  # qkv and o projections with bias (gpt-oss) or without (Llama)
     smoke_heads: tuple[int, int]  # (q, kv) heads of the --smoke version: the Triton interpreter is slow
+    fp8_cache: bool = False  # pools of float8_e4m3fn bytes in uint8 tensors, per-tensor scales (SGLang's fp8 KV)
 
     def smoke(self) -> "Spec":
         return dataclasses.replace(self, n_q=self.smoke_heads[0], n_kv=self.smoke_heads[1], hidden=SMOKE_HIDDEN,
@@ -80,10 +108,21 @@ SPECS = {
     "b": Spec("b", "gpt-oss-20b", 64, 8, 64, 2880, 2880, 24, 150000.0, True, (16, 2)),
     "c": Spec("c", "Llama-3-8B", 32, 8, 128, 4096, 14336, 32, 500000.0, False, (8, 2)),
 }
+SPECS["a-fp8"] = dataclasses.replace(SPECS["a"], key="a-fp8", name="gpt-oss-120b TP-8 shard, fp8 KV cache",
+                                     fp8_cache=True)
 SMOKE_HIDDEN, SMOKE_INTERMEDIATE, SMOKE_LAYERS = 128, 256, 2
 
 # (atol, rtol): bf16 results of two compiled programs that round at different points
 OUT_TOL = (6e-2, 5e-2)
+# fp8 caches (model a-fp8). Per-tensor scales as SGLang applies them (k / k_scale -> float8_e4m3fn, read back as
+# fp8 -> bf16 * k_scale). Two programs whose bf16 k differs in the last bit can round a value to neighbouring
+# e4m3 codes: one step of a 3-bit mantissa is at most 2**-3 of the value (2**-9 * scale among the subnormals),
+# so the written rows, compared dequantised, get rtol 2**-3 and atol 2**-8 * scale. The outputs attend over
+# those rows (every row at prefill), so they get a looser (1e-1, 1e-1).
+FP8 = torch.float8_e4m3fn
+FP8_SCALES = (0.0625, 0.03125)  # (k_scale, v_scale): fixed per-tensor scales, as a calibrated checkpoint has
+FP8_ROW_RTOL = 2.0 ** -3
+FP8_OUT_TOL = (1e-1, 1e-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +172,11 @@ class Attention(nn.Module):
     The pool ``[num_slots, Hkv, D]`` is a module buffer (a static address for CUDA graphs). Sequence i owns
     slots ``[i * L, (i + 1) * L)``, where ``B, L = mask.shape[0], mask.shape[-1]``: attention reads the pool
     as ``[B, L, Hkv, D]`` and the boolean mask ``[B, 1, Tq, L]`` keeps the valid positions.
+
+    With ``spec.fp8_cache`` the pools hold float8_e4m3fn bytes in uint8 tensors, as SGLang's
+    ``MHATokenToKVPool`` stores fp8 (``store_dtype = uint8``): ``k_buffer[loc] = k.div(k_scale)
+    .to(float8_e4m3fn).view(uint8)``; attention dequantises, ``k_buffer.view(float8_e4m3fn).to(bf16) * k_scale``.
+    The scales are 0-d fp32 buffers (SGLang's ``layer.k_scale``).
     """
 
     def __init__(self, spec: Spec, hidden: int, num_slots: int, rotary: RotaryEmbedding, gqa: bool, dtype, device):
@@ -143,19 +187,33 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.bias, dtype=dtype, device=device)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=spec.bias, dtype=dtype, device=device)
         self.rotary = rotary
+        self.fp8 = spec.fp8_cache
         shape = (num_slots, self.n_kv, self.d)
-        self.register_buffer("k_buffer", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_buffer", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        pool_dtype = torch.uint8 if self.fp8 else dtype
+        self.register_buffer("k_buffer", torch.zeros(shape, dtype=pool_dtype, device=device), persistent=False)
+        self.register_buffer("v_buffer", torch.zeros(shape, dtype=pool_dtype, device=device), persistent=False)
+        if self.fp8:
+            for name, scale in zip(("k_scale", "v_scale"), FP8_SCALES):
+                self.register_buffer(name, torch.tensor(scale, dtype=torch.float32, device=device), persistent=False)
 
     def forward(self, positions, hidden, loc, mask):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary(positions, q, k)
         # RadixAttention -> token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
-        self.k_buffer[loc] = k.view(-1, self.n_kv, self.d)
-        self.v_buffer[loc] = v.view(-1, self.n_kv, self.d)
+        k, v = k.view(-1, self.n_kv, self.d), v.view(-1, self.n_kv, self.d)
+        if self.fp8:
+            self.k_buffer[loc] = k.div(self.k_scale).to(FP8).view(torch.uint8)
+            self.v_buffer[loc] = v.div(self.v_scale).to(FP8).view(torch.uint8)
+        else:
+            self.k_buffer[loc] = k
+            self.v_buffer[loc] = v
         batch, tq, kv_len = mask.shape[0], mask.shape[2], mask.shape[3]
-        keys = self.k_buffer[: batch * kv_len].view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
-        values = self.v_buffer[: batch * kv_len].view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
+        keys, values = self.k_buffer[: batch * kv_len], self.v_buffer[: batch * kv_len]
+        if self.fp8:
+            keys = keys.view(FP8).to(q.dtype) * self.k_scale
+            values = values.view(FP8).to(q.dtype) * self.v_scale
+        keys = keys.view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
+        values = values.view(batch, kv_len, self.n_kv, self.d).transpose(1, 2)
         q = q.view(batch, tq, self.n_q, self.d).transpose(1, 2)
         if self.n_q == self.n_kv or self.gqa:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_q != self.n_kv)
@@ -252,11 +310,19 @@ def _fill_seed(seed: int, layer: int, which: int) -> int:
     return seed * 1000 + 2 * layer + which
 
 
+def random_like(c: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal values in ``c``'s dtype; for a uint8 (fp8) pool, their float8_e4m3fn bytes (no NaN codes)."""
+    gen = torch.Generator(c.device).manual_seed(seed)
+    if c.dtype == torch.uint8:
+        return torch.randn(c.shape, generator=gen, device=c.device).to(FP8).view(torch.uint8)
+    return torch.empty_like(c).normal_(generator=gen)
+
+
 def fill_caches(model: Decoder, seed: int) -> None:
     """Deterministic random caches: the 'past' tokens attention reads, and rows a stray write would change."""
     for i, caches in enumerate(model.caches()):
         for which, c in enumerate(caches):
-            c.normal_(generator=torch.Generator(c.device).manual_seed(_fill_seed(seed, i, which)))
+            c.copy_(random_like(c, _fill_seed(seed, i, which)))
 
 
 def untouched_rows_intact(model: Decoder, seed: int, loc: torch.Tensor) -> bool:
@@ -265,23 +331,26 @@ def untouched_rows_intact(model: Decoder, seed: int, loc: torch.Tensor) -> bool:
         keep = torch.ones(caches[0].shape[0], dtype=torch.bool, device=loc.device)
         keep[loc] = False
         for which, c in enumerate(caches):
-            expected = torch.empty_like(c).normal_(generator=torch.Generator(c.device).manual_seed(
-                _fill_seed(seed, i, which)))
+            expected = random_like(c, _fill_seed(seed, i, which))
             if not torch.equal(c[keep], expected[keep]):
                 return False
     return True
 
 
 def written_rows(model: Decoder, loc: torch.Tensor) -> torch.Tensor:
-    return torch.stack([torch.stack((k[loc], v[loc])) for k, v in model.caches()])
+    """The rows at ``loc`` of every layer's k and v pool ``[layers, 2, T, Hkv, D]``; fp8 pools dequantised."""
+    rows = torch.stack([torch.stack((k[loc], v[loc])) for k, v in model.caches()])
+    if rows.dtype == torch.uint8:
+        return rows.view(FP8).float() * torch.tensor(FP8_SCALES, device=rows.device).view(1, 2, 1, 1, 1)
+    return rows
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    atol, rtol = OUT_TOL
+def close(a: torch.Tensor, b: torch.Tensor, tol: tuple[float, float] = OUT_TOL) -> bool:
+    atol, rtol = tol
     return bool(torch.isfinite(a).all()) and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
@@ -301,6 +370,22 @@ class CompileLog:
     not_fused: int = 0
     pass_graphs: int = 0
     cudagraph_skips: int = 0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # unfused site -> count
+
+
+class ReasonLog(logging.Handler):
+    """Keeps the reason of every site the pass did not fuse (its ``"not fused: %s at %s"`` INFO record)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("not fused:") and record.args:
+            self.reasons.append(str(record.args[0]))
+
+
+REASONS = ReasonLog()  # installed on the "fx_fusion" logger by main()
 
 
 def _snapshot() -> dict:
@@ -324,6 +409,7 @@ def step(fn, args):
 def call_logged(fn, args, log: CompileLog, per_graph: list, device):
     """Call ``fn``; if that compiled, add its wall time and the pass's counters to ``log``."""
     before = _snapshot()
+    n_reasons = len(REASONS.reasons)
     start = time.perf_counter()
     out = step(fn, args)
     sync(device)
@@ -338,16 +424,21 @@ def call_logged(fn, args, log: CompileLog, per_graph: list, device):
         log.not_fused += delta["not_fused"]
         log.pass_graphs += delta["pass_graphs"]
         log.cudagraph_skips += delta["cudagraph_skips"]
+        log.reasons.update(REASONS.reasons[n_reasons:])
         if delta["pass_graphs"]:
             per_graph.append((delta["fused"], delta["not_fused"], delta["pass_graphs"]))
     return out
 
 
-def time_steps(fn, args, n: int, device) -> list[float]:
-    """Milliseconds of each of ``n`` steps: CUDA events around every call (wall clock on CPU)."""
+def time_steps(fn, args, n: int, device, before=None) -> list[float]:
+    """Milliseconds of each of ``n`` steps: CUDA events around every call (wall clock on CPU).
+
+    ``before()``, if given, runs before each step, outside the timed interval (HF caches rewind there)."""
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in events:
+            if before is not None:
+                before()
             start.record()
             step(fn, args)
             end.record()
@@ -355,6 +446,8 @@ def time_steps(fn, args, n: int, device) -> list[float]:
         return [start.elapsed_time(end) for start, end in events]
     out = []
     for _ in range(n):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         step(fn, args)
         out.append(1e3 * (time.perf_counter() - t0))
@@ -381,13 +474,13 @@ class Timing:
         return quantile(self.ms, 0.1), quantile(self.ms, 0.9)
 
 
-def interleaved_timing(fns: dict, args, steps: int, blocks: int, device) -> dict[str, Timing]:
+def interleaved_timing(fns: dict, args, steps: int, blocks: int, device, before=None) -> dict[str, Timing]:
     """``steps`` timed steps per side, in ``blocks`` alternating blocks (clock and thermal drift hit both)."""
     per_block = max(1, math.ceil(steps / blocks))
     out = {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
-            out[name] += time_steps(fn, args, per_block, device)
+            out[name] += time_steps(fn, args, per_block, device, before)
     return {name: Timing(ms) for name, ms in out.items()}
 
 
@@ -405,6 +498,7 @@ class Row:
     equal: bool
     fused_sites: str
     detail: str
+    sites_required: bool = True  # False: fused sites are reported, a shortfall does not fail the run
 
 
 @dataclasses.dataclass
@@ -422,6 +516,8 @@ class Settings:
     max_pos: int
     static_shapes: bool
     smoke: bool
+    hf_decode_batches: list[int] = dataclasses.field(default_factory=lambda: list(HF_BATCHES))  # model d
+    hf_prefill_tokens: list[int] = dataclasses.field(default_factory=lambda: list(HF_PREFILL))
 
 
 def sdpa_backend(spec: Spec, s: Settings, batch: int, tq: int, kv_len: int) -> tuple[bool, str]:
@@ -464,9 +560,15 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
         + f", {spec.n_q} q / {spec.n_kv} kv heads, head_dim {spec.head_dim}, hidden {hidden}, "
           f"SwiGLU intermediate {intermediate}, {params / 1e9:.2f} B params, KV pool {num_slots} slots "
           f"({cache_bytes / 2**30:.2f} GiB)")
-    log(f"   cache: token pool [slots, Hkv, D] (SGLang style, k_buffer[loc] = k); attention: "
+    store = ("fp8: k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8), uint8 pool, scales "
+             f"{FP8_SCALES}" if spec.fp8_cache else "k_buffer[loc] = k")
+    log(f"   cache: token pool [slots, Hkv, D] (SGLang style, {store}); attention: "
         + ("SDPA(enable_gqa=True)" if gqa else "repeat_interleave kv heads + SDPA")
         + f" with a bool mask; SDPA backend for GQA: decode {backend_decode}, prefill {backend_prefill}")
+
+    out_tol, row_tol = OUT_TOL, OUT_TOL
+    if spec.fp8_cache:
+        out_tol, row_tol = FP8_OUT_TOL, (2.0 ** -8 * max(FP8_SCALES), FP8_ROW_RTOL)
 
     def check(fns, args, seed_base):
         """Fill caches, one step per side (and eagerly); compare outputs and written rows."""
@@ -479,7 +581,7 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
             intact = untouched_rows_intact(model, seed_base, loc) if name == "fx_fusion" else True
             results[name] = (out, written_rows(model, loc), intact)
         (o_s, r_s, _), (o_f, r_f, intact), (o_e, r_e, _) = results["stock"], results["fx_fusion"], results["eager"]
-        equal = close(o_f, o_s) and close(r_f, r_s) and intact
+        equal = close(o_f, o_s, out_tol) and close(r_f, r_s, row_tol) and intact
         detail = (f"max|fx-stock| out {max_err(o_f, o_s):.3g} cache rows {max_err(r_f, r_s):.3g}; "
                   f"max|stock-eager| out {max_err(o_s, o_e):.3g}; max|fx-eager| out {max_err(o_f, o_e):.3g} "
                   f"cache rows {max_err(r_f, r_e):.3g}; "
@@ -509,7 +611,8 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
             t = interleaved_timing(fns, args, s.steps, s.blocks, s.device)
             equal, detail = check(fns, args, seed_base=100 + batch)
             sites = _sites(per_graph["fx_fusion"], layers)
-            rows["decode"].append(Row(spec.key, f"batch {batch}", t["stock"], t["fx_fusion"], equal, sites, detail))
+            rows["decode"].append(Row(spec.key, f"batch {batch}", t["stock"], t["fx_fusion"], equal, sites, detail,
+                                      sites_required=not spec.fp8_cache))
             log(f"   decode batch {batch}: stock {t['stock'].median:.3f} ms, fx_fusion {t['fx_fusion'].median:.3f} ms;"
                 f" {detail}")
         compile_rows.append((spec.key, f"decode ({mode or 'default'})", logs, per_graph, layers))
@@ -535,7 +638,7 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
             equal, detail = check(fns, args, seed_base=200 + tokens)
             sites = _sites(per_graph["fx_fusion"], layers)
             rows["prefill"].append(Row(spec.key, f"{tokens} tokens", t["stock"], t["fx_fusion"], equal, sites,
-                                       detail))
+                                       detail, sites_required=not spec.fp8_cache))
             log(f"   prefill {tokens} tokens: stock {t['stock'].median:.3f} ms, "
                 f"fx_fusion {t['fx_fusion'].median:.3f} ms; {detail}")
         compile_rows.append((spec.key, "prefill (default)", logs, per_graph, layers))
@@ -544,6 +647,187 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
     torch._dynamo.reset()
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model d: Hugging Face GptOssForCausalLM through HF's StaticCache
+# --------------------------------------------------------------------------------------------------
+
+HF_NAME = "gpt-oss-20b, Hugging Face GptOssForCausalLM"
+HF_LAYERS = 24  # the real model's
+HF_DEFAULT_LAYERS = 8  # estimated (not yet timed) to compile both sides' three graphs in 2-3 minutes on an H200
+HF_BATCHES, HF_PREFILL = [1, 16], [2048]
+HF_SMOKE_BATCHES, HF_SMOKE_PREFILL = [1], [24]  # 24 > the smoke window (16), as 2048 > 128
+
+
+def hf_config(transformers, layers: int, smoke: bool):
+    """gpt-oss-20b's shapes (its published config), or a tiny one for --smoke; eager attention (gpt-oss has
+    attention sinks, which SDPA lacks); YaRN rope scaling from ``GptOssConfig``'s defaults, which are 20b's."""
+    if smoke:
+        sizes = dict(vocab_size=256, hidden_size=SMOKE_HIDDEN, intermediate_size=SMOKE_INTERMEDIATE,
+                     num_attention_heads=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                     sliding_window=16, max_position_embeddings=4096)
+    else:
+        sizes = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                     num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                     max_position_embeddings=131072)
+    return transformers.GptOssConfig(
+        **sizes, head_dim=64, num_hidden_layers=layers,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        attn_implementation="eager")
+
+
+def hf_model(transformers, config, device):
+    """Random weights, built in bf16 on ``device``; the modules HF keeps in fp32 when loading (the norms) in fp32."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.GptOssForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in keep:
+            module.float()
+    return model.eval()
+
+
+class HFState:
+    """One ``StaticCache``, made as HF's docs make it (``StaticCache(config=..., max_cache_len=...)``, no early
+    initialisation), allocated by a first, eager call with ``batch`` tokens (as ``generate`` runs its prefill
+    eagerly), then rewound before every step to ``length`` cached tokens: each timed step decodes (or
+    prefills) at the same position, as the SGLang-style models rewrite the same slots."""
+
+    def __init__(self, transformers, model, batch: int, max_cache_len: int, device):
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache_arg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+                          else "past_key_values")  # renamed during transformers 5.x
+        ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        layers = getattr(self.cache, "layers", None)
+        if not layers or not all(hasattr(layer, "cumulative_length") for layer in layers):
+            raise RuntimeError(f"transformers {transformers.__version__}: StaticCache layers without "
+                               "`cumulative_length`; model d needs the StaticCache of transformers 5.x")
+
+    def call(self, fn):
+        """``fn`` (the model, eager or compiled) as ``f(input_ids) -> logits``."""
+        kwargs = {self.cache_arg: self.cache, "use_cache": True, "logits_to_keep": 1}
+        return lambda ids: fn(input_ids=ids, **kwargs).logits
+
+    def rewind(self, length: int) -> None:
+        for layer in self.cache.layers:
+            if hasattr(layer, "cumulative_length_int"):  # sliding window: a Python int decides full or not
+                layer.cumulative_length_int = length
+                layer.cumulative_length.fill_(min(length, layer.max_cache_len))
+            else:
+                layer.cumulative_length.fill_(length)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+
+    def fill(self, seed: int) -> None:
+        for i, t in enumerate(self.tensors()):
+            t.copy_(random_like(t, seed * 1000 + i))
+
+
+def run_hf_gpt_oss(layers: int, s: Settings, rows: dict, compile_rows: list, log) -> str | None:
+    """Model d; returns why it was skipped, or None."""
+    try:
+        import transformers
+    except ImportError:
+        return "transformers not installed"
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        return f"transformers {transformers.__version__} has no GptOssForCausalLM"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = hf_config(transformers, layers, s.smoke)
+    model = hf_model(transformers, config, s.device)
+    params = sum(p.numel() for p in model.parameters())
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    experts_impl = getattr(config, "_experts_implementation", None)
+    log(f"\n## model d: {HF_NAME} — {layers} layers"
+        + (f" (the real model has {HF_LAYERS}; --layers d={HF_LAYERS} for all)" if layers != HF_LAYERS else "")
+        + f", {config.num_attention_heads} q / {config.num_key_value_heads} kv heads, head_dim {config.head_dim}, "
+          f"hidden {config.hidden_size}, {config.num_local_experts} experts top-{config.num_experts_per_tok} "
+          f"(experts_implementation {experts_impl!r}), {params / 1e9:.2f} B params incl. embedding and LM head; "
+          f"transformers {transformers.__version__}")
+    log(f"   layers {config.layer_types[:2]} alternating, sliding window {config.sliding_window}; rope {rope}; "
+        "attention 'eager' (sinks); cache: HF StaticCache [B, Hkv, max_cache_len, D] (index_copy_; sliding "
+        "layers once full: roll + write + copy_); static shapes (one graph per batch / token count); "
+        "logits of the last token only (logits_to_keep=1)")
+
+    def check(fns, state: HFState, ids, length: int, seed: int):
+        results = {}
+        for name, fn in (*fns.items(), ("eager", state.call(model))):
+            state.fill(seed)
+            state.rewind(length)
+            out = step(fn, (ids,)).clone()
+            sync(s.device)
+            results[name] = (out, torch.cat([t.flatten() for t in state.tensors()]))
+        (o_s, c_s), (o_f, c_f), (o_e, c_e) = results["stock"], results["fx_fusion"], results["eager"]
+        equal = close(o_f, o_s) and close(c_f, c_s)
+        detail = (f"max|fx-stock| logits {max_err(o_f, o_s):.3g} caches {max_err(c_f, c_s):.3g}; "
+                  f"max|stock-eager| logits {max_err(o_s, o_e):.3g}; max|fx-eager| logits {max_err(o_f, o_e):.3g} "
+                  f"caches {max_err(c_f, c_e):.3g} (whole caches, every layer)")
+        return equal, detail
+
+    def measure(kind, fns, logs, per_graph, state: HFState, ids, length, point, steps, warmup, seed):
+        rewind = lambda: state.rewind(length)  # noqa: E731
+        for name in ("fx_fusion", "stock"):
+            t0 = time.perf_counter()
+            rewind()
+            call_logged(fns[name], (ids,), logs[name], per_graph[name], s.device)
+            for _ in range(warmup):
+                rewind()
+                step(fns[name], (ids,))
+            sync(s.device)
+            log(f"   {kind} {point}: {name} ready in {time.perf_counter() - t0:.1f} s")
+        t = interleaved_timing(fns, (ids,), steps, min(s.blocks, steps), s.device, before=rewind)
+        equal, detail = check(fns, state, ids, length, seed)
+        sites = _sites(per_graph["fx_fusion"], layers)
+        rows[kind].append(Row("d", point, t["stock"], t["fx_fusion"], equal, sites, detail, sites_required=False))
+        log(f"   {kind} {point}: stock {t['stock'].median:.3f} ms, fx_fusion {t['fx_fusion'].median:.3f} ms; "
+            f"fused sites {sites}; {detail}")
+
+    gen = torch.Generator(s.device).manual_seed(0)
+    with torch.no_grad():
+        # ---- decode: one cache per batch size, rewound to --past cached tokens before every step ---------
+        mode = s.decode_mode
+        compiled = {"stock": torch.compile(model, mode=mode, fullgraph=True, dynamic=False),
+                    "fx_fusion": torch.compile(model, backend="fx_fusion", mode=mode, fullgraph=True,
+                                               dynamic=False)}
+        logs = {name: CompileLog() for name in compiled}
+        per_graph = {name: [] for name in compiled}
+        for batch in s.hf_decode_batches:
+            state = HFState(transformers, model, batch, decode_kv_len(s.past), s.device)
+            fns = {name: state.call(fn) for name, fn in compiled.items()}
+            ids = torch.randint(0, config.vocab_size, (batch, 1), generator=gen, device=s.device)
+            state.fill(1)
+            measure("decode", fns, logs, per_graph, state, ids, s.past, f"batch {batch}", s.steps, s.warmup,
+                    seed=100 + batch)
+            del state, fns
+        compile_rows.append(("d", f"decode ({mode or 'default'})", logs, per_graph, layers))
+
+        # ---- prefill: one batch-1 cache, rewound to empty before every step ------------------------------
+        compiled = {"stock": torch.compile(model, fullgraph=True, dynamic=False),
+                    "fx_fusion": torch.compile(model, backend="fx_fusion", fullgraph=True, dynamic=False)}
+        logs = {name: CompileLog() for name in compiled}
+        per_graph = {name: [] for name in compiled}
+        state = HFState(transformers, model, 1, max(s.hf_prefill_tokens), s.device)
+        fns = {name: state.call(fn) for name, fn in compiled.items()}
+        for tokens in s.hf_prefill_tokens:
+            ids = torch.randint(0, config.vocab_size, (1, tokens), generator=gen, device=s.device)
+            state.fill(2)
+            measure("prefill", fns, logs, per_graph, state, ids, 0, f"{tokens} tokens", s.prefill_steps,
+                    max(1, s.warmup // 4), seed=200 + tokens)
+        compile_rows.append(("d", "prefill (default)", logs, per_graph, layers))
+
+    del compiled, fns, state, model
+    torch._dynamo.reset()
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None
 
 
 def _sites(per_graph: list, layers: int) -> str:
@@ -560,7 +844,7 @@ def _sites(per_graph: list, layers: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def print_tables(rows: dict, compile_rows: list, s: Settings, header: list[str]) -> None:
+def print_tables(rows: dict, compile_rows: list, s: Settings, header: list[str], skipped: dict) -> None:
     print()
     print("\n".join(header))
     note = " (CPU smoke run: timings say nothing)" if s.device.type != "cuda" else ""
@@ -597,10 +881,19 @@ def print_tables(rows: dict, compile_rows: list, s: Settings, header: list[str])
               f"{st.cudagraph_skips} / {fx.cudagraph_skips} |")
     if notes:
         print("\n".join(["", *notes]))
+    unfused = [(key, mode, logs["fx_fusion"].reasons) for key, mode, logs, _, _ in compile_rows
+               if logs["fx_fusion"].reasons]
+    if unfused:
+        print("\n### Sites the fx_fusion side did not fuse, with the pass's reasons (count over its graphs)")
+        for key, mode, reasons in unfused:
+            for reason, n in reasons.most_common():
+                print(f"- {key} {mode}: {n} x {reason}")
     print("\n### Checks per point")
     for kind in ("decode", "prefill"):
         for r in rows[kind]:
             print(f"- {r.model} {kind} {r.point}: {'ok' if r.equal else 'MISMATCH'}; {r.detail}")
+    for key, why in skipped.items():
+        print(f"- model {key}: skipped: {why}")
 
 
 def _fmt(t: Timing) -> str:
@@ -613,6 +906,9 @@ def _fmt_tput(t: Timing, tokens: int) -> str:
     return f"{tokens / t.median * 1e3:,.0f} ({tokens / hi * 1e3:,.0f}-{tokens / lo * 1e3:,.0f})"
 
 
+MODELS = [*SPECS, "d"]
+
+
 def parse_layers(values: list[str], models: list[str]) -> dict[str, int]:
     """``--layers 16`` (every model) or ``--layers c=16 a=12``."""
     out = {}
@@ -620,7 +916,7 @@ def parse_layers(values: list[str], models: list[str]) -> dict[str, int]:
         key, _, n = v.rpartition("=")
         targets = [key] if key else models
         for t in targets:
-            if t not in SPECS:
+            if t not in MODELS:
                 raise SystemExit(f"--layers: unknown model {t!r} in {v!r}")
             out[t] = int(n)
     return out
@@ -629,12 +925,15 @@ def parse_layers(values: list[str], models: list[str]) -> dict[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS),
-                    help="a: gpt-oss-120b TP-8 shard, b: gpt-oss-20b, c: Llama-3-8B")
+    ap.add_argument("--models", nargs="+", default=["a", "b", "c"], choices=MODELS,
+                    help="a: gpt-oss-120b TP-8 shard, b: gpt-oss-20b, c: Llama-3-8B (the default three); "
+                         "a-fp8: model a with an fp8 KV pool; d: Hugging Face GptOssForCausalLM at gpt-oss-20b "
+                         f"sizes ({HF_DEFAULT_LAYERS} of {HF_LAYERS} layers unless --layers d=N)")
     ap.add_argument("--layers", nargs="+", metavar="[MODEL=]N", help="fewer layers: N for all, or e.g. c=16")
-    ap.add_argument("--decode-batches", nargs="+", type=int)
+    ap.add_argument("--decode-batches", nargs="+", type=int,
+                    help="default 1 16 64 (model d: 1 16)")
     ap.add_argument("--past", type=int, help="tokens already cached per sequence at decode (default 1024)")
-    ap.add_argument("--prefill-tokens", nargs="+", type=int)
+    ap.add_argument("--prefill-tokens", nargs="+", type=int, help="default 2048 8192 (model d: 2048)")
     ap.add_argument("--steps", type=int, help="timed decode steps per side and batch (default 120)")
     ap.add_argument("--prefill-steps", type=int, help="timed prefill steps per side and size (default 10)")
     ap.add_argument("--static-shapes", action="store_true", help="one compile per shape (dynamic=False)")
@@ -654,8 +953,14 @@ def main() -> int:
         prefill_tokens=args.prefill_tokens or ([16, 24] if smoke else [2048, 8192]),
         steps=args.steps or (2 if smoke else 120), warmup=1 if smoke else 10, blocks=2 if smoke else 4,
         prefill_steps=args.prefill_steps or (1 if smoke else 10),
-        max_pos=1024 if smoke else 131072, static_shapes=args.static_shapes, smoke=smoke)
+        max_pos=1024 if smoke else 131072, static_shapes=args.static_shapes, smoke=smoke,
+        hf_decode_batches=args.decode_batches or (HF_SMOKE_BATCHES if smoke else HF_BATCHES),
+        hf_prefill_tokens=args.prefill_tokens or (HF_SMOKE_PREFILL if smoke else HF_PREFILL))
     layers = parse_layers(args.layers, args.models)
+    reasons_logger = logging.getLogger("fx_fusion")
+    reasons_logger.addHandler(REASONS)
+    if reasons_logger.getEffectiveLevel() > logging.INFO:
+        reasons_logger.setLevel(logging.INFO)  # the pass logs each unfused site's reason at INFO
 
     torch._inductor.config.fx_graph_cache = False  # each side really compiles, and the pass really runs
     torch._functorch.config.enable_autograd_cache = False
@@ -671,8 +976,10 @@ def main() -> int:
         f"- command: python {' '.join(shlex.quote(a) for a in sys.argv)}",
         f"- dtype bf16; random weights; decode past length {s.past}; shapes: "
         + ("one static graph per shape" if s.static_shapes else
-           "decode: batch 1 static + one graph with a dynamic batch for batch >= 2, prefill: one dynamic graph"),
-        "- cache: token-indexed pool (SGLang style) for every model; no embedding / LM head",
+           "decode: batch 1 static + one graph with a dynamic batch for batch >= 2, prefill: one dynamic graph")
+        + " (models a, b, c, a-fp8; model d: one static graph per shape)",
+        "- cache: token-indexed pool (SGLang style) for models a, b, c (a-fp8: fp8 bytes in a uint8 pool); "
+        "no embedding / LM head. Model d: HF's own StaticCache, embedding and LM head (last token), static shapes",
     ]
     if smoke:
         header.append(f"- SMOKE: {SMOKE_LAYERS} layers, hidden {SMOKE_HIDDEN}, intermediate {SMOKE_INTERMEDIATE}, "
@@ -688,10 +995,17 @@ def main() -> int:
         print(f"[{time.perf_counter() - start:6.0f}s] {msg.lstrip()}" if not msg.startswith("\n") else msg,
               flush=True)
 
-    crashed = []
+    crashed, skipped = [], {}
     for key in args.models:
-        spec = SPECS[key].smoke() if smoke else SPECS[key]
         try:
+            if key == "d":
+                why = run_hf_gpt_oss(layers.get(key, SMOKE_LAYERS if smoke else HF_DEFAULT_LAYERS), s, rows,
+                                     compile_rows, log)
+                if why:
+                    skipped[key] = why
+                    log(f"\n## model d: {HF_NAME} — skipped: {why}")
+                continue
+            spec = SPECS[key].smoke() if smoke else SPECS[key]
             run_model(spec, layers.get(key, spec.layers), s, rows, compile_rows, log)
         except Exception:  # report it, keep the other models' numbers
             traceback.print_exc()
@@ -699,10 +1013,10 @@ def main() -> int:
             torch._dynamo.reset()
             if cuda:
                 torch.cuda.empty_cache()
-    print_tables(rows, compile_rows, s, header)
+    print_tables(rows, compile_rows, s, header, skipped)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
     bad = [f"{r.model} {r.point}" for kind in rows.values() for r in kind
-           if not r.equal or not r.fused_sites[0].isdigit()]
+           if not r.equal or (r.sites_required and not r.fused_sites[0].isdigit())]
     bad += [f"model {key} crashed (traceback above)" for key in crashed]
     if bad:
         print(f"FAILED checks: {', '.join(bad)}")
