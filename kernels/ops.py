@@ -107,9 +107,12 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
     """Under AOTAutograd's functionalization: launch through ``wrap_triton`` where Inductor can own the launch."""
     bound = _bind(args, kwargs)
     q = bound["q"]
+    # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
+    # its base in place, where the functional launch would clone the view and scatter it back
     traceable = (
         isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not _interpreted()
         and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
+        and not any(isinstance(c, torch.Tensor) and c._is_view() for c in (bound["k_cache"], bound["v_cache"]))
     )
     if traceable:
         try:

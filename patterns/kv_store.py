@@ -12,15 +12,33 @@ with ``indices`` telling the layout:
     [loc] on reshape(cache)         paged     cache [blocks, bs, Hkv, D] seen flat (``cache.view(-1, H, D)[loc]``)
     [div(s, bs, 'floor'), s % bs]   paged     cache [blocks, bs, Hkv, D]        (``cache[s // bs, s % bs] = k``)
     [None, None, pos]               sequence  cache [B, Hkv, max_seq, D]        (``cache[:, :, pos] = k``, ``index_copy_``)
+
+The written tensor (``cache`` above) is one of
+
+    a graph input        the epilogue ``copy_(cache, new)`` writes the store back (``Origin.INPUT``)
+    a view of a buffer   ``select``/``slice`` of a stacked buffer (``kv[0, i][blk, off] = k``): the new view is
+                         scattered back, ``select_scatter(select(buf, 0, 0), new, 0, i)`` ... up to ``buf``'s
+                         new value, which the next store reads and the graph copies into the input (``Origin.VIEW``)
+    a graph's own tensor allocated in the graph (HF ``StaticCache`` allocating on its first update: ``full``) or
+                         computed there (a full sliding window: the rolled keys, a gather); nothing else reads it
+                         before the store (``Origin.GRAPH``)
+
+and a store may also be an engine's own cache op (``match_engine_store``):
+
+    auto_functionalized_v2(sglang.store_cache, k=k.view(-1, H*D), v=..., indices=loc,
+                           _all_bases=[k_buffer, v_buffer], ...)    # k_buffer [slots, Hkv, D] seen [slots, H*D]
 """
 
 from __future__ import annotations
 
+import enum
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, broadcast_equal, is_one, shape_of, sizes_equal
@@ -36,21 +54,51 @@ _THD = (Role.TOKEN, Role.HEAD, Role.FEATURE)
 _BHSD = (Role.BATCH, Role.HEAD, Role.SEQ, Role.FEATURE)
 
 
+_VIEWS = {aten.select.int: aten.select_scatter.default, aten.slice.Tensor: aten.slice_scatter.default}
+"""Views of a stacked buffer a store may write through, and the op that scatters the new view back."""
+
+
+class Origin(str, enum.Enum):
+    """Where the written tensor comes from (see the module docstring)."""
+
+    INPUT = "input"
+    VIEW = "view"
+    GRAPH = "graph"
+
+
 class NotAStore(Exception):
     """Why an ``index_put`` is not a KV-cache store the fused op can take over (for the report)."""
 
 
 @dataclass
 class Store:
-    node: Node  # the index_put
-    cache: Node  # the graph input that is written (the mutated base)
+    node: Node  # the index_put (or the engine's store op)
+    cache: Node  # the tensor written, in the layout's shape (a graph input, a view of a buffer, a graph tensor)
     cache_view: Node | None  # index_put's target when it is a reshape of ``cache``
-    copy: Node  # the copy_ epilogue
+    copy: Node | None  # the copy_ epilogue into a graph input (Origin.INPUT)
     layout: CacheLayout
     slots: Node  # [T] slot per token, or [S] cache positions
     value: Node
     value_roles: Roles
     indices: tuple  # identity of the index expression, to pair the k and v stores
+    origin: Origin = Origin.INPUT
+    views: tuple = ()  # Origin.VIEW: the select/slice nodes from the buffer to ``cache``, outermost first
+    scatters: tuple = ()  # Origin.VIEW: the scatters of the new view back up to the buffer's new value
+    parents: tuple = ()  # Origin.VIEW: the scatters' targets (views of the buffer made again by the graph)
+    result_node: Node | None = None  # the node whose value is the written tensor's new value, if not ``node``
+    flat_value: bool = False  # ``value`` is [T, Hkv*D] (an engine's row view), not [T, Hkv, D]
+
+    @property
+    def base(self) -> Node:
+        """The tensor whose new value the store produces (the stacked buffer for a view, else ``cache``)."""
+        return self.views[0].args[0] if self.views else self.cache
+
+    @property
+    def result(self) -> Node:
+        """The node holding ``base``'s value after the store (what the graph reads, copies back or returns)."""
+        if self.scatters:
+            return self.scatters[-1]
+        return self.result_node if self.result_node is not None else self.node
 
     @property
     def num_heads(self) -> int:
@@ -72,9 +120,25 @@ def match_store(n: Node) -> Store:
     cache, cache_view = target, None
     if isinstance(target, Node) and target.target in RESHAPES:
         cache, cache_view = target.args[0], target
-    if not isinstance(cache, Node) or cache.op != "placeholder":
-        raise NotAStore("the written tensor is not a graph input (a cache buffer)")
-    copy = _epilogue(n, cache, cache_view)
+    if not isinstance(cache, Node) or "val" not in cache.meta:
+        raise NotAStore("the written tensor is not a tensor of the graph")
+    views, scatters, parents, copy = _view_chain(cache), (), (), None
+    if views:
+        origin = Origin.VIEW
+        if cache_view is not None:
+            raise NotAStore(f"store through a reshape of a view ({views[-1].target}) of {views[0].args[0].name}")
+        scatters, parents = _scatter_chain(n, views)
+    elif cache.op == "placeholder":
+        origin = Origin.INPUT
+        copy = _epilogue(n, cache, cache_view)
+    else:
+        origin = Origin.GRAPH
+        if cache_view is not None:
+            raise NotAStore(f"store through a view of {cache.name}, a tensor computed in the graph")
+        aliased = _aliased_input(cache)
+        if aliased is not None:
+            raise NotAStore(f"the written tensor {cache.name} ({cache.target}) is a view of the graph input "
+                            f"{aliased.name} that is not a select/slice of it")
     others = [u for u in cache.users if u not in (copy, cache_view, n)]
     if others:
         raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
@@ -114,7 +178,137 @@ def match_store(n: Node) -> Store:
         raise NotAStore(f"index form {_describe(indices)} on a {len(cshape)}-D cache is not a KV-cache layout")
     if shape_of(slots)[0] is None or slots.meta["val"].dtype not in (torch.int32, torch.int64):
         raise NotAStore("slot indices are not int32/int64")
-    return Store(n, cache, cache_view, copy, layout, slots, value, _value_roles(value, expected, roles), key)
+    return Store(n, cache, cache_view, copy, layout, slots, value, _value_roles(value, expected, roles), key,
+                 origin, views, scatters, parents)
+
+
+def _static_view(n) -> bool:
+    return (isinstance(n, Node) and n.op == "call_function" and n.target in _VIEWS and isinstance(n.args[0], Node)
+            and all(isinstance(a, int) or a is None for a in n.args[1:]) and not n.kwargs)
+
+
+def _view_chain(cache: Node) -> tuple:
+    """The select/slice nodes (static arguments) from a buffer down to ``cache``, outermost first."""
+    views = []
+    while _static_view(cache):
+        views.insert(0, cache)
+        cache = cache.args[0]
+    return tuple(views)
+
+
+def _view_args(n: Node) -> tuple:
+    """A select's (dim, index) or a slice's (dim, start, end, step), defaults filled in, of a view or a scatter."""
+    args = n.args[1:] if n.target in _VIEWS else n.args[2:]
+    if n.target in (aten.slice.Tensor, aten.slice_scatter.default):
+        args = tuple(args) + (0, None, None, 1)[len(args):]
+    return tuple(args)
+
+
+def same_view(a, b) -> bool:
+    """``a`` and ``b`` are the same node, or the same static views of the same node (made twice by the graph)."""
+    if a is b:
+        return True
+    return (_static_view(a) and _static_view(b) and a.target is b.target and _view_args(a) == _view_args(b)
+            and same_view(a.args[0], b.args[0]))
+
+
+def _scatter_chain(n: Node, views: tuple) -> tuple[tuple, tuple]:
+    """The scatters that put the store's new view back into the buffer, innermost first, and their targets.
+
+    Functionalization writes ``buf[0, i][loc] = k`` as ``new = index_put(select(select(buf, 0, 0), 0, i), ...)``,
+    ``select_scatter(select(buf, 0, 0), new, 0, i)``, ``select_scatter(buf, that, 0, 0)``: each scatter must
+    write exactly the region its view read, into the same view of the same buffer, and be the only reader."""
+    x, scatters, parents = n, [], []
+    for view in reversed(views):
+        scatter = _VIEWS[view.target]
+        users = list(x.users)
+        if len(users) != 1 or users[0].target is not scatter or users[0].args[1] is not x:
+            raise NotAStore(f"the new value of {view.name}, a view of {views[0].args[0].name}, is not only scattered "
+                            f"back into it ({', '.join(u.name for u in users) or 'no users'})")
+        s = users[0]
+        if _view_args(s) != _view_args(view) or not same_view(s.args[0], view.args[0]):
+            raise NotAStore(f"{s.name} scatters the store into another region than {view.name} read")
+        scatters.append(s)
+        parents.append(s.args[0])
+        x = s
+    return tuple(scatters), tuple(parents)
+
+
+def _aliased_input(n: Node) -> Node | None:
+    """The graph input whose storage ``n``'s value shares, if any (a view the store would write through)."""
+    storage = StorageWeakRef(n.meta["val"].untyped_storage())
+    for ph in n.graph.find_nodes(op="placeholder"):
+        val = ph.meta.get("val")
+        if isinstance(val, torch.Tensor) and StorageWeakRef(val.untyped_storage()) == storage:
+            return ph
+    return None
+
+
+ENGINE_STORES = ("sglang::store_cache",)
+"""Engines' own cache-store ops matched as stores: ``(k, v, k_cache, v_cache, indices, ...)``, mutating the caches."""
+
+
+def engine_store_op(n: Node):
+    """The engine store op ``n`` (an ``auto_functionalized_v2`` node) calls, or None."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    if n.op != "call_function" or n.target is not auto_functionalized_v2 or not n.args:
+        return None
+    op = n.args[0]
+    return op if getattr(getattr(op, "_schema", None), "name", None) in ENGINE_STORES else None
+
+
+def match_engine_store(n: Node) -> tuple[Store, Store]:
+    """The k and v stores of an engine's store op, or ``NotAStore`` with the reason.
+
+    SGLang (``MHATokenToKVPool.set_kv_buffer`` on CUDA) calls ``store_cache(k.view(-1, row), v.view(-1, row),
+    k_buffer.view(-1, row), v_buffer.view(-1, row), loc, row_bytes=...)``: row ``loc[t]`` of each pool gets
+    token t's k (v) row. Functionalized (v2), the pools are ``_all_bases`` and the op writes them through a
+    ``[slots, row]`` view; each pool's new value is an output of the node."""
+    kw = n.kwargs
+    bases = kw.get("_all_bases")
+    if not isinstance(bases, (list, tuple)):
+        raise NotAStore("the store op's caches are not recorded as bases (auto_functionalized_v2)")
+    rows = [u for u in n.users if u.target is operator.getitem]
+    first = max(1, len(n.args[0]._schema.returns))  # the op's outputs (None for ``-> ()``) come first
+    stores = []
+    for name, value_name in (("k_cache", "k"), ("v_cache", "v")):
+        index = kw.get(f"_{name}_base_index")
+        if not isinstance(index, int):
+            raise NotAStore(f"the store op's {name} is not a view of one base")
+        base, value, slots = bases[index], kw.get(value_name), kw.get("indices")
+        if not isinstance(base, Node) or not isinstance(value, Node) or not isinstance(slots, Node):
+            raise NotAStore(f"the store op's {name}, {value_name} or indices is not a tensor of the graph")
+        cshape, cval = shape_of(base), base.meta["val"]
+        if len(cshape) != 3 or not all(isinstance(s, int) for s in cshape):
+            raise NotAStore(f"{name} {tuple(cshape)} is not a static [slots, Hkv, D] pool")
+        row = cshape[1] * cshape[2]
+        view = (kw.get(f"_{name}_size"), kw.get(f"_{name}_stride"), kw.get(f"_{name}_storage_offset"))
+        if (tuple(view[0] or ()), tuple(view[1] or ()), view[2]) != ((cshape[0], row), (row, 1), 0) or (
+                tuple(cval.stride()) != (row, cshape[2], 1)):
+            raise NotAStore(f"the store op writes {name} through a view {view} that is not its rows [slots, Hkv*D]")
+        if len(shape_of(slots)) != 1 or slots.meta["val"].dtype not in (torch.int32, torch.int64):
+            raise NotAStore("the store op's indices are not a 1-D int32/int64 tensor")
+        copies = [u for u in base.users if u.target is aten.copy_.default and u.args[0] is base]
+        result = [u for u in rows if u.args[1] == first + index]
+        if len(result) != 1 or len(copies) != 1 or copies[0].args[1] is not result[0]:
+            raise NotAStore(f"the store op's new {name} is not copied back into the graph input")
+        others = [u for u in base.users if u not in (copies[0], n)]
+        if others:
+            raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
+        tokens = shape_of(slots)[0]
+        flat = True
+        if value.target in RESHAPES and len(shape_of(value.args[0])) == 3 and (
+                tuple(shape_of(value.args[0])[1:]) == tuple(cshape[1:])):
+            value, flat = value.args[0], False  # [T, Hkv, D] viewed as rows
+        elif len(shape_of(value)) != 2 or shape_of(value)[1] != row:
+            raise NotAStore(f"the store op's {value_name} {tuple(shape_of(value))} is not [tokens, {row}]")
+        if flat and not broadcast_equal(shape_of(value)[0], tokens):
+            raise NotAStore(f"the store op's {value_name} {tuple(shape_of(value))} has not one row per index")
+        roles = _value_roles(value, (tokens, *cshape[1:]), _THD) if not flat else _THD
+        stores.append(Store(n, base, None, copies[0], CacheLayout.TOKEN, slots, value, roles, ("engine", n),
+                            Origin.INPUT, result_node=result[0], flat_value=flat))
+    return stores[0], stores[1]
 
 
 def _single_index(indices) -> Node:

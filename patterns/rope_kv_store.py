@@ -35,13 +35,14 @@ unexpected exception while planning or rewriting a site leaves the graph as it w
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch._higher_order_ops.auto_functionalize import auto_functionalized
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Graph, Node
 
@@ -49,7 +50,8 @@ from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
-from fx_fusion.patterns.kv_store import NotAStore, Store, match_store, walk_views
+from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_engine_store, match_store,
+                                         same_view, walk_views)
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
 log = logging.getLogger("fx_fusion")
@@ -148,8 +150,24 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 sites.append(_internal_error(n, err))
         except Exception as err:  # noqa: BLE001
             sites.append(_internal_error(n, err))
+    for n in list(graph.find_nodes(op="call_function", target=auto_functionalized_v2)):
+        if engine_store_op(n) is None:
+            continue
+        try:
+            stores.extend(match_engine_store(n))
+        except NotAStore as e:
+            sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
+        except Exception as err:  # noqa: BLE001
+            sites.append(_internal_error(n, err))
     v_candidates = []
     for st in stores:
+        if st.flat_value:  # an engine's [T, Hkv*D] rows: a v, or a k rotated elsewhere
+            v_candidates.append(st)
+            if ropes.match(st.value) is not None or ropes.near_miss(st.value) is not None:
+                sites.append(Site(store=st.node.name, source=source_line(st.node), reason=(
+                    f"store not supported: the stored k {st.value.name} is [tokens, Hkv*D] rows with no "
+                    "[tokens, Hkv, D] view to read the RoPE's heads from")))
+            continue
         try:
             root, roles, chain = walk_views(st.value, st.value_roles)
             rope = ropes.match(root)
@@ -337,7 +355,11 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
             or any(r is None and not is_one(s) for r, s in zip(k.roles, shape_of(root)))):
         raise Unfusable(f"cannot tell token and head dims of k (dims {k.roles})")
     v_store = _pair_v(st, state)
-    v_src, v_roles, _ = walk_views(v_store.value, v_store.value_roles)
+    if v_store.flat_value:  # [T, Hkv*D]: the replacement unflattens it
+        v_src, v_roles = v_store.value, v_store.value_roles
+    else:
+        v_src, v_roles, _ = walk_views(v_store.value, v_store.value_roles)
+    _check_buffers(st, v_store)
     if v_src.meta["val"].dtype != kval.dtype:
         raise Unfusable(f"v is {v_src.meta['val'].dtype} but k is {kval.dtype}")
     q_root, q = _pair_q(root, rope, state)
@@ -365,9 +387,61 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
     tokens = [s for s, r in zip(shape_of(root), roles) if r in _TOKEN_ROLES]
     num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
     plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens)
-    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node,
+    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store),
                           *(src.positions for src in (cos, sin) if src.positions is not None)])
     return plan
+
+
+def _first_of_pair(st: Store, v: Store) -> tuple[Store, Store] | None:
+    """(first, second) when one store writes a view of the buffer the other has just updated (``kv[0, i]`` then
+    ``kv[1, i]`` of one stacked buffer): the second store's base is the first's result. Else None."""
+    if st.origin is Origin.VIEW and v.origin is Origin.VIEW:
+        if v.base is st.result:
+            return st, v
+        if st.base is v.result:
+            return v, st
+    return None
+
+
+def _buffers(st: Store, v: Store) -> list[Node]:
+    """The tensors the fused op writes (or writes views of): one stacked buffer, or one per cache."""
+    pair = _first_of_pair(st, v)
+    return [pair[0].base] if pair else [st.base, v.base]
+
+
+def _check_buffers(st: Store, v: Store) -> None:
+    """Stores into views of buffers: one op may write both only if it can write the memory eager writes.
+
+    Views of one stacked buffer (the second store reading the buffer the first updated) must be disjoint, e.g.
+    ``kv[0, i]`` and ``kv[1, i]``, and nothing else may read the buffer between the two stores (it would see
+    the k store without the v store)."""
+    pair = _first_of_pair(st, v)
+    if pair is None:
+        if st.origin is Origin.VIEW and v.origin is Origin.VIEW and same_view(st.base, v.base):
+            raise Unfusable("k and v are stored into views of one buffer that the graph does not update in turn")
+        return
+    first, second = pair
+    inner = set(second.views) | set(second.scatters) | set(second.parents)
+    readers = [u for u in first.result.users if u not in inner]
+    if readers:
+        raise Unfusable(f"{readers[0].name} reads {first.base.name} between the k and the v store")
+    for a, b in zip(first.views, second.views):
+        if a.target is not b.target:
+            break
+        fa, fb = _view_args_of(a), _view_args_of(b)
+        if fa == fb:
+            continue
+        if a.target is aten.select.int and fa[0] == fb[0]:
+            size = shape_of(a.args[0])[fa[0]]
+            if fa[1] % size != fb[1] % size:
+                return  # different entries of one dim: disjoint
+        break
+    raise Unfusable(f"the k and v views of {first.base.name} ({first.views[-1].name}, {second.views[-1].name}) "
+                    "may overlap")
+
+
+def _view_args_of(n: Node) -> tuple:
+    return tuple(n.args[1:])
 
 
 def should_fuse(plan: Plan, options: FusionOptions) -> None:
@@ -581,6 +655,7 @@ class ReplacementSpec:
     table_dtype: torch.dtype | None  # cos/sin rounded to it before the multiply (the model's cast)
     k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
     v_store_shape: tuple | None
+    v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
 
 
 def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: ReplacementSpec,
@@ -591,6 +666,8 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: 
     the two ``index_put`` nodes. Sizes stay symbolic: the only branches are on static sizes.
     """
     wanted = _TOKEN_MAJOR[spec.layout]
+    if spec.v_heads is not None:
+        v = v.unflatten(-1, spec.v_heads)
     q, k, v = (_to_token_major(x, roles, wanted) for x, roles in
                ((q, spec.q_roles), (k, spec.k_roles), (v, spec.v_roles)))
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in _TOKEN_ROLES}
@@ -693,10 +770,20 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         rotary_dim=p.k.rotary_dim, return_k=p.return_k, validate=options.validate,
         table_dtype=p.k.cos.leaf.round_to,
         k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
-        v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None)
-    inputs = [p.q.x, p.k.x, p.v_src, st.cache, p.v_store.cache, st.slots, p.cos.node, p.sin.node,
-              p.cos.positions]
-    launchers = launchers_for(st.cache.meta["val"].device, options.validate)
+        v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None,
+        v_heads=tuple(shape_of(p.v_store.cache)[1:]) if p.v_store.flat_value else None)
+    pair = _first_of_pair(st, p.v_store)
+    if Origin.VIEW in (st.origin, p.v_store.origin):
+        # the op writes views of the buffers (the op, auto_functionalized_v2 over the buffers: Inductor writes
+        # them in place; a functional kernel launch would clone each view and scatter it back)
+        k_buf, v_buf = (pair[0].base, None) if pair else (st.base, p.v_store.base)
+        launchers = (functools.partial(rope_kv_store_on_views, k_views=_view_ops(st), v_views=_view_ops(p.v_store)),)
+        replaced = [(1, pair[1])] if pair else [(0, st), (1, p.v_store)]  # (output: new k or v buffer, store)
+    else:
+        k_buf, v_buf = st.cache, p.v_store.cache
+        launchers = launchers_for(st.cache.meta["val"].device, options.validate)
+        replaced = [(0, st), (1, p.v_store)]
+    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, st.slots, p.cos.node, p.sin.node, p.cos.positions]
     for launch in launchers:
         try:
             traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
@@ -712,21 +799,54 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         new_nodes, outputs = _splice(graph, traced, inputs, st.node.meta.get("stack_trace"), write_backs)
     try:
         q_rot, k_rot, k_new, v_new = outputs
-        for new, old in ((q_rot, p.q_root), (k_new, st.node), (v_new, p.v_store.node),
-                         (k_rot, p.k_root if p.return_k else None)):
+        olds = [(q_rot, p.q_root), (k_rot, p.k_root if p.return_k else None),
+                *(((k_new, v_new)[i], store.result) for i, store in replaced)]
+        for new, old in olds:
             if old is not None and not (isinstance(new, Node) and _same_meta(new.meta["val"], old.meta["val"])):
                 raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
     except Exception:
         for n in reversed(new_nodes):
             graph.erase_node(n)
         raise
-    p.q_root.replace_all_uses_with(q_rot)
-    if p.return_k:
-        p.k_root.replace_all_uses_with(k_rot)
-    st.node.replace_all_uses_with(k_new)
-    p.v_store.node.replace_all_uses_with(v_new)
-    for store in (st, p.v_store):
-        graph.erase_node(store.node)
+    for new, old in olds:
+        if old is not None:
+            old.replace_all_uses_with(new)
+    # the replaced stores (index_put; an engine op's outputs, then the op); a view's scatters die with them
+    for n in dict.fromkeys(n for store in (st, p.v_store) for n in (store.result, store.node)):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _view_ops(store: Store) -> tuple:
+    """``(op, args)`` of each select/slice from the store's buffer down to its cache, outermost first."""
+    return tuple((v.target, tuple(v.args[1:])) for v in store.views)
+
+
+def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, *, k_views: tuple,
+                           v_views: tuple, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
+                           validate: bool, table_dtype):
+    """The fused op writing views of buffers (a stacked ``kv[0, i]``, ``kv[1, i]``): ``(q_out, k_out, new k
+    buffer, new v buffer)``; ``v_buffer`` None: both views are of ``k_buffer``.
+
+    Functionalized as AOTAutograd does it (``auto_functionalized_v2`` with the buffers as bases), which Inductor
+    re-inplaces: the op writes the buffer's memory, and the graph's scatters of the views are gone."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    def mutate(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions):
+        v_base = k_buffer if v_buffer is None else v_buffer
+        k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
+        q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, None, None,
+                                is_neox, rotary_dim, layout, return_k, validate, True, table_dtype)
+        return q_out, k_out, k_buffer, v_base
+
+    return dispatch_functionalize(mutate, FunctionalTensorMode())(q, k, v, k_buffer, v_buffer, slot_mapping, cos,
+                                                                  sin, positions)
+
+
+def _replay(x: torch.Tensor, views: tuple) -> torch.Tensor:
+    for op, args in views:
+        x = op(x, *args)
+    return x
 
 
 def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:

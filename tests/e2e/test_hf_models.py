@@ -3,8 +3,8 @@
 Tiny random-weight models built from configs (nothing downloaded): 2 layers, hidden 64, 4 heads,
 2 kv heads where the family has grouped-query attention, head_dim 16, vocab 128. Each test compiles
 ``model.forward`` and runs a prefill and two decode steps against a ``StaticCache`` allocated before
-compilation (``early_initialization``; a cache allocated inside the compiled prefill is a fresh tensor
-of the graph, not a cache input, and is not fused: see examples/hf_llama.py). The second decode step
+compilation (``early_initialization``); the lazy tests at the end let the compiled prefill allocate it, as HF's
+own torch.compile recipe does (the cache is then a tensor of the prefill graph, fused too). The second decode step
 must reuse the decode graph, the logits and caches must equal eager, and every compiled graph must hold
 one ``fx_fusion.rope_kv_store`` per layer.
 """
@@ -150,3 +150,56 @@ def test_gpt_oss_bf16_yarn_sliding_and_full_layers(tmp_path):
     assert len(reports) == 2
     for report in reports:
         assert [s["fused"] for s in report["sites"]] == [True] * LAYERS, report["sites"]
+
+
+def assert_every_layer_fused(tmp_path, graphs: int) -> list[dict]:
+    reports = load_reports(tmp_path)
+    assert len(reports) == graphs, [r["graph"] for r in reports]
+    for report in reports:
+        calls = (tmp_path / f"{report['graph']}.after.py").read_text().count("torch.ops.fx_fusion.rope_kv_store")
+        assert calls == LAYERS and [s["fused"] for s in report["sites"]] == [True] * LAYERS, report["sites"]
+    return reports
+
+
+def test_lazily_allocated_static_cache_prefill_and_decode(device, tmp_path):
+    """``StaticCache(config=..., max_cache_len=...)`` as HF's docs create it, without ``early_initialization``:
+    the compiled prefill allocates the cache (``full`` in its graph) and stores into it; decode graphs see it as
+    an input. Every layer of both graphs fused, logits and caches equal to eager."""
+    config = FAMILIES["llama"].config()
+    model = FAMILIES["llama"].model(config).to(device).eval()
+    steps = [torch.randint(1, 128, (1, n), device=device) for n in (5, 1, 1)]
+    ref_cache = transformers.StaticCache(config=config, max_cache_len=16)
+    cache = transformers.StaticCache(config=config, max_cache_len=16)
+    expected = run_steps(model, ref_cache, steps)
+    actual = run_steps(fx_fusion.compile(model.forward, dump_dir=str(tmp_path)), cache, steps)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"step {i} logits: {m}")
+    for layer, ref_layer in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(layer.keys, ref_layer.keys, **TOL)
+        torch.testing.assert_close(layer.values, ref_layer.values, **TOL)
+    assert_every_layer_fused(tmp_path, graphs=2)
+
+
+def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(tmp_path):
+    """gpt-oss in bf16 (YaRN, one sliding-window layer of window 4, one full layer), a lazily allocated
+    ``StaticCache``, prefill 3 tokens then 4 decode steps: the prefill allocates the cache in its graph, the first
+    decode fills the window with ``index_copy_``, the next ones roll it (``new_keys[:, :, [-1]] = k`` into the
+    rolled keys, then ``copy_``). Every layer of every graph fused, logits and caches equal to eager (bf16)."""
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4, attn_implementation="eager")
+    model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+    steps = [torch.randint(1, 128, (1, n)) for n in (3, 1, 1, 1, 1)]
+    ref_cache = transformers.StaticCache(config=config, max_cache_len=16)
+    cache = transformers.StaticCache(config=config, max_cache_len=16)
+    expected = run_steps(model, ref_cache, steps)
+    actual = run_steps(fx_fusion.compile(model.forward, dump_dir=str(tmp_path)), cache, steps)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i} logits: {m}")
+    for layer, ref_layer in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), atol=2e-2, rtol=2e-2)
+    reports = assert_every_layer_fused(tmp_path, graphs=3)
+    sources = [s["source"] for r in reports for s in r["sites"]]
+    assert any("new_keys[:, :, index] = key_states" in s for s in sources), sources

@@ -417,12 +417,18 @@ def test_q_and_k_rotated_differently_is_not_fused(variant, reason, records, code
     assert rec.fused_nodes == 0 and FUSED_CALL not in codes[0]
 
 
+def test_store_into_a_tensor_made_in_the_graph_fuses(records, codes, inference):
+    """A cache the graph allocates (``zeros_like``) is written by the op as eager writes it (nothing else holds it)."""
+    run_variant("local_cache", RAISE)
+    (rec,) = records
+    assert [s.fused for s in rec.sites] == [True] and FUSED_CALL in codes[0]
+
+
 @pytest.mark.parametrize("variant, reason", [
     ("read_before", "the cache is also read before the store"),
-    ("local_cache", "the written tensor is not a graph input"),
 ])
 def test_store_that_is_not_an_in_place_cache_write_is_not_fused(variant, reason, records, codes, inference):
-    """The cache read before the store, or a tensor made in the graph: the RoPE output's store stays."""
+    """The cache read before the store: the RoPE output's store stays."""
     run_variant(variant)
     (rec,) = records
     assert [(s.fused, s.disabled) for s in rec.sites] == [(False, False)]

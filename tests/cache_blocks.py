@@ -1,0 +1,187 @@
+"""Attention blocks whose KV cache is not a plain graph input: test fixtures for the fusion pass.
+
+    block                    cache                                         store, as the source writes it
+    StackedBlock             one buffer for all layers, ``[2, L, ...]``    ``kv[0, i][slot // bs, slot % bs] = k`` (nano-vllm)
+                             or one per k / v, ``[L, slots, Hkv, D]``      ``k_cache[i][slot] = k``
+    EngineStoreBlock         ``[slots, Hkv, D]`` pools                     ``torch.ops.sglang.store_cache(k rows, ...)``
+    WindowBlock              allocated inside the first compiled call      ``index_copy_`` until the window is full, then
+                             (HF ``StaticSlidingWindowLayer``)             ``roll(-1)``, ``new[:, :, [-1]] = k``, ``copy_``
+
+Buffers that exist before the call start random (a store to a wrong row shows); a cache allocated inside the
+graph is zeros, as the source allocates it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.attention_blocks import (HFRotaryEmbedding, cos_sin_table, hf_apply_rotary_pos_emb, repeat_kv,
+                                    token_pool_rotary)
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
+
+
+def _store_cache_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      indices: torch.Tensor, row_bytes: int = 0) -> None:
+    k_cache[indices] = k
+    v_cache[indices] = v
+
+
+def store_cache_op():
+    """``torch.ops.sglang.store_cache``: SGLang's op if it is loaded, else a plain-torch one with the schema assumed
+    here, ``sglang::store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor indices,
+    SymInt row_bytes=0) -> ()`` (k, v, caches as ``[rows, Hkv*D]``; row ``indices[t]`` gets token t)."""
+    if not hasattr(torch.ops.sglang, "store_cache"):
+        torch.library.custom_op("sglang::store_cache", _store_cache_impl, mutates_args=("k_cache", "v_cache"))
+    return torch.ops.sglang.store_cache
+
+
+class _TokenPoolLayers(nn.Module):
+    """L layers of an SGLang/vLLM-style attention (fused qkv, ``forward_native`` RoPE) sharing one table."""
+
+    def __init__(self, layers: int, max_pos: int = 64):
+        super().__init__()
+        self.layers = layers
+        self.qkv = nn.ModuleList(nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False)
+                                 for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False) for _ in range(layers))
+        self.register_buffer("cos_sin_cache", cos_sin_table(max_pos, HEAD_DIM))
+
+    def qkv_of(self, i, positions, hidden):
+        q, k, v = self.qkv[i](hidden).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, HEAD_DIM, HEAD_DIM, "neox", False, False)
+        return q, k.view(-1, KV_HEADS, HEAD_DIM), v.view(-1, KV_HEADS, HEAD_DIM)
+
+    def attend(self, i, q, k_rows, v_rows, positions):
+        t = q.shape[0]
+        q = q.view(t, HEADS, HEAD_DIM).transpose(0, 1)
+        k = repeat_kv(k_rows.transpose(0, 1)[None], HEADS // KV_HEADS)[0]
+        v = repeat_kv(v_rows.transpose(0, 1)[None], HEADS // KV_HEADS)[0]
+        mask = torch.arange(k.shape[1])[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o[i](out.transpose(0, 1).reshape(t, -1))
+
+
+class StackedBlock(_TokenPoolLayers):
+    """Every layer's cache is a view of a stacked buffer.
+
+    layout="paged": ``kv [2, L, blocks, bs, Hkv, D]``, layer i writes ``kv[0, i][slot // bs, slot % bs] = k`` and
+    ``kv[1, i][...] = v`` (nano-vllm); "token": ``kv [2, L, slots, Hkv, D]``, ``kv[0, i][slot] = k``;
+    "split": ``k_cache, v_cache [L, slots, Hkv, D]``, ``k_cache[i][slot] = k``.
+    ``read_between``: read the buffer between the k and the v store (then the pass must not fuse).
+    forward(positions [T], hidden [T, HIDDEN], slots [T], kv_slots [Tk]) with slots as pool rows.
+    """
+
+    def __init__(self, layout: str = "paged", layers: int = 3, num_slots: int = 64, block_size: int = 8,
+                 read_between: bool = False):
+        super().__init__(layers)
+        self.layout, self.block_size, self.read_between = layout, block_size, read_between
+        rows = (num_slots // block_size, block_size) if layout == "paged" else (num_slots,)
+        if layout == "split":
+            self.register_buffer("k_cache", torch.randn(layers, *rows, KV_HEADS, HEAD_DIM))
+            self.register_buffer("v_cache", torch.randn(layers, *rows, KV_HEADS, HEAD_DIM))
+        else:
+            self.register_buffer("kv_cache", torch.randn(2, layers, *rows, KV_HEADS, HEAD_DIM))
+
+    def caches(self, i):
+        if self.layout == "split":
+            return self.k_cache[i], self.v_cache[i]
+        return self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def forward(self, positions, hidden, slots, kv_slots):
+        extra = hidden.new_zeros(())
+        for i in range(self.layers):
+            q, k, v = self.qkv_of(i, positions, hidden)
+            k_cache, v_cache = self.caches(i)
+            if self.layout == "paged":
+                k_cache[slots // self.block_size, slots % self.block_size] = k
+                if self.read_between:
+                    extra = extra + self.kv_cache.sum()
+                v_cache[slots // self.block_size, slots % self.block_size] = v
+                k_cache, v_cache = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+            else:
+                k_cache[slots] = k
+                if self.read_between:
+                    extra = extra + (self.kv_cache if self.layout == "token" else self.k_cache).sum()
+                v_cache[slots] = v
+            hidden = hidden + self.attend(i, q, k_cache[kv_slots], v_cache[kv_slots], positions)
+        return hidden + extra
+
+
+class EngineStoreBlock(_TokenPoolLayers):
+    """SGLang on CUDA: ``set_kv_buffer`` stores through ``torch.ops.sglang.store_cache`` on row views.
+
+    forward(positions [T], hidden [T, HIDDEN], loc [T], kv_loc [Tk]); one ``k_buffer{i}``/``v_buffer{i}`` per layer.
+    """
+
+    def __init__(self, layers: int = 2, num_slots: int = 64):
+        super().__init__(layers)
+        for i in range(layers):
+            self.register_buffer(f"k_buffer{i}", torch.randn(num_slots, KV_HEADS, HEAD_DIM))
+            self.register_buffer(f"v_buffer{i}", torch.randn(num_slots, KV_HEADS, HEAD_DIM))
+        self.store_cache = store_cache_op()
+
+    def forward(self, positions, hidden, loc, kv_loc):
+        row = KV_HEADS * HEAD_DIM
+        for i in range(self.layers):
+            q, k, v = self.qkv_of(i, positions, hidden)
+            k_buffer, v_buffer = getattr(self, f"k_buffer{i}"), getattr(self, f"v_buffer{i}")
+            self.store_cache(k.view(-1, row), v.view(-1, row), k_buffer.view(-1, row), v_buffer.view(-1, row), loc,
+                             row_bytes=row * k.element_size())
+            hidden = hidden + self.attend(i, q, k_buffer[kv_loc], v_buffer[kv_loc], positions)
+        return hidden
+
+
+class WindowBlock(nn.Module):
+    """HF attention with a ``StaticSlidingWindowLayer``-style cache that allocates itself on the first call.
+
+    ``keys``/``values`` ``[B, Hkv, window, D]`` are created with ``torch.zeros`` inside the first forward (so inside
+    the compiled prefill), written with ``index_copy_`` until the window is full, then rolled: ``new =
+    keys.roll(-1, dims=-2)``, ``new[:, :, tensor([-1])] = k``, ``keys.copy_(new)``. The filled length is a
+    Python int, as in HF (one graph per step kind). forward(hidden [B, S, HIDDEN], position_ids [B, S]).
+    """
+
+    def __init__(self, window: int = 6, dtype=torch.float32):
+        super().__init__()
+        self.window, self.length, self.keys, self.values = window, 0, None, None
+        self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False, dtype=dtype)
+        self.rotary_emb = HFRotaryEmbedding(HEAD_DIM, "neox")
+
+    def update(self, k, v):
+        if self.keys is None:
+            shape = (k.shape[0], KV_HEADS, self.window, HEAD_DIM)
+            self.keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        n, full = k.shape[-2], self.length >= self.window
+        if full and n == 1:
+            new_keys, new_values = self.keys.roll(-1, dims=-2), self.values.roll(-1, dims=-2)
+            index = torch.tensor([-1], dtype=torch.int64, device=k.device)
+            new_keys[:, :, index] = k
+            new_values[:, :, index] = v
+            self.keys.copy_(new_keys)
+            self.values.copy_(new_values)
+        elif self.length + n <= self.window:
+            position = torch.arange(n, device=k.device) + self.length
+            self.keys.index_copy_(2, position, k)
+            self.values.index_copy_(2, position, v)
+        else:
+            raise ValueError("prefill past the window is not part of this fixture")
+        self.length += n
+        return self.keys, self.values
+
+    def forward(self, hidden, position_ids):
+        b, s, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+        cos, sin = self.rotary_emb(v, position_ids)
+        q, k = hf_apply_rotary_pos_emb(q, k, cos, sin, "neox", False)
+        keys, values = self.update(k, v)
+        keys, values = repeat_kv(keys, HEADS // KV_HEADS), repeat_kv(values, HEADS // KV_HEADS)
+        out = F.scaled_dot_product_attention(q, keys, values)  # every cached row (zeros included): a fixture
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -1,0 +1,120 @@
+"""Caches that are not plain graph inputs, and engines' own store ops: fused on every layer and equal to eager.
+
+Blocks from ``tests/cache_blocks.py``, compiled with ``on_unfusable="raise"`` (an unsafe site fails the compile),
+run for a prefill and decode steps against an eager copy: outputs and whole caches (the whole stacked buffer,
+untouched rows included; buffers start random) must agree, and every layer of every graph must be fused.
+
+``EngineStoreBlock`` stores through ``torch.ops.sglang.store_cache``. SGLang's own op needs its compiled CUDA
+kernels, so ``tests/cache_blocks.store_cache_op`` registers a plain-torch op under the same name with the schema
+assumed here (SGLang's ``sgl-kernel`` defines ``store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!)
+v_cache, Tensor indices)``; the CUDA build adds the ``row_bytes`` keyword, taken here as ``SymInt row_bytes=0``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from fx_fusion import FusionConfig
+from tests.cache_blocks import HIDDEN, EngineStoreBlock, StackedBlock, WindowBlock
+from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, fused_call_args,  # noqa: F401
+                                               inference, records, run_steps)
+
+
+def pool_steps(num_slots: int = 64, seed: int = 0) -> list[tuple]:
+    """Prefill of 5 tokens, then two decode steps, at scattered pool rows (row of position p: 63 - 3p)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = lambda positions: (num_slots - 1 - 3 * positions) % num_slots  # noqa: E731
+    steps = []
+    for past, n in ((0, 5), (5, 1), (6, 1)):
+        positions = torch.arange(past, past + n)
+        steps.append((positions, torch.randn(n, HIDDEN, generator=g), rows(positions), rows(torch.arange(past + n))))
+    return steps
+
+
+def check_every_layer_fused(records, codes, layers: int, buffers: list[torch.Tensor]) -> None:
+    """Every graph: one fused site per layer, nothing unfused, the op's caches are views of the caller's buffers
+    (``reinterpret_tensor`` of a graph input: no copy of a buffer, no scatter back), no buffer-sized temporary."""
+    assert records and len(codes) == len(records)
+    numels = {b.numel() for b in buffers}
+    for i, (rec, code) in enumerate(zip(records, codes)):
+        assert len(rec.fused) == layers and not rec.unfused, f"graph {i}: {[s.reason for s in rec.unfused]}"
+        assert code.count(FUSED_CALL) == layers, f"graph {i}: {code.count(FUSED_CALL)} fused calls"
+        assert rec.rerun_sites == [] and not rec.rerun_changed
+        inputs = set(re.search(r"^\s*(\w+(?:, \w+)*),? = args$", code, re.M).group(1).split(", "))
+        for args in fused_call_args(code):
+            for arg in args[3:5]:
+                name = re.fullmatch(r"(?:reinterpret_tensor\()?(\w+).*", arg).group(1)
+                assert name in inputs, f"graph {i}: the op writes {arg}, not a graph input's memory"
+        body = code[code.index("def call("):]
+        for shape in re.findall(r"empty_strided\w*\(\(([^)]*)\)", body):
+            dims = [int(d) for d in shape.split(",") if d.strip().isdigit()]
+            assert not dims or torch.Size(dims).numel() not in numels, f"graph {i}: a buffer-sized ({shape}) copy"
+
+
+@pytest.mark.parametrize("layout", ["paged", "token", "split"])
+def test_stacked_buffer_fuses_every_layer_in_place(layout, records, codes, inference):
+    torch.manual_seed(0)
+    model = StackedBlock(layout, layers=2).eval()
+    eager = copy.deepcopy(model)
+    run_steps(model, eager, compile_with(model), pool_steps())
+    bufs = [model.kv_cache] if layout != "split" else [model.k_cache, model.v_cache]
+    check_every_layer_fused(records, codes, model.layers, bufs)
+    assert {s.layout for r in records for s in r.fused} == {"paged" if layout == "paged" else "token"}
+
+
+@pytest.mark.parametrize("layout", ["paged", "split"])
+def test_stacked_buffer_read_between_k_and_v_store_is_not_fused(layout, records, inference):
+    """Reading the buffer after the k store and before the v store must see k's rows only: the pass leaves the
+    stores alone and reports why (results still equal to eager)."""
+    torch.manual_seed(0)
+    model = StackedBlock(layout, layers=2, read_between=True).eval()
+    eager = copy.deepcopy(model)
+    run_steps(model, eager, compile_with(model, FusionConfig()), pool_steps()[:1])
+    if layout == "paged":
+        reasons = {s.reason for s in records[0].unfused}
+        assert not records[0].fused and any("between the k and the v store" in r for r in reasons), reasons
+    else:  # separate k and v buffers: reading the k buffer between the stores sees the same either way
+        assert len(records[0].fused) == model.layers
+
+
+def test_sglang_store_cache_op_is_matched(records, codes, inference):
+    torch.manual_seed(0)
+    model = EngineStoreBlock().eval()
+    eager = copy.deepcopy(model)
+    run_steps(model, eager, compile_with(model), pool_steps())
+    check_every_layer_fused(records, codes, model.layers, [model.k_buffer0])
+    assert all(s.layout == "token" for r in records for s in r.fused)
+    assert "sglang.store_cache" not in "".join(codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_allocated_in_graph_and_rolled_window_fuse(dtype, records, codes, inference):
+    """The first call allocates the cache inside the compiled graph (``torch.zeros``); decode writes with
+    ``index_copy_`` until the window (6) is full, then into the rolled window: every graph fused, equal to eager."""
+    torch.manual_seed(0)
+    model = WindowBlock(window=6, dtype=dtype).eval()
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model)
+    g = torch.Generator().manual_seed(1)
+    past = 0
+    for n in (4, 1, 1, 1, 1):
+        hidden = torch.randn(1, n, HIDDEN, generator=g).to(dtype)
+        position_ids = torch.arange(past, past + n)[None]
+        past += n
+        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(dtype), f"at {past} tokens")
+        for name in ("keys", "values"):
+            assert_close(getattr(model, name), getattr(eager, name), _tol(dtype), f"{name} at {past} tokens")
+    kinds = [rec.fused[0].source for rec in records]
+    assert len(records) >= 3 and all(len(rec.fused) == 1 and not rec.unfused for rec in records), \
+        [[s.reason for s in rec.unfused] for rec in records]
+    assert any("index_copy_" in k for k in kinds) and any("new_keys[:, :, index] = k" in k for k in kinds)
+    assert all(code.count(FUSED_CALL) == 1 for code in codes)
+
+
+def _tol(dtype) -> dict:
+    """fp32: the same maths; bf16: the kernel rounds once where eager rounds after every op."""
+    return {dtype: {torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 5e-2)}[dtype]}
