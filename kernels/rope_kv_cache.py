@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -672,6 +674,24 @@ def eager_fp8_cast(device: torch.device, dtype: torch.dtype) -> int:
     return rules[dtype]
 
 
+def exactly_representable(x: float, dtype: torch.dtype) -> bool:
+    """Whether the Python float ``x`` is a value of ``dtype`` (fp32, bf16, fp16; infinities are), computed
+    without tensors (this runs under fake modes)."""
+    if math.isnan(x):
+        return False
+    if math.isinf(x):
+        return True
+    try:
+        f32 = struct.unpack("<f", struct.pack("<f", x))[0]
+        if dtype is torch.float16:
+            return struct.unpack("<e", struct.pack("<e", x))[0] == x
+    except OverflowError:
+        return False
+    if f32 != x:
+        return False
+    return dtype is torch.float32 or (dtype is torch.bfloat16 and struct.unpack("<I", struct.pack("<f", x))[0] & 0xFFFF == 0)
+
+
 def _check_fp8_dtype(fp8_dtype) -> None:
     if fp8_dtype is not None and fp8_dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
@@ -701,8 +721,7 @@ def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_
     lo, hi = float(clamp[0]), float(clamp[1])
     if not lo <= hi:
         raise ValueError(f"clamp must have lo <= hi (no NaN), got {clamp!r}")
-    exact = torch.tensor([lo, hi], dtype=torch.float64)
-    if not torch.equal(exact.to(quant_dtype).double(), exact):
+    if not (exactly_representable(lo, quant_dtype) and exactly_representable(hi, quant_dtype)):
         raise ValueError(f"clamp bounds must be exact {quant_dtype} values (the model clamps in that dtype), "
                          f"got {clamp!r}")
     return lo, hi
