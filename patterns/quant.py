@@ -50,6 +50,7 @@ class Quant:
     scale_mul: bool  # ``x * scale`` (a reciprocal) instead of ``x / scale``
     clamp: tuple | None  # (lo, hi)
     scale: Node | float | None  # a graph tensor of one fp32 value, a Python number, or no scale
+    chain: tuple = ()  # the store's view and quantisation nodes above the quantised value (set by the pass)
 
     @property
     def recipe(self) -> tuple:
@@ -104,7 +105,7 @@ def peel_quant(value: Node, cache: Node) -> tuple[Node, Quant] | None:
     up = _convert_target(x)  # ``x.float() / scale``: an exact upcast of the stored tensor
     if up is torch.float32 and _dtype(x.args[0]) in (torch.bfloat16, torch.float16):
         x = x.args[0]
-    if _dtype(x) not in MODEL_DTYPES or tuple(shape_of(x)) != tuple(shape_of(value)):
+    if _dtype(x) not in MODEL_DTYPES or len(shape_of(x)) != len(shape_of(value)):
         raise NotQuant(f"the quantised value {x.name} is {_dtype(x)} {tuple(shape_of(x))}, not the stored "
                        f"{tuple(shape_of(value))} in a model dtype", x)
     return x, Quant(fp8, uint8, quant_dtype, scale_mul, clamp, scale)

@@ -160,8 +160,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             quant_errors[st.node] = str(e)
             v_candidates.append(st)
             try:
-                inner, _, _ = walk_views(e.inner, (None,) * e.inner.meta["val"].dim())
-                if ropes.match(inner) is not None or ropes.near_miss(inner) is not None:
+                if _stores_rope_below(e.inner, ropes):
                     sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
                                       reason=f"quantised store not supported: {e}"))
             except Exception as err:  # noqa: BLE001
@@ -225,12 +224,33 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
     return sites
 
 
+def _stores_rope_below(node: Node, ropes: _RopeFinder, depth: int = 8) -> bool:
+    """Whether a RoPE output (or a near miss) lies below ``node`` through views and elementwise scaling."""
+    for _ in range(depth):
+        inner, _, _ = walk_views(node, (None,) * node.meta["val"].dim())
+        if ropes.match(inner) is not None or ropes.near_miss(inner) is not None:
+            return True
+        tensors = ([a for a in inner.args if isinstance(a, Node) and "val" in a.meta]
+                   if inner.op == "call_function" else [])
+        if not tensors or inner.target not in _ARITHMETIC | {aten.div.Tensor, aten.clamp_min.default,
+                                                            aten.clamp_max.default, aten.clamp.default}:
+            return False
+        node = max(tensors, key=lambda a: a.meta["val"].dim())  # the tensor, not a scale
+    return False
+
+
 def _peel_quant(st: Store) -> tuple[Store, Quant | None]:
     """The store seen as a store of the unquantised value (and how it is quantised), or as it is."""
-    peeled = peel_quant(st.value, st.cache)
+    root, roles, chain = walk_views(st.value, st.value_roles)  # e.g. a reshape of the uint8 view (one token)
+    peeled = peel_quant(root, st.cache)
     if peeled is None:
         return st, None
-    return dataclasses.replace(st, value=peeled[0]), peeled[1]
+    x, quant = peeled
+    node = root
+    while node is not x:  # the quantisation's own nodes, which are no other users of the stored value
+        chain.append(node)
+        node = next(a for a in node.all_input_nodes if a is x or a.meta["val"].shape == root.meta["val"].shape)
+    return dataclasses.replace(st, value=x, value_roles=roles), dataclasses.replace(quant, chain=tuple(chain))
 
 
 def _internal_error(node: Node, err: Exception) -> Site:
@@ -398,7 +418,8 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
     sin = _table_source(rope.sin, roles, "sin")
     if (cos.positions is None) != (sin.positions is None) or cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
-    return_k = any(u not in k.chain and u is not st.node for n in [root, *k.chain] for u in n.users)
+    chain = [*k.chain, *(k_quant.chain if k_quant is not None else ())]
+    return_k = any(u not in chain and u is not st.node for n in [root, *k.chain] for u in n.users)
     tokens = [s for s, r in zip(shape_of(root), roles) if r in _TOKEN_ROLES]
     num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
     if k_quant is not None:
