@@ -354,9 +354,11 @@ def _rope_kv_store_kernel(
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
-                 _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=sm)
+                 _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
         tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
-                 _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=sm)
+                 _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
         if k_out_ptr is not None:
             ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
             ko_ty = k_out_ptr.dtype.element_ty
@@ -368,7 +370,8 @@ def _rope_kv_store_kernel(
             x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
             tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
                      _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
-                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=tm & store[:, None])
+                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
+                     mask=tm & store[:, None])
             if k_out_ptr is not None:
                 tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
 
@@ -689,7 +692,8 @@ def exactly_representable(x: float, dtype: torch.dtype) -> bool:
         return False
     if f32 != x:
         return False
-    return dtype is torch.float32 or (dtype is torch.bfloat16 and struct.unpack("<I", struct.pack("<f", x))[0] & 0xFFFF == 0)
+    low_bits = struct.unpack("<I", struct.pack("<f", x))[0] & 0xFFFF  # what bf16 drops of an fp32
+    return dtype is torch.float32 or (dtype is torch.bfloat16 and low_bits == 0)
 
 
 def _check_fp8_dtype(fp8_dtype) -> None:

@@ -191,7 +191,8 @@ def test_bad_eager_fp8_arguments_are_rejected_before_writing(uint8, kw, error, m
     before = [a[n].clone() for n in ("k_cache", "v_cache")]
     with pytest.raises(error, match=match):
         rope_kv_store(**a)
-    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(before, (a["k_cache"], a["v_cache"])))
+    after = (a["k_cache"], a["v_cache"])
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(before, after))
 
 
 def test_uint8_cache_without_fp8_dtype_is_rejected():
