@@ -44,12 +44,15 @@ def _rope_kv_store(
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
     is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
-    table_dtype: torch.dtype | None = None,
+    table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
+    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``.
 
     ``table_dtype`` (bf16 or fp16): cos/sin are rounded to it before the multiply, as a model that casts
-    an fp32 table to its dtype first does."""
+    an fp32 table to its dtype first does. ``quant_dtype`` (with ``scale_mul``, ``clamp``): fp8 stores
+    exactly as eager's ``(x / scale).clamp(lo, hi).to(fp8)`` in ``quant_dtype`` on this device;
+    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_cache``)."""
     p, return_k, validate = _problem(locals())
     if validate:
         _impl.check_index_ranges(p)
@@ -161,6 +164,8 @@ def rope_kv_store(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     swa_table: torch.Tensor | None = None, return_k: bool = False, validate: bool = False,
     negative_wraps: bool = False, table_dtype: torch.dtype | None = None,
+    fp8_dtype: torch.dtype | None = None, quant_dtype: torch.dtype | None = None, scale_mul: bool = False,
+    clamp: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
@@ -175,6 +180,12 @@ def rope_kv_store(
     never touches memory outside the tensors either way (out-of-range slots are skipped, positions
     clamped to the table). ``negative_wraps=True`` makes negative slots and positions count from the
     end, as ``cache[slot] = k`` does, instead of skipping.
+
+    fp8 caches: ``k_scale``/``v_scale`` (fp32, one element) divide before the cast, which saturates. With
+    ``quant_dtype`` the store is instead bit for bit what eager computes for ``(x / k_scale).to(fp8)``
+    with ``x / k_scale`` in ``quant_dtype`` (``x * k_scale`` with ``scale_mul``), after the optional
+    ``clamp=(lo, hi)``, with the overflow rule of eager's cast on this device; the caches may then be
+    uint8 pools holding ``fp8_dtype`` bits.
     """
     if cos_sin_cache is not None:
         if cos is not None or sin is not None:
@@ -201,5 +212,6 @@ def rope_kv_store(
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype)
+        is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype, fp8_dtype, quant_dtype,
+        scale_mul, None if clamp is None else [float(c) for c in clamp])
     return q_out, (k_out if return_k else None)

@@ -11,6 +11,17 @@ where ``rope(x) = x * cos + rotate(x) * sin`` on the first ``rotary_dim`` featur
 neighbours (2i, 2i + 1), and ``quant(x) = saturate(x / scale)`` for fp8 caches, the identity
 otherwise. Maths is fp32 whatever the storage dtypes.
 
+With ``quant_dtype`` the fp8 store is instead what eager model code computes (``eager_fp8``), bit for bit:
+
+    quant(x) = fp8_cast(clamp(round_Q(round_X(x) / scale)))   (or ``* scale`` with ``scale_mul``)
+
+``round_X`` rounds the fp32 result to k's dtype (eager holds the rotated k in it), the division is one
+correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of eager's ``x / scale``),
+``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the overflow rule eager has
+on the device (``eager_fp8_cast``). The kernel computes the fp8 bits itself (``_fp8_bits``), so the
+rounding is the same on every target and in the interpreter. Caches may then be ``uint8`` pools holding
+the bits of ``fp8_dtype`` (SGLang's fp8 pools).
+
 Tokens are addressed as ``(b, s)``: q, k, v are ``[T, H*D]``, ``[T, H, D]`` (flat layouts, ``B = 1``)
 or ``[B, S, H, D]`` (sequence layout), with any strides (slices of a fused qkv projection work
 without copies).
@@ -37,6 +48,8 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +153,65 @@ def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
+def _cache_value(x, scale_ptr, ty, FP8_MAX: tl.constexpr, FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr,
+                 Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr):
+    # x (fp32) as the cache of element type ty stores it: quant(x) (_quantize), or eager's fp8 bits
+    # (_eager_fp8) reinterpreted as ty (an fp8 type, or uint8 for pools of fp8 bits)
+    if FP8_CAST == 0:
+        out = _quantize(x, scale_ptr, FP8_MAX).to(ty)
+    else:
+        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
+    return out
+
+
+@triton.jit
+def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_ROUND: tl.constexpr,
+               CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, FP8_CAST: tl.constexpr):
+    # out = bits of fp8_cast(clamp(round_Q(round_X(x) / scale))) as eager computes them (module docstring);
+    # x fp32, out uint8. div_rn: one correctly rounded division, as eager's (Triton's ``/`` is approximate).
+    x = _round(x, X_ROUND)
+    if scale_ptr is not None:
+        if SCALE_MUL:
+            x = x * tl.load(scale_ptr).to(tl.float32)
+        else:
+            x = tl.math.div_rn(x, tl.load(scale_ptr).to(tl.float32))
+    x = _round(x, Q_ROUND)
+    if CLAMP_LO is not None:  # NaN stays NaN, as torch.clamp keeps it
+        x = tl.where(x != x, x, tl.maximum(x, CLAMP_LO))
+    if CLAMP_HI is not None:
+        x = tl.where(x != x, x, tl.minimum(x, CLAMP_HI))
+    if FP8_CAST == 1:  # e4m3fn, saturating (torch on CPU: |x| > 448, inf too, -> 448)
+        bits = _fp8_bits(x, 3, 7, 448.0, None, 0)
+    elif FP8_CAST == 2:  # e4m3fn, NaN from 464 (torch on CUDA: (448, 464) -> 448, |x| >= 464 -> NaN)
+        bits = _fp8_bits(x, 3, 7, 448.0, 464.0, 0x7F)
+    else:  # e5m2, to nearest even, inf from 61440 (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
+        bits = _fp8_bits(x, 2, 15, 57344.0, 61440.0, 0x7C)
+    return bits
+
+
+@triton.jit
+def _fp8_bits(x, M: tl.constexpr, BIAS: tl.constexpr, MAX: tl.constexpr, OVF_AT: tl.constexpr,
+              OVF_BITS: tl.constexpr):
+    # uint8 bits of fp32 x in a format with M mantissa bits and exponent bias BIAS, rounded to nearest even;
+    # |x| >= OVF_AT -> sign | OVF_BITS (inf or NaN), other |x| > MAX -> MAX, NaN -> sign | 0x7F (torch's bits).
+    xi = x.to(tl.int32, bitcast=True)
+    sign = (xi >> 24) & 0x80
+    a = tl.abs(x)
+    a = tl.where(a != a, 0.0, tl.minimum(a, MAX))
+    u = a.to(tl.int32, bitcast=True)
+    # normal: round the fp32 mantissa to M bits (a carry moves into the exponent), rebias the exponent
+    normal = ((u + ((1 << (22 - M)) - 1) + ((u >> (23 - M)) & 1)) >> (23 - M)) - ((127 - BIAS) << M)
+    # subnormal (a < 2^(1 - BIAS)): count of quanta 2^(1 - BIAS - M), rounded to nearest even by the fp32 add
+    t = tl.minimum(a, 2.0 ** (1 - BIAS)) * (2.0 ** (BIAS - 1 + M))  # exact; at most 2^M
+    sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
+    bits = sign | tl.where(a < 2.0 ** (1 - BIAS), sub, normal)
+    if OVF_AT is not None:
+        bits = tl.where(tl.abs(x) >= OVF_AT, sign | OVF_BITS, bits)
+    bits = tl.where(x != x, sign | 0x7F, bits)
+    return bits.to(tl.uint8)
+
+
+@triton.jit
 def _offset(b, s, h, sb, ss, SH: tl.constexpr):
     """b * sb + s * ss + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
     off = s * ss + h * SH
@@ -214,6 +286,10 @@ def _rope_kv_store_kernel(
     B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     N_SLOTS: tl.constexpr, N_SWA: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
+    # eager fp8 stores (quant_dtype given; see _eager_fp8): FP8_CAST 0: off, 1: e4m3fn saturating, 2: e4m3fn
+    # NaN from 464, 3: e5m2 inf from 61440; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
+    FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
+    CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     ROUND_TABLE: tl.constexpr,       # round cos/sin to 0: nothing, 1: bf16, 2: fp16 (see _rope_pairs)
     BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
@@ -278,9 +354,11 @@ def _rope_kv_store_kernel(
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
-                 _quantize(o1, k_scale_ptr, FP8_MAX).to(kc_ty), mask=sm)
+                 _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
         tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
-                 _quantize(o2, k_scale_ptr, FP8_MAX).to(kc_ty), mask=sm)
+                 _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
         if k_out_ptr is not None:
             ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
             ko_ty = k_out_ptr.dtype.element_ty
@@ -291,12 +369,15 @@ def _rope_kv_store_kernel(
             tm = mask[:, None] & (tail < D)[None, :]
             x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
             tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
-                     _quantize(x.to(tl.float32), k_scale_ptr, FP8_MAX).to(kc_ty), mask=tm & store[:, None])
+                     _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
+                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
+                     mask=tm & store[:, None])
             if k_out_ptr is not None:
                 tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
 
         tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
-                 _quantize(v, v_scale_ptr, FP8_MAX).to(v_cache_ptr.dtype.element_ty), mask=vm & store[:, None])
+                 _cache_value(v, v_scale_ptr, v_cache_ptr.dtype.element_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
+                              SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +408,15 @@ class RopeKVProblem:
     k_shape: torch.Size
     negative_wraps: bool = False  # negative slots/positions count from the end instead of skipping
     table_dtype: torch.dtype | None = None  # cos/sin are rounded to this dtype before the multiply
+    fp8_dtype: torch.dtype | None = None  # the fp8 format whose bits uint8 caches hold
+    quant_dtype: torch.dtype | None = None  # eager fp8 stores: the dtype of ``x / scale`` (see eager_fp8_cast)
+    scale_mul: bool = False  # eager fp8 stores: ``x * scale`` instead of ``x / scale``
+    clamp: tuple | None = None  # eager fp8 stores: (lo, hi) of the model's clamp before the cast
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype of the cache's values (``fp8_dtype`` for uint8 pools)."""
+        return self.fp8_dtype or self.k_cache.dtype
 
     @property
     def num_tokens(self) -> int:
@@ -456,7 +546,8 @@ def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
     k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
     layout: CacheLayout | str = CacheLayout.TOKEN, negative_wraps: bool = False,
-    table_dtype: torch.dtype | None = None,
+    table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
+    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp=None,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -473,8 +564,13 @@ def prepare(
     _expect_tensor("k", k, dtypes=(q.dtype,), device=dev)
     _expect_tensor("v", v, dtypes=(q.dtype,), device=dev)
     cache_ndim = 3 if layout is CacheLayout.TOKEN else 4
-    _expect_tensor("k_cache", k_cache, dtypes=(q.dtype, *FP8_DTYPES), ndims=(cache_ndim,), device=dev)
+    _check_fp8_dtype(fp8_dtype)
+    cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (q.dtype, *FP8_DTYPES)
+    _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(cache_ndim,), device=dev)
     _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(cache_ndim,), device=dev)
+    if fp8_dtype is not None and quant_dtype is None:
+        raise ValueError(f"fp8_dtype ({fp8_dtype}) is given without quant_dtype: uint8 caches are written only "
+                         "by eager fp8 stores")
     if k_cache.dtype == torch.float8_e4m3fnuz and dev.type == "cuda" and torch.version.hip is None:
         raise TypeError("k_cache is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
     if v_cache.shape != k_cache.shape:
@@ -543,13 +639,96 @@ def prepare(
         _expect_tensor(name, scale, dtypes=(torch.float32,), device=dev)
         if scale.numel() != 1:
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(scale.shape)}")
-        if k_cache.dtype not in FP8_DTYPES:
+        if k_cache.dtype not in FP8_DTYPES and fp8_dtype is None:
             raise ValueError(f"{name} is given, but the caches are {k_cache.dtype}, not fp8")
+    stored = fp8_dtype or k_cache.dtype
+    clamp = _check_eager_fp8(dev, stored, quant_dtype, scale_mul, clamp)
     _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
-                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype)
+                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype,
+                         fp8_dtype, quant_dtype, bool(scale_mul), clamp)
+
+
+# fp8 formats eager fp8 stores can write, by the kernel's FP8_CAST code of their overflow rule on a device
+_EAGER_FP8_CAST = {
+    # torch 2.13 on CPU: e4m3fn saturates (inf too) to +-448; e5m2 rounds to nearest even, overflows to inf
+    "cpu": {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3},
+    # NVIDIA (measured on an H200, torch 2.11): e4m3fn rounds (448, 464) to 448 and gives NaN from 464 on;
+    # e5m2 as on CPU
+    "cuda": {torch.float8_e4m3fn: 2, torch.float8_e5m2: 3},
+}
+
+
+def eager_fp8_cast(device: torch.device, dtype: torch.dtype) -> int:
+    """The kernel's ``FP8_CAST`` code for eager's ``x.to(dtype)`` on ``device``, or ``ValueError`` saying
+    why it is not known (HIP: not measured; ``float8_e4m3fnuz``: no measured device stores it)."""
+    kind = device.type
+    if kind == "cuda" and torch.version.hip is not None:
+        raise ValueError(f"eager's {dtype} cast on HIP (AMD) GPUs has not been measured, so the kernel "
+                         "cannot promise to round and overflow as it does")
+    rules = _EAGER_FP8_CAST.get(kind)
+    if rules is None:
+        raise ValueError(f"eager's {dtype} cast on {kind} devices has not been measured")
+    if dtype not in rules:
+        raise ValueError(f"eager's {dtype} cast on {kind} has not been measured (known: "
+                         f"{', '.join(str(d) for d in rules)})")
+    return rules[dtype]
+
+
+def exactly_representable(x: float, dtype: torch.dtype) -> bool:
+    """Whether the Python float ``x`` is a value of ``dtype`` (fp32, bf16, fp16; infinities are), computed
+    without tensors (this runs under fake modes)."""
+    if math.isnan(x):
+        return False
+    if math.isinf(x):
+        return True
+    try:
+        f32 = struct.unpack("<f", struct.pack("<f", x))[0]
+        if dtype is torch.float16:
+            return struct.unpack("<e", struct.pack("<e", x))[0] == x
+    except OverflowError:
+        return False
+    if f32 != x:
+        return False
+    low_bits = struct.unpack("<I", struct.pack("<f", x))[0] & 0xFFFF  # what bf16 drops of an fp32
+    return dtype is torch.float32 or (dtype is torch.bfloat16 and low_bits == 0)
+
+
+def _check_fp8_dtype(fp8_dtype) -> None:
+    if fp8_dtype is not None and fp8_dtype not in FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
+                         f"cache holds), got {fp8_dtype!r}")
+
+
+def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_mul, clamp):
+    """Check the eager-fp8-store arguments; returns ``clamp`` as a tuple of two floats, or None."""
+    if quant_dtype is None:
+        for name, given in (("scale_mul", bool(scale_mul)), ("clamp", clamp is not None)):
+            if given:
+                raise ValueError(f"{name} is given without quant_dtype (it describes an eager fp8 store)")
+        return None
+    if quant_dtype not in MODEL_DTYPES:
+        raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, got {quant_dtype!r}")
+    if stored not in FP8_DTYPES:
+        raise ValueError(f"quant_dtype is given, but the caches are {stored}, not fp8 (or uint8 with fp8_dtype)")
+    try:
+        eager_fp8_cast(dev, stored)
+    except ValueError as e:
+        raise ValueError(f"quant_dtype: {e}") from None
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (list, tuple)) or len(clamp) != 2 or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp):
+        raise ValueError(f"clamp must be None or two numbers (lo, hi), got {clamp!r}")
+    lo, hi = float(clamp[0]), float(clamp[1])
+    if not lo <= hi:
+        raise ValueError(f"clamp must have lo <= hi (no NaN), got {clamp!r}")
+    if not (exactly_representable(lo, quant_dtype) and exactly_representable(hi, quant_dtype)):
+        raise ValueError(f"clamp bounds must be exact {quant_dtype} values (the model clamps in that dtype), "
+                         f"got {clamp!r}")
+    return lo, hi
 
 
 def check_index_ranges(p: RopeKVProblem) -> None:
@@ -680,6 +859,12 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
         CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
+        FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype) if p.quant_dtype is not None else 0,
+        X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
+        Q_ROUND=TABLE_DTYPES.index(p.quant_dtype) if p.quant_dtype in TABLE_DTYPES else 0,
+        SCALE_MUL=p.scale_mul,
+        CLAMP_LO=p.clamp[0] if p.clamp is not None else None,
+        CLAMP_HI=p.clamp[1] if p.clamp is not None else None,
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
         ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
@@ -792,12 +977,21 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
     def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
         x = x[store]  # [N, H, D]
-        if scale is not None:
-            x = x / scale.to(compute_dtype)
-        if cache.dtype in FP8_DTYPES:
-            fmax = torch.finfo(cache.dtype).max
-            x = x.clamp(-fmax, fmax)
-        x = x.to(cache.dtype)
+        if p.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
+            x = x.to(p.k.dtype).float()
+            if scale is not None:
+                x = x * scale.float().reshape(()) if p.scale_mul else x / scale.float().reshape(())
+            x = x.to(p.quant_dtype)
+            if p.clamp is not None:
+                x = x.float().clamp(*p.clamp).to(p.quant_dtype)
+            x = x.to(p.stored_dtype).view(cache.dtype)
+        else:
+            if scale is not None:
+                x = x / scale.to(compute_dtype)
+            if cache.dtype in FP8_DTYPES:
+                fmax = torch.finfo(cache.dtype).max
+                x = x.clamp(-fmax, fmax)
+            x = x.to(cache.dtype)
         if p.layout is CacheLayout.TOKEN:
             cache[s_sel] = x
         elif p.layout is CacheLayout.PAGED:

@@ -35,6 +35,7 @@ unexpected exception while planning or rewriting a site leaves the graph as it w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -52,6 +53,7 @@ from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTracea
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_engine_store, match_store,
                                          same_view, walk_views)
+from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
 log = logging.getLogger("fx_fusion")
@@ -129,6 +131,8 @@ class _GraphState:
     v_candidates: list  # stores that do not store a RoPE output
     k_roots: set  # every k RoPE output (never a q)
     used: set = field(default_factory=set)  # q RoPE outputs and v stores taken by fused sites
+    quants: dict = field(default_factory=dict)  # store node -> Quant of its fp8 store (see patterns/quant.py)
+    quant_errors: dict = field(default_factory=dict)  # store node -> why its fp8 store cannot be reproduced
 
 
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
@@ -159,7 +163,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
         except Exception as err:  # noqa: BLE001
             sites.append(_internal_error(n, err))
-    v_candidates = []
+    v_candidates, quants, quant_errors = [], {}, {}
     for st in stores:
         if st.flat_value:  # an engine's [T, Hkv*D] rows: a v, or a k rotated elsewhere
             v_candidates.append(st)
@@ -168,6 +172,23 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                     f"store not supported: the stored k {st.value.name} is [tokens, Hkv*D] rows with no "
                     "[tokens, Hkv, D] view to read the RoPE's heads from")))
             continue
+        try:
+            st, quant = _peel_quant(st)
+        except NotQuant as e:  # an fp8 store the op cannot reproduce: a site if it stores a RoPE output
+            quant_errors[st.node] = str(e)
+            v_candidates.append(st)
+            try:
+                if _stores_rope_below(e.inner, ropes):
+                    sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
+                                      reason=f"quantised store not supported: {e}"))
+            except Exception as err:  # noqa: BLE001
+                sites.append(_internal_error(st.node, err))
+            continue
+        except Exception as err:  # noqa: BLE001
+            sites.append(_internal_error(st.node, err))
+            continue
+        if quant is not None:
+            quants[st.node] = quant
         try:
             root, roles, chain = walk_views(st.value, st.value_roles)
             rope = ropes.match(root)
@@ -190,7 +211,8 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
         elif (why := ropes.near_miss(root)) is not None:
             sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
                               reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
-    state = _GraphState({n: i for i, n in enumerate(graph.nodes)}, ropes, v_candidates, {k.root for k in ks})
+    state = _GraphState({n: i for i, n in enumerate(graph.nodes)}, ropes, v_candidates, {k.root for k in ks},
+                        quants=quants, quant_errors=quant_errors)
     fake_mode = None
     for k in ks:
         site = Site(store=k.store.node.name, source=source_line(k.store.node), layout=k.store.layout.value,
@@ -218,6 +240,35 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
         graph.eliminate_dead_code()
         graph.lint()
     return sites
+
+
+def _stores_rope_below(node: Node, ropes: _RopeFinder, depth: int = 8) -> bool:
+    """Whether a RoPE output (or a near miss) lies below ``node`` through views and elementwise scaling."""
+    for _ in range(depth):
+        inner, _, _ = walk_views(node, (None,) * node.meta["val"].dim())
+        if ropes.match(inner) is not None or ropes.near_miss(inner) is not None:
+            return True
+        tensors = ([a for a in inner.args if isinstance(a, Node) and "val" in a.meta]
+                   if inner.op == "call_function" else [])
+        if not tensors or inner.target not in _ARITHMETIC | {aten.div.Tensor, aten.clamp_min.default,
+                                                            aten.clamp_max.default, aten.clamp.default}:
+            return False
+        node = max(tensors, key=lambda a: a.meta["val"].dim())  # the tensor, not a scale
+    return False
+
+
+def _peel_quant(st: Store) -> tuple[Store, Quant | None]:
+    """The store seen as a store of the unquantised value (and how it is quantised), or as it is."""
+    root, roles, chain = walk_views(st.value, st.value_roles)  # e.g. a reshape of the uint8 view (one token)
+    peeled = peel_quant(root, st.cache)
+    if peeled is None:
+        return st, None
+    x, quant = peeled
+    node = root
+    while node is not x:  # the quantisation's own nodes, which are no other users of the stored value
+        chain.append(node)
+        node = next(a for a in node.all_input_nodes if a is x or a.meta["val"].shape == root.meta["val"].shape)
+    return dataclasses.replace(st, value=x, value_roles=roles), dataclasses.replace(quant, chain=tuple(chain))
 
 
 def _internal_error(node: Node, err: Exception) -> Site:
@@ -330,6 +381,8 @@ class Plan:
     cos: TableSource
     sin: TableSource
     num_tokens: int | None  # None when symbolic
+    k_quant: Quant | None = None  # fp8 stores: how k and v are quantised (one recipe, a scale each)
+    v_quant: Quant | None = None
 
     @property
     def layout(self) -> CacheLayout:
@@ -345,8 +398,10 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
         raise Unfusable("the stored feature dim is not the RoPE's last dim")
     kval = root.meta["val"]
     cache_val = st.cache.meta["val"]
-    if kval.dtype != cache_val.dtype:
-        raise Unfusable(f"k is {kval.dtype} but the cache is {cache_val.dtype} (quantised stores are not matched)")
+    k_quant = state.quants.get(st.node)
+    if k_quant is None and kval.dtype != cache_val.dtype:
+        raise Unfusable(f"k is {kval.dtype} but the cache is {cache_val.dtype} (and not quantised to fp8 as "
+                        "the fused op can)")
     if rope.x.meta["val"].dtype != kval.dtype or kval.dtype not in MODEL_DTYPES:
         raise Unfusable(f"RoPE changes dtype ({rope.x.meta['val'].dtype} -> {kval.dtype})")
     wanted = _TOKEN_MAJOR[st.layout]
@@ -355,6 +410,7 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
             or any(r is None and not is_one(s) for r, s in zip(k.roles, shape_of(root)))):
         raise Unfusable(f"cannot tell token and head dims of k (dims {k.roles})")
     v_store = _pair_v(st, state)
+    v_quant = _check_quant(k_quant, v_store, kval, state)
     if v_store.flat_value:  # [T, Hkv*D]: the replacement unflattens it
         v_src, v_roles = v_store.value, v_store.value_roles
     else:
@@ -376,18 +432,23 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
     q_heads, k_heads = shape_of(q_root)[head], shape_of(root)[head]
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
-    devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots)}
+    scales = [qt.scale for qt in (k_quant, v_quant) if qt is not None and isinstance(qt.scale, Node)]
+    devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)}
     if len(devices) != 1:
         raise Unfusable(f"tensors on several devices: {sorted(map(str, devices))}")
     cos = _table_source(rope.cos, roles, "cos")
     sin = _table_source(rope.sin, roles, "sin")
     if (cos.positions is None) != (sin.positions is None) or cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
-    return_k = any(u not in k.chain and u is not st.node for n in [root, *k.chain] for u in n.users)
+    chain = [*k.chain, *(k_quant.chain if k_quant is not None else ())]
+    return_k = any(u not in chain and u is not st.node for n in [root, *k.chain] for u in n.users)
     tokens = [s for s, r in zip(shape_of(root), roles) if r in _TOKEN_ROLES]
     num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
-    plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens)
-    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store),
+    if k_quant is not None:
+        _check_quant_device(k_quant, cache_val.device)
+    plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens,
+                k_quant, v_quant)
+    _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store), *scales,
                           *(src.positions for src in (cos, sin) if src.positions is not None)])
     return plan
 
@@ -442,6 +503,35 @@ def _check_buffers(st: Store, v: Store) -> None:
 
 def _view_args_of(n: Node) -> tuple:
     return tuple(n.args[1:])
+
+
+def _check_quant(k_quant: Quant | None, v_store: Store, kval, state: _GraphState) -> Quant | None:
+    """v's quantisation, which must follow k's recipe (each with its own scale)."""
+    v_quant = state.quants.get(v_store.node)
+    if k_quant is None:
+        return None
+    if v_quant is None:
+        why = state.quant_errors.get(v_store.node, "v is not quantised to fp8")
+        raise Unfusable(f"k is quantised, but the v store is not one the fused op can reproduce: {why}")
+    if k_quant.recipe != v_quant.recipe:
+        raise Unfusable(f"k and v are quantised differently: k {k_quant.describe()}, v {v_quant.describe()}")
+    if kval.dtype not in MODEL_DTYPES:
+        raise Unfusable(f"k is {kval.dtype}, not a model dtype")
+    return v_quant
+
+
+def _check_quant_device(quant: Quant, device: torch.device) -> None:
+    """The fp8 cast's rounding and overflow, and the scale's division, as eager does them on ``device``."""
+    try:
+        rope_kv_cache.eager_fp8_cast(device, quant.fp8)
+    except ValueError as e:
+        raise Unfusable(f"quantised store: {e}") from None
+    if device.type == "cuda" and not quant.scale_mul and isinstance(quant.scale, float):
+        mantissa, _ = math.frexp(quant.scale)
+        if abs(mantissa) != 0.5:  # a power of two: x / s == x * (1 / s) exactly
+            raise Unfusable(f"k is divided by the Python number {quant.scale}, which eager CUDA computes as a "
+                            "multiply by its fp32 reciprocal (not measured here); a power of two, a scale "
+                            "tensor or a multiply by the reciprocal fuses")
 
 
 def should_fuse(plan: Plan, options: FusionOptions) -> None:
@@ -566,19 +656,25 @@ def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
 # ---- the replacement -------------------------------------------------------------------------
 
 
-def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
-                             rotary_dim: int, layout: str, return_k: bool, validate: bool, table_dtype):
+def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale=None,
+                             v_scale=None, *, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
+                             validate: bool, table_dtype, fp8_dtype=None, quant_dtype=None, scale_mul=False,
+                             clamp=None):
     """The fused op in functional form: ``(q_out, k_out, new k_cache, new v_cache)``.
 
     ``auto_functionalized`` of the mutating op; Inductor re-inplaces it into a write of the caches."""
     return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                                slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
-                               k_scale=None, v_scale=None, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout,
-                               return_k=return_k, validate=validate, negative_wraps=True, table_dtype=table_dtype)
+                               k_scale=k_scale, v_scale=v_scale, is_neox=is_neox, rotary_dim=rotary_dim,
+                               layout=layout, return_k=return_k, validate=validate, negative_wraps=True,
+                               table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype,
+                               scale_mul=scale_mul, clamp=clamp)
 
 
-def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, *, is_neox: bool,
-                         rotary_dim: int, layout: str, return_k: bool, validate: bool, table_dtype):
+def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale=None,
+                         v_scale=None, *, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
+                         validate: bool, table_dtype, fp8_dtype=None, quant_dtype=None, scale_mul=False,
+                         clamp=None):
     """The fused kernel itself, for Inductor to launch from its output code: ``(q_out, k_out, new k_cache,
     new v_cache)`` like ``functional_rope_kv_store``.
 
@@ -587,14 +683,15 @@ def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, posi
     from its generated wrapper, with no Python dispatch and no argument checks on the hot path (they ran
     once, here, on the fake tensors). Raises ``NotTraceable`` where the launch would pin a symbolic size.
     """
-    def launch(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions):
+    def launch(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale, v_scale):
         q_out, k_out = rope_kv_store_functional(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions,
-                                                None, None, None, is_neox, rotary_dim, layout, return_k, validate,
-                                                True, table_dtype)
+                                                None, k_scale, v_scale, is_neox, rotary_dim, layout, return_k,
+                                                validate, True, table_dtype, fp8_dtype, quant_dtype, scale_mul,
+                                                clamp)
         return q_out, k_out, k_cache, v_cache
 
     return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_cache, v_cache, slot_mapping, cos, sin,
-                                                                positions)
+                                                                positions, k_scale, v_scale)
 
 
 def is_fused_node(n: Node) -> bool:
@@ -656,10 +753,12 @@ class ReplacementSpec:
     k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
     v_store_shape: tuple | None
     v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
+    quant: tuple | None = None  # fp8 stores: (fp8_dtype for uint8 caches or None, quant_dtype, scale_mul, clamp)
+    scale_values: tuple = (None, None)  # k's and v's scales where the graph has them as Python numbers
 
 
-def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: ReplacementSpec,
-                launch: Callable):
+def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, *,
+                spec: ReplacementSpec, launch: Callable):
     """What replaces a site, as plain torch: views to token-major, one fused op, views back.
 
     Returns ``(q_rot, k_rot or None, new k cache, new v cache)``: the values of the RoPE outputs and of
@@ -673,10 +772,18 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, *, spec: 
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in _TOKEN_ROLES}
     cos, positions = _kernel_table(cos, positions, spec.cos, spec.layout, tokens)
     sin, _ = _kernel_table(sin, None, spec.sin, spec.layout, tokens)  # cos and sin share the positions
-    q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions,
+    quant = {}
+    if spec.quant is not None:
+        fp8_dtype, quant_dtype, scale_mul, clamp = spec.quant
+        quant = dict(fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
+                     clamp=None if clamp is None else list(clamp))
+        # a scale the graph holds as a Python number: the fp32 value eager computes with
+        k_scale, v_scale = (torch.full((1,), value, dtype=torch.float32, device=q.device) if value is not None
+                            else scale for scale, value in zip((k_scale, v_scale), spec.scale_values))
+    q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale,
                                         is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
                                         return_k=spec.return_k, validate=spec.validate,
-                                        table_dtype=spec.table_dtype)
+                                        table_dtype=spec.table_dtype, **quant)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
     k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.return_k else None
     if spec.k_store_shape is not None:
@@ -771,7 +878,11 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         table_dtype=p.k.cos.leaf.round_to,
         k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
         v_store_shape=tuple(shape_of(p.v_store.cache_view)) if p.v_store.cache_view is not None else None,
-        v_heads=tuple(shape_of(p.v_store.cache)[1:]) if p.v_store.flat_value else None)
+        v_heads=tuple(shape_of(p.v_store.cache)[1:]) if p.v_store.flat_value else None,
+        quant=None if p.k_quant is None else (p.k_quant.fp8 if p.k_quant.uint8 else None, p.k_quant.quant_dtype,
+                                              p.k_quant.scale_mul, p.k_quant.clamp),
+        scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None
+                           for qt in (p.k_quant, p.v_quant)))
     pair = _first_of_pair(st, p.v_store)
     if Origin.VIEW in (st.origin, p.v_store.origin):
         # the op writes views of the buffers (the op, auto_functionalized_v2 over the buffers: Inductor writes
@@ -783,7 +894,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         k_buf, v_buf = st.cache, p.v_store.cache
         launchers = launchers_for(st.cache.meta["val"].device, options.validate)
         replaced = [(0, st), (1, p.v_store)]
-    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, st.slots, p.cos.node, p.sin.node, p.cos.positions]
+    scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
+    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, st.slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
     for launch in launchers:
         try:
             traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
@@ -822,9 +934,10 @@ def _view_ops(store: Store) -> tuple:
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
 
 
-def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, *, k_views: tuple,
-                           v_views: tuple, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
-                           validate: bool, table_dtype):
+def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,
+                           v_scale=None, *, k_views: tuple, v_views: tuple, is_neox: bool, rotary_dim: int,
+                           layout: str, return_k: bool, validate: bool, table_dtype, fp8_dtype=None,
+                           quant_dtype=None, scale_mul=False, clamp=None):
     """The fused op writing views of buffers (a stacked ``kv[0, i]``, ``kv[1, i]``): ``(q_out, k_out, new k
     buffer, new v buffer)``; ``v_buffer`` None: both views are of ``k_buffer``.
 
@@ -832,15 +945,16 @@ def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, 
     re-inplaces: the op writes the buffer's memory, and the graph's scatters of the views are gone."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
 
-    def mutate(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions):
+    def mutate(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale):
         v_base = k_buffer if v_buffer is None else v_buffer
         k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
-        q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, None, None,
-                                is_neox, rotary_dim, layout, return_k, validate, True, table_dtype)
+        q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale,
+                                is_neox, rotary_dim, layout, return_k, validate, True, table_dtype, fp8_dtype,
+                                quant_dtype, scale_mul, clamp)
         return q_out, k_out, k_buffer, v_base
 
     return dispatch_functionalize(mutate, FunctionalTensorMode())(q, k, v, k_buffer, v_buffer, slot_mapping, cos,
-                                                                  sin, positions)
+                                                                  sin, positions, k_scale, v_scale)
 
 
 def _replay(x: torch.Tensor, views: tuple) -> torch.Tensor:

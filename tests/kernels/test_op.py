@@ -34,13 +34,15 @@ from tests.kernels.test_rope_kv_cache import (
 OP = torch.ops.fx_fusion.rope_kv_store
 ARG_ORDER = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table",
              "k_scale", "v_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate", "negative_wraps",
-             "table_dtype")
+             "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp")
 
 
 def op_args(args: dict, *, return_k: bool = False, validate: bool = False, negative_wraps: bool = False) -> tuple:
     """The op's positional arguments from ``make_args``'s keyword arguments."""
     full = dict(args, return_k=return_k, validate=validate, negative_wraps=negative_wraps)
-    full.setdefault("table_dtype", None)
+    for name in ("table_dtype", "fp8_dtype", "quant_dtype", "clamp"):
+        full.setdefault(name, None)
+    full.setdefault("scale_mul", False)
     full["layout"] = CacheLayout(full["layout"]).value if isinstance(full["layout"], CacheLayout) else full["layout"]
     return tuple(full[name] for name in ARG_ORDER)
 
