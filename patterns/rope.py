@@ -273,13 +273,15 @@ def _is_stored(node: Node) -> bool:
 
 def _rounded(s: Step, v: Value, dtype: torch.dtype) -> Value | None:
     """``v`` rounded to ``dtype``, when every feature of ``v`` is one feature of an unrounded leaf that is a
-    stored tensor (a selection commutes with the rounding): the same features of that leaf read rounded.
+    stored tensor or a scaled table (``(rows * attention_scaling).to(bf16)``, cast once per RoPE call; a
+    selection commutes with the rounding): the same features of that leaf read rounded.
     Otherwise None: the cast is a leaf, a tensor of its own (the RoPE rotates or reads it as it is)."""
     leaves = s.evaluator.leaves
     if not all(len(p) == 1 and next(iter(p.values())) == 1.0 and len(next(iter(p))) == 1 for p in v.feats):
         return None
     used = {lid for p in v.feats for ((lid, _),) in p}
-    if any(leaves[lid].round_to is not None or not _is_stored(leaves[lid].node) for lid in used):
+    if any(leaves[lid].round_to is not None or not (_is_stored(leaves[lid].node) or table_scales(leaves[lid].node))
+           for lid in used):
         return None
     new = {lid: s.evaluator.leaf_id(replace(leaves[lid], round_to=dtype)) for lid in used}
     feats = [{((new[lid], f),): 1.0} for p in v.feats for ((lid, f),) in p]

@@ -494,8 +494,8 @@ class GptFastBlock(_BlockBase):
         bsz, seqlen, _ = x.shape
         p = self.perturb
         freqs_cis = self.freqs_cis[input_pos] if p is None else p.rows(self.freqs_cis, input_pos)
-        if self.table_scale is not None:
-            freqs_cis = freqs_cis * self.table_scale
+        if self.table_scale is not None:  # cos and sin each scaled (a scale of the stacked table is not fused)
+            freqs_cis = torch.stack((freqs_cis[..., 0] * self.table_scale, freqs_cis[..., 1] * self.table_scale), -1)
         mask = self.causal_mask[None, None, input_pos]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self._view(q, bsz, seqlen, self.num_heads, self.head_dim)
