@@ -16,7 +16,10 @@ A wrong sign, swapped cos/sin, a missing term or a different table makes the mat
 Casts: an exact upcast (fp16/bf16 -> fp32/fp64, fp32 -> fp64) is looked through; any other cast
 starts a leaf (a bf16 tensor made by an fp32 norm is the tensor rotated, rounded cos/sin are the
 tables), except on the result, where only the fused op's own rounding (fp32 -> the stored dtype) is
-accepted. One handler per aten op (``@_evaluates``) computes a node's value from its inputs'.
+accepted. Scales: cos and sin multiplied by one factor (YaRN's ``attention_scaling``) are tensors of their
+own, read as the graph computes them; a scale on one table only, different scales, or a scale of the
+products is refused with the reason. One handler per aten op (``@_evaluates``) computes a node's value
+from its inputs'.
 
 Leading ("prefix") dimensions are tracked only to prove that each token's x meets the same token's
 table row (broadcasting over heads), whatever the order of batch/token/head dimensions.
