@@ -16,7 +16,10 @@ A wrong sign, swapped cos/sin, a missing term or a different table makes the mat
 Casts: an exact upcast (fp16/bf16 -> fp32/fp64, fp32 -> fp64) is looked through; any other cast
 starts a leaf (a bf16 tensor made by an fp32 norm is the tensor rotated, rounded cos/sin are the
 tables), except on the result, where only the fused op's own rounding (fp32 -> the stored dtype) is
-accepted. One handler per aten op (``@_evaluates``) computes a node's value from its inputs'.
+accepted. Scales: cos and sin multiplied by one factor (YaRN's ``attention_scaling``) are tensors of their
+own, read as the graph computes them; a scale on one table only, different scales, or a scale of the
+products is refused with the reason. One handler per aten op (``@_evaluates``) computes a node's value
+from its inputs'.
 
 Leading ("prefix") dimensions are tracked only to prove that each token's x meets the same token's
 table row (broadcasting over heads), whatever the order of batch/token/head dimensions.
@@ -273,13 +276,15 @@ def _is_stored(node: Node) -> bool:
 
 def _rounded(s: Step, v: Value, dtype: torch.dtype) -> Value | None:
     """``v`` rounded to ``dtype``, when every feature of ``v`` is one feature of an unrounded leaf that is a
-    stored tensor (a selection commutes with the rounding): the same features of that leaf read rounded.
+    stored tensor or a scaled table (``(rows * attention_scaling).to(bf16)``, cast once per RoPE call; a
+    selection commutes with the rounding): the same features of that leaf read rounded.
     Otherwise None: the cast is a leaf, a tensor of its own (the RoPE rotates or reads it as it is)."""
     leaves = s.evaluator.leaves
     if not all(len(p) == 1 and next(iter(p.values())) == 1.0 and len(next(iter(p))) == 1 for p in v.feats):
         return None
     used = {lid for p in v.feats for ((lid, _),) in p}
-    if any(leaves[lid].round_to is not None or not _is_stored(leaves[lid].node) for lid in used):
+    if any(leaves[lid].round_to is not None or not (_is_stored(leaves[lid].node) or table_scales(leaves[lid].node))
+           for lid in used):
         return None
     new = {lid: s.evaluator.leaf_id(replace(leaves[lid], round_to=dtype)) for lid in used}
     feats = [{((new[lid], f),): 1.0} for p in v.feats for ((lid, f),) in p]
@@ -297,14 +302,49 @@ def _neg(s: Step) -> Value | None:
 
 @_evaluates(aten.mul.Tensor, aten.mul.Scalar)
 def _mul(s: Step) -> Value | None:
+    """A product of two tensors, or a tensor times a scale (see ``scale_factor``).
+
+    A scale of a selection of leaves (``cos * attention_scaling``: YaRN, longrope) is a tensor of its own,
+    a leaf: the fused op reads it as the graph computes it, which is exact whatever the scale. A scale of
+    anything else (``(x * cos) * s``, a scaled RoPE result) stays in the polynomial as a coefficient, which
+    ``match_rope`` refuses with the reason: the op multiplies x by a table, it does not scale products.
+    A scale of +-1 is exact anywhere and is looked through."""
     a, b = s.args[:2]
-    if _is_number(b):
-        return _scale(s.operand(a), float(b))
-    if _is_number(a):
-        return _scale(s.operand(b), float(a))
+    for x, c in ((a, b), (b, a)):
+        factor = scale_factor(c)
+        if factor is None or not isinstance(x, Node):
+            continue
+        if factor in (1.0, -1.0):
+            return _scale(s.operand(x), float(factor))
+        v = s.operand(x)
+        if _is_selection(v):
+            return None  # the scaled tensor is a leaf
+        if isinstance(factor, float):
+            return _scale(v, factor)
+        return None  # a scale we cannot carry as a coefficient: the product is a leaf
     if isinstance(a, Node) and isinstance(b, Node):
         return _combine(s.operand(a), s.operand(b), _poly_mul)
     return None
+
+
+def scale_factor(c) -> float | Node | None:
+    """``c`` as a scale of a whole tensor: a Python number (a float), a symbolic scalar or a 0-d tensor
+    (the node itself: two scales are the same only if they are the same node); None for anything else."""
+    if _is_number(c) and not isinstance(c, bool):
+        return float(c)
+    if isinstance(c, Node):
+        val = c.meta.get("val")
+        if isinstance(val, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(val, bool):
+            return c
+        if isinstance(val, torch.Tensor) and val.dim() == 0 and val.dtype.is_floating_point:
+            return c
+    return None
+
+
+def _is_selection(v: Value) -> bool:
+    """Every feature of ``v`` is one feature of a leaf, unscaled and unrounded (views, slices, cats)."""
+    return not v.rounding and all(
+        len(p) == 1 and len(m := next(iter(p))) == 1 and p[m] == 1.0 for p in v.feats)
 
 
 @_evaluates(aten.add.Tensor, aten.sub.Tensor)
@@ -630,6 +670,8 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         raise NotRope(f"the rotated tensor {ev.leaves[x].node.name} has {width} features, the result {head_dim} "
                       "(RoPE of a slice of a wider last dim)")
 
+    _check_unscaled_products(v, x)
+
     def passthrough(j):
         return v.feats[j] == {((x, j),): 1.0}
 
@@ -660,6 +702,10 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         raise NotRope("cos and sin tables have different layouts")
     if cos.leaf.round_to != sin.leaf.round_to:
         raise NotRope(f"cos is read rounded to {cos.leaf.round_to}, sin to {sin.leaf.round_to}")
+    if cos.leaf.node is not sin.leaf.node and (
+            (cos_scale := table_scales(cos.leaf.node)) != (sin_scale := table_scales(sin.leaf.node))):
+        raise NotRope(f"cos is scaled by {_describe(cos_scale)}, sin by {_describe(sin_scale)}: not a rotation "
+                      "times one common factor")
     for name, ref in (("cos", cos), ("sin", sin)):
         if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
             raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")
@@ -682,6 +728,70 @@ def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
         if any(len(monomial) == 2 for poly in v.feats for monomial in poly):
             return r
     return None
+
+
+def _check_unscaled_products(v: Value, x: int) -> None:
+    """Every product of x and a table has coefficient +-1: a scale after the multiply (``(x * cos) * s``,
+    a scaled RoPE result) rounds differently from the scaled table the op would read (``x * (cos * s)``)."""
+    for p in v.feats:
+        for m, k in p.items():
+            if len(m) == 2 and any(lid == x for lid, _ in m) and k not in (1.0, -1.0):
+                raise NotRope(f"the products of the rotated tensor and the tables are scaled by {abs(k):g} after "
+                              "the multiply ((x * cos) * s rounds differently from x * (cos * s)); the fused op "
+                              "multiplies by the tables as it reads them")
+
+
+# ops a scaled table is seen through to find its scales: views and casts of one tensor
+_TABLE_VIEWS = RESHAPES | {aten.permute.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+                           aten.clone.default, aten.alias.default, aten.expand.default, aten.slice.Tensor,
+                           aten.select.int, operator.getitem, aten.split.Tensor, aten.split_with_sizes.default,
+                           prims.convert_element_type.default, aten._to_copy.default}
+
+
+def table_scales(node: Node) -> tuple:
+    """The scales (``scale_factor``s other than 1) a table leaf was multiplied by, outermost first, seen
+    through views and casts: ``(emb.cos() * 1.35).to(bf16)`` -> ``(1.35,)``; a table that was not scaled: ``()``.
+
+    The op reads each table as the graph computes it, so a scale is exact on its own; cos and sin scaled
+    differently (or only one of them) are not a RoPE, and such a site is reported instead of fused."""
+    out = []
+    for _ in range(64):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+            break
+        if node.target in _TABLE_VIEWS:
+            node = node.args[0]
+            continue
+        if node.target not in (aten.mul.Tensor, aten.mul.Scalar):
+            break
+        a, b = node.args[:2]
+        if (f := scale_factor(b)) is not None and isinstance(a, Node):
+            node = a
+        elif (f := scale_factor(a)) is not None and isinstance(b, Node):
+            node = b
+        else:
+            break
+        if f != 1.0:
+            out.append(f if isinstance(f, float) else _scalar_source(f))
+    return tuple(out)
+
+
+def _scalar_source(node: Node) -> tuple:
+    """A scalar node as (the node it is cast from, the casts): equal keys are equal values. (Dynamo passes
+    a Python float attribute as a graph input under ``dynamic=True``; cos and sin each cast it to fp32.)"""
+    casts = []
+    while (node.op == "call_function" and node.args and isinstance(node.args[0], Node) and (
+            node.target in (aten.clone.default, aten.alias.default, prims.convert_element_type.default)
+            or (node.target is aten._to_copy.default and not set(node.kwargs) - {"dtype"}))):
+        val = node.meta.get("val")
+        casts.append(val.dtype if isinstance(val, torch.Tensor) else type(val).__name__)
+        node = node.args[0]
+    return node, tuple(reversed(casts))
+
+
+def _describe(scales: tuple) -> str:
+    if not scales:
+        return "nothing"
+    return " * ".join(f"{f:g}" if isinstance(f, float) else f"the graph's scalar {f[0].name}" for f in scales)
 
 
 def _check_rounding(rounding: tuple, root_dtype: torch.dtype) -> None:

@@ -136,10 +136,11 @@ def token_pool_apply_rotary(x, cos, sin, style: str, upcast: bool):
 
 
 def token_pool_rotary(positions, query, key, cos_sin_cache, head_dim, rot_dim, style, upcast, use_reshape,
-                      perturb: Perturbation | None = None):
+                      perturb: Perturbation | None = None, scale=None):
     """SGLang/vLLM ``RotaryEmbedding.forward_native``: q, k are [T, H*D]; returns the same shapes.
 
     ``perturb``: a near miss of this chain (see ``Perturbation``); ``None`` traces the plain form.
+    ``scale``: cos and sin rows multiplied by it (a float or a 0-d tensor) after the gather; None: no multiply.
     """
     positions = positions.flatten()
     num_tokens = positions.shape[0]
@@ -148,6 +149,8 @@ def token_pool_rotary(positions, query, key, cos_sin_cache, head_dim, rot_dim, s
         cos, sin = cos_sin.chunk(2, dim=-1)
     else:
         cos, sin = perturb.tables(*perturb.rows(cos_sin_cache, positions).chunk(2, dim=-1))
+    if scale is not None:
+        cos, sin = cos * scale, sin * scale
     out = []
     for name, x in (("q", query), ("k", key)):
         x = x if perturb is None else perturb.at(name, x)
@@ -246,13 +249,17 @@ class _BlockBase(nn.Module):
     style: "neox" (rotate halves) or "gptj" (rotate interleaved pairs).  upcast: compute RoPE in fp32 and
     cast back where the source form has no upcast.  use_reshape: ``reshape`` where the source says ``view``.
     perturb: a near miss of the RoPE -> store chain (``Perturbation``); ``None`` (default) leaves it as is.
+    table_scale: cos and sin both multiplied by this factor inside the RoPE (YaRN's / longrope's attention
+    scaling): a Python float, or with ``scale_tensor=True`` a 0-d fp32 buffer ``rope_scale`` holding it.
+    ``None`` (default): no multiply, except in "hf", whose rotary module always multiplies by its
+    ``attention_scaling`` (1.0 then, as HF's default RoPE does).
     """
 
     form = ""
 
     def __init__(self, *, num_heads=4, num_kv_heads=2, head_dim=16, rot_dim=None, style="neox",
                  dtype=torch.float32, upcast=False, use_reshape=False, max_pos=64, hidden_size=None,
-                 perturb: Perturbation | None = None):
+                 perturb: Perturbation | None = None, table_scale: float | None = None, scale_tensor=False):
         super().__init__()
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
@@ -269,6 +276,10 @@ class _BlockBase(nn.Module):
         self.q_size = num_heads * head_dim
         self.kv_size = num_kv_heads * head_dim
         self.o_proj = nn.Linear(self.q_size, self.hidden_size, bias=False, dtype=dtype)
+        self.table_scale = table_scale
+        if scale_tensor:
+            self.register_buffer("rope_scale", torch.tensor(1.0 if table_scale is None else table_scale))
+            self.table_scale = self.rope_scale
 
     def _view(self, x, *shape):
         return x.reshape(*shape) if self.use_reshape else x.view(*shape)
@@ -309,7 +320,7 @@ class SGLangBlock(_BlockBase):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rot_dim,
-                                 self.style, self.upcast, self.use_reshape, self.perturb)
+                                 self.style, self.upcast, self.use_reshape, self.perturb, self.table_scale)
         # RadixAttention -> token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
         self.k_buffer[loc] = self._view(k, -1, self.num_kv_heads, self.head_dim)
         self.v_buffer[loc] = self._view(v, -1, self.num_kv_heads, self.head_dim)
@@ -339,7 +350,7 @@ class VLLMPagedBlock(_BlockBase):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rot_dim,
-                                 self.style, self.upcast, self.use_reshape, self.perturb)
+                                 self.style, self.upcast, self.use_reshape, self.perturb, self.table_scale)
         k = self._view(k, -1, self.num_kv_heads, self.head_dim)
         v = self._view(v, -1, self.num_kv_heads, self.head_dim)
         if self.flat_store:
@@ -406,7 +417,8 @@ class HFBlock(_BlockBase):
         self.v_proj = nn.Linear(self.hidden_size, self.kv_size, bias=False, dtype=self.dtype)
         self.q_norm = RMSNorm(self.head_dim, dtype=self.dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, dtype=self.dtype) if qk_norm else None
-        self.rotary_emb = HFRotaryEmbedding(self.rot_dim, self.style, freqs_via_matmul)
+        self.rotary_emb = HFRotaryEmbedding(self.rot_dim, self.style, freqs_via_matmul,
+                                            1.0 if self.table_scale is None else self.table_scale)
         shape = (batch, self.num_kv_heads, max_seq, self.head_dim)
         self.register_buffer("k_cache", torch.randn(shape, dtype=self.dtype))
         self.register_buffer("v_cache", torch.randn(shape, dtype=self.dtype))
@@ -482,6 +494,8 @@ class GptFastBlock(_BlockBase):
         bsz, seqlen, _ = x.shape
         p = self.perturb
         freqs_cis = self.freqs_cis[input_pos] if p is None else p.rows(self.freqs_cis, input_pos)
+        if self.table_scale is not None:  # cos and sin each scaled (a scale of the stacked table is not fused)
+            freqs_cis = torch.stack((freqs_cis[..., 0] * self.table_scale, freqs_cis[..., 1] * self.table_scale), -1)
         mask = self.causal_mask[None, None, input_pos]
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self._view(q, bsz, seqlen, self.num_heads, self.head_dim)

@@ -34,6 +34,11 @@ COMMON = dict(vocab_size=128, num_hidden_layers=LAYERS, max_position_embeddings=
 GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=10000.0)
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
+                short_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5], long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0])
+
+
 class NotFused(AssertionError):
     """A compiled graph without one fused op per layer (what the xfail marks expect)."""
 
@@ -57,6 +62,12 @@ FAMILIES = {
                        lambda c: transformers.GPTNeoXForCausalLM(c)),
     # interleaved pairs (GPT-J style), partial rotary (8 of 16), sin/cos from a gathered table; eager attention
     # (older transformers 5.x have no SDPA for GPT-J; attention comes after the cache update either way)
+    # YaRN scaling in an fp32 model: cos = emb.cos() * attention_scaling (0.1 ln 4 + 1), sin likewise
+    "llama_yarn": Family(lambda: transformers.LlamaConfig(**GQA, **COMMON, rope_parameters=YARN),
+                         lambda c: transformers.LlamaForCausalLM(c)),
+    # longrope (Phi-3): short/long factors picked in the graph, attention_scaling sqrt(1 + ln 4 / ln 16)
+    "phi3_longrope": Family(lambda: transformers.Phi3Config(**GQA, **COMMON, rope_parameters=LONGROPE),
+                            lambda c: transformers.Phi3ForCausalLM(c)),
     "gptj": Family(lambda: transformers.GPTJConfig(n_embd=64, n_head=4, n_layer=LAYERS, rotary_dim=8, n_positions=64,
                                                    vocab_size=128, bos_token_id=0, eos_token_id=0,
                                                    attn_implementation="eager"),
@@ -65,7 +76,7 @@ FAMILIES = {
 
 # GPT-NeoX takes q, k, v per head with chunk(3, dim=-1) of one [B, H, S, 3*D] projection: the RoPE
 # recogniser stops at a head_dim-wide slice of a wider last dim and rotates that slice.
-CASES = ["llama", "qwen3", "mistral", "gpt_neox", "gptj"]
+CASES = ["llama", "qwen3", "mistral", "gpt_neox", "gptj", "llama_yarn", "phi3_longrope"]
 
 
 @pytest.fixture(autouse=True)
@@ -119,33 +130,52 @@ def test_static_cache_prefill_and_decode(family, device, tmp_path):
                            f"layers; not fused: {reasons or 'no candidate site'}")
 
 
-def test_gpt_oss_bf16_yarn_sliding_and_full_layers(tmp_path):
-    """Hugging Face gpt-oss as deployed (bf16), with its default YaRN scaling (``cos = emb.cos() *
-    attention_scaling``, cast to bf16 by the rotary embedding: the rounded, scaled table is what the op
-    reads) and one sliding-window and one full-attention layer: every layer of the prefill and decode
-    graphs fused, logits and caches equal to eager at bf16 tolerance (the kernel rounds once in fp32 where
-    eager rounds after every op)."""
-    config = transformers.GptOssConfig(
+def gpt_oss_config():
+    return transformers.GptOssConfig(
         vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
         layer_types=["sliding_attention", "full_attention"], sliding_window=8, attn_implementation="eager")
-    assert (getattr(config, "rope_parameters", None) or config.rope_scaling)["rope_type"] == "yarn"
-    model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
+
+
+SCALED = {"gpt_oss": (gpt_oss_config, lambda c: transformers.GptOssForCausalLM(c)),
+          "phi3_longrope": (FAMILIES["phi3_longrope"].config, FAMILIES["phi3_longrope"].model)}
+# fp32: the op multiplies by the scaled tables eager computes; bf16/fp16: the kernel rounds once in fp32
+# where eager rounds after every op
+SCALED_TOL = {torch.float32: TOL, torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ["gpt_oss", "phi3_longrope"])
+def test_scaled_rope_models_every_layer_fused(name, dtype, tmp_path):
+    """Hugging Face gpt-oss with its default YaRN scaling (one sliding-window and one full-attention layer)
+    and Phi-3 with longrope, in fp32, bf16 and fp16: ``cos = emb.cos() * attention_scaling`` (and sin
+    likewise) is the table the op reads (cast to the model dtype by the rotary module where it is not fp32).
+    Every layer of the prefill and decode graphs fused; logits and caches equal to eager."""
+    make_config, make_model = SCALED[name]
+    config = make_config()
+    rope = getattr(config, "rope_parameters", None) or config.rope_scaling
+    assert rope["rope_type"] == {"gpt_oss": "yarn", "phi3_longrope": "longrope"}[name]
+    model = make_model(config).to(dtype).eval()
     steps = [torch.randint(1, 128, (1, n)) for n in (5, 1)]
 
     def cache():
         c = transformers.StaticCache(config=config, max_cache_len=16)
-        c.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.bfloat16, device="cpu")
+        c.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=dtype, device="cpu")
+        g = torch.Generator().manual_seed(1)
+        for layer in c.layers:  # poisoned, not zeros: a row written wrongly (or not at all) shows
+            for t in (layer.keys, layer.values):
+                t.copy_(torch.randn(t.shape, generator=g))
         return c
 
     ref_cache, fused_cache = cache(), cache()
     expected = run_steps(model, ref_cache, steps)
     actual = run_steps(fx_fusion.compile(model.forward, dump_dir=str(tmp_path)), fused_cache, steps)
+    tol = SCALED_TOL[dtype]
     for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a.float(), e.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i} logits: {m}")
+        torch.testing.assert_close(a.float(), e.float(), **tol, msg=lambda m: f"step {i} logits: {m}")
     for i, (layer, ref_layer) in enumerate(zip(fused_cache.layers, ref_cache.layers)):
-        torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), **tol)
+        torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), **tol)
     reports = load_reports(tmp_path)
     assert len(reports) == 2
     for report in reports:

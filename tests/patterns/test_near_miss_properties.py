@@ -3,7 +3,7 @@
 Each example takes a generated block (tests/attention_blocks.py, or a store of q/k/v given as graph
 inputs) and perturbs its chain (``Perturbation``): a cast round trip through int32, float8_e4m3fn,
 float16, bfloat16 or float32 at one point (q or k before the RoPE, cos or sin, the rotated q or k), a
-scale on one table or different scales on both, one table row for every token (``csc[5:6]``,
+scale on one table or different scales on both (or one scale on both: fused), one table row for every token (``csc[5:6]``,
 ``csc[pos[:1]]``); with T in {0, 1, 3} tokens and static or ``dynamic=True`` shapes. For every example:
 
 * ``torch.compile(block, backend="fx_fusion")`` compiles and runs (never raises);
@@ -173,7 +173,7 @@ def cases(draw) -> Case:
               rot_dim=16 if form == "gptfast" else draw(st.sampled_from([16, 8])))
     if draw(st.booleans()):
         kw.update(dtype=BF16, upcast=draw(st.booleans()))
-    kind = draw(st.sampled_from(["cast", "cast", "cast", "scale", "scales", "row"]))
+    kind = draw(st.sampled_from(["cast", "cast", "cast", "scale", "scales", "same-scale", "row"]))
     if kind == "cast":
         perturb = Perturbation(cast=draw(st.sampled_from([I32, FP8, F16, BF16, F32])),
                                cast_at=draw(st.sampled_from(CAST_POINTS)))
@@ -181,6 +181,9 @@ def cases(draw) -> Case:
         perturb = Perturbation(**{draw(st.sampled_from(["cos_scale", "sin_scale"])): 2.0})
     elif kind == "scales":
         perturb = Perturbation(cos_scale=draw(st.sampled_from([2.0, 0.5])), sin_scale=draw(st.sampled_from([3.0, -1.0])))
+    elif kind == "same-scale":  # YaRN-like: one factor on both tables (a RoPE; fused, exactly)
+        scale = draw(st.sampled_from([1.1386, 0.5, 3.0]))
+        perturb = Perturbation(cos_scale=scale, sin_scale=scale)
     else:
         perturb = Perturbation(table_row=draw(st.sampled_from(TABLE_ROWS)))
     # the model forms view [.., H*D] as [.., -1, D] (or D as [-1, 2]), which eager cannot do for T = 0
@@ -203,9 +206,13 @@ BUG_CASTS = [
 ]
 BUG_ROWS = [Case("sglang", {}, Perturbation(table_row="slice")),  # 3. csc[5:6] with T = 3
             Case("sglang", {}, Perturbation(table_row="index"))]  # 3. csc[pos[:1]]
-# a scale on one table only, or different scales on cos and sin: not a RoPE (reported, never fused)
+# a scale on one table only, or different scales on cos and sin: not a RoPE (reported, never fused);
+# one scale on both (YaRN): fused, exactly
 UNEQUAL_SCALES = [Case("sglang", {}, Perturbation(cos_scale=2.0)),
-                  Case("hf", {}, Perturbation(cos_scale=2.0, sin_scale=3.0))]
+                  Case("hf", {}, Perturbation(cos_scale=2.0, sin_scale=3.0)),
+                  Case("inputs", {}, Perturbation(sin_scale=2.0), dynamic=True),
+                  Case("vllm", dict(dtype=BF16), Perturbation(cos_scale=1.1386, sin_scale=1.1386)),
+                  Case("hf", {}, Perturbation(cos_scale=1.1386, sin_scale=1.1386), dynamic=True)]
 # found by the large profile: with dynamic=True the head count of flat graph inputs is symbolic, the
 # evaluator cannot follow the reshape back to [T, H*D], and the rounded k store still needs its report entry
 FOUND = [Case("inputs", dict(num_heads=4, num_kv_heads=2, head_dim=16, style="neox", rot_dim=16, dtype=BF16,
@@ -292,10 +299,9 @@ def test_near_miss_is_fused_exactly_or_reported(case: Case):
             assert s.fused or s.reason, f"{what}: site {s.store} neither fused nor given a reason"
             if case.perturb.cast_at == "k_rot" and case.lossy_cast():
                 assert not s.fused, f"{what}: a store of a rotated k changed by a cast was fused"
-            if case.perturb.cos_scale != case.perturb.sin_scale and not case.dynamic:
-                # a constant scale is part of the RoPE's arithmetic: not a rotation, never fused. (With
-                # dynamic=True Dynamo passes the scale as a graph input: the scaled rows are a computed
-                # tensor of their own, which the op reads as it is - exact, and checked above.)
+            if case.perturb.cos_scale != case.perturb.sin_scale:
+                # not a rotation times one factor: never fused, whether the scale is a constant or (with
+                # dynamic=True) a graph input, and reported with the reason
                 assert not s.fused, f"{what}: cos and sin scaled differently, yet fused"
     torch._dynamo.reset()
     PASSED["examples"] += 1

@@ -329,7 +329,7 @@ def table_per_head(x, cos, sin, y):
     (other_tensor_in_one_term, "ambiguous rotated tensor"),
     (other_table_in_one_term, "cos values come from several tensors"),
     (mismatched_pairs, "not paired like NeoX or GPT-J"),
-    (scaled_rotation, "wrong signs"),
+    (scaled_rotation, "scaled by 2 after the multiply"),
     (table_per_head, "ambiguous rotated tensor"),
 ], ids=lambda v: v.__name__ if callable(v) else "")
 def test_not_rope(fn, reason):

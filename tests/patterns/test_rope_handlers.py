@@ -72,15 +72,52 @@ def test_an_op_without_a_handler_is_a_leaf():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_neg_and_scalar_mul_scale_every_feature():
+def test_neg_and_a_mul_by_one_scale_every_feature():
     g = Graph()
     x = g.input("x", 3, 4)
     v, ev = run_handler(g.op(aten.neg.default, x))
     assert features(ev, v) == [{(("x", i),): -1.0} for i in range(4)]
-    v, ev = run_handler(g.op(aten.mul.Tensor, x, 0.5))
-    assert features(ev, v) == [{(("x", i),): 0.5} for i in range(4)]
-    v, ev = run_handler(g.op(aten.mul.Tensor, 2, x))
-    assert features(ev, v) == [{(("x", i),): 2.0} for i in range(4)]
+    v, ev = run_handler(g.op(aten.mul.Tensor, x, -1))
+    assert features(ev, v) == [{(("x", i),): -1.0} for i in range(4)]
+    v, ev = run_handler(g.op(aten.mul.Tensor, 1.0, x))
+    assert features(ev, v) == picks("x", range(4))
+
+
+def scalar(g: Graph) -> torch.fx.Node:
+    """A 0-d fp32 tensor node."""
+    return g.op(aten.select.int, g.input("s", 1), 0, 0)
+
+
+def test_a_scaled_selection_is_a_leaf():
+    """``cos * attention_scaling`` (a number, or a 0-d tensor: one scale for the whole tensor) of a tensor
+    read as it is: a tensor of its own, which the op reads as the graph computes it."""
+    g = Graph()
+    x, s = g.input("x", 3, 4), scalar(g)
+    half = g.op(aten.slice.Tensor, x, 1, 0, 2)
+    for n in (g.op(aten.mul.Tensor, x, 0.5), g.op(aten.mul.Tensor, 2, half), g.op(aten.mul.Tensor, x, s),
+              g.op(aten.mul.Tensor, s, half)):
+        assert run_handler(n)[0] is None, n
+
+
+def test_a_scale_of_products_is_a_coefficient():
+    """``(x * c) * 0.5``: the scale stays in the polynomial (``match_rope`` refuses it with the reason)."""
+    g = Graph()
+    x, c, s = g.input("x", 3, 2), g.input("c", 3, 2), scalar(g)
+    xc = g.op(aten.mul.Tensor, x, c)
+    v, ev = run_handler(g.op(aten.mul.Tensor, xc, 0.5))
+    assert features(ev, v) == [{(("x", i), ("c", i)): 0.5} for i in range(2)]
+    assert run_handler(g.op(aten.mul.Tensor, xc, s))[0] is None  # a 0-d tensor scale: no coefficient
+
+
+def test_table_scales_are_seen_through_views_and_casts():
+    g = Graph()
+    c, s = g.input("c", 3, 4), scalar(g)
+    scaled = g.op(aten.mul.Tensor, g.op(aten.mul.Tensor, c, 2.0), 1.5)
+    cast = g.op(prims.convert_element_type.default, g.op(aten.unsqueeze.default, scaled, 1), BF16)
+    assert rope.table_scales(cast) == (1.5, 2.0)
+    assert rope.table_scales(g.op(aten.mul.Tensor, c, 1.0)) == ()
+    s1, s2 = (g.op(prims.convert_element_type.default, s, BF16) for _ in range(2))
+    assert rope.table_scales(g.op(aten.mul.Tensor, c, s1)) == rope.table_scales(g.op(aten.mul.Tensor, s2, c))
 
 
 def test_mul_of_two_tensors_broadcasts_features_and_prefix():
