@@ -10,7 +10,7 @@ Model a-fp8 (``--models a-fp8``): model a with the pool in fp8 as SGLang stores 
 uint8 pool: ``k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8)``, attention reading
 ``k_buffer.view(float8_e4m3fn).to(bf16) * k_scale`` (0-d fp32 scales). Outputs compared at (1e-1, 1e-1), the
 written rows dequantised at one e4m3 step (rtol 2**-3; see FP8_ROW_RTOL). Its fused-site count is reported,
-not required (the pass does not match this spelling yet: 0 sites is expected until it does).
+not required.
 
 Model d (``--models d``): Hugging Face ``GptOssForCausalLM`` at gpt-oss-20b sizes (64 q / 8 kv heads, head_dim
 64, hidden 2880, 32 experts top-4, sliding window 128 on alternate layers, YaRN rope scaling from
@@ -116,9 +116,11 @@ SMOKE_HIDDEN, SMOKE_INTERMEDIATE, SMOKE_LAYERS = 128, 256, 2
 OUT_TOL = (6e-2, 5e-2)
 # fp8 caches (model a-fp8). Per-tensor scales as SGLang applies them (k / k_scale -> float8_e4m3fn, read back as
 # fp8 -> bf16 * k_scale). Two programs whose bf16 k differs in the last bit can round a value to neighbouring
-# e4m3 codes: one step of a 3-bit mantissa is at most 2**-3 of the value (2**-9 * scale among the subnormals),
-# so the written rows, compared dequantised, get rtol 2**-3 and atol 2**-8 * scale. The outputs attend over
-# those rows (every row at prefill), so they get a looser (1e-1, 1e-1).
+# e4m3 codes: one step of a 3-bit mantissa is at most 2**-3 of the value, so the written rows, compared
+# dequantised, get rtol 2**-3; and OUT_TOL's atol, as unquantised rows: k is rotated in bf16, and where its two
+# products nearly cancel, a value far below its operands carries their bf16 rounding (one side rounds every op,
+# the other once), which the quantisation keeps. The outputs attend over those rows (every row at prefill), so
+# they get a looser (1e-1, 1e-1).
 FP8 = torch.float8_e4m3fn
 FP8_SCALES = (0.0625, 0.03125)  # (k_scale, v_scale): fixed per-tensor scales, as a calibrated checkpoint has
 FP8_ROW_RTOL = 2.0 ** -3
@@ -568,7 +570,7 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
 
     out_tol, row_tol = OUT_TOL, OUT_TOL
     if spec.fp8_cache:
-        out_tol, row_tol = FP8_OUT_TOL, (2.0 ** -8 * max(FP8_SCALES), FP8_ROW_RTOL)
+        out_tol, row_tol = FP8_OUT_TOL, (OUT_TOL[0], FP8_ROW_RTOL)
 
     def check(fns, args, seed_base):
         """Fill caches, one step per side (and eagerly); compare outputs and written rows."""
