@@ -782,7 +782,8 @@ def launch_config(p: RopeKVProblem) -> dict:
         while block_rq > 8 and n_q_rows // block_rq < 512:
             block_rq //= 2
     # sequence caches [B, Hkv, S, D]: a kv tile of as many rows as a q tile stores longer runs of one
-    # head's consecutive positions (measured 95-100 % of the floor at T >= 8192, against 89-95 % with half)
+    # head's consecutive positions (gpt-oss shapes on an H200: 93 % / 97 % of the floor at T = 8192 / 32768,
+    # against 90 % / 93 % with half; benchmarks/RESULTS.md)
     block_rkv = block_rq if p.layout is CacheLayout.SEQUENCE else max(1, block_rq // 2)
     cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=block_rkv, BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
     if torch.version.hip is not None and p.q.is_cuda:
