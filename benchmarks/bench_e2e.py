@@ -760,18 +760,28 @@ def run_hf_gpt_oss(layers: int, s: Settings, rows: dict, compile_rows: list, log
         "logits of the last token only (logits_to_keep=1)")
 
     def check(fns, state: HFState, ids, length: int, seed: int):
+        """Layer 0's caches must match tightly: nothing but attention and norms comes before its store. Later
+        layers' caches and the logits pass through random-weight MoE layers, whose top-k routing can flip
+        between near-tied experts on rounding differences (stock flips against eager too): they must be as
+        close to eager as stock's are, and each layer's error is printed."""
         results = {}
         for name, fn in (*fns.items(), ("eager", state.call(model))):
             state.fill(seed)
             state.rewind(length)
             out = step(fn, (ids,)).clone()
             sync(s.device)
-            results[name] = (out, torch.cat([t.flatten() for t in state.tensors()]))
+            results[name] = (out, [t.clone() for t in state.tensors()])
         (o_s, c_s), (o_f, c_f), (o_e, c_e) = results["stock"], results["fx_fusion"], results["eager"]
-        equal = close(o_f, o_s) and close(c_f, c_s)
-        detail = (f"max|fx-stock| logits {max_err(o_f, o_s):.3g} caches {max_err(c_f, c_s):.3g}; "
-                  f"max|stock-eager| logits {max_err(o_s, o_e):.3g}; max|fx-eager| logits {max_err(o_f, o_e):.3g} "
-                  f"caches {max_err(c_f, c_e):.3g} (whole caches, every layer)")
+        per_layer = [max(max_err(c_f[i], c_s[i]), max_err(c_f[i + 1], c_s[i + 1])) for i in range(0, len(c_f), 2)]
+        cache_err = lambda a, b: max(max_err(x, y) for x, y in zip(a, b))  # noqa: E731
+        equal = (close(c_f[0], c_s[0]) and close(c_f[1], c_s[1])
+                 and (close(o_f, o_s) or max_err(o_f, o_e) <= max_err(o_s, o_e))
+                 and (close(torch.cat([t.flatten() for t in c_f]), torch.cat([t.flatten() for t in c_s]))
+                      or cache_err(c_f, c_e) <= cache_err(c_s, c_e)))
+        detail = (f"max|fx-stock| logits {max_err(o_f, o_s):.3g}, caches per layer "
+                  f"{' '.join(f'{e:.3g}' for e in per_layer)}; max|stock-eager| logits {max_err(o_s, o_e):.3g} "
+                  f"caches {cache_err(c_s, c_e):.3g}; max|fx-eager| logits {max_err(o_f, o_e):.3g} "
+                  f"caches {cache_err(c_f, c_e):.3g}")
         return equal, detail
 
     def measure(kind, fns, logs, per_graph, state: HFState, ids, length, point, steps, warmup, seed):
