@@ -137,12 +137,13 @@ def _autograd_checked(generated):
     anything is written, as ``cache[slot] = x`` rejects it; everything else goes on to custom_op's
     own autograd kernel (which raises in backward: the op has no formula).
     """
+    caches = [(i, name) for i, name in enumerate(_SIGNATURE.parameters) if name in ("k_cache", "v_cache")]
+
     def autograd_kernel(keyset, *args, **kwargs):
         if torch.is_grad_enabled():
-            bound = _bind(args, kwargs)
-            for name in ("k_cache", "v_cache"):
-                if isinstance(bound[name], torch.Tensor):
-                    _impl.check_writable(name, bound[name])
+            for i, name in caches:  # the dispatcher passes every argument but keyword-only ones by position
+                if isinstance(args[i], torch.Tensor):
+                    _impl.check_writable(name, args[i])
         return generated(keyset, *args, **kwargs)
     return autograd_kernel
 
