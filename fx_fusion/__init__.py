@@ -14,13 +14,14 @@ Entry points: ``torch.compile(model, backend="fx_fusion", options={...})``, ``@f
 and ``RopeKVFusionPass`` for engines that run their own torch.compile.
 """
 
-from fx_fusion.backend import make_backend, register
+from fx_fusion.backend import make_backend, prefer_static_launch, register
 from fx_fusion.config import FusionConfig, OnUnfusable, RopeStyle
 from fx_fusion.decorator import compile
 from fx_fusion.fusion_pass import RopeKVFusionPass, UnfusableSiteError, install
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
 
 register()
+prefer_static_launch()
 
 __all__ = [
     "CacheLayout", "FusionConfig", "OnUnfusable", "RopeKVFusionPass", "RopeStyle", "UnfusableSiteError",

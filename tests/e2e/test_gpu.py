@@ -269,3 +269,64 @@ def test_direct_op_call_is_launched_by_inductor(codes, dynamic):
         assert direct_launches(code) == 1, "no direct launch of our kernel"
     if dynamic is None:
         assert len(codes) <= 2, f"{len(codes)} compiles for T = 5, 9, 33 with a dynamic token count"
+
+
+# ------------------------------------------------------------------------------------------------
+# (v) Inductor's static launcher launches the fused kernel, in this process and in its compile workers
+# ------------------------------------------------------------------------------------------------
+
+STATIC_LAUNCH_SCRIPT = r"""
+import json, time
+import torch
+import fx_fusion
+from torch._inductor.async_compile import AsyncCompile
+from torch._inductor.codecache import PyCodeCache
+from tests.attention_blocks import make_block, prefill_inputs
+
+def launchers():
+    kinds = []
+    for module in list(PyCodeCache.modules) + list(getattr(PyCodeCache, "modules_no_attr", {}).values()):
+        for name in dir(module):
+            if name.startswith("_rope_kv_store_kernel"):
+                kinds += [type(r).__name__ for r in getattr(module, name).compile_results]
+    return kinds
+
+workers_up = getattr(AsyncCompile, "use_process_pool", lambda: False)
+seen = []
+with torch.no_grad():
+    for i, form in enumerate(("sglang", "vllm")):  # two kernels: the second compiles once the workers are up
+        if i:
+            deadline = time.monotonic() + 90
+            while not workers_up() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            seen.append(workers_up())
+        block = make_block(form, num_heads=8, num_kv_heads=2, head_dim=64).to("cuda")
+        inputs = tuple(x.to("cuda") for x in prefill_inputs(block))
+        out = torch.compile(block, backend="fx_fusion")(*inputs)
+        torch.testing.assert_close(out, make_block(form, num_heads=8, num_kv_heads=2, head_dim=64).to("cuda")(*inputs),
+                                   atol=6e-2, rtol=5e-2)
+print(json.dumps({"launchers": launchers(), "workers": seen}))
+"""
+
+
+def test_fused_kernel_is_launched_statically(tmp_path):
+    """A fresh process compiling with ``backend="fx_fusion"`` (nothing set by the user): every compiled fused
+    kernel is a ``StaticTritonCompileResult``, the first compiled here before the workers are up, the second
+    (once they are, if the machine gives Inductor several compile threads) in a worker."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fx_fusion.backend import STATIC_LAUNCH_ENV
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != STATIC_LAUNCH_ENV}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, "-c", STATIC_LAUNCH_SCRIPT], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["launchers"]) >= 2, result
+    assert set(result["launchers"]) == {"StaticTritonCompileResult"}, result
