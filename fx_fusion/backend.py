@@ -71,19 +71,21 @@ def prefer_static_launch() -> None:
 
     Inductor decides a kernel's launcher where it compiles it: in this process, under the compile's config
     patches (``static_launch``), or in its compile worker processes, which read their config from the
-    environment they were started with and get only ``use_static_triton_launcher`` from this process. So the
-    variable is set here, before the first compile starts the workers. It then holds for every user-defined
-    kernel the workers compile, ours or not; kernels the static launcher cannot launch (launch attributes,
-    unsupported argument types) fall back to Triton's launcher, and results are the same either way. Set it
-    to 0 before the import to keep Triton's launcher.
+    environment they were started with and get only ``use_static_triton_launcher`` from this process. So
+    torch's own variable is set here, before the first compile starts the workers. It then holds for every
+    user-defined kernel the workers compile, ours or not; kernels the static launcher cannot launch (launch
+    attributes, unsupported argument types) fall back to Triton's launcher, and results are the same either
+    way. Set it to 0 before the import to keep Triton's launcher. (The one place the package touches the
+    environment: it hands torch's setting to torch's workers, it configures nothing of ours.)
     """
-    global _workers_lack_static_launch
-    if STATIC_LAUNCH_ENV not in os.environ:
-        _workers_lack_static_launch = _compile_workers_started()
-        os.environ[STATIC_LAUNCH_ENV] = "1"
+    global _static_launch_default, _workers_lack_static_launch
+    set_by_user = STATIC_LAUNCH_ENV in os.environ
+    _static_launch_default = os.environ.setdefault(STATIC_LAUNCH_ENV, "1") == "1"
+    _workers_lack_static_launch = not set_by_user and _compile_workers_started()
 
 
-_workers_lack_static_launch = False  # the workers were running before the import set the variable
+_static_launch_default = True  # the variable's value at import (ours, "1", unless the user set it)
+_workers_lack_static_launch = False  # the workers were already running when the import set the variable
 
 
 def static_launch(patches: dict[str, Any], example_inputs) -> None:
@@ -92,7 +94,7 @@ def static_launch(patches: dict[str, Any], example_inputs) -> None:
     global _workers_lack_static_launch
     if not hasattr(torch._inductor.config, STATIC_LAUNCH):
         return
-    wanted = patches.setdefault(STATIC_LAUNCH, os.environ.get(STATIC_LAUNCH_ENV, "1") == "1")
+    wanted = patches.setdefault(STATIC_LAUNCH, _static_launch_default)
     if wanted and _workers_lack_static_launch and any(
             isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs):
         _workers_lack_static_launch = False

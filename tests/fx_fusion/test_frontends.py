@@ -228,50 +228,54 @@ def test_backend_options_override_the_base_config(compile_fx_calls, fresh):
     assert patches["max_autotune"] is False and patches["comment_origin"] is True
 
 
-def test_backend_turns_static_launch_on(compile_fx_calls, fresh, monkeypatch):
+@pytest.fixture
+def static_launch_state(monkeypatch):
+    """The backend's import-time state and the variable, restored after the test."""
+    monkeypatch.setattr(fx_backend, "_static_launch_default", fx_backend._static_launch_default)
+    monkeypatch.setattr(fx_backend, "_workers_lack_static_launch", False)
+    monkeypatch.setenv(fx_backend.STATIC_LAUNCH_ENV, "unset by the test")  # restored (or removed) afterwards
+    monkeypatch.delenv(fx_backend.STATIC_LAUNCH_ENV)
+    monkeypatch.setattr(fx_backend, "_compile_workers_started", lambda: False)
+    return monkeypatch
+
+
+def test_backend_turns_static_launch_on(compile_fx_calls, fresh, static_launch_state):
     """Inductor launches the fused kernel through its static launcher (see ``fx_fusion.backend``)."""
-    monkeypatch.delenv(fx_backend.STATIC_LAUNCH_ENV, raising=False)
+    fx_backend.prefer_static_launch()
+    assert os.environ[fx_backend.STATIC_LAUNCH_ENV] == "1", "the compile workers read it from the environment"
     gm, inputs = _tiny_graph()
     fx_fusion.make_backend()(gm, inputs)
     (patches,) = compile_fx_calls
     assert patches[fx_backend.STATIC_LAUNCH] is True
 
 
-@pytest.mark.parametrize("env, options", [("0", None), ("1", {fx_backend.STATIC_LAUNCH: False})],
+@pytest.mark.parametrize("env, options", [("0", None), (None, {fx_backend.STATIC_LAUNCH: False})],
                          ids=["environment", "options"])
-def test_static_launch_can_be_turned_off(compile_fx_calls, fresh, monkeypatch, env, options):
-    monkeypatch.setenv(fx_backend.STATIC_LAUNCH_ENV, env)
+def test_static_launch_can_be_turned_off(compile_fx_calls, fresh, static_launch_state, env, options):
+    if env is not None:
+        static_launch_state.setenv(fx_backend.STATIC_LAUNCH_ENV, env)
+    fx_backend.prefer_static_launch()
+    assert os.environ[fx_backend.STATIC_LAUNCH_ENV] == (env or "1"), "a value the user set is left alone"
     gm, inputs = _tiny_graph()
     fx_fusion.make_backend()(gm, inputs, options=options)
     (patches,) = compile_fx_calls
     assert patches[fx_backend.STATIC_LAUNCH] is False
 
 
-def test_import_sets_the_variable_for_compile_workers_unless_set(monkeypatch):
-    """The compile workers read their config from the environment they start with."""
-    monkeypatch.setattr(fx_backend, "_workers_lack_static_launch", False)
-    monkeypatch.delenv(fx_backend.STATIC_LAUNCH_ENV, raising=False)
-    monkeypatch.setattr(fx_backend, "_compile_workers_started", lambda: False)
+@pytest.mark.parametrize("set_by_user", [False, True])
+def test_workers_started_before_the_import_are_warned_about_once(static_launch_state, caplog, set_by_user):
+    if set_by_user:  # then the workers started with it: nothing to warn about
+        static_launch_state.setenv(fx_backend.STATIC_LAUNCH_ENV, "1")
+    static_launch_state.setattr(fx_backend, "_compile_workers_started", lambda: True)
     fx_backend.prefer_static_launch()
-    assert os.environ[fx_backend.STATIC_LAUNCH_ENV] == "1" and not fx_backend._workers_lack_static_launch
-    monkeypatch.setenv(fx_backend.STATIC_LAUNCH_ENV, "0")
-    fx_backend.prefer_static_launch()
-    assert os.environ[fx_backend.STATIC_LAUNCH_ENV] == "0"
-
-
-def test_workers_started_before_the_import_are_warned_about_once(monkeypatch, caplog):
-    monkeypatch.delenv(fx_backend.STATIC_LAUNCH_ENV, raising=False)
-    monkeypatch.setattr(fx_backend, "_compile_workers_started", lambda: True)
-    monkeypatch.setattr(fx_backend, "_workers_lack_static_launch", False)
-    fx_backend.prefer_static_launch()
-    assert fx_backend._workers_lack_static_launch
     cpu, gpu = [torch.empty(1)], [torch.empty(1, device="meta")]  # not on the CPU: a kernel would be launched
     with caplog.at_level("WARNING", logger="fx_fusion"):
         fx_backend.static_launch({}, cpu)
         assert not caplog.records, "no kernel launch on the CPU: nothing to warn about"
         for _ in range(2):
             fx_backend.static_launch({}, gpu)
-    assert len(caplog.records) == 1 and "Triton's launcher" in caplog.records[0].getMessage()
+    assert len(caplog.records) == (0 if set_by_user else 1)
+    assert all("Triton's launcher" in r.getMessage() for r in caplog.records)
 
 
 def test_torch_compile_passes_mode_to_the_backend(block, compile_fx_calls, fresh, codes):
