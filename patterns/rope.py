@@ -175,9 +175,14 @@ class Evaluator:
     otherwise walk the whole model in front of a store. A node cut off at the limit is a leaf for that
     root only: results that depend on the cut are not memoised, so a root closer to the node sees it
     evaluated.
+
+    ``max_features`` bounds the features of a node (the product of its trailing ``r`` dims). A RoPE's input
+    has at most heads x head_dim of them (a fused qkv of 128 MHA heads of 128: 49152), but with static
+    shapes a 2-D ``[tokens, width]`` tensor evaluated with ``r = 2`` has tokens x width, one polynomial each
+    (a 2048-token prefill: millions per node, minutes per graph): a node with more is refused at once.
     """
 
-    def __init__(self, head_dim: int | None = None, max_depth: int = 64):
+    def __init__(self, head_dim: int | None = None, max_depth: int = 64, max_features: int = 65536):
         # a head_dim-wide slice of a wider last dim (GPT-NeoX's per-head fused qkv) is a tensor to
         # rotate, not a selection of features: evaluation stops there
         self.head_dim = head_dim
@@ -185,6 +190,7 @@ class Evaluator:
         self._leaf_ids: dict[Leaf, int] = {}
         self._memo: dict[tuple[Node, int, bool], Value] = {}
         self.max_depth = max_depth
+        self.max_features = max_features
         self._cut = False  # the evaluation in progress hit the depth limit somewhere below
 
     # ---- leaves ------------------------------------------------------------------------------
@@ -212,6 +218,10 @@ class Evaluator:
         key = (node, r, result)
         if key in self._memo:
             return self._memo[key]
+        trail = _shape(node)[-r:] if r else ()
+        if all(isinstance(d, int) for d in trail) and math.prod(trail) > self.max_features:
+            raise NotRope(f"{node.name} has {math.prod(trail)} features, more than any RoPE's heads x head_dim "
+                          f"({self.max_features} at most)")
         if depth >= self.max_depth:
             self._cut = True
             return self.leaf(node, r)

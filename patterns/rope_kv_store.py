@@ -287,43 +287,57 @@ def _fake_mode(graph: Graph):
 
 
 class _RopeFinder:
-    """``match_rope`` with one shared evaluator and a memo per node (q candidates are tried per site)."""
+    """``match_rope`` with one shared evaluator and a memo per node (q candidates are tried per site).
+
+    Why a node that is not a RoPE looks like one (a near miss, for the report) is worked out only when asked:
+    it evaluates the node again as a product of features, which costs more than the match, and the q
+    candidates tried per site are never asked about."""
 
     def __init__(self):
         self._evaluators: dict[int | None, Evaluator] = {}  # one per head_dim (the width that bounds a leaf)
         self._memo: dict[Node, RopeMatch | None] = {}
-        self._near_misses: dict[Node, str] = {}  # RoPE-like nodes that are not a RoPE: the reason
+        self._why_not: dict[Node, str] = {}  # match_rope's reason, for nodes that are not a RoPE
+        self._near_misses: dict[Node, str | None] = {}  # RoPE-like nodes that are not a RoPE: the reason
         # the evaluator recurses at most this many ops from a RoPE output to a leaf (x, cos, sin)
         self.max_depth = Evaluator().max_depth
 
+    def _evaluator(self, node: Node) -> Evaluator:
+        shape = shape_of(node)
+        # a symbolic width is no dict key (SymInts are unhashable) and bounds no leaf: evaluate without it
+        head_dim = shape[-1] if shape and isinstance(shape[-1], int) else None
+        if head_dim not in self._evaluators:
+            self._evaluators[head_dim] = Evaluator(head_dim)
+        return self._evaluators[head_dim]
+
     def match(self, node: Node) -> RopeMatch | None:
         if node not in self._memo:
-            shape = shape_of(node)
-            # a symbolic width is no dict key (SymInts are unhashable) and bounds no leaf: evaluate without it
-            head_dim = shape[-1] if shape and isinstance(shape[-1], int) else None
-            if head_dim not in self._evaluators:
-                self._evaluators[head_dim] = Evaluator(head_dim)
             try:
-                self._memo[node] = match_rope(node, self._evaluators[head_dim])
+                self._memo[node] = match_rope(node, self._evaluator(node))
             except NotRope as e:
                 self._memo[node] = None
-                features = rope_like(node, self._evaluators[head_dim])
-                computed = _below_views_and_casts(node)
-                if features == 1:
-                    self._near_misses[node] = str(e)
-                elif features == 2:  # the RoPE is only seen across heads: something regroups its output
-                    self._near_misses[node] = ("products of tensors reach the store across heads: the RoPE "
-                                               "output is regrouped (e.g. flattened and cast) before the store")
-                elif computed is not node and rope_like(computed, self._evaluators[head_dim]):
-                    # views the evaluator cannot follow (symbolic sizes) or casts stand between the two
-                    self._near_misses[node] = (f"{computed.name} computes products of tensors like a RoPE, but "
-                                               f"views or casts between it and the store hide it ({e})")
+                self._why_not[node] = str(e)
         return self._memo[node]
 
     def near_miss(self, node: Node) -> str | None:
         """Why ``node`` is not a RoPE the op computes, if it looks like one (products of tensors); else None."""
-        self.match(node)
-        return self._near_misses.get(node)
+        if self.match(node) is not None:
+            return None
+        if node not in self._near_misses:
+            ev, why = self._evaluator(node), self._why_not[node]
+            features = rope_like(node, ev)
+            computed = _below_views_and_casts(node)
+            reason = None
+            if features == 1:
+                reason = why
+            elif features == 2:  # the RoPE is only seen across heads: something regroups its output
+                reason = ("products of tensors reach the store across heads: the RoPE output is regrouped (e.g. "
+                          "flattened and cast) before the store")
+            elif computed is not node and rope_like(computed, ev):
+                # views the evaluator cannot follow (symbolic sizes) or casts stand between the two
+                reason = (f"{computed.name} computes products of tensors like a RoPE, but views or casts between "
+                          f"it and the store hide it ({why})")
+            self._near_misses[node] = reason
+        return self._near_misses[node]
 
 
 _VIEWS_AND_CASTS = RESHAPES | {aten.permute.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,

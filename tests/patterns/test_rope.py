@@ -389,3 +389,43 @@ def test_post_grad_graphs_of_the_blocks(form, kw, dynamic):
     assert (k.style.value, k.rotary_dim, k.head_dim) == (block.style, block.rot_dim, block.head_dim)
     assert k.x.meta["val"].dtype == block.dtype
     assert any(not isinstance(size, int) for size in k.root.meta["val"].shape) == dynamic
+
+
+# ------------------------------------------------------------------------------------------------
+# Static shapes: the token count is never taken for a feature dim
+# ------------------------------------------------------------------------------------------------
+
+
+def test_static_token_counts_do_not_become_features(monkeypatch):
+    """A static-shape prefill: x comes from a ``[tokens, heads * head_dim]`` matmul. Evaluated with
+    ``r = 2`` (heads x head_dim as features, as ``rope_like`` tries), the matmul's output would have
+    tokens x width features, one polynomial each (a 2048-token prefill of gpt-oss: 8 M, minutes per
+    compile). The evaluator refuses such a node at once; the RoPE above it is still found."""
+    from math import prod
+
+    from fx_fusion.patterns.rope import Evaluator, rope_like
+
+    tokens, heads = 600, 16
+
+    def prefill(h, w, cos, sin):
+        return neox_chunk((h @ w).view(tokens, heads, D), cos, sin)
+
+    sizes = []
+    leaf = Evaluator.leaf
+
+    def recording_leaf(self, node, r):
+        shape = node.meta["val"].shape
+        sizes.append(prod(shape[len(shape) - r:]))
+        return leaf(self, node, r)
+
+    monkeypatch.setattr(Evaluator, "leaf", recording_leaf)
+    cos, sin = tables(rows=tokens, n=D // 2)
+    gm = trace(prefill, torch.randn(tokens, 64), torch.randn(64, heads * D), cos, sin)
+    m = match_rope(output_node(gm))
+    assert (m.style, m.rotary_dim) == (RopeStyle.NEOX, D)
+    assert rope_like(output_node(gm)) == 1
+    (mm,) = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)
+    ev = Evaluator()
+    with pytest.raises(NotRope, match="features"):
+        ev.evaluate(mm, 2)  # [tokens, heads * D] with both dims as features
+    assert tokens * heads * D > ev.max_features and max(sizes) <= ev.max_features, sizes
