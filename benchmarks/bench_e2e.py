@@ -947,7 +947,8 @@ def main() -> int:
     ap.add_argument("--past", type=int, help="tokens already cached per sequence at decode (default 1024)")
     ap.add_argument("--prefill-tokens", nargs="+", type=int, help="default 2048 8192 (model d: 2048)")
     ap.add_argument("--steps", type=int, help="timed decode steps per side and batch (default 120)")
-    ap.add_argument("--prefill-steps", type=int, help="timed prefill steps per side and size (default 10)")
+    ap.add_argument("--prefill-steps", type=int,
+                    help="timed prefill steps per side and size (default 40: host-bound prefills are noisy)")
     ap.add_argument("--static-shapes", action="store_true", help="one compile per shape (dynamic=False)")
     ap.add_argument("--decode-mode", choices=["reduce-overhead", "default"],
                     help="decode with CUDA graphs (reduce-overhead, the default on a GPU) or without (default)")
@@ -964,7 +965,7 @@ def main() -> int:
         past=args.past if args.past is not None else (40 if smoke else 1024),
         prefill_tokens=args.prefill_tokens or ([16, 24] if smoke else [2048, 8192]),
         steps=args.steps or (2 if smoke else 120), warmup=1 if smoke else 10, blocks=2 if smoke else 4,
-        prefill_steps=args.prefill_steps or (1 if smoke else 10),
+        prefill_steps=args.prefill_steps or (1 if smoke else 40),
         max_pos=1024 if smoke else 131072, static_shapes=args.static_shapes, smoke=smoke,
         hf_decode_batches=args.decode_batches or (HF_SMOKE_BATCHES if smoke else HF_BATCHES),
         hf_prefill_tokens=args.prefill_tokens or (HF_SMOKE_PREFILL if smoke else HF_PREFILL))
