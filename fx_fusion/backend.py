@@ -73,7 +73,7 @@ def prefer_static_launch() -> None:
     patches (``static_launch``), or in its compile worker processes, which read their config from the
     environment they were started with and get only ``use_static_triton_launcher`` from this process. So
     torch's own variable is set here, before the first compile starts the workers. It then holds for every
-    user-defined kernel the workers compile, ours or not; kernels the static launcher cannot launch (launch
+    user-defined kernel the workers compile, ours or not, and in processes started from this one; kernels the static launcher cannot launch (launch
     attributes, unsupported argument types) fall back to Triton's launcher, and results are the same either
     way. Set it to 0 before the import to keep Triton's launcher. (The one place the package touches the
     environment: it hands torch's setting to torch's workers, it configures nothing of ours.)
