@@ -196,7 +196,7 @@ def _view_chain(cache: Node) -> tuple:
     return tuple(views)
 
 
-def _view_args(n: Node) -> tuple:
+def view_args(n: Node) -> tuple:
     """A select's (dim, index) or a slice's (dim, start, end, step), defaults filled in, of a view or a scatter."""
     args = n.args[1:] if n.target in _VIEWS else n.args[2:]
     if n.target in (aten.slice.Tensor, aten.slice_scatter.default):
@@ -208,7 +208,7 @@ def same_view(a, b) -> bool:
     """``a`` and ``b`` are the same node, or the same static views of the same node (made twice by the graph)."""
     if a is b:
         return True
-    return (_static_view(a) and _static_view(b) and a.target is b.target and _view_args(a) == _view_args(b)
+    return (_static_view(a) and _static_view(b) and a.target is b.target and view_args(a) == view_args(b)
             and same_view(a.args[0], b.args[0]))
 
 
@@ -226,7 +226,7 @@ def _scatter_chain(n: Node, views: tuple) -> tuple[tuple, tuple]:
             raise NotAStore(f"the new value of {view.name}, a view of {views[0].args[0].name}, is not only scattered "
                             f"back into it ({', '.join(u.name for u in users) or 'no users'})")
         s = users[0]
-        if _view_args(s) != _view_args(view) or not same_view(s.args[0], view.args[0]):
+        if view_args(s) != view_args(view) or not same_view(s.args[0], view.args[0]):
             raise NotAStore(f"{s.name} scatters the store into another region than {view.name} read")
         scatters.append(s)
         parents.append(s.args[0])

@@ -218,9 +218,9 @@ class Evaluator:
         key = (node, r, result)
         if key in self._memo:
             return self._memo[key]
-        trail = _shape(node)[-r:] if r else ()
-        if all(isinstance(d, int) for d in trail) and math.prod(trail) > self.max_features:
-            raise NotRope(f"{node.name} has {math.prod(trail)} features, more than any RoPE's heads x head_dim "
+        trail = _shape(node)[-r:]
+        if all(isinstance(d, int) for d in trail) and (features := math.prod(trail)) > self.max_features:
+            raise NotRope(f"{node.name} has {features} features, more than any RoPE's heads x head_dim "
                           f"({self.max_features} at most)")
         if depth >= self.max_depth:
             self._cut = True

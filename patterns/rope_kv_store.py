@@ -52,7 +52,7 @@ from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_engine_store, match_store,
-                                         same_view, walk_views)
+                                         same_view, view_args, walk_views)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
@@ -503,7 +503,7 @@ def _check_buffers(st: Store, v: Store) -> None:
     for a, b in zip(first.views, second.views):
         if a.target is not b.target:
             break
-        fa, fb = _view_args_of(a), _view_args_of(b)
+        fa, fb = view_args(a), view_args(b)
         if fa == fb:
             continue
         if a.target is aten.select.int and fa[0] == fb[0]:
@@ -513,10 +513,6 @@ def _check_buffers(st: Store, v: Store) -> None:
         break
     raise Unfusable(f"the k and v views of {first.base.name} ({first.views[-1].name}, {second.views[-1].name}) "
                     "may overlap")
-
-
-def _view_args_of(n: Node) -> tuple:
-    return tuple(n.args[1:])
 
 
 def _check_quant(k_quant: Quant | None, v_store: Store, kval, state: _GraphState) -> Quant | None:
