@@ -13,6 +13,13 @@ with ``indices`` telling the layout:
     [div(s, bs, 'floor'), s % bs]   paged     cache [blocks, bs, Hkv, D]        (``cache[s // bs, s % bs] = k``)
     [None, None, pos]               sequence  cache [B, Hkv, max_seq, D]        (``cache[:, :, pos] = k``, ``index_copy_``)
 
+and one more sequence store is a whole-cache copy (``match_copy_store``)::
+
+    new = aten.copy.default(cache, aten.slice(k, 2, a, a + W))   # cache.copy_(k[:, :, a:a + W]), cache [B, Hkv, W, D]
+
+which stores token ``a + j`` at position ``j`` and no other token: HF's sliding-window layer keeps the last W
+tokens of a prefill longer than its window this way (``self.keys.copy_(key_states[:, :, -W:, :])``).
+
 The written tensor (``cache`` above) is one of
 
     a graph input        the epilogue ``copy_(cache, new)`` writes the store back (``Origin.INPUT``)
@@ -87,6 +94,7 @@ class Store:
     parents: tuple = ()  # Origin.VIEW: the scatters' targets (views of the buffer made again by the graph)
     result_node: Node | None = None  # the node whose value is the written tensor's new value, if not ``node``
     flat_value: bool = False  # ``value`` is [T, Hkv*D] (an engine's row view), not [T, Hkv, D]
+    window: tuple | None = None  # a whole-cache copy: (a, S), tokens a .. a+W-1 of S stored; ``slots`` is None
 
     @property
     def base(self) -> Node:
@@ -180,6 +188,60 @@ def match_store(n: Node) -> Store:
         raise NotAStore("slot indices are not int32/int64")
     return Store(n, cache, cache_view, copy, layout, slots, value, _value_roles(value, expected, roles), key,
                  origin, views, scatters, parents)
+
+
+def match_copy_store(n: Node) -> Store:
+    """Describe ``n`` (``aten.copy(cache, src)``) as a sequence store of W consecutive tokens, or raise
+    ``NotAStore`` with the reason.
+
+    ``src`` is ``k[:, :, a:a + W]`` (a static slice of the sequence dim, step 1) or ``k`` itself (``a = 0``), with
+    the cache's ``[B, Hkv, W, D]`` shape and dtype: the copy overwrites every row of the cache, token ``a + j`` at
+    position ``j``, and stores no other token (``Store.window``)."""
+    if n.target is not aten.copy.default or len(n.args) < 2:
+        raise NotAStore("not a copy")
+    cache, src = n.args[0], n.args[1]
+    if not all(isinstance(x, Node) and isinstance(x.meta.get("val"), torch.Tensor) for x in (cache, src)):
+        raise NotAStore("the copy's tensors are not tensors of the graph")
+    cshape = shape_of(cache)
+    if len(cshape) != 4 or not all(isinstance(s, int) for s in cshape):
+        raise NotAStore(f"the copy target {tuple(cshape)} is not a static [B, Hkv, W, D] cache")
+    if tuple(shape_of(src)) != tuple(cshape) or src.meta["val"].dtype != cache.meta["val"].dtype:
+        raise NotAStore(f"the copy broadcasts or casts {tuple(shape_of(src))} {src.meta['val'].dtype} to the "
+                        f"cache's {tuple(cshape)} {cache.meta['val'].dtype}")
+    value, first = src, 0
+    if src.target is aten.slice.Tensor:
+        if not _static_view(src):
+            raise NotAStore("the copied slice has symbolic bounds")
+        value = src.args[0]
+        if value.target is aten.cat.default and (value.args[1] if len(value.args) > 1 else 0) % 4 == 2:
+            raise NotAStore(f"the copy keeps the last rows of a concatenation ({value.name}: rows already cached "
+                            "and new tokens), which moves cached rows; the fused op stores new tokens only")
+        dim, start, _, step = view_args(src)
+        tokens = shape_of(value)[2] if len(shape_of(value)) == 4 else None
+        if dim % 4 != 2 or step != 1 or not isinstance(tokens, int):
+            raise NotAStore(f"the copied slice (dim {dim}, step {step}) of {tuple(shape_of(value))} is not a run of "
+                            "tokens of a [B, Hkv, S, D] tensor with a static S")
+        first = min(max(start + tokens if start < 0 else start, 0), tokens)  # as slice clamps its start
+    if value.target is aten.index_put.default:
+        raise NotAStore(f"the copied value is the result of another store ({value.name})")
+    if _view_chain(cache):
+        raise NotAStore(f"a copy into a view of {_view_chain(cache)[0].args[0].name}")
+    copy = None
+    if cache.op == "placeholder":
+        origin, copy = Origin.INPUT, _epilogue(n, cache, None)
+    else:
+        origin = Origin.GRAPH
+        aliased = _aliased_input(cache)
+        if aliased is not None:
+            raise NotAStore(f"the written tensor {cache.name} ({cache.target}) is a view of the graph input "
+                            f"{aliased.name} that is not a select/slice of it")
+    others = [u for u in cache.users if u not in (copy, n)]
+    if others:
+        raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
+    tokens = shape_of(value)[2]
+    roles = _value_roles(value, (cshape[0], cshape[1], tokens, cshape[3]), _BHSD)
+    return Store(n, cache, None, copy, CacheLayout.SEQUENCE, None, value, roles, ("window", first, tokens), origin,
+                 window=(first, tokens))
 
 
 def _static_view(n) -> bool:

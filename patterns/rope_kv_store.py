@@ -51,8 +51,8 @@ from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
-from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_engine_store, match_store,
-                                         same_view, view_args, walk_views)
+from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_copy_store,
+                                         match_engine_store, match_store, same_view, view_args, walk_views)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
@@ -151,6 +151,17 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                     if ropes.match(root) is not None or ropes.near_miss(root) is not None:
                         sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
             except Exception as err:  # noqa: BLE001 (a bug in the matcher must not fail the compile)
+                sites.append(_internal_error(n, err))
+        except Exception as err:  # noqa: BLE001
+            sites.append(_internal_error(n, err))
+    for n in list(graph.find_nodes(op="call_function", target=aten.copy.default)):
+        try:
+            stores.append(match_copy_store(n))
+        except NotAStore as e:  # a candidate site only if it copies a RoPE output (or part of one) into a cache
+            try:
+                if _copies_rope(n, ropes):
+                    sites.append(Site(store=n.name, source=source_line(n), reason=f"store not supported: {e}"))
+            except Exception as err:  # noqa: BLE001
                 sites.append(_internal_error(n, err))
         except Exception as err:  # noqa: BLE001
             sites.append(_internal_error(n, err))
@@ -255,6 +266,19 @@ def _stores_rope_below(node: Node, ropes: _RopeFinder, depth: int = 8) -> bool:
             return False
         node = max(tensors, key=lambda a: a.meta["val"].dim())  # the tensor, not a scale
     return False
+
+
+def _copies_rope(n: Node, ropes: _RopeFinder) -> bool:
+    """Whether the copy ``n`` writes a 4-D tensor from (a slice or a concatenation with) a RoPE output, as HF's
+    sliding-window layer does when a multi-token step fills or passes a window that already holds tokens."""
+    src = n.args[1] if len(n.args) > 1 else None
+    if not isinstance(src, Node) or not isinstance(src.meta.get("val"), torch.Tensor) or src.meta["val"].dim() != 4:
+        return False
+    if src.target is aten.slice.Tensor:
+        src = src.args[0]
+    along_seq = src.target is aten.cat.default and (src.args[1] if len(src.args) > 1 else 0) % 4 == 2
+    parts = src.args[0] if along_seq else [src]
+    return any(isinstance(p, Node) and "val" in p.meta and _stores_rope_below(p, ropes) for p in parts)
 
 
 def _peel_quant(st: Store) -> tuple[Store, Quant | None]:
@@ -447,7 +471,8 @@ def can_fuse(k: _KStore, state: _GraphState) -> Plan:
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
     scales = [qt.scale for qt in (k_quant, v_quant) if qt is not None and isinstance(qt.scale, Node)]
-    devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)}
+    devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)
+               if n is not None}
     if len(devices) != 1:
         raise Unfusable(f"tensors on several devices: {sorted(map(str, devices))}")
     cos = _table_source(rope.cos, roles, "cos")
@@ -550,6 +575,9 @@ def should_fuse(plan: Plan, options: FusionOptions) -> None:
         raise Disabled(f"layout {plan.layout.value!r} disabled by config")
     if plan.k.style not in options.styles:
         raise Disabled(f"RoPE style {plan.k.style.value!r} disabled by config")
+    window = plan.k_store.window
+    if options.validate and window is not None and window[1] != shape_of(plan.k_store.cache)[2]:
+        raise Disabled("validate=True rejects the slots of the tokens a window copy leaves out (config)")
     n = plan.num_tokens  # a symbolic count always qualifies: one graph serves every size
     if n is not None and (n < options.min_tokens or (options.max_tokens is not None and n > options.max_tokens)):
         raise Disabled(f"{n} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
@@ -905,7 +933,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         launchers = launchers_for(st.cache.meta["val"].device, options.validate)
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
-    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, st.slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
+    slots = st.slots if st.window is None else _window_slots(graph, st, fake_mode)
+    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
     for launch in launchers:
         try:
             traced = _trace(replacement, inputs, fake_mode, spec=spec, launch=launch)
@@ -937,6 +966,35 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
     for n in dict.fromkeys(n for store in (st, p.v_store) for n in (store.result, store.node)):
         if not n.users:
             graph.erase_node(n)
+
+
+def _window_slots(graph: Graph, st: Store, fake_mode) -> Node:
+    """The ``[S]`` cache positions of a window copy (``Store.window``): token ``s`` at ``s - a``, and the tokens
+    before ``a`` at ``W`` (past the cache: not stored; a negative position would count from the end).
+
+    Made once per graph and window, at the top of the graph (the layers of a model share it)."""
+    first, tokens = st.window
+    rows = shape_of(st.cache)[2]
+    device = st.cache.meta["val"].device
+    key = (first, tokens, rows, str(device))
+    for n in graph.nodes:
+        if n.meta.get("fx_fusion_window_slots") == key:
+            return n
+
+    def positions():
+        s = torch.arange(-first, tokens - first, dtype=torch.int64, device=device)
+        return s if first == 0 else torch.where(s < 0, rows, s)
+
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with fake_mode:  # in the ops Inductor lowers (``arange`` -> ``prims.iota``), as its own ``fwd_only`` traces
+        traced = make_fx(positions, decomposition_table=select_decomp_table(), tracing_mode="real")()
+    top = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(top):
+        _, out = _splice(graph, traced, [], None)
+    out.meta["fx_fusion_window_slots"] = key
+    return out
 
 
 def _view_ops(store: Store) -> tuple:

@@ -138,14 +138,23 @@ class WindowBlock(nn.Module):
     """HF attention with a ``StaticSlidingWindowLayer``-style cache that allocates itself on the first call.
 
     ``keys``/``values`` ``[B, Hkv, window, D]`` are created with ``torch.zeros`` inside the first forward (so inside
-    the compiled prefill), written with ``index_copy_`` until the window is full, then rolled: ``new =
-    keys.roll(-1, dims=-2)``, ``new[:, :, tensor([-1])] = k``, ``keys.copy_(new)``. The filled length is a
-    Python int, as in HF (one graph per step kind). forward(hidden [B, S, HIDDEN], position_ids [B, S]).
+    the compiled prefill; ``allocate_batch`` creates them in ``__init__`` instead, so they are graph inputs), written
+    with ``index_copy_`` until the window is full, then rolled: ``new = keys.roll(-1, dims=-2)``,
+    ``new[:, :, tensor([-1])] = k``, ``keys.copy_(new)``. A first step longer than the window keeps tokens
+    ``keep`` of it (HF: the last ``window``), ``keys.copy_(k[:, :, keep])``, and attends over all of its k and v;
+    a multi-token step that fills a window holding tokens keeps the last ``window`` rows of ``cat(cached, k)``
+    (HF's other two branches). The filled length is a Python int, as in HF (one graph per step kind).
+    forward(hidden [B, S, HIDDEN], position_ids [B, S]).
     """
 
-    def __init__(self, window: int = 6, dtype=torch.float32):
+    def __init__(self, window: int = 6, dtype=torch.float32, keep: slice | None = None,
+                 allocate_batch: int | None = None):
         super().__init__()
         self.window, self.length, self.keys, self.values = window, 0, None, None
+        self.keep = slice(-window, None) if keep is None else keep
+        if allocate_batch is not None:
+            shape = (allocate_batch, KV_HEADS, window, HEAD_DIM)
+            self.keys, self.values = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
         self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False, dtype=dtype)
         self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM, bias=False, dtype=dtype)
@@ -170,7 +179,17 @@ class WindowBlock(nn.Module):
             self.keys.index_copy_(2, position, k)
             self.values.index_copy_(2, position, v)
         else:
-            raise ValueError("prefill past the window is not part of this fixture")
+            if self.length == 0:
+                full_keys, full_values, keep = k, v, self.keep
+            else:
+                cached = slice(1, None) if full else slice(None, self.length)  # as HF's layer keeps them
+                full_keys = torch.cat((self.keys[:, :, cached], k), dim=-2)
+                full_values = torch.cat((self.values[:, :, cached], v), dim=-2)
+                keep = slice(-self.window, None)
+            self.keys.copy_(full_keys[:, :, keep])
+            self.values.copy_(full_values[:, :, keep])
+            self.length += n
+            return full_keys, full_values
         self.length += n
         return self.keys, self.values
 

@@ -217,6 +217,33 @@ def test_forms_match_eager(form, kw, codes):
     assert all(b.device.type == DEVICE for b in caches(block).values())
 
 
+@pytest.mark.parametrize("keep", [slice(-64, None), slice(100, 164)], ids=["last", "middle"])
+def test_prefill_longer_than_the_window(keep, codes):
+    """A 300-token first step into a sliding window of 64 keeps 64 of its tokens (``keys.copy_(k[:, :, keep])``; HF
+    keeps the last): the kernel, launched from Inductor's code, stores those tokens and writes no row for the
+    others (tokens run in parallel here, so a second write to a row would race). Then two decode steps roll the
+    window. Outputs and the whole caches (random to start with) equal to eager, every graph fused."""
+    from tests.cache_blocks import HIDDEN, WindowBlock
+
+    torch.manual_seed(0)
+    model = WindowBlock(window=64, dtype=BF16, keep=keep, allocate_batch=1).to(DEVICE).eval()
+    model.keys, model.values = model.keys.to(DEVICE), model.values.to(DEVICE)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
+    before = snapshot()
+    g = torch.Generator().manual_seed(1)
+    past = 0
+    for n in (300, 1, 1):
+        hidden = torch.randn(1, n, HIDDEN, generator=g).to(BF16).to(DEVICE)
+        position_ids = torch.arange(past, past + n, device=DEVICE)[None]
+        past += n
+        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), OUTPUT_TOL, f"output at {past}")
+        for name in ("keys", "values"):
+            assert_close(getattr(model, name), getattr(eager, name), CACHE_TOL, f"{name} at {past} tokens")
+    assert_every_graph_fused(delta(before))
+    assert codes and all(direct_launches(code) == 1 and "torch.ops.fx_fusion" not in code for code in codes)
+
+
 def direct_launches(code: str) -> int:
     """Launches of the fused kernel from Inductor's output code (``<name>.run(``; Inductor numbers the name)."""
     import re

@@ -210,17 +210,20 @@ def test_lazily_allocated_static_cache_prefill_and_decode(device, tmp_path):
     assert_every_layer_fused(tmp_path, graphs=2)
 
 
-def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(tmp_path):
+@pytest.mark.parametrize("prefill", [3, 10])
+def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(prefill, tmp_path):
     """gpt-oss in bf16 (YaRN, one sliding-window layer of window 4, one full layer), a lazily allocated
-    ``StaticCache``, prefill 3 tokens then 4 decode steps: the prefill allocates the cache in its graph, the first
-    decode fills the window with ``index_copy_``, the next ones roll it (``new_keys[:, :, [-1]] = k`` into the
-    rolled keys, then ``copy_``). Every layer of every graph fused, logits and caches equal to eager (bf16)."""
+    ``StaticCache``, a prefill then decode steps: the prefill allocates the cache in its graph. After 3 prefill
+    tokens the first decode fills the window with ``index_copy_`` and the next ones roll it (``new_keys[:, :,
+    [-1]] = k`` into the rolled keys, then ``copy_``); a 10-token prefill keeps its last 4 tokens
+    (``self.keys.copy_(key_states[:, :, -4:, :])``) and every decode rolls. Every layer of every graph fused,
+    logits and caches equal to eager (bf16)."""
     config = transformers.GptOssConfig(
         vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
         layer_types=["sliding_attention", "full_attention"], sliding_window=4, attn_implementation="eager")
     model = transformers.GptOssForCausalLM(config).to(torch.bfloat16).eval()
-    steps = [torch.randint(1, 128, (1, n)) for n in (3, 1, 1, 1, 1)]
+    steps = [torch.randint(1, 128, (1, n)) for n in (prefill, 1, 1, 1, 1)]
     ref_cache = transformers.StaticCache(config=config, max_cache_len=16)
     cache = transformers.StaticCache(config=config, max_cache_len=16)
     expected = run_steps(model, ref_cache, steps)
@@ -230,6 +233,8 @@ def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(tmp_path):
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
         torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), atol=2e-2, rtol=2e-2)
-    reports = assert_every_layer_fused(tmp_path, graphs=3)
+    reports = assert_every_layer_fused(tmp_path, graphs=3 if prefill < 4 else 2)
     sources = [s["source"] for r in reports for s in r["sites"]]
     assert any("new_keys[:, :, index] = key_states" in s for s in sources), sources
+    if prefill > 4:
+        assert any("self.keys.copy_(full_key_states[:, :, -self.max_cache_len :, :])" in s for s in sources), sources

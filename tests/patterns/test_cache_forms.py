@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fx_fusion import FusionConfig
+from fx_fusion.kernels import rope_kv_cache
 from tests.cache_blocks import HIDDEN, EngineStoreBlock, StackedBlock, WindowBlock
 from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, fused_call_args,  # noqa: F401
                                                inference, records, run_steps)
@@ -118,3 +119,64 @@ def test_cache_allocated_in_graph_and_rolled_window_fuse(dtype, records, codes, 
 def _tol(dtype) -> dict:
     """fp32: the same maths; bf16: the kernel rounds once where eager rounds after every op."""
     return {dtype: {torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 5e-2)}[dtype]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("allocate", ["in the graph", "input"])
+@pytest.mark.parametrize("keep", [slice(-4, None), slice(3, 7), slice(0, 4)], ids=["last", "middle", "first"])
+def test_prefill_longer_than_the_window_fuses(keep, allocate, dtype, records, codes, inference, monkeypatch):
+    """A 10-token first step into a window of 4 keeps 4 of its tokens, ``keys.copy_(k[:, :, keep])`` (HF keeps the
+    last 4), and attends over all 10: fused as a store of those 4 tokens only, then decode rolls the full window.
+    Outputs and whole caches (random where the cache is an input) equal to eager.
+
+    The CPU path writes tokens in order, so a later token would hide an earlier one written to the same row (on a
+    GPU the two race): the slots the op receives are checked too, each kept token at its own row and every other
+    token at none, as the op resolves slots (a negative one counts from the end)."""
+    seen = []
+    for name in ("launch", "reference"):  # the kernel (through the interpreter), or the plain-torch path
+        run = getattr(rope_kv_cache, name)
+        monkeypatch.setattr(rope_kv_cache, name, lambda p, *a, run=run, **kw: seen.append(p) or run(p, *a, **kw))
+    torch.manual_seed(0)
+    model = WindowBlock(window=4, dtype=dtype, keep=keep, allocate_batch=1 if allocate == "input" else None).eval()
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model)
+    g = torch.Generator().manual_seed(1)
+    past = 0
+    for n in (10, 1, 1):
+        hidden = torch.randn(1, n, HIDDEN, generator=g).to(dtype)
+        position_ids = torch.arange(past, past + n)[None]
+        past += n
+        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(dtype), f"at {past} tokens")
+        for name in ("keys", "values"):
+            assert_close(getattr(model, name), getattr(eager, name), _tol(dtype), f"{name} at {past} tokens")
+    assert len(records) >= 2 and all(len(rec.fused) == 1 and not rec.unfused for rec in records), \
+        [[s.reason for s in rec.unfused] for rec in records]
+    assert "self.keys.copy_(full_keys[:, :, keep])" in records[0].fused[0].source
+    assert all(code.count(FUSED_CALL) == 1 for code in codes)
+    prefill = next(p for p in seen if p.q.shape[1] == 10)
+    slots = prefill.slot_mapping.flatten()
+    rows = torch.where(slots < 0, slots + 4, slots) if prefill.negative_wraps else slots
+    stored = (rows >= 0) & (rows < 4)
+    kept = torch.arange(10)[keep]
+    assert stored.nonzero().flatten().tolist() == kept.tolist(), slots
+    assert rows[kept].tolist() == list(range(4)), slots
+
+
+def test_multi_token_step_into_a_filled_window_is_reported(records, inference):
+    """A 3-token step after 3 cached tokens of a window of 4 keeps the last 4 rows of ``cat(cached, k)``: cached rows
+    move, which the fused op does not do. Not fused, reported with the reason; results equal to eager."""
+    torch.manual_seed(0)
+    model = WindowBlock(window=4).eval()
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model, FusionConfig())
+    g = torch.Generator().manual_seed(1)
+    past = 0
+    for n in (3, 3):
+        hidden = torch.randn(1, n, HIDDEN, generator=g)
+        position_ids = torch.arange(past, past + n)[None]
+        past += n
+        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(torch.float32), f"at {past}")
+        assert_close(model.keys, eager.keys, _tol(torch.float32), f"keys at {past} tokens")
+    assert len(records) == 2 and not records[1].fused
+    reasons = [s.reason for s in records[1].unfused]
+    assert len(reasons) == 1 and "concatenation" in reasons[0] and "moves cached rows" in reasons[0], reasons
