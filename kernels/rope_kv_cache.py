@@ -264,6 +264,9 @@ def _rope_kv_store_kernel(
     # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sin
     #         + h*sh + d*sd  (token: sblk = stride(0); paged: + in-block stride; sequence: sb = stride(0))
     k_cache_ptr, v_cache_ptr,
+    # or, for caches that are views of larger buffers (one stacked buffer for every layer), the buffers and the
+    # views' element offsets in them; v_cache_ptr None: v's view is of k's buffer. None offsets: the caches.
+    kc_off, vc_off,
     slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [B or 1, S]; swa_table [N_SWA] or None; positions [B or 1, S] or None
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
     k_scale_ptr, v_scale_ptr,        # [1] fp32, or None
@@ -345,6 +348,15 @@ def _rope_kv_store_kernel(
         off = slot - blk * CACHE_BLOCK_SIZE
         kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sin
         vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sin
+        kc_base = k_cache_ptr
+        if kc_off is not None:
+            kc_base += kc_off
+        if v_cache_ptr is None:
+            vc_base = k_cache_ptr
+        else:
+            vc_base = v_cache_ptr
+        if vc_off is not None:
+            vc_base += vc_off
         k_row = _offset(b, s, h, k_sb, k_ss, k_sh)
 
         i, e1, e2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
@@ -353,10 +365,10 @@ def _rope_kv_store_kernel(
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
-        tl.store(k_cache_ptr + kc_row[:, None] + (e1 * kc_sd)[None, :],
+        tl.store(kc_base + kc_row[:, None] + (e1 * kc_sd)[None, :],
                  _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
                               CLAMP_LO, CLAMP_HI), mask=sm)
-        tl.store(k_cache_ptr + kc_row[:, None] + (e2 * kc_sd)[None, :],
+        tl.store(kc_base + kc_row[:, None] + (e2 * kc_sd)[None, :],
                  _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
                               CLAMP_LO, CLAMP_HI), mask=sm)
         if k_out_ptr is not None:
@@ -368,15 +380,15 @@ def _rope_kv_store_kernel(
             tail = ROT + tl.arange(0, BLOCK_TAIL)
             tm = mask[:, None] & (tail < D)[None, :]
             x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
-            tl.store(k_cache_ptr + kc_row[:, None] + (tail * kc_sd)[None, :],
+            tl.store(kc_base + kc_row[:, None] + (tail * kc_sd)[None, :],
                      _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
                                   FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
                      mask=tm & store[:, None])
             if k_out_ptr is not None:
                 tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
 
-        tl.store(v_cache_ptr + vc_row[:, None] + (d * vc_sd)[None, :],
-                 _cache_value(v, v_scale_ptr, v_cache_ptr.dtype.element_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
+        tl.store(vc_base + vc_row[:, None] + (d * vc_sd)[None, :],
+                 _cache_value(v, v_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
                               SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
 
 
@@ -791,26 +803,30 @@ def launch_config(p: RopeKVProblem) -> dict:
     return cfg
 
 
-def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, **config) -> None:
-    """Launch the kernel once (nothing for T = 0). ``q_out``/``k_out`` have the shapes of q/k."""
+def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, buffers: tuple | None = None,
+           **config) -> None:
+    """Launch the kernel once (nothing for T = 0). ``q_out``/``k_out`` have the shapes of q/k; ``buffers``: see
+    ``kernel_arguments``."""
     if p.num_tokens == 0:
         return
-    grid, args = kernel_arguments(p, q_out, k_out, **config)
+    grid, args = kernel_arguments(p, q_out, k_out, buffers, **config)
     _rope_kv_store_kernel[grid](**args)
 
 
-def launch_traceable(p: RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_traceable(p: RopeKVProblem, return_k: bool, buffers: tuple | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Allocate the outputs and launch through ``torch.library.wrap_triton``; returns ``(q_out, k_out)``.
 
     Made to be traced (``make_fx(torch.func.functionalize(fn, remove="mutations"))`` over fake tensors,
     ``p`` from ``prepare`` on them): the graph then holds ``triton_kernel_wrapper_functional`` and Inductor
     launches the kernel from its own generated code. No argument checks (``prepare`` did them), no
     Python branch on the token count and no ``int()`` of it: it reaches the kernel and the grid as a
-    symbolic value. ``k_out`` is empty unless ``return_k``, as the custom op returns it.
+    symbolic value. ``k_out`` is empty unless ``return_k``, as the custom op returns it. With ``buffers`` (see
+    ``kernel_arguments``) the launch writes the buffers the caches are views of, not the views.
     """
     q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=p.q.device)
     k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
-    grid, args = kernel_arguments(p, q_out, k_out if return_k else None)
+    grid, args = kernel_arguments(p, q_out, k_out if return_k else None, buffers)
     symbolic = sorted(name for name in _constexpr_names(_rope_kv_store_kernel)
                       if isinstance(args.get(name), torch.SymInt))
     if symbolic:
@@ -832,11 +848,15 @@ def _constexpr_names(kernel) -> frozenset[str]:
 
 
 def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None,
-                     **config) -> tuple[tuple, dict]:
+                     buffers: tuple | None = None, **config) -> tuple[tuple, dict]:
     """``(grid, keyword arguments)`` of one launch; ``config`` overrides ``launch_config(p)``.
 
     Run-time values: the tensors (absent ones are None: Triton makes them constexprs), the token
     count and the batch strides. Everything else is a constexpr.
+
+    ``buffers = (k_buffer, v_buffer or None)``: ``p``'s caches are views of these (``v_buffer`` None: both of
+    ``k_buffer``), and the kernel gets the buffers and the views' element offsets in them, so that a traced
+    launch writes the buffers in place (functionalized, a written view would be cloned and scattered back).
     """
     head_dim = p.q.shape[-1]
     qo = _as_bshd("q_out", q_out, p.layout, head_dim)
@@ -869,8 +889,15 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
         ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+        kc_off=None, vc_off=None,
         **cfg,
     )
+    if buffers is not None:
+        k_buffer, v_buffer = buffers
+        v_base = k_buffer if v_buffer is None else v_buffer
+        args.update(k_cache_ptr=k_buffer, v_cache_ptr=v_buffer,
+                    kc_off=p.k_cache.storage_offset() - k_buffer.storage_offset(),
+                    vc_off=p.v_cache.storage_offset() - v_base.storage_offset())
     n_q_programs = triton.cdiv(p.num_tokens * p.q.shape[2], cfg["BLOCK_RQ"])
     n_kv_programs = triton.cdiv(p.num_tokens * p.k.shape[2], cfg["BLOCK_RKV"])
     return (n_q_programs + n_kv_programs,), args

@@ -923,10 +923,11 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
                            for qt in (p.k_quant, p.v_quant)))
     pair = _first_of_pair(st, p.v_store)
     if Origin.VIEW in (st.origin, p.v_store.origin):
-        # the op writes views of the buffers (the op, auto_functionalized_v2 over the buffers: Inductor writes
-        # them in place; a functional kernel launch would clone each view and scatter it back)
+        # the caches are views of the buffers: the kernel gets the buffers and the views' offsets, or the op gets
+        # views (auto_functionalized_v2 over the buffers); either way Inductor writes the buffers in place
         k_buf, v_buf = (pair[0].base, None) if pair else (st.base, p.v_store.base)
-        launchers = (functools.partial(rope_kv_store_on_views, k_views=_view_ops(st), v_views=_view_ops(p.v_store)),)
+        launchers = tuple(functools.partial(launch, k_views=_view_ops(st), v_views=_view_ops(p.v_store))
+                          for launch in view_launchers_for(st.cache.meta["val"].device, options.validate))
         replaced = [(1, pair[1])] if pair else [(0, st), (1, p.v_store)]  # (output: new k or v buffer, store)
     else:
         k_buf, v_buf = st.cache, p.v_store.cache
@@ -1000,6 +1001,36 @@ def _window_slots(graph: Graph, st: Store, fake_mode) -> Node:
 def _view_ops(store: Store) -> tuple:
     """``(op, args)`` of each select/slice from the store's buffer down to its cache, outermost first."""
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
+
+
+def view_launchers_for(device: torch.device, validate: bool) -> tuple[Callable, ...]:
+    """``launchers_for`` for caches that are views of buffers: the kernel writing the buffers, then the op."""
+    if device.type == "cuda" and not validate:
+        return kernel_rope_kv_store_on_views, rope_kv_store_on_views
+    return (rope_kv_store_on_views,)
+
+
+def kernel_rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,
+                                  v_scale=None, *, k_views: tuple, v_views: tuple, is_neox: bool, rotary_dim: int,
+                                  layout: str, return_k: bool, validate: bool, table_dtype, fp8_dtype=None,
+                                  quant_dtype=None, scale_mul=False, clamp=None):
+    """``rope_kv_store_on_views`` as the kernel launched from Inductor's code (see ``kernel_rope_kv_store``).
+
+    The kernel gets the buffers and the views' offsets in them (``rope_kv_cache.kernel_arguments``), so the
+    functionalized launch writes the buffers, graph inputs that Inductor re-inplaces; a written view would be
+    cloned instead (Inductor does not re-inplace a view of a graph input)."""
+    def launch(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale):
+        v_base = k_buffer if v_buffer is None else v_buffer
+        k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
+        p = rope_kv_cache.prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale,
+                                  v_scale, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout, negative_wraps=True,
+                                  table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype,
+                                  scale_mul=scale_mul, clamp=clamp)
+        q_out, k_out = rope_kv_cache.launch_traceable(p, return_k, buffers=(k_buffer, v_buffer))
+        return q_out, k_out, k_buffer, v_base
+
+    return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin,
+                                                                positions, k_scale, v_scale)
 
 
 def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,

@@ -38,6 +38,18 @@ def store_cache_op():
     return torch.ops.sglang.store_cache
 
 
+def pool_steps(num_slots: int = 64, seed: int = 0) -> list[tuple]:
+    """Inputs of a prefill of 5 tokens, then two decode steps, at scattered pool rows (row of position p: 63 - 3p),
+    for the token-pool blocks: (positions, hidden, slots, kv_slots)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = lambda positions: (num_slots - 1 - 3 * positions) % num_slots  # noqa: E731
+    steps = []
+    for past, n in ((0, 5), (5, 1), (6, 1)):
+        positions = torch.arange(past, past + n)
+        steps.append((positions, torch.randn(n, HIDDEN, generator=g), rows(positions), rows(torch.arange(past + n))))
+    return steps
+
+
 class _TokenPoolLayers(nn.Module):
     """L layers of an SGLang/vLLM-style attention (fused qkv, ``forward_native`` RoPE) sharing one table."""
 
@@ -59,7 +71,7 @@ class _TokenPoolLayers(nn.Module):
         q = q.view(t, HEADS, HEAD_DIM).transpose(0, 1)
         k = repeat_kv(k_rows.transpose(0, 1)[None], HEADS // KV_HEADS)[0]
         v = repeat_kv(v_rows.transpose(0, 1)[None], HEADS // KV_HEADS)[0]
-        mask = torch.arange(k.shape[1])[None, :] <= positions[:, None]
+        mask = torch.arange(k.shape[1], device=positions.device)[None, :] <= positions[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o[i](out.transpose(0, 1).reshape(t, -1))
 

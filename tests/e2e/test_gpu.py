@@ -244,6 +244,34 @@ def test_prefill_longer_than_the_window(keep, codes):
     assert codes and all(direct_launches(code) == 1 and "torch.ops.fx_fusion" not in code for code in codes)
 
 
+@pytest.mark.parametrize("layout", ["paged", "token", "split"])
+def test_stacked_buffer_written_in_place(layout, codes):
+    """Stacked caches (``kv[0, i][slot // bs, slot % bs] = k``, nano-vllm; ``kv[0, i][slot] = k``; ``k_cache[i][slot]
+    = k``): the kernel, launched from Inductor's code once per layer, writes the caller's buffers (no buffer-sized
+    copy), and the whole buffers equal eager's after a prefill and two decode steps."""
+    import re
+
+    from tests.cache_blocks import StackedBlock, pool_steps
+
+    torch.manual_seed(0)
+    model = StackedBlock(layout, layers=2).to(DEVICE).eval()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
+    before = snapshot()
+    for i, step in enumerate(pool_steps()):
+        inputs = to_device(step)
+        check_step(compiled(*inputs), eager(*inputs), model, eager, f"step {i}")
+    assert_every_graph_fused(delta(before), sites_per_graph=model.layers)
+    numels = {b.numel() for b in caches(model).values()}
+    assert codes
+    for code in codes:
+        assert direct_launches(code) == model.layers and "torch.ops.fx_fusion" not in code
+        body = code[code.index("def call("):]
+        for shape in re.findall(r"empty_strided\w*\(\(([^)]*)\)", body):
+            dims = [int(d) for d in shape.split(",") if d.strip().isdigit()]
+            assert not dims or torch.Size(dims).numel() not in numels, f"a buffer-sized ({shape}) temporary"
+
+
 def direct_launches(code: str) -> int:
     """Launches of the fused kernel from Inductor's output code (``<name>.run(``; Inductor numbers the name)."""
     import re

@@ -353,3 +353,54 @@ def test_the_launch_counts_as_a_fused_node(device, traced_kernels, monkeypatch):
     monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], rkc._rope_kv_store_kernel)
     assert is_fused_node(node)
     assert not any(is_fused_node(n) for n in gm.graph.nodes if n is not node)
+
+
+@pytest.mark.parametrize("buffers", ["one", "two"])
+def test_traced_launch_writes_the_buffers_of_view_caches(device, traced_kernels, ttir_analysis, monkeypatch,
+                                                        buffers):
+    """Caches that are views of stacked buffers (layer 1 of ``kv [2, 3, ...]``, or of ``k, v [3, ...]``), launched
+    with ``buffers``: the traced kernel writes the buffers, graph inputs Inductor can update in place, and nothing
+    else of the inputs; one buffer is passed once (two written arguments aliasing it would be cloned apart).
+    The graph run on real tensors writes the views as the reference does and leaves the rest of the buffers."""
+    module, interpreted = traced_kernels
+    args = case_args(device, dict(layout="paged", table="hf", qkv="3d"), T=5)
+    shape, dtype = args["k_cache"].shape, args["k_cache"].dtype
+    if buffers == "one":
+        bufs = [torch.randn((2, 3, *shape), dtype=dtype, device=device)]
+        views = lambda b: (b[0][0, 1], b[0][1, 1])  # noqa: E731
+    else:
+        bufs = [torch.randn((3, *shape), dtype=dtype, device=device) for _ in range(2)]
+        views = lambda b: (b[0][1], b[1][1])  # noqa: E731
+    names = [n for n, x in args.items() if isinstance(x, torch.Tensor) and n not in ("k_cache", "v_cache")]
+    static = {n: x for n, x in args.items() if not isinstance(x, torch.Tensor)}
+
+    def fn(*tensors):
+        given, bs = dict(zip(names, tensors[:len(names)])), list(tensors[len(names):])
+        k_cache, v_cache = views(bs)
+        p = module.prepare(**given, k_cache=k_cache, v_cache=v_cache, **static)
+        return module.launch_traceable(p, False, buffers=(bs[0], bs[1] if len(bs) > 1 else None))
+
+    inputs = [args[n] for n in names] + bufs
+    gm = make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="fake")(*inputs)
+    (node,) = kernel_nodes(gm)
+    assert set(node.kwargs["tensors_to_clone"]) == (
+        {"q_out_ptr", "k_cache_ptr"} | ({"v_cache_ptr"} if buffers == "two" else set()))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    written = {n.args[0] for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)}
+    assert written == set(placeholders[len(names):]), written
+
+    k_cache, v_cache = views(bufs)
+    p = rkc.prepare(**{n: args[n] for n in names}, k_cache=k_cache, v_cache=v_cache, **static)
+    ref = dataclasses.replace(p, k_cache=k_cache.clone(), v_cache=v_cache.clone())
+    q_ref, _ = rkc.reference(ref, False, compute_dtype=torch.float64)
+    want = [b.clone() for b in bufs]
+    want_views = views(want)
+    want_views[0].copy_(ref.k_cache)
+    want_views[1].copy_(ref.v_cache)
+    if interpreted is not None:
+        monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], interpreted)
+    q_out, _ = gm(*inputs)
+    atol, rtol = TOLERANCES[p.q.dtype]
+    torch.testing.assert_close(q_out, q_ref, atol=atol, rtol=rtol)
+    for got, expected in zip(bufs, want):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)

@@ -739,6 +739,31 @@ def test_strides(device, case):
     run_and_check(args, out_form=out_form)
 
 
+@pytest.mark.parametrize("buffers", ["one", "two"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_caches_written_through_their_buffers(device, layout, buffers):
+    """``buffers``: the kernel gets the buffers the caches are views of, and the views' offsets (stacked caches,
+    as a traced launch passes them). One buffer: the k and v caches of one layer of ``kv [2, L, ...]``; two: layer
+    1 of ``k [L, ...]`` and layer 2 of ``v [L, ...]``. The views are written as the reference writes them, and no
+    other byte of the buffers changes."""
+    batch = 2 if layout == "sequence" else 1
+    args = make_args(device, T=10, Hq=6, Hkv=2, D=48, layout=layout, batch=batch, is_neox=layout != "paged")
+    shape = args["k_cache"].shape
+    if buffers == "one":
+        kv = torch.empty((2, 3, *shape), dtype=args["k_cache"].dtype, device=device)
+        poison(kv)
+        args.update(k_cache=kv[0, 1], v_cache=kv[1, 1])
+        bufs = (kv, None)
+    else:
+        k_buffer, v_buffer = (torch.empty((3, *shape), dtype=args["k_cache"].dtype, device=device) for _ in range(2))
+        poison(k_buffer)
+        poison(v_buffer)
+        args.update(k_cache=k_buffer[1], v_cache=v_buffer[2])
+        bufs = (k_buffer, v_buffer)
+    p, *_ = run_and_check(args, buffers=bufs)
+    assert p.k_cache.storage_offset() > 0 and p.v_cache.storage_offset() > 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Launch configuration and grid
 # --------------------------------------------------------------------------------------------------

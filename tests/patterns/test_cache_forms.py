@@ -20,20 +20,9 @@ import torch
 
 from fx_fusion import FusionConfig
 from fx_fusion.kernels import rope_kv_cache
-from tests.cache_blocks import HIDDEN, EngineStoreBlock, StackedBlock, WindowBlock
+from tests.cache_blocks import HIDDEN, EngineStoreBlock, StackedBlock, WindowBlock, pool_steps
 from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, fused_call_args,  # noqa: F401
                                                inference, records, run_steps)
-
-
-def pool_steps(num_slots: int = 64, seed: int = 0) -> list[tuple]:
-    """Prefill of 5 tokens, then two decode steps, at scattered pool rows (row of position p: 63 - 3p)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = lambda positions: (num_slots - 1 - 3 * positions) % num_slots  # noqa: E731
-    steps = []
-    for past, n in ((0, 5), (5, 1), (6, 1)):
-        positions = torch.arange(past, past + n)
-        steps.append((positions, torch.randn(n, HIDDEN, generator=g), rows(positions), rows(torch.arange(past + n))))
-    return steps
 
 
 def check_every_layer_fused(records, codes, layers: int, buffers: list[torch.Tensor]) -> None:
