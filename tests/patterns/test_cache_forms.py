@@ -169,3 +169,19 @@ def test_multi_token_step_into_a_filled_window_is_reported(records, inference):
     assert len(records) == 2 and not records[1].fused
     reasons = [s.reason for s in records[1].unfused]
     assert len(reasons) == 1 and "concatenation" in reasons[0] and "moves cached rows" in reasons[0], reasons
+
+
+def test_copy_of_every_other_token_is_reported(records, inference):
+    """``keys.copy_(k[:, :, 0:8:2])`` (not a run of tokens) must not fuse as a window copy: reported with the reason,
+    outputs and caches equal to eager."""
+    torch.manual_seed(0)
+    model = WindowBlock(window=4, keep=slice(0, 8, 2)).eval()
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model, FusionConfig())
+    hidden, position_ids = torch.randn(1, 10, HIDDEN), torch.arange(10)[None]
+    assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(torch.float32), "output")
+    for name in ("keys", "values"):
+        assert_close(getattr(model, name), getattr(eager, name), _tol(torch.float32), name)
+    assert not records[0].fused
+    reasons = [s.reason for s in records[0].unfused]
+    assert len(reasons) == 1 and "step 2" in reasons[0] and "not a run of tokens" in reasons[0], reasons
