@@ -89,20 +89,26 @@ def test_cache_allocated_in_graph_and_rolled_window_fuse(dtype, records, codes, 
     model = WindowBlock(window=6, dtype=dtype).eval()
     eager = copy.deepcopy(model)
     compiled = compile_with(model)
+    run_window_steps(model, eager, compiled, (4, 1, 1, 1, 1), dtype)
+    kinds = [rec.fused[0].source for rec in records]
+    assert len(records) >= 3 and all(len(rec.fused) == 1 and not rec.unfused for rec in records), \
+        [[s.reason for s in rec.unfused] for rec in records]
+    assert any("index_copy_" in k for k in kinds) and any("new_keys[:, :, index] = k" in k for k in kinds)
+    assert all(code.count(FUSED_CALL) == 1 for code in codes)
+
+
+def run_window_steps(model, eager, compiled, sizes, dtype) -> None:
+    """Steps of ``sizes`` new tokens through a ``WindowBlock``, compiled and eagerly: outputs and both caches equal
+    after every step."""
     g = torch.Generator().manual_seed(1)
     past = 0
-    for n in (4, 1, 1, 1, 1):
+    for n in sizes:
         hidden = torch.randn(1, n, HIDDEN, generator=g).to(dtype)
         position_ids = torch.arange(past, past + n)[None]
         past += n
         assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(dtype), f"at {past} tokens")
         for name in ("keys", "values"):
             assert_close(getattr(model, name), getattr(eager, name), _tol(dtype), f"{name} at {past} tokens")
-    kinds = [rec.fused[0].source for rec in records]
-    assert len(records) >= 3 and all(len(rec.fused) == 1 and not rec.unfused for rec in records), \
-        [[s.reason for s in rec.unfused] for rec in records]
-    assert any("index_copy_" in k for k in kinds) and any("new_keys[:, :, index] = k" in k for k in kinds)
-    assert all(code.count(FUSED_CALL) == 1 for code in codes)
 
 
 def _tol(dtype) -> dict:
@@ -129,15 +135,7 @@ def test_prefill_longer_than_the_window_fuses(keep, allocate, dtype, records, co
     model = WindowBlock(window=4, dtype=dtype, keep=keep, allocate_batch=1 if allocate == "input" else None).eval()
     eager = copy.deepcopy(model)
     compiled = compile_with(model)
-    g = torch.Generator().manual_seed(1)
-    past = 0
-    for n in (10, 1, 1):
-        hidden = torch.randn(1, n, HIDDEN, generator=g).to(dtype)
-        position_ids = torch.arange(past, past + n)[None]
-        past += n
-        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(dtype), f"at {past} tokens")
-        for name in ("keys", "values"):
-            assert_close(getattr(model, name), getattr(eager, name), _tol(dtype), f"{name} at {past} tokens")
+    run_window_steps(model, eager, compiled, (10, 1, 1), dtype)
     assert len(records) >= 2 and all(len(rec.fused) == 1 and not rec.unfused for rec in records), \
         [[s.reason for s in rec.unfused] for rec in records]
     assert "self.keys.copy_(full_keys[:, :, keep])" in records[0].fused[0].source
@@ -158,14 +156,7 @@ def test_multi_token_step_into_a_filled_window_is_reported(records, inference):
     model = WindowBlock(window=4).eval()
     eager = copy.deepcopy(model)
     compiled = compile_with(model, FusionConfig())
-    g = torch.Generator().manual_seed(1)
-    past = 0
-    for n in (3, 3):
-        hidden = torch.randn(1, n, HIDDEN, generator=g)
-        position_ids = torch.arange(past, past + n)[None]
-        past += n
-        assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(torch.float32), f"at {past}")
-        assert_close(model.keys, eager.keys, _tol(torch.float32), f"keys at {past} tokens")
+    run_window_steps(model, eager, compiled, (3, 3), torch.float32)
     assert len(records) == 2 and not records[1].fused
     reasons = [s.reason for s in records[1].unfused]
     assert len(reasons) == 1 and "concatenation" in reasons[0] and "moves cached rows" in reasons[0], reasons
@@ -178,10 +169,7 @@ def test_copy_of_every_other_token_is_reported(records, inference):
     model = WindowBlock(window=4, keep=slice(0, 8, 2)).eval()
     eager = copy.deepcopy(model)
     compiled = compile_with(model, FusionConfig())
-    hidden, position_ids = torch.randn(1, 10, HIDDEN), torch.arange(10)[None]
-    assert_close(compiled(hidden, position_ids), eager(hidden, position_ids), _tol(torch.float32), "output")
-    for name in ("keys", "values"):
-        assert_close(getattr(model, name), getattr(eager, name), _tol(torch.float32), name)
+    run_window_steps(model, eager, compiled, (10,), torch.float32)
     assert not records[0].fused
     reasons = [s.reason for s in records[0].unfused]
     assert len(reasons) == 1 and "step 2" in reasons[0] and "not a run of tokens" in reasons[0], reasons
