@@ -173,3 +173,15 @@ def test_copy_of_every_other_token_is_reported(records, inference):
     assert not records[0].fused
     reasons = [s.reason for s in records[0].unfused]
     assert len(reasons) == 1 and "step 2" in reasons[0] and "not a run of tokens" in reasons[0], reasons
+
+
+def test_window_copy_with_a_symbolic_token_count_is_reported(records, inference):
+    """Compiled with ``dynamic=True``, a prefill longer than the window copies ``k[:, :, -4:]`` out of a symbolic
+    number of tokens: where the kept run starts is not a constant, so the copy is reported, not fused."""
+    torch.manual_seed(0)
+    model = WindowBlock(window=4).eval()
+    eager = copy.deepcopy(model)
+    run_window_steps(model, eager, compile_with(model, FusionConfig(), dynamic=True), (10,), torch.float32)
+    assert not records[0].fused
+    reasons = [s.reason for s in records[0].unfused]
+    assert len(reasons) == 1 and "static S" in reasons[0], reasons
