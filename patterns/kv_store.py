@@ -213,7 +213,7 @@ def match_copy_store(n: Node) -> Store:
         if not _static_view(src):
             raise NotAStore("the copied slice has symbolic bounds")
         value = src.args[0]
-        if value.target is aten.cat.default and (value.args[1] if len(value.args) > 1 else 0) % 4 == 2:
+        if cat_of_tokens(value):
             raise NotAStore(f"the copy keeps the last rows of a concatenation ({value.name}: rows already cached "
                             "and new tokens), which moves cached rows; the fused op stores new tokens only")
         dim, start, _, step = view_args(src)
@@ -224,8 +224,9 @@ def match_copy_store(n: Node) -> Store:
         first = min(max(start + tokens if start < 0 else start, 0), tokens)  # as slice clamps its start
     if value.target is aten.index_put.default:
         raise NotAStore(f"the copied value is the result of another store ({value.name})")
-    if _view_chain(cache):
-        raise NotAStore(f"a copy into a view of {_view_chain(cache)[0].args[0].name}")
+    views = _view_chain(cache)
+    if views:
+        raise NotAStore(f"a copy into a view of {views[0].args[0].name}")
     copy = None
     if cache.op == "placeholder":
         origin, copy = Origin.INPUT, _epilogue(n, cache, None)
@@ -242,6 +243,12 @@ def match_copy_store(n: Node) -> Store:
     roles = _value_roles(value, (cshape[0], cshape[1], tokens, cshape[3]), _BHSD)
     return Store(n, cache, None, copy, CacheLayout.SEQUENCE, None, value, roles, ("window", first, tokens), origin,
                  window=(first, tokens))
+
+
+def cat_of_tokens(n: Node) -> bool:
+    """Whether ``n`` concatenates 4-D ``[B, Hkv, S, D]`` tensors along S (cached rows and new tokens)."""
+    return (n.target is aten.cat.default and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4
+            and (n.args[1] if len(n.args) > 1 else 0) % 4 == 2)
 
 
 def _static_view(n) -> bool:

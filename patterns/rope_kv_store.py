@@ -51,8 +51,9 @@ from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
-from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, engine_store_op, match_copy_store,
-                                         match_engine_store, match_store, same_view, view_args, walk_views)
+from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
+                                         match_copy_store, match_engine_store, match_store, same_view, view_args,
+                                         walk_views)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
@@ -276,8 +277,7 @@ def _copies_rope(n: Node, ropes: _RopeFinder) -> bool:
         return False
     if src.target is aten.slice.Tensor:
         src = src.args[0]
-    along_seq = src.target is aten.cat.default and (src.args[1] if len(src.args) > 1 else 0) % 4 == 2
-    parts = src.args[0] if along_seq else [src]
+    parts = src.args[0] if cat_of_tokens(src) else [src]
     return any(isinstance(p, Node) and "val" in p.meta and _stores_rope_below(p, ropes) for p in parts)
 
 
