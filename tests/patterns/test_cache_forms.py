@@ -112,8 +112,10 @@ def run_window_steps(model, eager, compiled, sizes, dtype) -> None:
 
 
 def _tol(dtype) -> dict:
-    """fp32: the same maths; bf16: the kernel rounds once where eager rounds after every op."""
-    return {dtype: {torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 5e-2)}[dtype]}
+    """Tolerances for a model computing in ``dtype``, for tensors of any float dtype it holds: fp32, the same
+    maths; bf16, the kernel rounds once where eager rounds after every op."""
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 5e-2)}[dtype]
+    return {torch.float32: tol, torch.bfloat16: tol}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -185,3 +187,16 @@ def test_window_copy_with_a_symbolic_token_count_is_reported(records, inference)
     assert not records[0].fused
     reasons = [s.reason for s in records[0].unfused]
     assert len(reasons) == 1 and "static S" in reasons[0], reasons
+
+
+def test_window_copy_that_casts_is_reported(records, inference):
+    """A bf16 model whose window caches are fp32: ``keys.copy_(k[:, :, -4:])`` casts as it copies, which the fused
+    op's store does not. Reported, not fused; outputs and caches equal to eager."""
+    torch.manual_seed(0)
+    model = WindowBlock(window=4, dtype=torch.bfloat16, allocate_batch=1).eval()
+    model.keys, model.values = model.keys.float(), model.values.float()
+    eager = copy.deepcopy(model)
+    run_window_steps(model, eager, compile_with(model, FusionConfig()), (10,), torch.bfloat16)
+    assert not records[0].fused
+    reasons = [s.reason for s in records[0].unfused]
+    assert len(reasons) == 1 and "casts" in reasons[0], reasons
