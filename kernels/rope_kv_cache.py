@@ -8,8 +8,9 @@ One launch does what attention layers otherwise do in three memory-bound steps:
 
 where ``rope(x) = x * cos + rotate(x) * sin`` on the first ``rotary_dim`` features of every head
 (the tail passes through unchanged), ``rotate`` pairs features as NeoX halves (i, i + R/2) or GPT-J
-neighbours (2i, 2i + 1), and ``quant(x) = saturate(x / scale)`` for fp8 caches, the identity
-otherwise. Maths is fp32 whatever the storage dtypes.
+neighbours (2i, 2i + 1), and ``quant(x) = saturate(x / scale)`` for fp8 caches (rounded to nearest
+even, NaN kept), the identity otherwise. Maths is fp32 whatever the storage dtypes; every rounding to
+bf16 or fp8 is to nearest even, computed by the kernel itself where Triton's interpreter would differ.
 
 With ``quant_dtype`` the fp8 store is instead what eager model code computes (``eager_fp8``), bit for bit:
 
@@ -73,6 +74,8 @@ MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
 TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# k_scale/v_scale: one value, read exactly (as fp32) by the kernel
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +145,15 @@ def _round(x, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _to(x, ty):
+    # x (fp32) converted to ty; bf16 rounded to nearest even first (exact then), as GPUs convert: the Triton
+    # interpreter truncates fp32 -> bf16 conversions on its own
+    if ty == tl.bfloat16:
+        x = _round(x, 1)
+    return x.to(ty)
+
+
+@triton.jit
 def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
     # out = clamp(x / scale, -FP8_MAX, FP8_MAX) for fp8 caches, NaN kept (as eager ``.to(fp8)`` keeps it);
     # identity otherwise. Scale 0, negative or non-finite: whatever the fp32 division gives, as in eager.
@@ -158,7 +170,7 @@ def _cache_value(x, scale_ptr, ty, FP8_MAX: tl.constexpr, FP8_CAST: tl.constexpr
     # x (fp32) as the cache of element type ty stores it: quant(x) (_quantize), or eager's fp8 bits
     # (_eager_fp8) reinterpreted as ty (an fp8 type, or uint8 for pools of fp8 bits)
     if FP8_CAST == 0:
-        out = _quantize(x, scale_ptr, FP8_MAX).to(ty)
+        out = _to(_quantize(x, scale_ptr, FP8_MAX), ty)
     else:
         out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
     return out
@@ -181,33 +193,37 @@ def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_R
     if CLAMP_HI is not None:
         x = tl.where(x != x, x, tl.minimum(x, CLAMP_HI))
     if FP8_CAST == 1:  # e4m3fn, saturating (torch on CPU: |x| > 448, inf too, -> 448)
-        bits = _fp8_bits(x, 3, 7, 448.0, None, 0)
-    elif FP8_CAST == 2:  # e4m3fn, NaN from 464 (torch on CUDA: (448, 464) -> 448, |x| >= 464 -> NaN)
-        bits = _fp8_bits(x, 3, 7, 448.0, 464.0, 0x7F)
-    else:  # e5m2, to nearest even, inf from 61440 (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
-        bits = _fp8_bits(x, 2, 15, 57344.0, 61440.0, 0x7C)
+        bits = _fp8_bits(x, 3, 7, 0x7E, None, 1024.0)
+    elif FP8_CAST == 2:  # e4m3fn, NaN past the tie at 464 (torch on CUDA: (448, 464] -> 448, |x| > 464 -> NaN)
+        bits = _fp8_bits(x, 3, 7, 0x7E, 0x7F, 1024.0)
+    else:  # e5m2, inf from the tie at 61440 on (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
+        bits = _fp8_bits(x, 2, 15, 0x7B, 0x7C, 131072.0)
     return bits
 
 
 @triton.jit
-def _fp8_bits(x, M: tl.constexpr, BIAS: tl.constexpr, MAX: tl.constexpr, OVF_AT: tl.constexpr,
-              OVF_BITS: tl.constexpr):
-    # uint8 bits of fp32 x in a format with M mantissa bits and exponent bias BIAS, rounded to nearest even;
-    # |x| >= OVF_AT -> sign | OVF_BITS (inf or NaN), other |x| > MAX -> MAX, NaN -> sign | 0x7F (torch's bits).
+def _fp8_bits(x, M: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr, OVF_CODE: tl.constexpr,
+              BIG: tl.constexpr):
+    # uint8 bits of fp32 x in a format with M mantissa bits and exponent bias BIAS, rounded to nearest even,
+    # ties included (e4m3fn: 464, halfway between 448 and the next code, rounds to 448). A code past MAX_CODE
+    # (the largest finite value) becomes OVF_CODE (inf or NaN), or MAX_CODE when OVF_CODE is None (saturating);
+    # NaN -> sign | 0x7F (torch's bits). BIG: a power of two whose code is past MAX_CODE (|x| is clamped to it).
     xi = x.to(tl.int32, bitcast=True)
     sign = (xi >> 24) & 0x80
     a = tl.abs(x)
-    a = tl.where(a != a, 0.0, tl.minimum(a, MAX))
+    a = tl.where(a != a, 0.0, tl.minimum(a, BIG))
     u = a.to(tl.int32, bitcast=True)
     # normal: round the fp32 mantissa to M bits (a carry moves into the exponent), rebias the exponent
     normal = ((u + ((1 << (22 - M)) - 1) + ((u >> (23 - M)) & 1)) >> (23 - M)) - ((127 - BIAS) << M)
     # subnormal (a < 2^(1 - BIAS)): count of quanta 2^(1 - BIAS - M), rounded to nearest even by the fp32 add
     t = tl.minimum(a, 2.0 ** (1 - BIAS)) * (2.0 ** (BIAS - 1 + M))  # exact; at most 2^M
     sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
-    bits = sign | tl.where(a < 2.0 ** (1 - BIAS), sub, normal)
-    if OVF_AT is not None:
-        bits = tl.where(tl.abs(x) >= OVF_AT, sign | OVF_BITS, bits)
-    bits = tl.where(x != x, sign | 0x7F, bits)
+    code = tl.where(a < 2.0 ** (1 - BIAS), sub, normal)
+    if OVF_CODE is None:
+        code = tl.minimum(code, MAX_CODE)
+    else:
+        code = tl.where(code > MAX_CODE, OVF_CODE, code)
+    bits = tl.where(x != x, sign | 0x7F, sign | code)
     return bits.to(tl.uint8)
 
 
@@ -269,7 +285,7 @@ def _rope_kv_store_kernel(
     kc_off, vc_off,
     slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [B or 1, S]; swa_table [N_SWA] or None; positions [B or 1, S] or None
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
-    k_scale_ptr, v_scale_ptr,        # [1] fp32, or None
+    k_scale_ptr, v_scale_ptr,        # one fp32, bf16 or fp16 value each, or None
     T,                               # tokens: B * S
     # Run-time strides, those that may involve the token count: the batch strides (S * ...; None where the
     # batch index is always 0 (B = 1) or the tensor is broadcast), and the token strides of q, k, v (views
@@ -316,8 +332,8 @@ def _rope_kv_store_kernel(
         qo1, qo2 = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         qout_ty = q_out_ptr.dtype.element_ty
-        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], qo1.to(qout_ty), mask=qm)
-        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], qo2.to(qout_ty), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], _to(qo1, qout_ty), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], _to(qo2, qout_ty), mask=qm)
         if ROT < D:
             qtail = ROT + tl.arange(0, BLOCK_TAIL)
             qtm = qmask[:, None] & (qtail < D)[None, :]
@@ -339,11 +355,14 @@ def _rope_kv_store_kernel(
                 slot = tl.where(slot < 0, slot + N_SWA, slot)
             in_swa = (slot >= 0) & (slot < N_SWA)
             store = store & in_swa
-            slot = tl.load(swa_ptr + tl.where(in_swa, slot, 0), mask=store, other=-1).to(tl.int64)
+            slot = tl.load(swa_ptr + tl.minimum(tl.maximum(slot, 0), N_SWA - 1), mask=in_swa, other=-1).to(tl.int64)
         if NEGATIVE_WRAPS:
             slot = tl.where(slot < 0, slot + N_SLOTS, slot)
         store = store & (slot >= 0) & (slot < N_SLOTS)
-        slot = tl.where(store, slot, 0)
+        # the tokens not stored address a row inside the cache (clamped, not selected by ``store``: Triton 3.6
+        # mis-assigns layouts to ``store`` for some shapes when it picks the slot, and fails to compile; memcheck
+        # grid case 103, sequence D 64 rot 32 64/8 heads with a sliding-window table; tests/kernels/test_cuda_compile.py)
+        slot = tl.minimum(tl.maximum(slot, 0), N_SLOTS - 1)
         blk = slot // CACHE_BLOCK_SIZE
         off = slot - blk * CACHE_BLOCK_SIZE
         kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sin
@@ -374,8 +393,8 @@ def _rope_kv_store_kernel(
         if k_out_ptr is not None:
             ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
             ko_ty = k_out_ptr.dtype.element_ty
-            tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], o1.to(ko_ty), mask=m)
-            tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], o2.to(ko_ty), mask=m)
+            tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], _to(o1, ko_ty), mask=m)
+            tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], _to(o2, ko_ty), mask=m)
         if ROT < D:
             tail = ROT + tl.arange(0, BLOCK_TAIL)
             tm = mask[:, None] & (tail < D)[None, :]
@@ -648,7 +667,7 @@ def prepare(
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale is None:
             continue
-        _expect_tensor(name, scale, dtypes=(torch.float32,), device=dev)
+        _expect_tensor(name, scale, dtypes=SCALE_DTYPES, device=dev)
         if scale.numel() != 1:
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(scale.shape)}")
         if k_cache.dtype not in FP8_DTYPES and fp8_dtype is None:
@@ -667,8 +686,8 @@ def prepare(
 _EAGER_FP8_CAST = {
     # torch 2.13 on CPU: e4m3fn saturates (inf too) to +-448; e5m2 rounds to nearest even, overflows to inf
     "cpu": {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3},
-    # NVIDIA (measured on an H200, torch 2.11): e4m3fn rounds (448, 464) to 448 and gives NaN from 464 on;
-    # e5m2 as on CPU
+    # NVIDIA (measured on an H200, torch 2.11): e4m3fn rounds (448, 464] to 448 (464 is a tie, to even) and
+    # gives NaN past it; e5m2 as on CPU
     "cuda": {torch.float8_e4m3fn: 2, torch.float8_e5m2: 3},
 }
 
@@ -880,12 +899,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
         CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
-        FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype) if p.quant_dtype is not None else 0,
-        X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
-        Q_ROUND=TABLE_DTYPES.index(p.quant_dtype) if p.quant_dtype in TABLE_DTYPES else 0,
-        SCALE_MUL=p.scale_mul,
-        CLAMP_LO=p.clamp[0] if p.clamp is not None else None,
-        CLAMP_HI=p.clamp[1] if p.clamp is not None else None,
+        **_fp8_store_arguments(p),
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
         ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
@@ -901,6 +915,30 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
     n_q_programs = triton.cdiv(p.num_tokens * p.q.shape[2], cfg["BLOCK_RQ"])
     n_kv_programs = triton.cdiv(p.num_tokens * p.k.shape[2], cfg["BLOCK_RKV"])
     return (n_q_programs + n_kv_programs,), args
+
+
+# the saturating FP8_CAST code of each fp8 format the kernel writes bits of (see _eager_fp8)
+_SATURATING_FP8_CAST = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3}
+
+
+def _fp8_store_arguments(p: RopeKVProblem) -> dict:
+    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO and CLAMP_HI (see ``_eager_fp8``).
+
+    With ``quant_dtype``: eager's quantisation, rounded as eager rounds it on this device. Without it, an fp8
+    cache of a format whose bits the kernel computes stores ``clamp(x / scale, -max, max)`` from the fp32
+    value, rounded to nearest even, NaN kept, through the same code (so the interpreter and every GPU agree);
+    ``float8_e4m3fnuz`` (HIP) is cast by Triton (FP8_CAST 0)."""
+    plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None)
+    if p.quant_dtype is not None:
+        return dict(FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype),
+                    X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
+                    Q_ROUND=TABLE_DTYPES.index(p.quant_dtype) if p.quant_dtype in TABLE_DTYPES else 0,
+                    SCALE_MUL=p.scale_mul, CLAMP_LO=p.clamp[0] if p.clamp is not None else None,
+                    CLAMP_HI=p.clamp[1] if p.clamp is not None else None)
+    if p.k_cache.dtype in _SATURATING_FP8_CAST:
+        fmax = torch.finfo(p.k_cache.dtype).max
+        return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[p.k_cache.dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
+    return plain
 
 
 def _static(n):
@@ -1030,6 +1068,7 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
     put(p.k_cache, k_rot, p.k_scale)
     put(p.v_cache, p.v.to(compute_dtype), p.v_scale)
-    q_out = q_rot.to(p.q.dtype).reshape(p.q_shape)
-    k_out = k_rot.to(p.k.dtype).reshape(p.k_shape) if return_k else None
+    # contiguous, as the kernel's outputs are (the op's fake promises their strides; q_rot has q's, any order)
+    q_out = q_rot.to(p.q.dtype).reshape(p.q_shape).contiguous()
+    k_out = k_rot.to(p.k.dtype).reshape(p.k_shape).contiguous() if return_k else None
     return q_out, k_out
