@@ -189,6 +189,15 @@ def test_one_rounding_to_the_stored_dtype_is_a_match():
         assert m.x.meta["val"].dtype == x_dtype and m.root.meta["val"].dtype == BF16
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, BF16], ids=str)
+def test_a_rope_computed_in_fp64_is_refused(x_dtype):
+    """fp64 arithmetic rounded once to the stored dtype is not the op's fp32 arithmetic rounded once."""
+    gm = trace(lambda x, c, s: rope(x.double(), c.double(), s.double()).to(x_dtype),
+               torch.randn(T, HKV, D, dtype=x_dtype), torch.randn(T, 1, D), torch.randn(T, 1, D))
+    with pytest.raises(NotRope, match="computed in float64"):
+        match_rope(output_node(gm))
+
+
 def test_fp64_tables_are_refused():
     """An fp64 RoPE cast back to fp32 with fp64 cos/sin: the fused op reads fp16/bf16/fp32 tables."""
     gm = trace(lambda x, c, s: rope(x.double(), c, s).float(), torch.randn(T, HKV, D),
