@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, MODEL_DTYPES, exactly_representable
+from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
 from fx_fusion.patterns.fx_utils import is_one, shape_of
 
 aten = torch.ops.aten
@@ -49,8 +49,9 @@ class Quant:
     quant_dtype: torch.dtype  # the dtype of ``x / scale`` (eager rounds the quotient to it)
     scale_mul: bool  # ``x * scale`` (a reciprocal) instead of ``x / scale``
     clamp: tuple | None  # (lo, hi)
-    scale: Node | float | None  # a graph tensor of one fp32 value, a Python number, or no scale
+    scale: Node | float | None  # a graph tensor of one fp32, bf16 or fp16 value, a Python number, or no scale
     chain: tuple = ()  # the store's view and quantisation nodes above the quantised value (set by the pass)
+    scale_first: bool = False  # the scale tensor is the first operand of the multiply (``s * x``)
 
     @property
     def recipe(self) -> tuple:
@@ -63,6 +64,19 @@ class Quant:
         clamp = "" if self.clamp is None else f".clamp{self.clamp}"
         view = ".view(uint8)" if self.uint8 else ""
         return f"(x{scale} in {self.quant_dtype}){clamp}.to({self.fp8}){view}"
+
+
+def scale_rounding(quant: Quant, device: torch.device) -> torch.dtype | None:
+    """The dtype eager rounds a scale tensor to before it divides or multiplies by it (None: its own value).
+
+    ``x / s`` with a one-element ``s`` is computed in the quotient's dtype from operands converted to it, except
+    where ATen reads a scalar operand in fp32: on CPU, the second operand of a bf16/fp16 division or multiply
+    (``s * x`` rounds ``s``; measured, torch 2.13); on CUDA only CPU scalars, so a 0-d CUDA tensor is rounded
+    to the quotient's dtype as it is loaded (measured, H200, torch 2.11). A quotient in fp32 reads every
+    bf16/fp16/fp32 scale exactly. Python-number scales are not tensors: see ``_check_quant_device``."""
+    if not isinstance(quant.scale, Node) or quant.quant_dtype is torch.float32:
+        return None
+    return quant.quant_dtype if device.type == "cuda" or quant.scale_first else None
 
 
 def _convert_target(n: Node) -> torch.dtype | None:
@@ -101,14 +115,14 @@ def peel_quant(value: Node, cache: Node) -> tuple[Node, Quant] | None:
     if quant_dtype not in MODEL_DTYPES:
         raise NotQuant(f"the value cast to {fp8} is {quant_dtype}, not a model dtype", x)
     x, clamp = _peel_clamp(x, quant_dtype)
-    x, scale, scale_mul = _peel_scale(x, quant_dtype)
+    x, scale, scale_mul, scale_first = _peel_scale(x, quant_dtype)
     up = _convert_target(x)  # ``x.float() / scale``: an exact upcast of the stored tensor
     if up is torch.float32 and _dtype(x.args[0]) in (torch.bfloat16, torch.float16):
         x = x.args[0]
     if _dtype(x) not in MODEL_DTYPES or len(shape_of(x)) != len(shape_of(value)):
         raise NotQuant(f"the quantised value {x.name} is {_dtype(x)} {tuple(shape_of(x))}, not the stored "
                        f"{tuple(shape_of(value))} in a model dtype", x)
-    return x, Quant(fp8, uint8, quant_dtype, scale_mul, clamp, scale)
+    return x, Quant(fp8, uint8, quant_dtype, scale_mul, clamp, scale, scale_first=scale_first)
 
 
 def _peel_clamp(x: Node, dtype: torch.dtype) -> tuple[Node, tuple | None]:
@@ -151,28 +165,29 @@ def _peel_clamp(x: Node, dtype: torch.dtype) -> tuple[Node, tuple | None]:
     return inner, (lo, hi)
 
 
-def _peel_scale(x: Node, dtype: torch.dtype) -> tuple[Node, Node | float | None, bool]:
-    """Strip ``x / scale`` or ``x * scale``: (the scaled tensor, the scale, multiplied?)."""
+def _peel_scale(x: Node, dtype: torch.dtype) -> tuple[Node, Node | float | None, bool, bool]:
+    """Strip ``x / scale`` or ``x * scale``: (the scaled tensor, the scale, multiplied?, scale first?)."""
     if not (isinstance(x, Node) and x.op == "call_function"
             and x.target in (aten.div.Tensor, aten.mul.Tensor) and len(x.args) == 2 and not x.kwargs):
-        return x, None, False
+        return x, None, False, False
     a, b = x.args
     mul = x.target is aten.mul.Tensor
-    if mul and not _is_scale_like(b) and _is_scale_like(a):
+    first = mul and not _is_scale_like(b) and _is_scale_like(a)
+    if first:
         a, b = b, a
     if not isinstance(a, Node):
         raise NotQuant(f"{x.name} scales a constant", x)
     if isinstance(b, (int, float)) and not isinstance(b, bool):
-        return a, float(b), mul
+        return a, float(b), mul, first
     if not isinstance(b, Node) or "val" not in b.meta:
         raise NotQuant(f"{x.name} scales by {b!r}", a)
     sval = b.meta["val"]
     if not all(is_one(s) for s in sval.shape) or len(sval.shape) > len(shape_of(a)):
         raise NotQuant(f"the scale {b.name} has shape {tuple(sval.shape)}: one scale per head or feature, but "
                        "the fused op takes one per-tensor scale", a)
-    if sval.dtype is not torch.float32:
-        raise NotQuant(f"the scale {b.name} is {sval.dtype}; the fused op takes an fp32 scale", a)
-    return a, b, mul
+    if sval.dtype not in SCALE_DTYPES:
+        raise NotQuant(f"the scale {b.name} is {sval.dtype}; the fused op reproduces fp32, bf16 and fp16 scales", a)
+    return a, b, mul, first
 
 
 def _is_scale_like(n) -> bool:

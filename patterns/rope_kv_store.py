@@ -54,7 +54,7 @@ from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
                                          match_copy_store, match_engine_store, match_store, same_view, view_args,
                                          walk_views)
-from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
+from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant, scale_rounding
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, RopeStyle, TableRef, match_rope, rope_like
 
 log = logging.getLogger("fx_fusion")
@@ -793,6 +793,7 @@ class ReplacementSpec:
     v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
     quant: tuple | None = None  # fp8 stores: (fp8_dtype for uint8 caches or None, quant_dtype, scale_mul, clamp)
     scale_values: tuple = (None, None)  # k's and v's scales where the graph has them as Python numbers
+    scale_roundings: tuple = (None, None)  # the dtype eager rounds each scale tensor to first (quant.scale_rounding)
 
 
 def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, *,
@@ -815,9 +816,13 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
         fp8_dtype, quant_dtype, scale_mul, clamp = spec.quant
         quant = dict(fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
                      clamp=None if clamp is None else list(clamp))
-        # a scale the graph holds as a Python number: the fp32 value eager computes with
-        k_scale, v_scale = (torch.full((1,), value, dtype=torch.float32, device=q.device) if value is not None
-                            else scale for scale, value in zip((k_scale, v_scale), spec.scale_values))
+        # a scale the graph holds as a Python number: the fp32 value eager computes with; a scale tensor: the
+        # value eager reads, in the dtype it is read in (rounded to the quotient's dtype first where eager rounds
+        # it: a bf16 tensor the op reads exactly; Inductor would drop a round trip back to fp32)
+        k_scale, v_scale = (
+            torch.full((1,), value, dtype=torch.float32, device=q.device) if value is not None
+            else None if scale is None else _convert(scale, rounding)
+            for scale, value, rounding in zip((k_scale, v_scale), spec.scale_values, spec.scale_roundings))
     q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale,
                                         is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
                                         return_k=spec.return_k, validate=spec.validate,
@@ -829,6 +834,13 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     if spec.v_store_shape is not None:
         v_new = v_new.reshape(spec.v_store_shape)
     return q_rot, k_rot, k_new, v_new
+
+
+def _convert(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` cast to ``dtype`` (rounded to nearest even) as post-grad graphs spell it; ``x`` for None or its dtype."""
+    if dtype is None or x.dtype == dtype:
+        return x
+    return torch.ops.prims.convert_element_type.default(x, dtype)
 
 
 def _to_token_major(x: torch.Tensor, roles, wanted) -> torch.Tensor:
@@ -920,7 +932,9 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         quant=None if p.k_quant is None else (p.k_quant.fp8 if p.k_quant.uint8 else None, p.k_quant.quant_dtype,
                                               p.k_quant.scale_mul, p.k_quant.clamp),
         scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None
-                           for qt in (p.k_quant, p.v_quant)))
+                           for qt in (p.k_quant, p.v_quant)),
+        scale_roundings=tuple(scale_rounding(qt, st.cache.meta["val"].device) if qt is not None else None
+                              for qt in (p.k_quant, p.v_quant)))
     pair = _first_of_pair(st, p.v_store)
     if Origin.VIEW in (st.origin, p.v_store.origin):
         # the caches are views of the buffers: the kernel gets the buffers and the views' offsets, or the op gets

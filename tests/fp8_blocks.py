@@ -5,10 +5,12 @@
     "vllm"         k_cache[blk, off] = (k / k_scale).to(fp8)                         fp8 [blocks, bs, Hkv, D]
     "vllm_clamp"   k_cache[blk, off] = (k / k_scale).clamp(-448, 448).to(fp8)        fp8 [blocks, bs, Hkv, D]
     "reciprocal"   k_buffer[loc] = (k * (1.0 / k_scale)).to(fp8)                     fp8 [slots, Hkv, D]
+    "scale_first"  k_buffer[loc] = ((1.0 / k_scale) * k).to(fp8)                     fp8 [slots, Hkv, D]
 
 ``scale``: "float" (a Python number), "0d" (a 0-d fp32 buffer), "1el" (a [1] fp32 buffer, which makes the
 quotient fp32 by type promotion), "per_head" (a [Hkv, 1] buffer: one scale per head, which the fused op
-cannot take). v is quantised the same way with its own scale. Caches start as random bytes (never zeros);
+cannot take); ``scale_dtype``: the buffers' dtype (a module moved to bf16 as a whole has bf16 scales).
+v is quantised the same way with its own scale. Caches start as random bytes (never zeros);
 the scales are chosen so that rotated k and v cross the fp8 range (rounding, overflow). Each layer is
 ``qkv projection -> RoPE -> fp8 store -> attention over the dequantised cache -> o_proj``.
 """
@@ -21,13 +23,14 @@ from torch import nn
 
 from tests.attention_blocks import cos_sin_table, repeat_kv, token_pool_rotary
 
-SPELLINGS = ("sglang", "vllm", "vllm_clamp", "reciprocal")
+SPELLINGS = ("sglang", "vllm", "vllm_clamp", "reciprocal", "scale_first")
 SCALES = ("float", "0d", "1el", "per_head")
 
 
 class Fp8Layer(nn.Module):
     def __init__(self, spelling="sglang", scale="0d", fp8=torch.float8_e4m3fn, dtype=torch.bfloat16, heads=4,
-                 kv_heads=2, head_dim=16, slots=32, block_size=8, k_scale=0.37, v_scale=0.05, upcast=True):
+                 kv_heads=2, head_dim=16, slots=32, block_size=8, k_scale=0.37, v_scale=0.05, upcast=True,
+                 scale_dtype=torch.float32):
         super().__init__()
         self.spelling, self.fp8, self.dtype, self.upcast = spelling, fp8, dtype, upcast
         self.heads, self.kv_heads, self.head_dim, self.block_size = heads, kv_heads, head_dim, block_size
@@ -43,8 +46,8 @@ class Fp8Layer(nn.Module):
             self.k_scale, self.v_scale = k_scale, v_scale
         else:
             shape = {"0d": (), "1el": (1,), "per_head": (kv_heads, 1)}[scale]
-            self.register_buffer("k_scale", torch.full(shape, k_scale))
-            self.register_buffer("v_scale", torch.full(shape, v_scale))
+            self.register_buffer("k_scale", torch.full(shape, k_scale, dtype=scale_dtype))
+            self.register_buffer("v_scale", torch.full(shape, v_scale, dtype=scale_dtype))
             if scale == "per_head":
                 self.k_scale[0] = k_scale * 2
 
@@ -55,6 +58,8 @@ class Fp8Layer(nn.Module):
             return (x / scale).to(self.fp8)
         if self.spelling == "vllm_clamp":
             return (x / scale).clamp(-448, 448).to(self.fp8)
+        if self.spelling == "scale_first":
+            return ((1.0 / scale) * x).to(self.fp8)
         return (x * (1.0 / scale)).to(self.fp8)
 
     def dequant(self, cache, scale):
