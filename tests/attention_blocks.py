@@ -49,8 +49,9 @@ class Perturbation:
     the RoPE, "cos" or "sin" (the per-token tables), "q_rot" or "k_rot" (the rotated result, before
     attention or the cache store).  cos_scale / sin_scale: multiply one table (or both, differently).
     table_row: one table row for every token, "slice" (``cos_sin_cache[5:6]``, position 5) or "index"
-    (``cos_sin_cache[positions[:1]]``, the first token's position).  The default changes nothing, and a
-    block built with it traces exactly like one built without.
+    (``cos_sin_cache[positions[:1]]``, the first token's position).  compute: the RoPE computed in this dtype
+    (x and the tables cast to it, the result cast back; the near-miss test's graph-input block only).  The
+    default changes nothing, and a block built with it traces exactly like one built without.
     """
 
     cast: torch.dtype | None = None
@@ -58,6 +59,7 @@ class Perturbation:
     cos_scale: float = 1.0
     sin_scale: float = 1.0
     table_row: str | None = None
+    compute: torch.dtype | None = None
 
     SLICE_ROW = 5  # the position whose row "slice" broadcasts
 

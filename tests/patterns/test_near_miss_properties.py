@@ -95,7 +95,11 @@ class InputsBlock(nn.Module):
         out = []
         for name, x in (("q", q), ("k", k)):
             x = p.at(name, x)
-            x_rot = token_pool_apply_rotary(x[..., :rot], cos, sin, self.style, self.upcast)
+            if p.compute is None:
+                x_rot = token_pool_apply_rotary(x[..., :rot], cos, sin, self.style, self.upcast)
+            else:  # e.g. an fp32 model computing its RoPE in float64 and rounding once
+                x_rot = token_pool_apply_rotary(x[..., :rot].to(p.compute), cos.to(p.compute), sin.to(p.compute),
+                                                self.style, False).to(x.dtype)
             out.append(p.at(f"{name}_rot", torch.cat((x_rot, x[..., rot:]), dim=-1)))
         self.k_buffer[loc] = out[1]
         self.v_buffer[loc] = v
@@ -159,6 +163,8 @@ class Case:
             return False  # nothing computed, or the first position is the only position
         if p.table_row is not None or p.cos_scale != 1.0 or p.sin_scale != 1.0 or p.cast in (I32,):
             return True
+        if p.compute is not None:
+            return False  # one rounding of fp64 maths is within any tolerance of fp32 maths
         if p.cast == FP8:
             return self.dtype == F32
         return self.lossy_cast() and self.dtype == F32
@@ -173,7 +179,8 @@ def cases(draw) -> Case:
               rot_dim=16 if form == "gptfast" else draw(st.sampled_from([16, 8])))
     if draw(st.booleans()):
         kw.update(dtype=BF16, upcast=draw(st.booleans()))
-    kind = draw(st.sampled_from(["cast", "cast", "cast", "scale", "scales", "same-scale", "row"]))
+    kind = draw(st.sampled_from(["cast", "cast", "cast", "scale", "scales", "same-scale", "row"]
+                                + (["fp64"] if form == "inputs" else [])))
     if kind == "cast":
         perturb = Perturbation(cast=draw(st.sampled_from([I32, FP8, F16, BF16, F32])),
                                cast_at=draw(st.sampled_from(CAST_POINTS)))
@@ -184,6 +191,8 @@ def cases(draw) -> Case:
     elif kind == "same-scale":  # YaRN-like: one factor on both tables (a RoPE; fused, exactly)
         scale = draw(st.sampled_from([1.1386, 0.5, 3.0]))
         perturb = Perturbation(cos_scale=scale, sin_scale=scale)
+    elif kind == "fp64":  # computed in float64, rounded once: not the op's fp32 maths (reported)
+        perturb = Perturbation(compute=torch.float64)
     else:
         perturb = Perturbation(table_row=draw(st.sampled_from(TABLE_ROWS)))
     # the model forms view [.., H*D] as [.., -1, D] (or D as [-1, 2]), which eager cannot do for T = 0
@@ -222,8 +231,14 @@ FOUND = [Case("inputs", dict(num_heads=4, num_kv_heads=2, head_dim=16, style="ne
               Perturbation(table_row="slice"), tokens=3, dynamic=True)]  # was reported twice
 
 
+# an fp32 (or bf16) model computing its RoPE in float64: fused, 305 of 1024 cache elements were 1 ulp off eager
+FP64 = [Case("inputs", {}, Perturbation(compute=torch.float64)),
+        Case("inputs", dict(dtype=BF16), Perturbation(compute=torch.float64)),
+        Case("inputs", dict(dtype=BF16, flat=True), Perturbation(compute=torch.float64), dynamic=True)]
+
+
 def _with_examples(test):
-    for case in reversed([BUG_DYNAMIC_INPUTS, *BUG_CASTS, *BUG_ROWS, *UNEQUAL_SCALES, *FOUND]):
+    for case in reversed([BUG_DYNAMIC_INPUTS, *BUG_CASTS, *BUG_ROWS, *UNEQUAL_SCALES, *FOUND, *FP64]):
         test = example(case=case)(test)
     return test
 
@@ -299,6 +314,8 @@ def test_near_miss_is_fused_exactly_or_reported(case: Case):
             assert s.fused or s.reason, f"{what}: site {s.store} neither fused nor given a reason"
             if case.perturb.cast_at == "k_rot" and case.lossy_cast():
                 assert not s.fused, f"{what}: a store of a rotated k changed by a cast was fused"
+            if case.perturb.compute is torch.float64:
+                assert not s.fused, f"{what}: a float64 RoPE was fused"
             if case.perturb.cos_scale != case.perturb.sin_scale:
                 # not a rotation times one factor: never fused, whether the scale is a constant or (with
                 # dynamic=True) a graph input, and reported with the reason
