@@ -460,7 +460,7 @@ def _store_cache_rule(kw: dict, keywords: list, k_pool: Node, v_pool: Node) -> E
         raise NotAStore(f"store_cache's k pool has {rows} rows and its v pool {v_rows}: the fused op stores into "
                         "two pools of one shape")
     for name in ("row_bytes", "v_row_bytes"):
-        if values.get(name, 0) > 0 and values[name] != k_bytes:
+        if values.get(name, 0) != 0 and values[name] != k_bytes:  # SGLang infers the width from 0 only
             raise NotAStore(f"store_cache's {name}={values[name]} is not the width of the {k_bytes}-byte rows it "
                             "stores, a call SGLang's kernel rejects")
     split = values.get("num_split", 0)
