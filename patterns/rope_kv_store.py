@@ -578,6 +578,9 @@ def should_fuse(plan: Plan, options: FusionOptions) -> None:
     window = plan.k_store.window
     if options.validate and window is not None and window[1] != shape_of(plan.k_store.cache)[2]:
         raise Disabled("validate=True rejects the slots of the tokens a window copy leaves out (config)")
+    rule = plan.k_store.engine_slots
+    if options.validate and rule is not None and rule.skip is not None:
+        raise Disabled(f"validate=True rejects the slot store_cache skips (reserved_skip_index={rule.skip}) (config)")
     n = plan.num_tokens  # a symbolic count always qualifies: one graph serves every size
     if n is not None and (n < options.min_tokens or (options.max_tokens is not None and n > options.max_tokens)):
         raise Disabled(f"{n} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
@@ -949,6 +952,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
     slots = st.slots if st.window is None else _window_slots(graph, st, fake_mode)
+    if st.engine_slots is not None:
+        slots = _engine_slots(graph, st, fake_mode)
     inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
     for launch in launchers:
         try:
@@ -1009,6 +1014,30 @@ def _window_slots(graph: Graph, st: Store, fake_mode) -> Node:
     with graph.inserting_before(top):
         _, out = _splice(graph, traced, [], None)
     out.meta["fx_fusion_window_slots"] = key
+    return out
+
+
+def _engine_slots(graph: Graph, st: Store, fake_mode) -> Node:
+    """The slots of an engine store op's indices (``EngineSlots.slots``: its bound asserted, a skipped index moved
+    past the pools), made once per graph and rule right after the indices (the layers of a model share them)."""
+    key = (st.slots.name, st.engine_slots)
+    for n in st.slots.users:
+        if n.meta.get("fx_fusion_engine_slots") == key:
+            return n
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with fake_mode:  # in the ops Inductor lowers (``all`` -> ``logical_not(any(logical_not))``), as ``fwd_only``
+        traced = make_fx(lambda indices: st.engine_slots.slots(indices), decomposition_table=select_decomp_table(),
+                         tracing_mode="real")(st.slots.meta["val"])
+    at = st.slots.next
+    while at.op == "placeholder":
+        at = at.next
+    with graph.inserting_before(at):
+        _, (out, inside) = _splice(graph, traced, [st.slots], st.node.meta.get("stack_trace"))
+        if inside is not None:
+            graph.call_function(aten._assert_async.msg, (inside, st.engine_slots.message))
+    out.meta["fx_fusion_engine_slots"] = key
     return out
 
 

@@ -24,18 +24,63 @@ HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
 
 
 def _store_cache_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      indices: torch.Tensor, row_bytes: int = 0) -> None:
-    k_cache[indices] = k
-    v_cache[indices] = v
+                      indices: torch.Tensor, *, row_bytes: int = 0, v_row_bytes: int = 0, num_split: int = 0,
+                      size_limit: int = 0, reserved_skip_index: int = 0) -> None:
+    """SGLang's ``store_cache`` (sglang 0.5.23, ``sglang/kernels/ops/kvcache/kvcache.py`` and its kernel
+    ``elementwise/kvcache.cuh``) on CPU: row ``indices[t]`` of ``k_cache``/``v_cache`` (``[rows, Hkv*D]``) gets row t
+    of k/v, but for an index equal to ``reserved_skip_index`` (< 0: none), which is not written; every index must
+    lie in ``[0, size_limit)`` (<= 0: k_cache's rows), where the kernel's device-side assert fails (here a
+    ``RuntimeError``); a ``row_bytes``/``v_row_bytes`` other than the rows' width (0: inferred) and a ``num_split``
+    other than 1, or 2/4 on rows of a multiple of 256/512 bytes (<= 0: chosen), are rejected."""
+    widths = (k.shape[-1] * k.element_size(), v.shape[-1] * v.element_size())
+    for name, value, width in (("row_bytes", row_bytes, widths[0]), ("v_row_bytes", v_row_bytes, widths[1])):
+        if value > 0 and value != width:
+            raise RuntimeError(f"store_cache: {name}={value}, but the rows are {width} bytes")
+    if num_split > 0 and not (num_split == 1 or (num_split in (2, 4) and all(w % (128 * num_split) == 0
+                                                                               for w in widths))):
+        raise RuntimeError(f"store_cache: unsupported num_split {num_split} for rows of {widths} bytes")
+    limit = size_limit if size_limit > 0 else k_cache.shape[0]
+    outside = (indices < 0) | (indices >= limit)
+    if bool(outside.any()):
+        raise RuntimeError(f"store_cache: index {int(indices[outside][0])} is outside [0, {limit})")
+    written = indices != reserved_skip_index if reserved_skip_index >= 0 else torch.ones_like(indices, dtype=bool)
+    k_cache[indices[written]] = k[written]
+    v_cache[indices[written]] = v[written]
 
 
-def store_cache_op():
-    """``torch.ops.sglang.store_cache``: SGLang's op if it is loaded, else a plain-torch one with the schema assumed
-    here, ``sglang::store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor indices,
-    SymInt row_bytes=0) -> ()`` (k, v, caches as ``[rows, Hkv*D]``; row ``indices[t]`` gets token t)."""
+STORE_CACHE_V0 = "store_cache.v0(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor indices, " \
+                 "SymInt row_bytes=0) -> ()"
+"""The schema before the keywords (sgl-kernel's ``store_cache`` with the CUDA build's ``row_bytes``): every index
+written, none checked. Registered as the overload ``torch.ops.sglang.store_cache.v0``."""
+
+
+def store_cache_op(schema: str = "current"):
+    """SGLang's ``torch.ops.sglang.store_cache`` if it is loaded, else a plain-torch one of its schema,
+    ``sglang::store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor indices, *,
+    SymInt row_bytes=0, SymInt v_row_bytes=0, SymInt num_split=0, SymInt size_limit=0, SymInt reserved_skip_index=0)
+    -> ()`` (k, v, caches as ``[rows, Hkv*D]``; ``_store_cache_impl``). ``schema="v0"``: the overload of the older
+    schema (``STORE_CACHE_V0``)."""
     if not hasattr(torch.ops.sglang, "store_cache"):
         torch.library.custom_op("sglang::store_cache", _store_cache_impl, mutates_args=("k_cache", "v_cache"))
-    return torch.ops.sglang.store_cache
+    if schema == "current":
+        return torch.ops.sglang.store_cache
+    if schema != "v0":
+        raise ValueError(f"schema must be 'current' or 'v0', got {schema!r}")
+    if "v0" not in torch.ops.sglang.store_cache.overloads():
+        lib = torch.library.Library("sglang", "FRAGMENT")
+        lib.define(STORE_CACHE_V0)
+
+        def v0(k, v, k_cache, v_cache, indices, row_bytes=0):
+            k_cache[indices] = k
+            v_cache[indices] = v
+
+        lib.impl("store_cache.v0", v0, "CompositeExplicitAutograd")
+        torch.library.register_fake("sglang::store_cache.v0", lambda *args, **kwargs: None, lib=lib)
+        _LIBRARIES.append(lib)  # the definition lives as long as its Library object
+    return torch.ops.sglang.store_cache.v0
+
+
+_LIBRARIES: list = []
 
 
 def pool_steps(num_slots: int = 64, seed: int = 0) -> list[tuple]:
@@ -50,21 +95,34 @@ def pool_steps(num_slots: int = 64, seed: int = 0) -> list[tuple]:
     return steps
 
 
+def padded_pool_steps(num_slots: int = 64, seed: int = 0, pad: int = 2) -> list[tuple]:
+    """``pool_steps`` and one more decode step padded as SGLang pads a batch to a CUDA-graph size: ``pad`` tokens at
+    position 0 whose ``loc`` is the padding slot 0."""
+    steps = pool_steps(num_slots, seed)
+    positions, hidden, slots, kv_slots = steps[-1]
+    g = torch.Generator().manual_seed(seed + 1)
+    past = int(positions[-1]) + 1
+    positions = torch.cat((torch.tensor([past]), torch.zeros(pad, dtype=torch.int64)))
+    slots = torch.cat(((num_slots - 1 - 3 * positions[:1]) % num_slots, torch.zeros(pad, dtype=torch.int64)))
+    kv_slots = (num_slots - 1 - 3 * torch.arange(past + 1)) % num_slots
+    return steps + [(positions, torch.randn(1 + pad, HIDDEN, generator=g), slots, kv_slots)]
+
+
 class _TokenPoolLayers(nn.Module):
     """L layers of an SGLang/vLLM-style attention (fused qkv, ``forward_native`` RoPE) sharing one table."""
 
-    def __init__(self, layers: int, max_pos: int = 64):
+    def __init__(self, layers: int, max_pos: int = 64, v_head_dim: int = HEAD_DIM):
         super().__init__()
-        self.layers = layers
-        self.qkv = nn.ModuleList(nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM, bias=False)
+        self.layers, self.v_head_dim = layers, v_head_dim
+        self.qkv = nn.ModuleList(nn.Linear(HIDDEN, (HEADS + KV_HEADS) * HEAD_DIM + KV_HEADS * v_head_dim, bias=False)
                                  for _ in range(layers))
-        self.o = nn.ModuleList(nn.Linear(HEADS * HEAD_DIM, HIDDEN, bias=False) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(HEADS * v_head_dim, HIDDEN, bias=False) for _ in range(layers))
         self.register_buffer("cos_sin_cache", cos_sin_table(max_pos, HEAD_DIM))
 
     def qkv_of(self, i, positions, hidden):
-        q, k, v = self.qkv[i](hidden).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        q, k, v = self.qkv[i](hidden).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * self.v_head_dim], -1)
         q, k = token_pool_rotary(positions, q, k, self.cos_sin_cache, HEAD_DIM, HEAD_DIM, "neox", False, False)
-        return q, k.view(-1, KV_HEADS, HEAD_DIM), v.view(-1, KV_HEADS, HEAD_DIM)
+        return q, k.view(-1, KV_HEADS, HEAD_DIM), v.view(-1, KV_HEADS, self.v_head_dim)
 
     def attend(self, i, q, k_rows, v_rows, positions):
         t = q.shape[0]
@@ -123,27 +181,45 @@ class StackedBlock(_TokenPoolLayers):
 
 
 class EngineStoreBlock(_TokenPoolLayers):
-    """SGLang on CUDA: ``set_kv_buffer`` stores through ``torch.ops.sglang.store_cache`` on row views.
+    """SGLang on CUDA: ``set_kv_buffer`` stores through ``torch.ops.sglang.store_cache`` on row views, as
+    ``_set_kv_buffer_impl`` calls it: ``store_cache(k2d, v2d, k_buffer2d, v_buffer2d, loc, row_bytes=...,
+    v_row_bytes=..., size_limit=<pool rows>)``, ``reserved_skip_index`` left at 0 (the padding slot).
 
+    ``store_kw`` replaces or adds keywords of the call (``None`` drops one); ``schema="v0"``: the older op, called
+    with ``row_bytes`` only. ``v_head_dim``: v's head_dim (SGLang's asymmetric pools, ``head_dim != v_head_dim``).
+    Pools start random in ``dtype``, slot 0 (SGLang's padding slot) filled with ``PADDING_ROW``.
     forward(positions [T], hidden [T, HIDDEN], loc [T], kv_loc [Tk]); one ``k_buffer{i}``/``v_buffer{i}`` per layer.
     """
 
-    def __init__(self, layers: int = 2, num_slots: int = 64):
-        super().__init__(layers)
+    def __init__(self, layers: int = 2, num_slots: int = 64, dtype: torch.dtype = torch.float32,
+                 store_kw: dict | None = None, schema: str = "current", v_head_dim: int = HEAD_DIM):
+        super().__init__(layers, v_head_dim=v_head_dim)
         for i in range(layers):
-            self.register_buffer(f"k_buffer{i}", torch.randn(num_slots, KV_HEADS, HEAD_DIM))
-            self.register_buffer(f"v_buffer{i}", torch.randn(num_slots, KV_HEADS, HEAD_DIM))
-        self.store_cache = store_cache_op()
+            for name, dim in ((f"k_buffer{i}", HEAD_DIM), (f"v_buffer{i}", v_head_dim)):
+                pool = torch.randn(num_slots, KV_HEADS, dim)
+                pool[0] = PADDING_ROW
+                self.register_buffer(name, pool)
+        self.to(dtype)
+        self.store_cache = store_cache_op(schema)
+        row, v_row, size = KV_HEADS * HEAD_DIM, KV_HEADS * v_head_dim, self.k_buffer0.element_size()
+        kw = dict(row_bytes=row * size) if schema == "v0" else dict(row_bytes=row * size, v_row_bytes=v_row * size,
+                                                                    size_limit=num_slots)
+        kw.update(store_kw or {})
+        self.store_kw = {name: value for name, value in kw.items() if value is not None}
 
     def forward(self, positions, hidden, loc, kv_loc):
-        row = KV_HEADS * HEAD_DIM
+        row, v_row = KV_HEADS * HEAD_DIM, KV_HEADS * self.v_head_dim
         for i in range(self.layers):
             q, k, v = self.qkv_of(i, positions, hidden)
             k_buffer, v_buffer = getattr(self, f"k_buffer{i}"), getattr(self, f"v_buffer{i}")
-            self.store_cache(k.view(-1, row), v.view(-1, row), k_buffer.view(-1, row), v_buffer.view(-1, row), loc,
-                             row_bytes=row * k.element_size())
+            self.store_cache(k.view(-1, row), v.view(-1, v_row), k_buffer.view(-1, row), v_buffer.view(-1, v_row),
+                             loc, **self.store_kw)
             hidden = hidden + self.attend(i, q, k_buffer[kv_loc], v_buffer[kv_loc], positions)
         return hidden
+
+
+PADDING_ROW = 1234.5
+"""The value of ``EngineStoreBlock``'s slot 0 before any step (a write there shows)."""
 
 
 class WindowBlock(nn.Module):

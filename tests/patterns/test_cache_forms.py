@@ -5,9 +5,11 @@ run for a prefill and decode steps against an eager copy: outputs and whole cach
 untouched rows included; buffers start random) must agree, and every layer of every graph must be fused.
 
 ``EngineStoreBlock`` stores through ``torch.ops.sglang.store_cache``. SGLang's own op needs its compiled CUDA
-kernels, so ``tests/cache_blocks.store_cache_op`` registers a plain-torch op under the same name with the schema
-assumed here (SGLang's ``sgl-kernel`` defines ``store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!)
-v_cache, Tensor indices)``; the CUDA build adds the ``row_bytes`` keyword, taken here as ``SymInt row_bytes=0``).
+kernels, so ``tests/cache_blocks.store_cache_op`` registers a plain-torch op under the same name with SGLang's schema
+(sglang 0.5.23: ``store_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor indices, *,
+SymInt row_bytes=0, SymInt v_row_bytes=0, SymInt num_split=0, SymInt size_limit=0, SymInt reserved_skip_index=0)``)
+and its semantics (an index equal to ``reserved_skip_index`` not written, one outside ``[0, size_limit)`` an error),
+and the older ``row_bytes``-only schema as the overload ``store_cache.v0``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from fx_fusion import FusionConfig
 from fx_fusion.kernels import rope_kv_cache
-from tests.cache_blocks import HIDDEN, EngineStoreBlock, StackedBlock, WindowBlock, pool_steps
+from tests.cache_blocks import (HIDDEN, PADDING_ROW, EngineStoreBlock, StackedBlock, WindowBlock,
+                                padded_pool_steps, pool_steps)
 from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, fused_call_args,  # noqa: F401
                                                inference, records, run_steps)
 
@@ -71,14 +74,118 @@ def test_stacked_buffer_read_between_k_and_v_store_is_not_fused(layout, records,
         assert len(records[0].fused) == model.layers
 
 
-def test_sglang_store_cache_op_is_matched(records, codes, inference):
+def _engine_steps(dtype, short: bool = True, **kw) -> list[tuple]:
+    """``padded_pool_steps`` in ``dtype``; ``short``: the prefill and the padded decode step only (two graphs)."""
+    steps = padded_pool_steps(**kw)
+    steps = [steps[0], steps[-1]] if short else steps
+    return [(positions, hidden.to(dtype), loc, kv_loc) for positions, hidden, loc, kv_loc in steps]
+
+
+def _run_engine_steps(model, config, steps, dtype) -> tuple:
+    """Run ``steps`` compiled with ``config`` and eagerly: outputs and every pool equal after each step.
+    Returns (the compiled model, the eager copy)."""
+    eager, compiled = copy.deepcopy(model), compile_with(model, config)
+    run_steps(model, eager, compiled, steps, bf16_anywhere=dtype == torch.bfloat16)
+    return compiled, eager
+
+
+def _slot_untouched(model, slot: int, value) -> bool:
+    pools = [getattr(model, f"{kv}_buffer{i}") for i in range(model.layers) for kv in "kv"]
+    return all(bool((pool[slot] == value).all()) for pool in pools)
+
+
+@pytest.mark.parametrize("schema, dtype", [("current", torch.float32), ("current", torch.bfloat16),
+                                           ("v0", torch.float32)])
+def test_sglang_store_cache_op_is_matched(schema, dtype, records, codes, inference):
+    """SGLang's call (``row_bytes``, ``v_row_bytes``, ``size_limit`` = the pools' rows; ``reserved_skip_index`` 0)
+    fuses on every layer, and a decode step padded with tokens at slot 0 leaves slot 0 as it was, as the op skips
+    it: the poisoned row stays, pools equal to eager's. The older schema writes slot 0 (as its op did) and fuses
+    too."""
     torch.manual_seed(0)
-    model = EngineStoreBlock().eval()
-    eager = copy.deepcopy(model)
-    run_steps(model, eager, compile_with(model), pool_steps())
+    model = EngineStoreBlock(dtype=dtype, schema=schema).eval()
+    _, eager = _run_engine_steps(model, RAISE, _engine_steps(dtype, short=False), dtype)
     check_every_layer_fused(records, codes, model.layers, [model.k_buffer0])
     assert all(s.layout == "token" for r in records for s in r.fused)
     assert "sglang.store_cache" not in "".join(codes)
+    skipped = schema == "current"
+    assert _slot_untouched(eager, 0, PADDING_ROW) is skipped and _slot_untouched(model, 0, PADDING_ROW) is skipped
+
+
+@pytest.mark.parametrize("dtype, skip", [(torch.float32, 60), (torch.bfloat16, 60), (torch.float32, -1)])
+def test_store_cache_with_another_reserved_skip_index(skip, dtype, records, codes, inference):
+    """``reserved_skip_index=60`` (the row of position 1): that token's k and v are not written, slot 0 is; -1 skips
+    nothing. Fused on every layer, pools equal to eager's."""
+    torch.manual_seed(0)
+    model = EngineStoreBlock(dtype=dtype, store_kw=dict(reserved_skip_index=skip)).eval()
+    untouched = model.k_buffer0[60].clone()
+    _, eager = _run_engine_steps(model, RAISE, _engine_steps(dtype), dtype)
+    check_every_layer_fused(records, codes, model.layers, [model.k_buffer0])
+    assert not _slot_untouched(eager, 0, PADDING_ROW)
+    assert torch.equal(eager.k_buffer0[60], untouched) is (skip == 60)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_cache_size_limit_below_the_pool(dtype, records, codes, inference):
+    """``size_limit=48`` of a 64-row pool (``reserved_skip_index=-1``: the bound alone): indices below 48 fuse and
+    equal eager; an index at or past 48 (but in the pool), past the pool or negative fails in eager's op, and the
+    fused graph fails too (its assert) instead of writing the row."""
+    torch.manual_seed(0)
+    model = EngineStoreBlock(dtype=dtype, store_kw=dict(size_limit=48, reserved_skip_index=-1)).eval()
+    steps = _engine_steps(dtype, num_slots=48)  # rows 47, 44, ... of the 64
+    compiled, eager = _run_engine_steps(model, RAISE, steps, dtype)
+    check_every_layer_fused(records, codes, model.layers, [model.k_buffer0])
+    positions, hidden, loc, kv_loc = steps[-1]
+    for bad in (48, 63, 64, -1):
+        before = {name: b.clone() for name, b in model.named_buffers() if "buffer" in name}
+        wrong = loc.clone()
+        wrong[0] = bad
+        with pytest.raises(RuntimeError, match=r"outside \[0, 48\)"):
+            eager(positions, hidden, wrong, kv_loc)
+        with pytest.raises(RuntimeError, match=r"outside \[0, 48\)"):
+            compiled(positions, hidden, wrong, kv_loc)
+        for name, b in model.named_buffers():
+            if "buffer" in name:
+                assert torch.equal(b, before[name]), f"index {bad}: {name} written"
+
+
+ASYMMETRIC = "v rows (2 x 8, v_row_bytes): the fused op stores k and v with one head count and head_dim"
+
+
+@pytest.mark.parametrize("store_kw, v_head_dim, dtype, reason", [
+    (dict(size_limit=72, reserved_skip_index=-1), 16, torch.float32, "size_limit=72 is above the pools' 64 rows"),
+    ({}, 8, torch.float32, ASYMMETRIC),
+    ({}, 8, torch.bfloat16, ASYMMETRIC),
+    (dict(num_split=3), 16, torch.float32, "num_split=3 is not 1, or 2 or 4"),
+], ids=["size_limit-above-the-pool", "asymmetric-v-fp32", "asymmetric-v-bf16", "num_split"])
+def test_store_cache_call_the_fused_op_cannot_reproduce_is_reported(store_kw, v_head_dim, reason, dtype, records,
+                                                                    inference):
+    """Calls whose result the fused op cannot reproduce, or that SGLang's op rejects: not fused, one site per layer
+    reported with the reason; results equal to eager (or both fail)."""
+    torch.manual_seed(0)
+    model = EngineStoreBlock(dtype=dtype, store_kw=store_kw, v_head_dim=v_head_dim).eval()
+    steps = _engine_steps(dtype)
+    if "num_split" in store_kw:  # SGLang's kernel rejects the call: eager and compiled both fail
+        with pytest.raises(RuntimeError, match="num_split"):
+            copy.deepcopy(model)(*steps[0])
+        with pytest.raises(RuntimeError, match="num_split"):
+            compile_with(model, FusionConfig())(*steps[0])
+    else:
+        _run_engine_steps(model, FusionConfig(), steps, dtype)
+    assert records and all(not r.fused for r in records)
+    reasons = [s.reason for s in records[0].unfused]
+    assert len(reasons) == model.layers and all(reason in r for r in reasons), reasons
+
+
+def test_store_cache_skip_with_validate_is_reported(records, codes, inference):
+    """``validate=True`` rejects the slot the fused op gets for a skipped index (past the pool), so a site whose op
+    skips one is left to the op and reported; results equal to eager, slot 0 untouched."""
+    torch.manual_seed(0)
+    model = EngineStoreBlock().eval()
+    _, eager = _run_engine_steps(model, FusionConfig(validate=True), _engine_steps(torch.float32), torch.float32)
+    assert records and all(not r.fused for r in records)
+    reasons = [s.reason for r in records for s in r.unfused]
+    assert reasons and all("reserved_skip_index=0" in r for r in reasons), reasons
+    assert _slot_untouched(model, 0, PADDING_ROW) and _slot_untouched(eager, 0, PADDING_ROW)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
