@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -127,8 +128,12 @@ def _mark_sites(g: nx.DiGraph, sites: list[Site]) -> None:
                 g.nodes[name]["site"] = "fused" if s.fused else "unfused"
 
 
+_REPORT_NAME = re.compile(r"graph_(\d+)\.report\.json")
+"""The name of a report ``write_dump`` writes; other files of the directory, however named, are not ours."""
+
+
 def _next_index(root: Path) -> int:
-    taken = [int(p.name.split("_")[1].split(".")[0]) for p in root.glob("graph_*.report.json")]
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := _REPORT_NAME.fullmatch(p.name))]
     return max(taken, default=-1) + 1
 
 
