@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -49,21 +50,39 @@ def load_reports(directory: str | Path) -> list[dict]:
     Raises ``ReportError`` naming the file (and the site and field) for a report that is unreadable,
     not JSON, not UTF-8 or whose fields have the wrong types.
     """
-    return [load_report(path) for path in sorted(Path(directory).glob("graph_*.report.json"))]
+    directory = Path(directory)
+    return [load_report(path, directory) for path in sorted(directory.glob("graph_*.report.json"))]
 
 
-def load_report(path: Path) -> dict:
+GRAPH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A report's ``graph``: the stem of its files in the directory (``graph_000``), never a path."""
+
+
+def is_inside(path: Path, directory: Path) -> bool:
+    """Whether ``path``, links followed, lies in ``directory`` (links followed too)."""
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
+def load_report(path: Path, directory: Path | None = None) -> dict:
+    """One report; with ``directory``, a report that is a link to a file outside it is refused."""
+    if directory is not None and not is_inside(path, directory):
+        raise ReportError(f"{path}: a link to a file outside {directory}")
     try:
         report = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ReportError(f"{path}: not UTF-8 text ({e})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise ReportError(f"{path}: nested too deeply to read") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError, and int() of a number too long to convert
         raise ReportError(f"{path}: not a readable report ({e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
         raise ReportError(f"{path}: expected an object with a 'sites' list, got {_describe(report)}")
     report.setdefault("graph", path.name.split(".")[0])
     if not isinstance(report["graph"], str):
         raise ReportError(f"{path}: graph must be a string, got {_describe(report['graph'])}")
+    if not GRAPH_NAME.fullmatch(report["graph"]):  # it names files of the directory: never a path out of it
+        raise ReportError(f"{path}: graph must be a file name stem like 'graph_000' (no path), "
+                          f"got {_describe(report['graph'])}")
     for i, site in enumerate(report["sites"]):
         problem = _site_problem(site)
         if problem:
@@ -168,6 +187,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if renderer is not None:
         try:
             pictures = draw.draw_reports(directory, reports, renderer)
+        except OSError as e:  # a file system refusal the checks did not foresee (permissions, a full disk)
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
         except draw.DrawError as e:
             print(f"error: --draw: {e}", file=sys.stderr)
             return 2

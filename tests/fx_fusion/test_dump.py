@@ -141,7 +141,8 @@ def test_dot_files(dump_dir):
     before = dot_nodes((dump_dir / "graph_000.before.dot").read_text())
     assert all(before[name]["fillcolor"] == "orange" for name in site["nodes"].values())
     unfused = dot_nodes((dump_dir / "graph_001.before.dot").read_text())
-    assert all(unfused[name]["fillcolor"] == "lightgrey" for name in report(dump_dir, 1)["sites"][0]["nodes"].values())
+    unfused_site = report(dump_dir, 1)["sites"][0]
+    assert all(unfused[name]["fillcolor"] == "lightcoral" for name in (*unfused_site["nodes"].values(), unfused_site["store"]))
 
 
 def test_dot_goes_through_networkx_and_pydot(dump_dir):
@@ -174,7 +175,7 @@ def test_dot_text_quotes_and_escapes():
     g.add_node("c", target="c")
     g.add_edge('a"b', "c")
     text = _dot_text(dot_graph(g, "x"))
-    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightgrey"];' in text
+    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightcoral"];' in text
     assert '"a\\"b" -> "c";' in text
 
 
