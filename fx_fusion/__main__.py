@@ -2,10 +2,10 @@
 
 A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
 ``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
-RoPE style, rotary dim, token count, fused or not, the model source line, the reason when not fused)
-and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
+RoPE style, rotary dim, token count, fused or not, the layer's module path, the model source line, the reason
+when not fused) and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
 in ``DIR/pictures`` (see ``fx_fusion/draw.py``), whose paths it prints. Exit code 0, or 2 when DIR holds
-no reports, a report is malformed or no renderer can draw the pictures.
+no reports, a report or graph file is malformed, links outside DIR, or no picture can be drawn.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from types import MappingProxyType
 
-COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
+from fx_fusion.report import shorten_source
+
+COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "layer", "source", "reason")
 
 
 class ReportError(ValueError):
@@ -40,6 +42,7 @@ SITE_FIELDS = MappingProxyType({
     "head_dim": _OPTIONAL_INT,
     "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
     "nodes": ((dict,), "an object of node names"),
+    "layer": _OPTIONAL_STRING,
 })
 """The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
 
@@ -115,18 +118,6 @@ def _describe(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def shorten_source(source: str | None, width: int) -> str:
-    """``/long/path/file.py, line 12, in fn: code`` -> ``file.py:12 code``, cut to ``width`` characters."""
-    if not source:
-        return "-"
-    where, _, code = source.partition(": ")
-    parts = [p.strip() for p in where.split(",")]
-    text = source
-    if len(parts) >= 2 and parts[1].startswith("line "):
-        text = f"{Path(parts[0]).name}:{parts[1][5:]} {code}".strip()
-    return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
-
-
 def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ...]]:
     rows = []
     for report in reports:
@@ -138,6 +129,7 @@ def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ..
                 str(site.get("rotary_dim") if site.get("rotary_dim") is not None else "-"),
                 str(site.get("num_tokens") or "-"),
                 "yes" if site.get("fused") else "no",
+                str(site.get("layer") or "-"),
                 shorten_source(site.get("source"), source_width),
                 "" if site.get("fused") else str(site.get("reason") or "-"),
             ))
