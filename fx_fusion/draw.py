@@ -11,6 +11,7 @@ per node). Each picture's DOT source is written next to it.
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import shutil
 import subprocess
@@ -63,46 +64,41 @@ def positions(g: nx.DiGraph) -> dict[str, int]:
     return {n: i for i, n in enumerate(nx.topological_sort(g))}
 
 
-def _ancestors(g: nx.DiGraph, node: str) -> set[str]:
-    """Everything ``node`` depends on: one walk up the edges, each node and edge seen once."""
-    seen: set[str] = set()
-    stack = [node]
-    while stack:
-        for p in g.predecessors(stack.pop()):
-            if p not in seen:
-                seen.add(p)
-                stack.append(p)
-    return seen
-
-
 def _is_projection(attrs: dict) -> bool:
     return str(attrs.get("target", "")).split(".")[0] in _PROJECTIONS
 
 
-def projection_of(g: nx.DiGraph, node: str, order: dict[str, int] | None = None) -> str | None:
-    """The matmul nearest above ``node`` (the qkv projection): of the matmuls ``node`` depends on, the last in
-    topological order (``order``, from ``positions(g)``); ``None`` when there is none."""
-    return _projection_among(g, _ancestors(g, node), order)
-
-
-def _projection_among(g: nx.DiGraph, nodes: set[str], order: dict[str, int] | None) -> str | None:
-    mms = [a for a in nodes if _is_projection(g.nodes[a])]
-    if not mms:
-        return None
-    order = order if order is not None else positions(g)
-    return max(mms, key=order.__getitem__)
-
-
 def _above(g: nx.DiGraph, node: str, order: dict[str, int] | None = None) -> set[str]:
-    """``node``'s ancestors back to its projection (the projection kept, what feeds it dropped).
+    """What feeds ``node`` back to its projection: its ancestors that come after the matmul nearest above it
+    (the qkv projection: of the matmuls it depends on, the last in topological order), the projection, and
+    the direct inputs of those nodes (cache, slots, positions, tables); nothing that feeds the projection.
 
-    Two walks up the graph, whatever its depth: ``node``'s ancestors, then the projection's. (Ranking the
-    matmuls by their own ancestor counts, as this once did, walked the graph once per matmul above every
-    site: cubic in the number of layers.)
+    One sweep up from ``node`` in reverse topological order (``order``, from ``positions(g)``, computed once
+    per graph): the first matmul it meets is the nearest, and every node still waiting then is an input that
+    comes before it. The work is the size of the picture, whatever the depth of the model (ranking every
+    matmul above a site by its own ancestors, as this once did, was cubic in the number of layers). Without
+    a matmul above, every ancestor.
     """
-    above = _ancestors(g, node)
-    proj = _projection_among(g, above, order)
-    return above - _ancestors(g, proj) if proj is not None else above
+    order = order if order is not None else positions(g)
+    waiting, seen, region = [(-order[node], node)], {node}, set()
+    while waiting:
+        _, n = heapq.heappop(waiting)
+        if n != node:
+            region.add(n)
+            if _is_projection(g.nodes[n]):
+                return region | {m for _, m in waiting}
+        for p in g.predecessors(n):
+            if p not in seen:
+                seen.add(p)
+                heapq.heappush(waiting, (-order[p], p))
+    return region
+
+
+def projection_of(g: nx.DiGraph, node: str, order: dict[str, int] | None = None) -> str | None:
+    """The matmul nearest above ``node`` (the qkv projection), ``None`` when there is none."""
+    order = order if order is not None else positions(g)
+    above = [n for n in _above(g, node, order) if _is_projection(g.nodes[n])]
+    return max(above, key=order.__getitem__, default=None)
 
 
 def site_ends(g: nx.DiGraph, site: dict) -> list[str]:
@@ -223,10 +219,9 @@ def read_graph(directory: Path, graph: str, tag: str) -> nx.DiGraph:
         raise DrawError(f"{path}: not a readable graphml file ({type(e).__name__}: {e})") from None
     if not isinstance(g, nx.DiGraph):
         raise DrawError(f"{path}: not a directed graph (the dump writes one)")
-    try:
-        cycle = nx.find_cycle(g)
-    except nx.NetworkXNoCycle:
+    if nx.is_directed_acyclic_graph(g):  # one topological sort (find_cycle walks every edge's DFS: slow)
         return g
+    cycle = nx.find_cycle(g)
     raise DrawError(f"{path}: the graph has a cycle ({' -> '.join(a for a, _ in cycle[:6])}"
                     f"{' -> ...' if len(cycle) > 6 else ''}); an FX graph never does")
 

@@ -205,11 +205,11 @@ def test_cli_inspect_prints_a_summary_table(dump_dir, tmp_path):
     proc = _run_cli("inspect", str(dump_dir))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["graph", "layout", "style", "rot", "tokens", "fused", "source", "reason"]
+    assert lines[0].split() == ["graph", "layout", "style", "rot", "tokens", "fused", "layer", "source", "reason"]
     rows = {line.split()[0]: line for line in lines[2:] if line.startswith("graph_")}
     assert set(rows) == {"graph_000", "graph_001"}
     assert rows["graph_000"].split()[1:6] == ["token", "neox", "16", "5", "yes"]
-    assert rows["graph_001"].split()[1:6] == ["token", "neox", "16", "1", "no"]
+    assert rows["graph_001"].split()[1:7] == ["token", "neox", "16", "1", "no", "-"]  # the compiled module: no path
     assert f"attention_blocks.py:{store_line_number()}" in rows["graph_000"]
     assert "1 tokens is outside [2, None]" in rows["graph_001"]
     assert lines[-1].split() == ["graphs:", "2", "sites:", "2", "fused:", "1", "not", "fused:", "1"]
