@@ -5,9 +5,10 @@
   Sites the config turned off (``Site.disabled``: layouts, styles, token thresholds) are the user's choice:
   they are counted in the line but never make it a WARNING.
 - ``TORCH_LOGS="fx_fusion"`` (or ``+fx_fusion``, or ``torch._logging.set_logs(modules={"fx_fusion": logging.INFO})``)
-  prints one INFO line per site as well. torch reads ``TORCH_LOGS`` when it is imported, before any package
-  can register a name with ``torch._logging``; it accepts the name of any importable module, so ``fx_fusion``
-  works as it is (no registration, which could not be seen by then anyway).
+  prints one INFO line per site as well; each of those records carries its ``Site`` as
+  ``record.fx_fusion_site``. torch reads ``TORCH_LOGS`` when it is imported, before any package can register
+  a name with ``torch._logging``; it accepts the name of any importable module, so ``fx_fusion`` works as it
+  is (no registration, which could not be seen by then anyway).
 - ``fx_fusion.collect_reports()`` hands the reports of the graphs compiled inside a ``with`` block to code.
 - Each site names its layer by module path (``model.layers.3.self_attn``), from the store node's
   ``nn_module_stack`` meta, which survives to the post-grad graph (torch 2.11 and 2.13).
@@ -109,7 +110,8 @@ def report_graph(sites: list[Site]) -> GraphReport:
         state = "fused" if s.fused else "left out by the config" if s.disabled else "NOT fused"
         log.info("fx_fusion: graph %s site %d/%d %s: %s %s/%s rot=%s tokens=%s at %s%s", report.compile_id or "-",
                  i + 1, len(sites), state, s.layer or "-", s.layout or "-", s.style or "-", s.rotary_dim,
-                 s.num_tokens or "-", shorten_source(s.source, 100), "" if s.fused else f": {s.reason}")
+                 s.num_tokens or "-", shorten_source(s.source, 100), "" if s.fused else f": {s.reason}",
+                 extra={"fx_fusion_site": s})  # the Site itself, for a handler that wants more than text
     log.log(logging.WARNING if report.unfused else logging.INFO, "%s", report.summary())
     return report
 

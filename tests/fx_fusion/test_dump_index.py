@@ -32,3 +32,19 @@ def test_other_files_named_like_reports_are_left_alone(tmp_path, other):
 
 def test_an_empty_directory_starts_at_zero(tmp_path):
     assert write_dump(str(tmp_path / "new"), snapshot(), snapshot(), []).name == "graph_000"
+
+
+def test_an_unfused_site_marks_its_store_and_the_node_its_reason_names():
+    from fx_fusion.dump import FILL_COLOURS, _mark_sites, fill_colour, reason_nodes
+    from fx_fusion.patterns import Site
+
+    g = nx.DiGraph()
+    g.add_nodes_from(["index_put", "index_put_1", "mul_3", "mul", "arg3_1", "view_2"])
+    reason = "stores a RoPE-like value that is not a RoPE: mul_3 is scaled (aten.index_put.default, mul) of arg3_1."
+    assert reason_nodes(reason, g) == ["mul_3", "arg3_1"]  # not the op's name, not a bare word
+    _mark_sites(g, [Site(store="index_put_1", source="m.py", reason=reason),
+                    Site(store="index_put", source="m.py", fused=True, nodes={"k_store": "index_put", "v_store": "view_2"})])
+    assert {n: fill_colour(a) for n, a in g.nodes(data=True)} == {
+        "index_put": FILL_COLOURS["fused"], "view_2": FILL_COLOURS["fused"], "index_put_1": FILL_COLOURS["unfused"],
+        "mul_3": FILL_COLOURS["unfused_reason"], "arg3_1": FILL_COLOURS["unfused_reason"], "mul": None}
+    assert len(set(FILL_COLOURS.values())) == len(FILL_COLOURS)
