@@ -275,8 +275,8 @@ def picture_dir(directory: Path, out_dir: Path | None = None) -> Path:
 def draw_reports(directory: str | Path, reports: list[dict], renderer: str, out_dir: str | Path | None = None) -> list[Path]:
     """Pictures of every site of ``reports`` (``python -m fx_fusion inspect`` loads them), in ``DIR/pictures``.
 
-    Each graph is read and ordered once; each site's picture then costs two walks up the graph per node it
-    starts from (see ``_above``), so the whole run is linear in the graph's size per site.
+    Each graph is read, checked and ordered once; each site's picture then costs about its own size (see
+    ``_above``), so the whole run is linear in the size of the dump, however deep the model.
     """
     directory = Path(directory)
     out_dir = picture_dir(directory, Path(out_dir) if out_dir is not None else None)
