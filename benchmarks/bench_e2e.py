@@ -376,15 +376,16 @@ class CompileLog:
 
 
 class ReasonLog(logging.Handler):
-    """Keeps the reason of every site the pass did not fuse (its ``"not fused: %s at %s"`` INFO record)."""
+    """Keeps the reason of every site the pass did not fuse (the ``fx_fusion_site`` of its per-site INFO record)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.reasons: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("not fused:") and record.args:
-            self.reasons.append(str(record.args[0]))
+        site = getattr(record, "fx_fusion_site", None)
+        if site is not None and not site.fused:
+            self.reasons.append(str(site.reason))
 
 
 REASONS = ReasonLog()  # installed on the "fx_fusion" logger by main()

@@ -18,12 +18,13 @@ from fx_fusion.backend import make_backend, prefer_static_launch, register
 from fx_fusion.config import FusionConfig, OnUnfusable, RopeStyle
 from fx_fusion.decorator import compile
 from fx_fusion.fusion_pass import RopeKVFusionPass, UnfusableSiteError, install
+from fx_fusion.report import GraphReport, collect_reports
 from fx_fusion.kernels.rope_kv_cache import CacheLayout
 
 register()
 prefer_static_launch()
 
 __all__ = [
-    "CacheLayout", "FusionConfig", "OnUnfusable", "RopeKVFusionPass", "RopeStyle", "UnfusableSiteError",
-    "compile", "install", "make_backend",
+    "CacheLayout", "FusionConfig", "GraphReport", "OnUnfusable", "RopeKVFusionPass", "RopeStyle",
+    "UnfusableSiteError", "collect_reports", "compile", "install", "make_backend",
 ]

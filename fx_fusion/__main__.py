@@ -2,21 +2,24 @@
 
 A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
 ``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
-RoPE style, rotary dim, token count, fused or not, the model source line, the reason when not fused)
-and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
+RoPE style, rotary dim, token count, fused or not, the layer's module path, the model source line, the reason
+when not fused) and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
 in ``DIR/pictures`` (see ``fx_fusion/draw.py``), whose paths it prints. Exit code 0, or 2 when DIR holds
-no reports, a report is malformed or no renderer can draw the pictures.
+no reports, a report or graph file is malformed, links outside DIR, or no picture can be drawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from types import MappingProxyType
 
-COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "source", "reason")
+from fx_fusion.report import shorten_source
+
+COLUMNS = ("graph", "layout", "style", "rot", "tokens", "fused", "layer", "source", "reason")
 
 
 class ReportError(ValueError):
@@ -39,6 +42,7 @@ SITE_FIELDS = MappingProxyType({
     "head_dim": _OPTIONAL_INT,
     "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
     "nodes": ((dict,), "an object of node names"),
+    "layer": _OPTIONAL_STRING,
 })
 """The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
 
@@ -49,21 +53,39 @@ def load_reports(directory: str | Path) -> list[dict]:
     Raises ``ReportError`` naming the file (and the site and field) for a report that is unreadable,
     not JSON, not UTF-8 or whose fields have the wrong types.
     """
-    return [load_report(path) for path in sorted(Path(directory).glob("graph_*.report.json"))]
+    directory = Path(directory)
+    return [load_report(path, directory) for path in sorted(directory.glob("graph_*.report.json"))]
 
 
-def load_report(path: Path) -> dict:
+GRAPH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A report's ``graph``: the stem of its files in the directory (``graph_000``), never a path."""
+
+
+def is_inside(path: Path, directory: Path) -> bool:
+    """Whether ``path``, links followed, lies in ``directory`` (links followed too)."""
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
+def load_report(path: Path, directory: Path | None = None) -> dict:
+    """One report; with ``directory``, a report that is a link to a file outside it is refused."""
+    if directory is not None and not is_inside(path, directory):
+        raise ReportError(f"{path}: a link to a file outside {directory}")
     try:
         report = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ReportError(f"{path}: not UTF-8 text ({e})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise ReportError(f"{path}: nested too deeply to read") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError, and int() of a number too long to convert
         raise ReportError(f"{path}: not a readable report ({e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("sites"), list):
         raise ReportError(f"{path}: expected an object with a 'sites' list, got {_describe(report)}")
     report.setdefault("graph", path.name.split(".")[0])
     if not isinstance(report["graph"], str):
         raise ReportError(f"{path}: graph must be a string, got {_describe(report['graph'])}")
+    if not GRAPH_NAME.fullmatch(report["graph"]):  # it names files of the directory: never a path out of it
+        raise ReportError(f"{path}: graph must be a file name stem like 'graph_000' (no path), "
+                          f"got {_describe(report['graph'])}")
     for i, site in enumerate(report["sites"]):
         problem = _site_problem(site)
         if problem:
@@ -96,18 +118,6 @@ def _describe(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def shorten_source(source: str | None, width: int) -> str:
-    """``/long/path/file.py, line 12, in fn: code`` -> ``file.py:12 code``, cut to ``width`` characters."""
-    if not source:
-        return "-"
-    where, _, code = source.partition(": ")
-    parts = [p.strip() for p in where.split(",")]
-    text = source
-    if len(parts) >= 2 and parts[1].startswith("line "):
-        text = f"{Path(parts[0]).name}:{parts[1][5:]} {code}".strip()
-    return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
-
-
 def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ...]]:
     rows = []
     for report in reports:
@@ -119,6 +129,7 @@ def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ..
                 str(site.get("rotary_dim") if site.get("rotary_dim") is not None else "-"),
                 str(site.get("num_tokens") or "-"),
                 "yes" if site.get("fused") else "no",
+                str(site.get("layer") or "-"),
                 shorten_source(site.get("source"), source_width),
                 "" if site.get("fused") else str(site.get("reason") or "-"),
             ))
@@ -168,6 +179,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if renderer is not None:
         try:
             pictures = draw.draw_reports(directory, reports, renderer)
+        except OSError as e:  # a file system refusal the checks did not foresee (permissions, a full disk)
+            print(f"error: --draw: {e}", file=sys.stderr)
+            return 2
         except draw.DrawError as e:
             print(f"error: --draw: {e}", file=sys.stderr)
             return 2

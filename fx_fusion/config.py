@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -47,18 +48,19 @@ class FusionConfig:
     """Make the fused op check slot/position ranges at run time (a device sync per call; breaks CUDA graphs)."""
 
     def __post_init__(self) -> None:
-        # accept plain strings and iterables from ``options={...}``; store canonical, hashable values
-        object.__setattr__(self, "layouts", frozenset(CacheLayout(x) for x in _iterable("layouts", self.layouts)))
-        object.__setattr__(self, "styles", frozenset(RopeStyle(x) for x in _iterable("styles", self.styles)))
-        object.__setattr__(self, "on_unfusable", OnUnfusable(self.on_unfusable))
-        for name in ("min_tokens", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        # Every field is checked here, so a bad value fails where it was written, naming the field, and not
+        # later inside the pass. Plain strings and iterables (``options={...}``) become canonical, hashable
+        # values. ``dataclasses.replace`` (how ``options=`` and keywords are applied) runs this again.
+        object.__setattr__(self, "layouts", _enum_set("layouts", CacheLayout, self.layouts))
+        object.__setattr__(self, "styles", _enum_set("styles", RopeStyle, self.styles))
+        object.__setattr__(self, "min_tokens", _count("min_tokens", self.min_tokens, optional=False))
+        object.__setattr__(self, "max_tokens", _count("max_tokens", self.max_tokens, optional=True))
         if self.max_tokens is not None and self.max_tokens < self.min_tokens:
-            raise ValueError(f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})")
-        if self.dump_dir is not None:
-            object.__setattr__(self, "dump_dir", str(self.dump_dir))
+            raise ValueError(f"FusionConfig.max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})")
+        object.__setattr__(self, "dump_dir", _directory("dump_dir", self.dump_dir))
+        object.__setattr__(self, "on_unfusable", _enum_value("on_unfusable", OnUnfusable, self.on_unfusable))
+        if not isinstance(self.validate, bool):
+            raise TypeError(f"FusionConfig.validate must be True or False, got {_shown(self.validate)}")
 
     def pattern_options(self) -> FusionOptions:
         """The fields the patterns read, matched by name with ``FusionOptions``' fields (the rest is ours)."""
@@ -97,10 +99,64 @@ def _key_value(name: str, value: Any) -> Any:
                     f"expected None, bool, int, float, str, an enum or a collection of them")
 
 
-def _iterable(name: str, value: Any):
-    if isinstance(value, (str, enum.Enum)):
-        return (value,)
+def _shown(value: Any) -> str:
+    """``value`` and its type for an error message: ``'false' (str)``."""
+    text = repr(value)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+
+
+def _expected(cls: type[enum.Enum]) -> str:
+    return ", ".join(repr(m.value) for m in cls)
+
+
+def _enum_value(name: str, cls: type[enum.Enum], value: Any, *, element: bool = False) -> enum.Enum:
+    """``value`` (a member of ``cls`` or its value) as a member; TypeError for a non-string, ValueError for
+    a string that names no member."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"FusionConfig.{name}: expected {cls.__name__} values ({_expected(cls)}), got {_shown(value)}"
+                        if element else
+                        f"FusionConfig.{name} must be an {cls.__name__} value ({_expected(cls)}), got {_shown(value)}")
     try:
-        return tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a collection of names, got {value!r}") from None
+        return cls(value)
+    except ValueError:
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise ValueError(f"FusionConfig.{name}: {value!r} is not {article} {cls.__name__} "
+                         f"(expected one of {_expected(cls)})") from None
+
+
+def _enum_set(name: str, cls: type[enum.Enum], value: Any) -> frozenset:
+    """A collection of members or values of ``cls`` (one string alone counts as a collection of one)."""
+    if isinstance(value, (str, enum.Enum)):
+        items = (value,)
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise TypeError(f"FusionConfig.{name} must be a collection of {cls.__name__} values "
+                            f"({_expected(cls)}), got {_shown(value)}") from None
+    return frozenset(_enum_value(name, cls, x, element=True) for x in items)
+
+
+def _count(name: str, value: Any, *, optional: bool) -> int | None:
+    """A token count: a non-negative int (``None`` too when ``optional``); bool is refused, not read as 0/1."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"FusionConfig.{name} must be an int{' or None' if optional else ''}, got {_shown(value)}")
+    if value < 0:
+        raise ValueError(f"FusionConfig.{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _directory(name: str, value: Any) -> str | None:
+    """A directory as ``str``: from a ``str`` or an ``os.PathLike`` of one; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(path, str):
+        raise TypeError(f"FusionConfig.{name} must be a str, an os.PathLike or None, got {_shown(value)}")
+    if not path:
+        raise ValueError(f"FusionConfig.{name} must name a directory, got ''")
+    return path

@@ -11,14 +11,16 @@ per node). Each picture's DOT source is written next to it.
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
+from types import MappingProxyType
 
 import networkx as nx
 
-from fx_fusion.dump import fill_colour, node_label, to_dot
+from fx_fusion.dump import fill_colour, node_label, reason_nodes, to_dot
 
 RENDERERS = ("dot", "matplotlib", "text")
 _PROJECTIONS = ("mm", "addmm", "bmm")  # ops that end a picture upwards (the qkv projection)
@@ -57,29 +59,69 @@ def pick_renderer(requested: str = "auto") -> str:
 # ---- the part of a graph a picture shows ---------------------------------------------------------
 
 
-def projection_of(g: nx.DiGraph, node: str) -> str | None:
+def positions(g: nx.DiGraph) -> dict[str, int]:
+    """Each node's place in a topological order of ``g`` (one pass over the graph)."""
+    return {n: i for i, n in enumerate(nx.topological_sort(g))}
+
+
+def _is_projection(attrs: dict) -> bool:
+    return str(attrs.get("target", "")).split(".")[0] in _PROJECTIONS
+
+
+def _above(g: nx.DiGraph, node: str, order: dict[str, int] | None = None) -> set[str]:
+    """What feeds ``node`` back to its projection: its ancestors that come after the matmul nearest above it
+    (the qkv projection: of the matmuls it depends on, the last in topological order), the projection, and
+    the direct inputs of those nodes (cache, slots, positions, tables); nothing that feeds the projection.
+
+    One sweep up from ``node`` in reverse topological order (``order``, from ``positions(g)``, computed once
+    per graph): the first matmul it meets is the nearest, and every node still waiting then is an input that
+    comes before it. The work is the size of the picture, whatever the depth of the model (ranking every
+    matmul above a site by its own ancestors, as this once did, was cubic in the number of layers). Without
+    a matmul above, every ancestor.
+    """
+    order = order if order is not None else positions(g)
+    waiting, seen, region = [(-order[node], node)], {node}, set()
+    while waiting:
+        _, n = heapq.heappop(waiting)
+        if n != node:
+            region.add(n)
+            if _is_projection(g.nodes[n]):
+                return region | {m for _, m in waiting}
+        for p in g.predecessors(n):
+            if p not in seen:
+                seen.add(p)
+                heapq.heappush(waiting, (-order[p], p))
+    return region
+
+
+def projection_of(g: nx.DiGraph, node: str, order: dict[str, int] | None = None) -> str | None:
     """The matmul nearest above ``node`` (the qkv projection), ``None`` when there is none."""
-    mms = [a for a in nx.ancestors(g, node) if str(g.nodes[a].get("target", "")).split(".")[0] in _PROJECTIONS]
-    return max(mms, key=lambda a: len(nx.ancestors(g, a)), default=None)
+    order = order if order is not None else positions(g)
+    above = [n for n in _above(g, node, order) if _is_projection(g.nodes[n])]
+    return max(above, key=order.__getitem__, default=None)
 
 
-def _above(g: nx.DiGraph, node: str) -> set[str]:
-    """``node``'s ancestors back to its projection (the projection kept, what feeds it dropped)."""
-    proj = projection_of(g, node)
-    return nx.ancestors(g, node) - (nx.ancestors(g, proj) if proj is not None else set())
+def site_ends(g: nx.DiGraph, site: dict) -> list[str]:
+    """The nodes of ``g`` a picture of ``site`` starts from: its roles' nodes and its store; for a site left
+    unfused, also the nodes its reason names (``fx_fusion.dump.reason_nodes``)."""
+    names = [*(site.get("nodes") or {}).values(), site.get("store")]
+    if not site.get("fused"):
+        names += reason_nodes(site.get("reason"), g)
+    return [n for n in dict.fromkeys(names) if isinstance(n, str) and n in g]
 
 
-def region_before(g: nx.DiGraph, site: dict) -> nx.DiGraph:
-    """The site's RoPE and store nodes (its ``nodes`` roles, else its ``store``) and what feeds them."""
-    ends = [n for n in (site.get("nodes") or {}).values() if n in g] or [n for n in [site.get("store")] if n in g]
+def region_before(g: nx.DiGraph, site: dict, order: dict[str, int] | None = None) -> nx.DiGraph:
+    """The site's RoPE and store nodes (``site_ends``) and what feeds them back to the projection."""
+    ends = site_ends(g, site)
     if not ends:
         raise DrawError(f"none of the site's nodes ({site.get('nodes') or site.get('store')}) is in the graph")
-    return g.subgraph(set(ends).union(*(_above(g, e) for e in ends))).copy()
+    order = order if order is not None else positions(g)
+    return g.subgraph(set(ends).union(*(_above(g, e, order) for e in ends))).copy()
 
 
-def region_after(g: nx.DiGraph, fused: str) -> nx.DiGraph:
+def region_after(g: nx.DiGraph, fused: str, order: dict[str, int] | None = None) -> nx.DiGraph:
     """The fused op call ``fused``, its inputs back to the projection, its users and theirs."""
-    keep = {fused} | _above(g, fused)
+    keep = {fused} | _above(g, fused, order)
     for user in g.successors(fused):
         keep |= {user, *g.successors(user)}
     return g.subgraph(keep).copy()
@@ -101,14 +143,17 @@ def fused_node_of(before: nx.DiGraph, after: nx.DiGraph, site: dict) -> str | No
 
 # ---- renderers ---------------------------------------------------------------------------------
 
+TEXT_MARKS = MappingProxyType({"fused": "  <== site", "unfused": "  <== site (not fused)",
+                               "unfused_reason": "  <== why the site was not fused"})
+"""The text renderer's mark of a node, by its ``site`` attribute (the colours of ``fx_fusion.dump.FILL_COLOURS``)."""
+
 
 def as_text(g: nx.DiGraph) -> str:
     """One line per node in topological order: name, target, shape, inputs (a set: see the .py for the call)."""
     lines = []
     for n in nx.topological_sort(g):
         a = g.nodes[n]
-        mark = "  <== fused op" if a.get("fused_op") else {"fused": "  <== site", "unfused": "  <== site (not fused)"}.get(
-            a.get("site") or "", "")
+        mark = "  <== fused op" if a.get("fused_op") else TEXT_MARKS.get(a.get("site") or "", "")
         inputs = ", ".join(sorted(g.predecessors(n)))
         lines.append(f"  {n:<22} {a.get('target', ''):<24} {a.get('shape', ''):<12}"
                      f"{' <- ' + inputs if inputs else ''}{mark}")
@@ -138,6 +183,9 @@ def draw_matplotlib(g: nx.DiGraph, path: Path, title: str) -> None:
 def render(g: nx.DiGraph, stem: Path, title: str, renderer: str) -> Path:
     """Write ``stem.dot`` and the picture (``stem.svg``, ``.png`` or ``.txt``); return the picture's path."""
     dot_path = stem.with_name(stem.name + ".dot")
+    for suffix in (".dot", ".svg", ".png", ".txt"):
+        if stem.with_name(stem.name + suffix).is_symlink():
+            raise DrawError(f"{stem.with_name(stem.name + suffix)} is a link (pictures are never written through one)")
     dot_path.write_text(to_dot(g, title))
     if renderer == "dot":
         out = stem.with_name(stem.name + ".svg")
@@ -159,23 +207,43 @@ def render(g: nx.DiGraph, stem: Path, title: str, renderer: str) -> Path:
 
 
 def read_graph(directory: Path, graph: str, tag: str) -> nx.DiGraph:
+    """``DIR/graph.tag.graphml``: a file of ``directory`` (not a link out of it) holding an acyclic graph."""
     path = Path(directory) / f"{graph}.{tag}.graphml"
+    if path.is_symlink() and not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise DrawError(f"{path}: a link to a file outside {directory}")
     try:
-        return nx.read_graphml(path)
+        g = nx.read_graphml(path)
     except FileNotFoundError:
         raise DrawError(f"{path}: missing (the pictures are drawn from the dump's graphml files)") from None
-    except Exception as e:  # networkx raises assorted parser errors (ElementTree, KeyError, NetworkXError)
+    except Exception as e:  # networkx raises assorted parser errors (ElementTree, KeyError, NetworkXError, int())
         raise DrawError(f"{path}: not a readable graphml file ({type(e).__name__}: {e})") from None
+    if not isinstance(g, nx.DiGraph):
+        raise DrawError(f"{path}: not a directed graph (the dump writes one)")
+    if nx.is_directed_acyclic_graph(g):  # one topological sort (find_cycle walks every edge's DFS: slow)
+        return g
+    cycle = nx.find_cycle(g)
+    raise DrawError(f"{path}: the graph has a cycle ({' -> '.join(a for a, _ in cycle[:6])}"
+                    f"{' -> ...' if len(cycle) > 6 else ''}); an FX graph never does")
+
+
+def picture_title(graph: str, index: int, site: dict) -> str:
+    """``graph_000 site 3 (model.layers.3.self_attn)``: the layer when the report names it."""
+    layer = site.get("layer")
+    return f"{graph} site {index}" + (f" ({layer})" if layer else "")
 
 
 def draw_site(directory: Path, graph: str, index: int, site: dict, renderer: str, out_dir: Path,
-              before: nx.DiGraph | None = None, after: nx.DiGraph | None = None) -> list[Path]:
-    """Pictures of site ``index`` of ``graph``: ``before`` always, ``after`` when it was fused."""
+              before: nx.DiGraph | None = None, after: nx.DiGraph | None = None,
+              orders: tuple[dict | None, dict | None] = (None, None)) -> list[Path]:
+    """Pictures of site ``index`` of ``graph``: ``before`` always, ``after`` when it was fused.
+
+    ``orders``: ``positions()`` of ``before`` and ``after`` when the caller has them (one per graph, not per site).
+    """
     before = before if before is not None else read_graph(directory, graph, "before")
     stem = out_dir / f"{graph}.site{index}"
-    label = f"{graph} site {index}"
+    label = picture_title(graph, index, site)
     try:
-        pictures = [render(region_before(before, site), stem.with_name(stem.name + ".before"),
+        pictures = [render(region_before(before, site, orders[0]), stem.with_name(stem.name + ".before"),
                            f"{label} before the fx_fusion pass", renderer)]
     except DrawError as e:
         raise DrawError(f"{graph} site {index}: {e}") from None
@@ -184,22 +252,41 @@ def draw_site(directory: Path, graph: str, index: int, site: dict, renderer: str
         fused = fused_node_of(before, after, site)
         if fused is None:
             raise DrawError(f"{graph} site {index}: no fused op call in {graph}.after.graphml reads its caches")
-        pictures.append(render(region_after(after, fused), stem.with_name(stem.name + ".after"),
+        pictures.append(render(region_after(after, fused, orders[1]), stem.with_name(stem.name + ".after"),
                                f"{label} after the fx_fusion pass", renderer))
     return pictures
 
 
+def picture_dir(directory: Path, out_dir: Path | None = None) -> Path:
+    """Where pictures go: ``out_dir``, or ``DIR/pictures``, which must be a folder of ``DIR`` (made if missing)."""
+    if out_dir is None:
+        out_dir = directory / "pictures"
+        if out_dir.is_symlink() and not out_dir.resolve().is_relative_to(directory.resolve()):
+            raise DrawError(f"{out_dir} is a link to a folder outside {directory}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DrawError(f"{out_dir} is not a directory (pictures go there)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DrawError(f"{out_dir}: cannot make the pictures' folder ({e})") from None
+    return out_dir
+
+
 def draw_reports(directory: str | Path, reports: list[dict], renderer: str, out_dir: str | Path | None = None) -> list[Path]:
-    """Pictures of every site of ``reports`` (``python -m fx_fusion inspect`` loads them), in ``DIR/pictures``."""
+    """Pictures of every site of ``reports`` (``python -m fx_fusion inspect`` loads them), in ``DIR/pictures``.
+
+    Each graph is read, checked and ordered once; each site's picture then costs about its own size (see
+    ``_above``), so the whole run is linear in the size of the dump, however deep the model.
+    """
     directory = Path(directory)
-    out_dir = Path(out_dir) if out_dir is not None else directory / "pictures"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = picture_dir(directory, Path(out_dir) if out_dir is not None else None)
     pictures = []
     for report in reports:
         if not report["sites"]:
             continue
         before = read_graph(directory, report["graph"], "before")
         after = read_graph(directory, report["graph"], "after") if any(s.get("fused") for s in report["sites"]) else None
+        orders = (positions(before), positions(after) if after is not None else None)
         for index, site in enumerate(report["sites"]):
-            pictures += draw_site(directory, report["graph"], index, site, renderer, out_dir, before, after)
+            pictures += draw_site(directory, report["graph"], index, site, renderer, out_dir, before, after, orders)
     return pictures

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -56,8 +57,10 @@ def _target_name(n: torch.fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target)).replace("<", "").replace(">", "")
 
 
-FILL_COLOURS = MappingProxyType({"fused_op": "palegreen", "fused": "orange", "unfused": "lightgrey"})
-"""Fill colour of a fused op call, of the nodes of a fused site, of the nodes of a site left unfused."""
+FILL_COLOURS = MappingProxyType({"fused_op": "palegreen", "fused": "orange", "unfused": "lightcoral",
+                                 "unfused_reason": "gold"})
+"""Fill colour of a fused op call, of the nodes of a fused site, of the nodes (the store among them) of a site
+left unfused, and of the node the reason of an unfused site names (``reason_nodes``)."""
 
 
 def fill_colour(attrs: dict) -> str | None:
@@ -120,15 +123,40 @@ def _dot_id(text: str) -> str:
     return f'"{escaped}"'
 
 
+_WORD = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?!\w|\.\w|\()")  # a name, not an op's (aten.mul.Tensor, f(...))
+
+
+def reason_nodes(reason: str | None, graph) -> list[str]:
+    """The nodes of ``graph`` (anything supporting ``in``) that ``reason`` names, as the matchers write them
+    (``the stored k mul_3 is ...``). Only names with a digit or an underscore count (``arg3_1``, ``index_put_2``):
+    a bare ``mul`` or ``cat`` is as likely an English word or an op's name as the first node of its kind."""
+    if not reason:
+        return []
+    words = dict.fromkeys(_WORD.findall(reason))
+    return [w for w in words if ("_" in w or any(c.isdigit() for c in w)) and w in graph]
+
+
 def _mark_sites(g: nx.DiGraph, sites: list[Site]) -> None:
+    """``site`` of each node of a site: ``fused``, ``unfused`` (its roles' nodes and its store) or
+    ``unfused_reason`` (what the reason of an unfused site names); see ``FILL_COLOURS``."""
     for s in sites:
-        for name in s.nodes.values():
+        mark = "fused" if s.fused else "unfused"
+        for name in (*s.nodes.values(), s.store):
             if name in g:
-                g.nodes[name]["site"] = "fused" if s.fused else "unfused"
+                g.nodes[name]["site"] = mark
+    for s in sites:
+        if not s.fused:
+            for name in reason_nodes(s.reason, g):
+                if not g.nodes[name].get("site"):
+                    g.nodes[name]["site"] = "unfused_reason"
+
+
+_REPORT_NAME = re.compile(r"graph_(\d+)\.report\.json")
+"""The name of a report ``write_dump`` writes; other files of the directory, however named, are not ours."""
 
 
 def _next_index(root: Path) -> int:
-    taken = [int(p.name.split("_")[1].split(".")[0]) for p in root.glob("graph_*.report.json")]
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := _REPORT_NAME.fullmatch(p.name))]
     return max(taken, default=-1) + 1
 
 
@@ -136,8 +164,8 @@ def report_text(sites: list[Site]) -> str:
     if not sites:
         return "no RoPE -> KV-cache store sites\n"
     rows = [f"{'fused' if s.fused else 'NOT fused'}: {s.layout}/{s.style} rot={s.rotary_dim} "
-            f"tokens={s.num_tokens} at {s.source}" + ("" if s.fused else f"\n    reason: {s.reason}")
-            for s in sites]
+            f"tokens={s.num_tokens} in {s.layer or '-'} at {s.source}"
+            + ("" if s.fused else f"\n    reason: {s.reason}") for s in sites]
     return "\n".join(rows) + "\n"
 
 

@@ -13,9 +13,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from fx_fusion.config import FusionConfig, OnUnfusable
 from fx_fusion.patterns import Site, fuse_rope_kv_stores
+from fx_fusion.report import explain_autograd, inputs_written_outside, layer_of, report_graph
 
 log = logging.getLogger("fx_fusion")
-
 
 
 class UnfusableSiteError(RuntimeError):
@@ -54,25 +54,26 @@ class RopeKVFusionPass(CustomGraphPass):
 
         start = time.perf_counter()
         before = self._snapshot(graph) if self.config.dump_dir else None
+        nodes = {n.name: n for n in graph.nodes}  # the sites name their stores; the rewrite removes some
+        outside = inputs_written_outside(graph)
         sites = fuse_rope_kv_stores(graph, self.config.pattern_options())
+        for site in sites:
+            site.layer = layer_of(nodes.get(site.store))
+        explain_autograd(sites, nodes, outside)
         self.last_sites = sites
         stats = counters["fx_fusion"]
         stats["graphs"] += 1
         stats["pass_us"] += int(1e6 * (time.perf_counter() - start))
         for site in sites:
-            if site.fused:
-                stats["rope_kv_store_fused"] += 1
-                log.debug("fused RoPE + KV store at %s (%s, %s)", site.source, site.layout, site.style)
-            else:
-                stats["rope_kv_store_not_fused"] += 1
-                log.info("not fused: %s at %s", site.reason, site.source)
+            stats["rope_kv_store_fused" if site.fused else "rope_kv_store_not_fused"] += 1
+        report_graph(sites)
         if before is not None:
             from fx_fusion.dump import write_dump
 
             write_dump(self.config.dump_dir, before, self._snapshot(graph), sites)
         unsafe = [s for s in sites if not s.fused and not s.disabled]
         if unsafe and self.config.on_unfusable is OnUnfusable.RAISE:
-            raise UnfusableSiteError("; ".join(f"{s.source}: {s.reason}" for s in unsafe))
+            raise UnfusableSiteError("; ".join(f"{s.layer or '-'} ({s.source}): {s.reason}" for s in unsafe))
 
     @staticmethod
     def _snapshot(graph: torch.fx.Graph):

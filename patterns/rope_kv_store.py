@@ -96,6 +96,7 @@ class Site:
     head_dim: int | None = None
     num_tokens: str | None = None
     nodes: dict = field(default_factory=dict)  # role -> node name (before) / new node name (after)
+    layer: str | None = None  # module path of the store (``model.layers.3.self_attn``), set by the pass
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

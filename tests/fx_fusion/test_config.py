@@ -107,3 +107,80 @@ def test_fields_without_a_pattern_option_are_not_passed():
     Extended = dataclasses.make_dataclass("Extended", [("fast_math", bool, False)], bases=(FusionConfig,),
                                           frozen=True)
     assert Extended(fast_math=True, min_tokens=5).pattern_options() == FusionConfig(min_tokens=5).pattern_options()
+
+
+# ---- every field is checked when the config is made ------------------------------------------
+# (field, value, error, message): the message names the field, what was expected and what arrived
+
+BAD_VALUES = [
+    ("validate", "false", TypeError, "validate must be True or False, got 'false' (str)"),
+    ("validate", "no", TypeError, "validate must be True or False, got 'no' (str)"),
+    ("validate", 1, TypeError, "validate must be True or False, got 1 (int)"),
+    ("validate", None, TypeError, "validate must be True or False, got None (NoneType)"),
+    ("min_tokens", None, TypeError, "min_tokens must be an int, got None (NoneType)"),
+    ("min_tokens", "4", TypeError, "min_tokens must be an int, got '4' (str)"),
+    ("min_tokens", True, TypeError, "min_tokens must be an int, got True (bool)"),
+    ("min_tokens", 2.0, TypeError, "min_tokens must be an int, got 2.0 (float)"),
+    ("min_tokens", -1, ValueError, "min_tokens must be >= 0, got -1"),
+    ("max_tokens", 2.5, TypeError, "max_tokens must be an int or None, got 2.5 (float)"),
+    ("max_tokens", False, TypeError, "max_tokens must be an int or None, got False (bool)"),
+    ("max_tokens", "64", TypeError, "max_tokens must be an int or None, got '64' (str)"),
+    ("max_tokens", -2, ValueError, "max_tokens must be >= 0, got -2"),
+    ("layouts", 5, TypeError, "layouts must be a collection of CacheLayout values ('token', 'paged', 'sequence'), got 5 (int)"),
+    ("layouts", None, TypeError, "layouts must be a collection of CacheLayout values ('token', 'paged', 'sequence'), got None (NoneType)"),
+    ("layouts", {"token", "ragged"}, ValueError, "layouts: 'ragged' is not a CacheLayout (expected one of 'token', 'paged', 'sequence')"),
+    ("layouts", [3], TypeError, "layouts: expected CacheLayout values ('token', 'paged', 'sequence'), got 3 (int)"),
+    ("layouts", [b"token"], TypeError, "layouts: expected CacheLayout values ('token', 'paged', 'sequence'), got b'token' (bytes)"),
+    ("styles", 42, TypeError, "styles must be a collection of RopeStyle values ('neox', 'gptj'), got 42 (int)"),
+    ("styles", {"rotate"}, ValueError, "styles: 'rotate' is not a RopeStyle (expected one of 'neox', 'gptj')"),
+    ("styles", [None], TypeError, "styles: expected RopeStyle values ('neox', 'gptj'), got None (NoneType)"),
+    ("styles", ["token"], ValueError, "styles: 'token' is not a RopeStyle (expected one of 'neox', 'gptj')"),
+    ("on_unfusable", "explode", ValueError, "on_unfusable: 'explode' is not an OnUnfusable (expected one of 'fallback', 'raise')"),
+    ("on_unfusable", True, TypeError, "on_unfusable must be an OnUnfusable value ('fallback', 'raise'), got True (bool)"),
+    ("on_unfusable", None, TypeError, "on_unfusable must be an OnUnfusable value ('fallback', 'raise'), got None (NoneType)"),
+    ("dump_dir", 3, TypeError, "dump_dir must be a str, an os.PathLike or None, got 3 (int)"),
+    ("dump_dir", b"dumps", TypeError, "dump_dir must be a str, an os.PathLike or None, got b'dumps' (bytes)"),
+    ("dump_dir", True, TypeError, "dump_dir must be a str, an os.PathLike or None, got True (bool)"),
+    ("dump_dir", "", ValueError, "dump_dir must name a directory, got ''"),
+]
+
+
+def test_every_field_has_bad_values():
+    assert {name for name, *_ in BAD_VALUES} == set(field_names())
+
+
+@pytest.mark.parametrize("name, value, error, message", BAD_VALUES, ids=[f"{n}={v!r}" for n, v, *_ in BAD_VALUES])
+def test_bad_values_are_refused_when_the_config_is_made(name, value, error, message):
+    with pytest.raises(error) as info:
+        FusionConfig(**{name: value})
+    assert str(info.value) == f"FusionConfig.{message}"
+
+
+@pytest.mark.parametrize("name, value, error, message", BAD_VALUES, ids=[f"{n}={v!r}" for n, v, *_ in BAD_VALUES])
+def test_bad_values_are_refused_through_replace_and_options(name, value, error, message):
+    """``options={...}`` and ``@fx_fusion.compile(**fields)`` build the config with ``dataclasses.replace``."""
+    import fx_fusion
+
+    with pytest.raises(error, match="^FusionConfig." + name):
+        dataclasses.replace(FusionConfig(), **{name: value})
+    with pytest.raises(error, match="^FusionConfig." + name):
+        fx_fusion.compile(lambda x: x, **{name: value})
+
+
+def test_good_values_of_every_kind():
+    import os
+    from pathlib import Path
+
+    from fx_fusion import OnUnfusable
+
+    class Where(os.PathLike):
+        def __fspath__(self):
+            return "there"
+
+    assert FusionConfig(dump_dir=Where()).dump_dir == "there"
+    assert FusionConfig(dump_dir=Path("a") / "b").dump_dir == str(Path("a") / "b")
+    assert FusionConfig(validate=True).validate is True
+    assert FusionConfig(min_tokens=0, max_tokens=0).max_tokens == 0
+    assert FusionConfig(layouts=(), styles=frozenset()).layouts == frozenset()
+    assert FusionConfig(on_unfusable=OnUnfusable.RAISE).on_unfusable is OnUnfusable.RAISE
+    assert FusionConfig(layouts=iter(["paged"])).layouts == frozenset({CacheLayout.PAGED})

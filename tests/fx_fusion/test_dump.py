@@ -141,7 +141,8 @@ def test_dot_files(dump_dir):
     before = dot_nodes((dump_dir / "graph_000.before.dot").read_text())
     assert all(before[name]["fillcolor"] == "orange" for name in site["nodes"].values())
     unfused = dot_nodes((dump_dir / "graph_001.before.dot").read_text())
-    assert all(unfused[name]["fillcolor"] == "lightgrey" for name in report(dump_dir, 1)["sites"][0]["nodes"].values())
+    unfused_site = report(dump_dir, 1)["sites"][0]
+    assert all(unfused[name]["fillcolor"] == "lightcoral" for name in (*unfused_site["nodes"].values(), unfused_site["store"]))
 
 
 def test_dot_goes_through_networkx_and_pydot(dump_dir):
@@ -174,7 +175,7 @@ def test_dot_text_quotes_and_escapes():
     g.add_node("c", target="c")
     g.add_edge('a"b', "c")
     text = _dot_text(dot_graph(g, "x"))
-    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightgrey"];' in text
+    assert '"a\\"b" [label="a\\"b\\nsay \\"hi\\"\\\\\\n(2,) torch.int64", style="filled", fillcolor="lightcoral"];' in text
     assert '"a\\"b" -> "c";' in text
 
 
@@ -204,11 +205,11 @@ def test_cli_inspect_prints_a_summary_table(dump_dir, tmp_path):
     proc = _run_cli("inspect", str(dump_dir))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["graph", "layout", "style", "rot", "tokens", "fused", "source", "reason"]
+    assert lines[0].split() == ["graph", "layout", "style", "rot", "tokens", "fused", "layer", "source", "reason"]
     rows = {line.split()[0]: line for line in lines[2:] if line.startswith("graph_")}
     assert set(rows) == {"graph_000", "graph_001"}
     assert rows["graph_000"].split()[1:6] == ["token", "neox", "16", "5", "yes"]
-    assert rows["graph_001"].split()[1:6] == ["token", "neox", "16", "1", "no"]
+    assert rows["graph_001"].split()[1:7] == ["token", "neox", "16", "1", "no", "-"]  # the compiled module: no path
     assert f"attention_blocks.py:{store_line_number()}" in rows["graph_000"]
     assert "1 tokens is outside [2, None]" in rows["graph_001"]
     assert lines[-1].split() == ["graphs:", "2", "sites:", "2", "fused:", "1", "not", "fused:", "1"]

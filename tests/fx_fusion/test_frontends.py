@@ -352,13 +352,13 @@ def test_compile_config_and_keywords_combine(compile_fx_calls, fresh):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(min_tokens=-1), ValueError, "min_tokens must be a non-negative int"),
-    (dict(min_tokens="4"), ValueError, "min_tokens must be a non-negative int"),
-    (dict(min_tokens=True), ValueError, "min_tokens must be a non-negative int"),
-    (dict(max_tokens=2.5), ValueError, "max_tokens must be a non-negative int"),
+    (dict(min_tokens=-1), ValueError, "min_tokens must be >= 0, got -1"),
+    (dict(min_tokens="4"), TypeError, "min_tokens must be an int, got '4'"),
+    (dict(min_tokens=True), TypeError, "min_tokens must be an int, got True"),
+    (dict(max_tokens=2.5), TypeError, "max_tokens must be an int or None, got 2.5"),
     (dict(min_tokens=8, max_tokens=4), ValueError, r"max_tokens \(4\) is below min_tokens \(8\)"),
     (dict(layouts={"token", "ragged"}), ValueError, "ragged"),
-    (dict(styles=42), TypeError, "styles must be a collection of names"),
+    (dict(styles=42), TypeError, "styles must be a collection of RopeStyle values"),
     (dict(styles={"rotate"}), ValueError, "rotate"),
     (dict(on_unfusable="explode"), ValueError, "explode"),
 ])
