@@ -24,7 +24,9 @@ storage it writes, found through the views (schema alias info) down to the tenso
 key holds the epochs of its inputs: a read after the write never equals one before it. A write into a graph
 input (or by an op of unknown effect) starts a new epoch for every input, since inputs may alias each other.
 Never merged either: a node whose own fresh storage is written in place anywhere (the two would share it),
-or is returned by the graph, itself or through a view (two outputs would alias).
+is the destination of a functional write (``index_put(dest, ...)``, ``slice_scatter``, ``copy``, a
+functionalized custom op's base: Inductor writes each destination in place, and two caches allocated alike must
+stay two), or is returned by the graph, itself or through a view (two outputs would alias).
 
 Only groups with a member the pass looks at are merged: nodes within ``SCOPE_DEPTH`` inputs of a store
 (``index_put``, ``copy``, an engine's store op); the rest of the graph is left to Inductor.
@@ -58,6 +60,14 @@ RoPE output, plus views between the RoPE and the store and the table's gather.""
 _UNINITIALISED = frozenset({aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
                             aten.new_empty.default, aten.new_empty_strided.default, aten.empty_permuted.default})
 """Pure by schema, but two of them are not one value (their contents are whatever memory held)."""
+
+_FUNCTIONAL_WRITES = frozenset({
+    aten.index_put, aten._unsafe_index_put, aten.index_copy, aten.index_add, aten.index_fill, aten.scatter,
+    aten.scatter_add, aten.scatter_reduce, aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter,
+    aten.as_strided_scatter, aten.masked_scatter, aten.copy})
+"""Functional writes: ``op(dest, ...)`` is ``dest`` with some elements replaced. Two equal tensors that are each
+such a destination (two caches allocated alike, ``zeros_like(k_cache)`` and ``zeros_like(v_cache)``) stay two:
+Inductor writes each destination in place, and the pass takes one for the k cache and the other for v."""
 
 _FUNCTIONAL_CALLS = frozenset({operator.getitem, auto_functionalized, auto_functionalized_v2})
 """Calls that are no ``OpOverload`` but write none of their inputs (functionalized custom ops, tuple items)."""
@@ -189,7 +199,7 @@ def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:
     nodes = list(graph.nodes)
     # the tensor that owns each node's storage (through views and in-place results), and every storage written
     owner: dict[Node, Node] = {}
-    written: set[Node] = set()  # owners written in place or returned: never merged
+    written: set[Node] = set()  # owners written in place, functionally written, or returned: never merged
     returned: set[Node] = set()  # the graph's outputs themselves (views included): never merged
     writes: dict[Node, list[Node] | None] = {}
     aliases: dict = {}
@@ -200,6 +210,13 @@ def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:
         if w != []:
             writes[n] = w
             written.update(owner.get(m, m) for m in (w if w is not None else n.all_input_nodes))
+        if n.op == "call_function" and (
+                getattr(n.target, "overloadpacket", None) in _FUNCTIONAL_WRITES and n.args
+                and isinstance(n.args[0], Node)):
+            written.add(owner[n.args[0]])  # a destination (see _FUNCTIONAL_WRITES)
+        elif n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload) and (
+                n.target is not operator.getitem):
+            written.update(owner.get(m, m) for m in n.all_input_nodes)  # a higher-order op may write what it gets
         if n.op == "output":  # two outputs sharing one storage would alias, which the caller does not expect
             returned = set(n.all_input_nodes)
             written.update(owner.get(m, m) for m in returned)

@@ -188,6 +188,27 @@ def test_tensors_written_in_place_later_are_never_merged():
     assert len(targets(gm, aten.zeros.default)) == 2 and len(targets(gm, aten.clone.default)) == 2
 
 
+@pytest.mark.parametrize("write", ["index_put", "slice_scatter", "copy"])
+def test_destinations_of_functional_writes_are_never_merged(write):
+    """Two caches allocated alike (``zeros_like(k_cache)``, ``zeros_like(v_cache)``), each written functionally:
+    one node would leave the k and the v store writing one buffer (Inductor then copies it; the pass sees the
+    cache read before its store). Equal reads of x beside them still merge."""
+    g = G()
+    z1 = g(aten.zeros_like.default, g.x)
+    z2 = g(aten.zeros_like.default, g.x)
+    rows = g(aten.slice.Tensor, g.y, 0, 0, 3)
+    if write == "index_put":
+        w1, w2 = (g(aten.index_put.default, z, [g.i], rows) for z in (z1, z2))
+    elif write == "slice_scatter":
+        w1, w2 = (g(aten.slice_scatter.default, z, rows, 0, 0, 3) for z in (z1, z2))
+    else:
+        w1, w2 = (g(aten.copy.default, z, g.y) for z in (z1, z2))
+    r1, r2 = (g(aten.mul.Tensor, g.x, 2.0) for _ in range(2))
+    gm = g.store(g(aten.cat.default, [g(aten.add.Tensor, w1, r1), g(aten.sub.Tensor, r2, w2)]), 16)
+    assert merged(g, gm) == 1
+    assert len(targets(gm, aten.zeros_like.default)) == 2
+
+
 def test_random_ops_are_never_merged():
     g = G()
     cpu = torch.device("cpu")
