@@ -50,6 +50,7 @@ from torch.fx import Graph, Node
 from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
+from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
                                          match_copy_store, match_engine_store, match_store, same_view, view_args,
@@ -135,10 +136,13 @@ class _GraphState:
     used: set = field(default_factory=set)  # q RoPE outputs and v stores taken by fused sites
     quants: dict = field(default_factory=dict)  # store node -> Quant of its fp8 store (see patterns/quant.py)
     quant_errors: dict = field(default_factory=dict)  # store node -> why its fp8 store cannot be reproduced
+    # (cos leaf, rank, head_dim, dtype) -> the RoPE outputs reading that leaf (one walk per leaf: layers may share it)
+    ropes_of_leaf: dict = field(default_factory=dict)
 
 
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
     """Find every store of a RoPE output into a KV cache; fuse those that are safe and enabled."""
+    canonicalize(graph)  # spellings reduced to the forms matched below (patterns/canonicalize.py)
     ropes = _RopeFinder()
     stores, sites, ks = [], [], []
     for n in list(graph.find_nodes(op="call_function", target=aten.index_put.default)):
@@ -621,24 +625,26 @@ def _pair_v(st: Store, state: _GraphState) -> Store:
 
 def _pair_q(k_root: Node, k: RopeMatch, state: _GraphState) -> tuple[Node, RopeMatch]:
     """The q RoPE: same tables, style and rotary dim, its own input, nearest to the k RoPE."""
-    found = []
-    # q's RoPE output reads the same cos leaf as k's; match_rope evaluates at most ``max_depth`` ops
-    # below a RoPE output, so every output it can accept lies within that many uses of the leaf
-    for cand in _reachable(k.cos.leaf.node, depth=state.ropes.max_depth):
-        if cand is k_root or cand in state.k_roots or cand in state.used or "val" not in cand.meta:
-            continue
-        val = cand.meta["val"]
-        # compare sizes without creating shape guards (a symbolic token count must stay symbolic)
-        if not isinstance(val, torch.Tensor) or val.dim() != len(shape_of(k_root)) or not (
-                isinstance(val.shape[-1], int) and val.shape[-1] == k.head_dim):
-            continue
-        if val.dtype != k_root.meta["val"].dtype or cand not in state.order:
-            continue
-        m = state.ropes.match(cand)
-        if m is None:
-            continue
-        if (m.style, m.rotary_dim, m.cos, m.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and m.x is not k.x:
-            found.append((cand, m))
+    key = (k.cos.leaf.node, len(shape_of(k_root)), k.head_dim, k_root.meta["val"].dtype)
+    if key not in state.ropes_of_leaf:
+        ropes = []
+        # q's RoPE output reads the same cos leaf as k's; match_rope evaluates at most ``max_depth`` ops
+        # below a RoPE output, so every output it can accept lies within that many uses of the leaf
+        for cand in _reachable(k.cos.leaf.node, depth=state.ropes.max_depth):
+            val = cand.meta.get("val")
+            # compare sizes without creating shape guards (a symbolic token count must stay symbolic)
+            if not isinstance(val, torch.Tensor) or val.dim() != key[1] or not (
+                    isinstance(val.shape[-1], int) and val.shape[-1] == k.head_dim):
+                continue
+            if val.dtype != key[3] or cand not in state.order:
+                continue
+            m = state.ropes.match(cand)
+            if m is not None:
+                ropes.append((cand, m))
+        state.ropes_of_leaf[key] = ropes
+    found = [(cand, m) for cand, m in state.ropes_of_leaf[key]
+             if cand is not k_root and cand not in state.k_roots and cand not in state.used
+             and (m.style, m.rotary_dim, m.cos, m.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and m.x is not k.x]
     # keep the outermost node of each q RoPE (e.g. the cast back after an fp32 RoPE)
     outer = [(c, m) for c, m in found if not any(u is not c and m2.x is m.x and c in u.all_input_nodes
                                                  for u, m2 in found)]
