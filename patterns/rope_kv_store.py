@@ -50,6 +50,7 @@ from torch.fx import Graph, Node
 from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
+from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
                                          match_copy_store, match_engine_store, match_store, same_view, view_args,
@@ -138,6 +139,14 @@ class _GraphState:
 
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
     """Find every store of a RoPE output into a KV cache; fuse those that are safe and enabled."""
+    rewrites = canonicalize_complex_rope(graph)  # complex RoPE as real pairs, undone where nothing fused
+    try:
+        return _fuse_rope_kv_stores(graph, options, rewrites)
+    finally:
+        rewrites.restore()
+
+
+def _fuse_rope_kv_stores(graph: Graph, options: FusionOptions, rewrites) -> list[Site]:
     ropes = _RopeFinder()
     stores, sites, ks = [], [], []
     for n in list(graph.find_nodes(op="call_function", target=aten.index_put.default)):
@@ -245,6 +254,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             site.reason, site.disabled = str(e), isinstance(e, Disabled)
         except Exception as err:  # noqa: BLE001
             site.reason = _internal_error(k.store.node, err).reason
+    rewrites.restore()
     if any(s.fused for s in sites):
         from torch._inductor.pattern_matcher import stable_topological_sort
 
