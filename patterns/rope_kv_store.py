@@ -944,7 +944,12 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         launchers = launchers_for(st.cache.meta["val"].device, options.validate)
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
-    slots = st.slots if st.window is None else _window_slots(graph, st, fake_mode)
+    if st.window is not None:
+        slots = _window_slots(graph, st, fake_mode)
+    elif st.start is not None:
+        slots = _run_slots(graph, st, fake_mode)
+    else:
+        slots = st.slots
     inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
     for launch in launchers:
         try:
@@ -1008,8 +1013,35 @@ def _window_slots(graph: Graph, st: Store, fake_mode) -> Node:
     return out
 
 
+def _run_slots(graph: Graph, st: Store, fake_mode) -> Node:
+    """The ``[T]`` cache positions ``start .. start+T-1`` of a copy into a slice (``Store.start``), ``start`` an int or
+    the graph's symbolic value. Made once per graph, start and T (the layers of a model share it), after ``start``."""
+    tokens = shape_of(st.views[-1])[st.seq_dim]
+    device = st.cache.meta["val"].device
+    key = ("run", st.start, tokens, str(device))
+    for n in graph.nodes:
+        if n.meta.get("fx_fusion_run_slots") == key:
+            return n
+    start = st.start
+    kwargs = dict(start=start, step=1, dtype=torch.int64, device=device, requires_grad=False)
+    with fake_mode:
+        val = torch.ops.prims.iota.default(tokens, **{**kwargs, "start": start.meta["val"] if isinstance(start, Node)
+                                                       else start})
+    if isinstance(start, Node) and start.op != "placeholder":
+        where = start.next
+    else:
+        where = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(where):
+        out = graph.call_function(torch.ops.prims.iota.default, (tokens,), kwargs)
+    out.meta["val"] = val
+    out.meta["fx_fusion_run_slots"] = key
+    return out
+
+
 def _view_ops(store: Store) -> tuple:
-    """``(op, args)`` of each select/slice from the store's buffer down to its cache, outermost first."""
+    """``(op, args)`` of each view from the store's buffer down to its cache, outermost first."""
+    if store.view_ops is not None:
+        return store.view_ops
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
 
 
