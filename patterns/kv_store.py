@@ -266,10 +266,8 @@ def _match_slice_store(n: Node, views: tuple, value: Node) -> Store:
     if dim not in (1, 2) or step != 1:
         raise NotAStore(f"the copy writes a slice (dim {dim}, step {step}) of {inner.name} {tuple(ishape)} that is not "
                         "a run of positions of a [B, S_max, Hkv, D] or [B, Hkv, S_max, D] cache")
-    if not isinstance(tokens, int):
-        raise NotAStore(f"the copy into {inner.name} writes a symbolic number of positions ({tokens})")
     start = 0 if start is None else start
-    if isinstance(start, int):
+    if isinstance(start, int) and isinstance(tokens, int):
         start = start + ishape[dim] if start < 0 else start
         if not 0 <= start <= ishape[dim] - tokens:
             raise NotAStore(f"the copy writes positions {start} .. {start + tokens - 1} of {ishape[dim]}")

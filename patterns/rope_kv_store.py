@@ -1014,25 +1014,32 @@ def _window_slots(graph: Graph, st: Store, fake_mode) -> Node:
 
 
 def _run_slots(graph: Graph, st: Store, fake_mode) -> Node:
-    """The ``[T]`` cache positions ``start .. start+T-1`` of a copy into a slice (``Store.start``), ``start`` an int or
-    the graph's symbolic value. Made once per graph, start and T (the layers of a model share it), after ``start``."""
+    """The ``[T]`` cache positions ``start .. start+T-1`` of a copy into a slice (``Store.start``), ``start`` and ``T``
+    ints or the graph's symbolic values. Made once per graph, start and T (the layers of a model share it)."""
     tokens = shape_of(st.views[-1])[st.seq_dim]
-    device = st.cache.meta["val"].device
-    key = ("run", st.start, tokens, str(device))
+    length = tokens
+    if not isinstance(tokens, int):  # the node holding the symbolic count (compared without a guard)
+        length = next((n for n in graph.nodes if isinstance(n.meta.get("val"), torch.SymInt)
+                       and sizes_equal(n.meta["val"], tokens)), None)
+        if length is None:
+            raise Unfusable(f"no node of the graph holds the token count {tokens} of the copy into a slice")
+    start, device = st.start, st.cache.meta["val"].device
+    key = ("run", start, length, str(device))
     for n in graph.nodes:
         if n.meta.get("fx_fusion_run_slots") == key:
             return n
-    start = st.start
     kwargs = dict(start=start, step=1, dtype=torch.int64, device=device, requires_grad=False)
     with fake_mode:
         val = torch.ops.prims.iota.default(tokens, **{**kwargs, "start": start.meta["val"] if isinstance(start, Node)
                                                        else start})
-    if isinstance(start, Node) and start.op != "placeholder":
-        where = start.next
+    computed = [n for n in (start, length) if isinstance(n, Node) and n.op != "placeholder"]
+    if computed:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        where = max(computed, key=order.get).next
     else:
         where = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(where):
-        out = graph.call_function(torch.ops.prims.iota.default, (tokens,), kwargs)
+        out = graph.call_function(torch.ops.prims.iota.default, (length,), kwargs)
     out.meta["val"] = val
     out.meta["fx_fusion_run_slots"] = key
     return out

@@ -22,8 +22,8 @@ from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from tests.patterns.test_cache_forms import check_every_layer_fused
 from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, inference,  # noqa: F401
                                                records, run_steps)
-from tests.reference_blocks import (HEAD_DIM, KV_HEADS, HEADS, LAYERS, Transformer, apply_rotary_emb,
-                                    precompute_freqs_cis, reference_steps)
+from tests.reference_blocks import (HEAD_DIM, KV_HEADS, HEADS, LAYERS, VOCAB, Transformer,
+                                    apply_rotary_emb, precompute_freqs_cis, reference_steps)
 
 OUTPUT_TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (6e-2, 5e-2)}
 CACHE_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1.6e-2)}
@@ -64,6 +64,20 @@ def test_reference_decoder_fuses_every_layer(max_batch, cache_layout, dtype, rec
         assert torch.equal(cache.narrow(seq_dim, written, rest), poison[name].narrow(seq_dim, written, rest)), \
             f"{name}: a position past the last step was written"
         assert torch.equal(cache[2:], poison[name][2:]), f"{name}: a batch row past bsz was written"
+
+
+def test_prompts_of_several_lengths_fuse(records, inference):
+    """A second request with a longer prompt recompiles the prefill with a symbolic token count (and decode keeps
+    its symbolic ``start_pos``): every graph fused, logits and whole caches equal to eager."""
+    torch.manual_seed(0)
+    model = Transformer().eval()
+    eager = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    steps = [(torch.randint(0, VOCAB, (2, n), generator=g), start) for n, start in ((5, 0), (1, 5), (7, 0), (1, 7),
+                                                                                     (4, 0), (1, 4))]
+    run_steps(model, eager, compile_with(model), steps)
+    assert len(records) == 3 and all(len(r.fused) == LAYERS and not r.unfused for r in records), \
+        [[s.reason for s in r.unfused] for r in records]
 
 
 # ---- the rotation alone: exact --------------------------------------------------------------
