@@ -208,3 +208,29 @@ def test_canonicalize_complex_rope_rewrites_and_restores():
     assert torch.ops.aten.sub.Tensor in targets and torch.ops.aten.cat.default in targets
     rewrites.restore()
     assert gm.graph.python_code("self").src == before
+
+
+def test_store_through_a_symbolic_slice_is_named_as_one(records, inference):
+    """``cache[:, s:s + 8][:, pos] = k`` with a symbolic ``s`` is not a form the op writes (an index into a window of
+    the cache); the reason names it as the slice it is, not as 'a view that is not a select/slice'."""
+
+    def fn(xq, xk, xv, table, k_cache, v_cache, start: int, pos):
+        q, k = apply_rotary_emb(xq, xk, table[pos + start])
+        k_cache[:, start:start + 8][:, pos] = k
+        v_cache[:, start:start + 8][:, pos] = xv
+        return q
+
+    g = torch.Generator().manual_seed(4)
+    table = precompute_freqs_cis(HEAD_DIM, 64)
+    compiled = compile_with(fn, FusionConfig())
+    for start in (0, 3):
+        xq = torch.randn(2, 5, HEADS, HEAD_DIM, generator=g)
+        xk, xv = (torch.randn(2, 5, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2))
+        caches = [torch.randn(2, 32, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2)]
+        mine = [c.clone() for c in caches]
+        pos = torch.arange(5)
+        assert torch.equal(compiled(xq, xk, xv, table, *mine, start, pos), fn(xq, xk, xv, table, *caches, start, pos))
+        assert all(torch.equal(a, e) for a, e in zip(mine, caches))
+    assert len(records) == 2
+    reasons = [s.reason for s in records[1].sites]
+    assert reasons and all("slice of the graph input" in r and "symbolic bounds" in r for r in reasons), reasons
