@@ -91,7 +91,7 @@ def _rewrite(graph: Graph, out: ComplexRopeRewrites) -> None:
         emit = _Emitter(graph, fake_mode, out.created, vr.meta.get("stack_trace"))
         operands = p.args[:2]
         with graph.inserting_before(p):
-            parts = [pairs.get(o) or pairs.setdefault(o, _parts(emit, o)) for o in operands]
+            parts = [pairs.get(_view_key(o)) or pairs.setdefault(_view_key(o), _parts(emit, o)) for o in operands]
         (a, b), (c, d) = parts
         with graph.inserting_before(vr):
             re = emit(aten.sub.Tensor, emit(aten.mul.Tensor, a, c), emit(aten.mul.Tensor, b, d))
@@ -110,6 +110,20 @@ def _is_complex_mul(p) -> bool:
         return False
     vals = [x.meta.get("val") if isinstance(x, Node) else None for x in (p, *p.args[:2])]
     return all(isinstance(v, torch.Tensor) and v.dtype == torch.complex64 for v in vals)
+
+
+_VIEW_OPS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                       aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.permute.default,
+                       aten.alias.default})
+
+
+def _view_key(n):
+    """``n`` itself, or for a view the same key as another view made by the same op with the same arguments of the
+    same tensor (a table reshaped once per RoPE call is one table: its parts are made once, and q's and k's RoPE
+    read the same cos/sin nodes)."""
+    if isinstance(n, Node) and n.op == "call_function" and n.target in _VIEW_OPS and not n.kwargs and n.args:
+        return (n.target, _view_key(n.args[0]), tuple(tuple(a) if isinstance(a, list) else a for a in n.args[1:]))
+    return n
 
 
 def _parts(emit: _Emitter, z: Node) -> tuple[Node, Node]:

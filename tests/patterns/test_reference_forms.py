@@ -234,3 +234,33 @@ def test_store_through_a_symbolic_slice_is_named_as_one(records, inference):
     assert len(records) == 2
     reasons = [s.reason for s in records[1].sites]
     assert reasons and all("slice of the graph input" in r and "symbolic bounds" in r for r in reasons), reasons
+
+
+def test_complex_table_built_in_the_graph_and_reshaped_per_call_fuses(records, inference):
+    """``freqs_cis = polar(ones, outer(t, inv_freq))`` computed in the graph, reshaped once for q and once for k: one
+    table (the two reshapes are the same view of it), fused; q and the caches equal to eager's to the bit."""
+
+    def rope(x, f):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x_ * f.view(1, x.shape[1], 1, -1)).flatten(3).type_as(x)
+
+    def step(xq, xk, xv, k_cache, v_cache, start: int):
+        seqlen = xq.shape[1]
+        t = torch.arange(start, start + seqlen, dtype=torch.float32)
+        freqs = torch.outer(t, 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)))
+        table = torch.polar(torch.ones_like(freqs), freqs)
+        q, k = rope(xq, table), rope(xk, table)
+        k_cache[:2, start:start + seqlen] = k
+        v_cache[:2, start:start + seqlen] = xv
+        return q
+
+    g = torch.Generator().manual_seed(5)
+    caches = [torch.randn(3, 32, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2)]
+    mine = [c.clone() for c in caches]
+    compiled = compile_with(step)
+    for tokens, start in ((5, 0), (1, 5), (1, 6)):
+        xq = torch.randn(2, tokens, HEADS, HEAD_DIM, generator=g)
+        xk, xv = (torch.randn(2, tokens, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2))
+        assert torch.equal(compiled(xq, xk, xv, *mine, start), step(xq, xk, xv, *caches, start))
+        assert all(torch.equal(a, e) for a, e in zip(mine, caches)), f"caches at start {start}"
+    assert len(records) == 2 and all(len(r.fused) == 1 and not r.unfused for r in records)
