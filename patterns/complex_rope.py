@@ -78,7 +78,7 @@ def canonicalize_complex_rope(graph: Graph) -> ComplexRopeRewrites:
 
 
 def _rewrite(graph: Graph, out: ComplexRopeRewrites) -> None:
-    pairs: dict[Node, tuple[Node, Node]] = {}  # operand -> its (real, imaginary) parts, made once
+    pairs: dict = {}  # operand (``_view_key``) -> its (real, imaginary) parts, made once
     fake_mode = None
     for vr in list(graph.find_nodes(op="call_function", target=aten.view_as_real.default)):
         p = vr.args[0]

@@ -114,7 +114,9 @@ class Store:
 
     @property
     def num_heads(self) -> int:
-        return shape_of(self.cache)[-2] if self.layout is not CacheLayout.SEQUENCE else shape_of(self.cache)[3 - self.seq_dim]
+        if self.layout is CacheLayout.SEQUENCE:
+            return shape_of(self.cache)[3 - self.seq_dim]
+        return shape_of(self.cache)[-2]
 
     @property
     def head_dim(self) -> int:

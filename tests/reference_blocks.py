@@ -2,8 +2,8 @@
 research codebases copied from them): a test fixture for the fusion pass.
 
     rotary tables    ``freqs_cis = torch.polar(ones, outer(t, inv_freq))``: complex64 ``[max_seq, D/2]``, a buffer
-    RoPE             ``view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis`` -> ``view_as_real`` -> ``flatten(3)``
-                     -> ``type_as(x)``: GPT-J pairs, cos the real part, sin the imaginary part of the table
+    RoPE             ``view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis`` -> ``view_as_real``
+                     -> ``flatten(3)`` -> ``type_as(x)``: GPT-J pairs, cos the real part, sin the imaginary part
     caches           buffers ``[max_batch, max_seq, Hkv, D]`` (``cache_layout="bshd"``, as the reference) or
                      ``[max_batch, Hkv, max_seq, D]`` (``"bhsd"``), written through slices with a Python ``start_pos``:
                      ``cache_k[:bsz, start_pos:start_pos + seqlen] = xk``
