@@ -100,6 +100,10 @@ class Store:
     flat_value: bool = False  # ``value`` is [T, Hkv*D] (an engine's row view), not [T, Hkv, D]
     window: tuple | None = None  # a whole-cache copy: (a, S), tokens a .. a+W-1 of S stored; ``slots`` is None
     engine_slots: EngineSlots | None = None  # an engine op's index rule, applied to ``slots`` by the replacement
+    start: object = None  # a copy into a slice of the sequence dim: its first position (int or SymInt node);
+    #                       the positions start .. start+T-1 are built by the rewrite (``slots`` is None)
+    view_ops: tuple | None = None  # (op, args) from ``base`` to the op's [B, Hkv, max_seq, D] cache, if not ``views``
+    seq_dim: int = 2  # the dim of ``cache`` holding positions (sequence layout): 1 for [B, S_max, Hkv, D]
 
     @property
     def base(self) -> Node:
@@ -115,7 +119,9 @@ class Store:
 
     @property
     def num_heads(self) -> int:
-        return shape_of(self.cache)[-2] if self.layout is not CacheLayout.SEQUENCE else shape_of(self.cache)[1]
+        if self.layout is CacheLayout.SEQUENCE:
+            return shape_of(self.cache)[3 - self.seq_dim]
+        return shape_of(self.cache)[-2]
 
     @property
     def head_dim(self) -> int:
@@ -148,10 +154,7 @@ def match_store(n: Node) -> Store:
         origin = Origin.GRAPH
         if cache_view is not None:
             raise NotAStore(f"store through a view of {cache.name}, a tensor computed in the graph")
-        aliased = _aliased_input(cache)
-        if aliased is not None:
-            raise NotAStore(f"the written tensor {cache.name} ({cache.target}) is a view of the graph input "
-                            f"{aliased.name} that is not a select/slice of it")
+        _check_not_a_view(cache)
     others = [u for u in cache.users if u not in (copy, cache_view, n)]
     if others:
         raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
@@ -207,6 +210,8 @@ def match_copy_store(n: Node) -> Store:
     cache, src = n.args[0], n.args[1]
     if not all(isinstance(x, Node) and isinstance(x.meta.get("val"), torch.Tensor) for x in (cache, src)):
         raise NotAStore("the copy's tensors are not tensors of the graph")
+    if chain := _slice_chain(cache):  # cache_k[:b, s:s + T] = k
+        return _match_slice_store(n, chain, src)
     cshape = shape_of(cache)
     if len(cshape) != 4 or not all(isinstance(s, int) for s in cshape):
         raise NotAStore(f"the copy target {tuple(cshape)} is not a static [B, Hkv, W, D] cache")
@@ -229,18 +234,12 @@ def match_copy_store(n: Node) -> Store:
         first = min(max(start + tokens if start < 0 else start, 0), tokens)  # as slice clamps its start
     if value.target is aten.index_put.default:
         raise NotAStore(f"the copied value is the result of another store ({value.name})")
-    views = _view_chain(cache)
-    if views:
-        raise NotAStore(f"a copy into a view of {views[0].args[0].name}")
     copy = None
     if cache.op == "placeholder":
         origin, copy = Origin.INPUT, _epilogue(n, cache, None)
     else:
         origin = Origin.GRAPH
-        aliased = _aliased_input(cache)
-        if aliased is not None:
-            raise NotAStore(f"the written tensor {cache.name} ({cache.target}) is a view of the graph input "
-                            f"{aliased.name} that is not a select/slice of it")
+        _check_not_a_view(cache)
     others = [u for u in cache.users if u not in (copy, n)]
     if others:
         raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
@@ -248,6 +247,78 @@ def match_copy_store(n: Node) -> Store:
     roles = _value_roles(value, (cshape[0], cshape[1], tokens, cshape[3]), _BHSD)
     return Store(n, cache, None, copy, CacheLayout.SEQUENCE, None, value, roles, ("window", first, tokens), origin,
                  window=(first, tokens))
+
+
+def _match_slice_store(n: Node, views: tuple, value: Node) -> Store:
+    """``n`` = ``copy(slice(inner, d, s, s + T), value)``: a sequence store of T tokens at positions s .. s+T-1 of
+    ``inner``, a 4-D cache made of a graph input by static select/slice views (``cache_k[:bsz, s:s + T] = xk``).
+
+    ``d = 1`` is a ``[B, S_max, Hkv, D]`` cache, the op's sequence layout seen through ``permute(0, 2, 1, 3)``;
+    ``d = 2`` is ``[B, Hkv, S_max, D]``. ``s`` may be symbolic (a Python ``start_pos`` that changes between
+    calls). The op writes the input's own memory through the views (``Origin.VIEW``), as for stacked buffers;
+    the graph scatters the new slice back up to the input, and those scatters are replaced."""
+    buf, seq = views[0].args[0], views[-1]
+    if buf.op != "placeholder":
+        raise NotAStore(f"a copy into a view of {buf.name}, which is not a graph input")
+    if seq.target is not aten.slice.Tensor or not all(_static_view(v) for v in views[:-1]):
+        raise NotAStore(f"a copy into a view of {buf.name} that is not static select/slice views and then one slice "
+                        f"of the sequence dim (the last view is {seq.name}, {seq.target})")
+    inner = seq.args[0]
+    ishape, target = shape_of(inner), shape_of(seq)
+    if len(ishape) != 4 or not all(isinstance(z, int) for z in ishape):
+        raise NotAStore(f"a copy into a slice of {inner.name} {tuple(ishape)}, not a static 4-D cache")
+    dim, start, _, step = view_args(seq)
+    dim = dim % 4
+    tokens = target[dim]
+    if dim not in (1, 2) or step != 1:
+        raise NotAStore(f"the copy writes a slice (dim {dim}, step {step}) of {inner.name} {tuple(ishape)} that is not "
+                        "a run of positions of a [B, S_max, Hkv, D] or [B, Hkv, S_max, D] cache")
+    start = 0 if start is None else start
+    if isinstance(start, int) and isinstance(tokens, int):
+        start = start + ishape[dim] if start < 0 else start
+        if not 0 <= start <= ishape[dim] - tokens:
+            raise NotAStore(f"the copy writes positions {start} .. {start + tokens - 1} of {ishape[dim]}")
+    if value.meta["val"].dtype != seq.meta["val"].dtype:
+        raise NotAStore(f"the copy casts {value.meta['val'].dtype} to the cache's {seq.meta['val'].dtype}")
+    scatters, parents = _scatter_chain(n, views)
+    others = [u for u in seq.users if u is not n]
+    if others:
+        raise NotAStore(f"the cache slice {seq.name} is also read before the store (by {others[0].name})")
+    roles = (Role.BATCH, Role.SEQ, Role.HEAD, Role.FEATURE) if dim == 1 else _BHSD
+    view_ops = tuple((v.target, tuple(v.args[1:])) for v in views[:-1])
+    if dim == 1:
+        view_ops += ((aten.permute.default, ([0, 2, 1, 3],)),)
+    key = ("slice", tuple((v.target, view_args(v)) for v in views))
+    return Store(n, inner, None, None, CacheLayout.SEQUENCE, None, value, _value_roles(value, tuple(target), roles),
+                 key, Origin.VIEW, views, scatters, parents, start=start, view_ops=view_ops, seq_dim=dim)
+
+
+def _check_not_a_view(cache: Node) -> None:
+    """A tensor computed in the graph must not share a graph input's memory (the op would write the input)."""
+    aliased = _aliased_input(cache)
+    if aliased is None:
+        return
+    chain = _slice_chain(cache)
+    if chain and chain[0].args[0] is aliased:
+        raise NotAStore(f"the written tensor {cache.name} is a slice of the graph input {aliased.name} with symbolic "
+                        "bounds; only a copy into such a slice (cache[:b, s:s + T] = k) is a sequence store")
+    raise NotAStore(f"the written tensor {cache.name} ({cache.target}) is a view of the graph input "
+                    f"{aliased.name} that is not a select/slice of it")
+
+
+def _is_symint(a) -> bool:
+    return isinstance(a, Node) and isinstance(a.meta.get("val"), torch.SymInt)
+
+
+def _slice_chain(cache: Node) -> tuple:
+    """The select/slice nodes from a tensor down to ``cache``, outermost first, with static or symbolic bounds."""
+    views = []
+    while (isinstance(cache, Node) and cache.op == "call_function" and cache.target in _VIEWS and not cache.kwargs
+           and isinstance(cache.args[0], Node) and len(cache.args) > 1 and isinstance(cache.args[1], int)
+           and all(isinstance(a, int) or a is None or _is_symint(a) for a in cache.args[2:])):
+        views.insert(0, cache)
+        cache = cache.args[0]
+    return tuple(views)
 
 
 def cat_of_tokens(n: Node) -> bool:

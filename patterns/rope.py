@@ -402,6 +402,8 @@ def _select(s: Step) -> Value | None:
     first = in_nd - (s.r + 1)  # the input's first feature dim
     if d < first:
         return None
+    if isinstance(s.args[0], Node) and s.args[0].target is aten.view_as_real.default and d == in_nd - 1:
+        return None  # the real or imaginary part of a complex tensor (a complex RoPE's table) is a tensor of its own
     v = s.source(s.args[0], s.r + 1)
     size = v.trail[d - first]
     if not isinstance(index, int) or not -size <= index < size:

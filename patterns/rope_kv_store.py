@@ -51,6 +51,7 @@ from fx_fusion.kernels.ops import rope_kv_store_functional
 from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.canonicalize import canonicalize
+from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
                                          match_copy_store, match_engine_store, match_store, same_view, view_args,
@@ -143,6 +144,14 @@ class _GraphState:
 def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) -> list[Site]:
     """Find every store of a RoPE output into a KV cache; fuse those that are safe and enabled."""
     canonicalize(graph)  # spellings reduced to the forms matched below (patterns/canonicalize.py)
+    rewrites = canonicalize_complex_rope(graph)  # complex RoPE as real pairs, undone where nothing fused
+    try:
+        return _fuse_rope_kv_stores(graph, options, rewrites)
+    finally:
+        rewrites.restore()
+
+
+def _fuse_rope_kv_stores(graph: Graph, options: FusionOptions, rewrites) -> list[Site]:
     ropes = _RopeFinder()
     stores, sites, ks = [], [], []
     for n in list(graph.find_nodes(op="call_function", target=aten.index_put.default)):
@@ -250,6 +259,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             site.reason, site.disabled = str(e), isinstance(e, Disabled)
         except Exception as err:  # noqa: BLE001
             site.reason = _internal_error(k.store.node, err).reason
+    rewrites.restore()
     if any(s.fused for s in sites):
         from torch._inductor.pattern_matcher import stable_topological_sort
 
@@ -958,9 +968,14 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         launchers = launchers_for(st.cache.meta["val"].device, options.validate)
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
-    slots = st.slots if st.window is None else _window_slots(graph, st, fake_mode)
-    if st.engine_slots is not None:
+    if st.window is not None:
+        slots = _window_slots(graph, st, fake_mode)
+    elif st.start is not None:
+        slots = _run_slots(graph, st, fake_mode)
+    elif st.engine_slots is not None:
         slots = _engine_slots(graph, st, fake_mode)
+    else:
+        slots = st.slots
     inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, slots, p.cos.node, p.sin.node, p.cos.positions, *scales]
     for launch in launchers:
         try:
@@ -1048,8 +1063,42 @@ def _engine_slots(graph: Graph, st: Store, fake_mode) -> Node:
     return out
 
 
+def _run_slots(graph: Graph, st: Store, fake_mode) -> Node:
+    """The ``[T]`` cache positions ``start .. start+T-1`` of a copy into a slice (``Store.start``), ``start`` and ``T``
+    ints or the graph's symbolic values. Made once per graph, start and T (the layers of a model share it)."""
+    tokens = shape_of(st.views[-1])[st.seq_dim]
+    length = tokens
+    if not isinstance(tokens, int):  # the node holding the symbolic count (compared without a guard)
+        length = next((n for n in graph.nodes if isinstance(n.meta.get("val"), torch.SymInt)
+                       and sizes_equal(n.meta["val"], tokens)), None)
+        if length is None:
+            raise Unfusable(f"no node of the graph holds the token count {tokens} of the copy into a slice")
+    start, device = st.start, st.cache.meta["val"].device
+    key = ("run", start, length, str(device))
+    for n in graph.nodes:
+        if n.meta.get("fx_fusion_run_slots") == key:
+            return n
+    kwargs = dict(start=start, step=1, dtype=torch.int64, device=device, requires_grad=False)
+    with fake_mode:
+        val = torch.ops.prims.iota.default(tokens, **{**kwargs, "start": start.meta["val"] if isinstance(start, Node)
+                                                       else start})
+    computed = [n for n in (start, length) if isinstance(n, Node) and n.op != "placeholder"]
+    if computed:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        where = max(computed, key=order.get).next
+    else:
+        where = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(where):
+        out = graph.call_function(torch.ops.prims.iota.default, (length,), kwargs)
+    out.meta["val"] = val
+    out.meta["fx_fusion_run_slots"] = key
+    return out
+
+
 def _view_ops(store: Store) -> tuple:
-    """``(op, args)`` of each select/slice from the store's buffer down to its cache, outermost first."""
+    """``(op, args)`` of each view from the store's buffer down to its cache, outermost first."""
+    if store.view_ops is not None:
+        return store.view_ops
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
 
 
