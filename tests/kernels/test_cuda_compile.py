@@ -32,10 +32,10 @@ TARGET = ("cuda", 90, 32)
 def _record(case, seed: int):
     """(kernel, bound arguments, launch options) of the launcher's one launch for a memcheck case."""
     import torch
-    import triton.runtime.jit as jit
 
     from fx_fusion.kernels import rope_kv_cache as rkc
     from tests.gpu import memcheck_kernel as grid
+    from tests.kernels.test_hip_compile import record_launch
 
     a = grid.build(case, "cpu", seed)
     p = rkc.prepare(a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], a["slot_mapping"], a["cos"], a["sin"],
@@ -43,23 +43,7 @@ def _record(case, seed: int):
                     rotary_dim=case.rotary_dim, layout=case.layout, negative_wraps="wraps" in case.features)
     q_out = torch.empty(p.q_shape, dtype=case.dtype)
     k_out = torch.empty(p.k_shape, dtype=case.dtype) if "return_k" in case.features else None
-    launches = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        options = {n: kwargs.pop(n) for n in list(kwargs) if n not in self.arg_names}
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        launches.append((self, dict(bound.arguments), options))
-
-    saved = jit.JITFunction.run
-    jit.JITFunction.run = record
-    try:
-        rkc.launch(p, q_out, k_out)
-    finally:
-        jit.JITFunction.run = saved
-    if len(launches) != 1:
-        raise RuntimeError(f"expected one @triton.jit launch, saw {len(launches)}")
-    return launches[0]
+    return record_launch(lambda: rkc.launch(p, q_out, k_out))
 
 
 def compile_grid() -> dict:
@@ -116,20 +100,10 @@ def _run_subprocesses(tmp: Path, triton_paths: list) -> list[dict]:
     return results
 
 
-def _cuda_unavailable_reason() -> str | None:
-    try:
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        return f"Triton cannot compile ahead of time here: {e}"
-    if "nvidia" not in backends:
-        return "this Triton has no NVIDIA backend"
-    return None
-
-
 def test_memcheck_grid_compiles_for_sm90(tmp_path):
-    reason = _cuda_unavailable_reason()
+    from tests.kernels.test_hip_compile import unavailable_reason
+
+    reason = unavailable_reason("nvidia")
     if reason:
         pytest.skip(reason)
     results = _run_subprocesses(tmp_path, _tritons())

@@ -109,12 +109,10 @@ def _make_args(cfg: Config):
     return p, q_out, k_out
 
 
-def _record_launch(cfg: Config):
-    """(kernel, bound arguments by name, launch options) of the launcher's one kernel launch, as on HIP."""
-    import torch
+def record_launch(launch):
+    """(kernel, bound arguments by name, launch options) of the one @triton.jit launch ``launch()`` makes, with
+    ``JITFunction.run`` patched to record it instead of launching."""
     import triton.runtime.jit as jit
-
-    from fx_fusion.kernels import rope_kv_cache as rkc
 
     launches = []
 
@@ -124,20 +122,33 @@ def _record_launch(cfg: Config):
         bound.apply_defaults()
         launches.append((self, dict(bound.arguments), options))
 
-    p, q_out, k_out = _make_args(cfg)
-    saved = jit.JITFunction.run, torch.version.hip
-    # the launcher picks HIP options for HIP builds of torch and GPU tensors: pretend both
+    saved = jit.JITFunction.run
     jit.JITFunction.run = record
-    torch.version.hip = "6.0"
-    torch.Tensor.is_cuda = property(lambda self: True)
     try:
-        rkc.launch(p, q_out, k_out)
+        launch()
     finally:
-        jit.JITFunction.run, torch.version.hip = saved
-        del torch.Tensor.is_cuda  # back to torch._C.TensorBase's
+        jit.JITFunction.run = saved
     if len(launches) != 1:
         raise RuntimeError(f"expected the launcher to launch one @triton.jit kernel, saw {len(launches)}")
     return launches[0]
+
+
+def _record_launch(cfg: Config):
+    """``record_launch`` of the launcher's one kernel launch for ``cfg``, as on HIP."""
+    import torch
+
+    from fx_fusion.kernels import rope_kv_cache as rkc
+
+    p, q_out, k_out = _make_args(cfg)
+    saved = torch.version.hip
+    # the launcher picks HIP options for HIP builds of torch and GPU tensors: pretend both
+    torch.version.hip = "6.0"
+    torch.Tensor.is_cuda = property(lambda self: True)
+    try:
+        return record_launch(lambda: rkc.launch(p, q_out, k_out))
+    finally:
+        torch.version.hip = saved
+        del torch.Tensor.is_cuda  # back to torch._C.TensorBase's
 
 
 def _specialise(fn, arguments: dict):
@@ -195,7 +206,8 @@ def _compile_all() -> dict:
     return out
 
 
-def _hip_unavailable_reason() -> str | None:
+def unavailable_reason(backend: str) -> str | None:
+    """Why this Triton cannot compile ahead of time for ``backend`` ("amd", "nvidia"), or None."""
     try:
         import triton
         from triton.backends import backends
@@ -203,8 +215,8 @@ def _hip_unavailable_reason() -> str | None:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as e:
         return f"Triton cannot compile ahead of time here: {e}"
-    if "amd" not in backends:
-        return f"this Triton {triton.__version__} has no AMD backend"
+    if backend not in backends:
+        return f"this Triton {triton.__version__} has no {backend} backend"
     return None
 
 
@@ -227,7 +239,7 @@ def _run_subprocess(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def stats(tmp_path_factory) -> dict:
-    reason = _hip_unavailable_reason()
+    reason = unavailable_reason("amd")
     if reason:
         pytest.skip(reason)
     return _run_subprocess(tmp_path_factory.mktemp("hip"))
@@ -271,7 +283,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--pickle":
         Path(sys.argv[2]).write_bytes(pickle.dumps(_compile_all()))
     elif sys.argv[1:] == ["--table"]:
-        reason = _hip_unavailable_reason()
+        reason = unavailable_reason("amd")
         if reason:
             sys.exit(reason)
         print(markdown_table(_compile_all()))
