@@ -41,6 +41,7 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch.fx import Graph, Node
 
+from fx_fusion.patterns.fx_utils import within
 from fx_fusion.patterns.kv_store import engine_store_op
 from fx_fusion.patterns.rope import Evaluator
 
@@ -180,18 +181,7 @@ def _scope(graph: Graph, depth: int) -> set[Node]:
     frontier = [n for t in _STORES for n in graph.find_nodes(op="call_function", target=t)]
     frontier += [n for n in graph.find_nodes(op="call_function", target=auto_functionalized_v2)
                  if engine_store_op(n) is not None]
-    seen = set(frontier)
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a not in seen:
-                    seen.add(a)
-                    nxt.append(a)
-        if not nxt:
-            break
-        frontier = nxt
-    return seen
+    return set(frontier) | set(within(frontier, depth, lambda n: n.all_input_nodes))
 
 
 def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:

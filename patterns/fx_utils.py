@@ -60,3 +60,16 @@ def broadcast_equal(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     return sizes_equal(a, b) or not (is_one(a) or is_one(b))
+
+
+def within(starts, depth: int, step) -> list[Node]:
+    """Nodes at most ``depth`` steps from ``starts`` (each step: ``step(node)``, e.g. its users or its inputs),
+    in breadth-first order, the starts left out: one walk from all of them at once."""
+    seen, frontier, out = set(starts), list(starts), []
+    for _ in range(depth):
+        nxt = [m for n in frontier for m in step(n) if m not in seen and not seen.add(m)]
+        if not nxt:
+            break
+        out += nxt
+        frontier = nxt
+    return out

@@ -52,7 +52,7 @@ from fx_fusion.kernels import rope_kv_cache
 from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
-from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import (NotAStore, Origin, Store, cat_of_tokens, engine_store_op,
                                          match_copy_store, match_engine_store, match_store, same_view, view_args,
                                          walk_views)
@@ -640,7 +640,7 @@ def _pair_q(k_root: Node, k: RopeMatch, state: _GraphState) -> tuple[Node, RopeM
         ropes = []
         # q's RoPE output reads the same cos leaf as k's; match_rope evaluates at most ``max_depth`` ops
         # below a RoPE output, so every output it can accept lies within that many uses of the leaf
-        for cand in _reachable(k.cos.leaf.node, depth=state.ropes.max_depth):
+        for cand in within([k.cos.leaf.node], state.ropes.max_depth, lambda n: n.users):
             val = cand.meta.get("val")
             # compare sizes without creating shape guards (a symbolic token count must stay symbolic)
             if not isinstance(val, torch.Tensor) or val.dim() != key[1] or not (
@@ -661,20 +661,6 @@ def _pair_q(k_root: Node, k: RopeMatch, state: _GraphState) -> tuple[Node, RopeM
     if not outer:
         raise Unfusable("no RoPE of q with the same cos/sin in this graph")
     return min(outer, key=lambda cm: abs(state.order[cm[0]] - state.order[k_root]))
-
-
-def _reachable(start: Node, depth: int) -> list[Node]:
-    seen, frontier, out = {start}, [start], []
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u not in seen:
-                    seen.add(u)
-                    nxt.append(u)
-                    out.append(u)
-        frontier = nxt
-    return out
 
 
 def _table_source(ref: TableRef, roles, name: str) -> TableSource:
