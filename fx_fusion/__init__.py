@@ -6,6 +6,7 @@ The data flow, one file per arrow::
       -> Dynamo FX graph                      (torch.compile(..., backend="fx_fusion"): fx_fusion/backend.py)
       -> AOTAutograd functional aten graph    (Inductor's compile_fx)
       -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
+      -> canonicalisation                     (patterns/canonicalize.py, complex_rope.py: spellings reduced)
       -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
       -> the kernel's launch, or the op       (kernels/ops.py: launched by Inductor on CUDA, else the op)
       -> Triton kernel                        (kernels/rope_kv_cache.py)
