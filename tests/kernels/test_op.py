@@ -259,7 +259,7 @@ BAD_ARGUMENTS = {
     "cos-float64": (_replace(cos=lambda a: a["cos"].double()), TypeError, r"^cos\b"),
     "sin-float64": (_replace(sin=lambda a: a["sin"].double()), TypeError, r"^sin\b"),
     "swa_table-float": (_replace(swa_table=lambda a: torch.arange(8.0)), TypeError, r"^swa_table\b"),
-    "k_scale-fp16": (_replace(k_scale=lambda a: torch.ones(1, dtype=torch.float16)), TypeError,
+    "k_scale-fp64": (_replace(k_scale=lambda a: torch.ones(1, dtype=torch.float64)), TypeError,
                      r"^k_scale\b"),
     # devices (meta stands in for a second device)
     "q-device": (_replace(q=lambda a: a["q"].to(META)), ValueError, r"\bq is on meta"),
