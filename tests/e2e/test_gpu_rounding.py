@@ -20,6 +20,7 @@ import torch
 import fx_fusion
 from fx_fusion import FusionConfig
 from fx_fusion.kernels import rope_kv_store
+from tests.e2e.test_gpu import inference  # noqa: F401 (autouse: no autograd, no FX graph cache)
 from tests.fp8_blocks import Fp8Model, fp8_inputs
 from tests.patterns.test_fp8_store import _around_the_top
 
@@ -27,14 +28,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 LOC = [3, 9, 1, 30, 17, 22, 5]
-
-
-@pytest.fixture(autouse=True)
-def inference():
-    torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        yield
-    torch._dynamo.reset()
 
 
 def _sweep(fmt: torch.dtype, dtype: torch.dtype) -> list[float]:
