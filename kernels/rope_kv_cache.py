@@ -813,7 +813,11 @@ def launch_config(p: RopeKVProblem) -> dict:
     d = triton.next_power_of_2(_static(p.q.shape[-1]))
     block_rq = max(1, 2048 // d)
     n_q_rows = p.num_tokens * p.q.shape[2]
-    if isinstance(n_q_rows, int):
+    if p.q.device.type == "cpu":
+        # the interpreter (CPU tensors): its cost is per program and per operation, not per element, so few
+        # programs of large tiles (numpy arrays of up to 16K elements)
+        block_rq = max(1, 16384 // d)
+    elif isinstance(n_q_rows, int):
         while block_rq > 8 and n_q_rows // block_rq < 512:
             block_rq //= 2
     # sequence caches [B, Hkv, S, D]: a kv tile of as many rows as a q tile stores longer runs of one
