@@ -27,7 +27,7 @@ def wheel(tmp_path_factory) -> Path:
     # setuptools >= 70.1 builds wheels by itself: use it as installed; else pip fetches a build backend
     own = tuple(int(x) for x in setuptools.__version__.split(".")[:2]) >= (70, 1)
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for name in ("fx_fusion", "kernels", "patterns"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -52,6 +52,20 @@ def test_wheel_has_one_top_level_package(wheel):
     if top_level is not None:
         with zipfile.ZipFile(wheel) as zf:
             assert zf.read(top_level).decode().split() == ["fx_fusion"]
+
+
+def test_wheel_carries_the_license_and_the_tested_ranges(wheel):
+    """The LICENSE file the metadata names ships in the wheel; torch and triton are bounded by the tested ranges."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        text = zf.read(metadata).decode()
+        licenses = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+        assert licenses and zf.read(licenses[0]) == (ROOT / "LICENSE").read_bytes()
+    assert "Apache-2.0" in text
+    requires = {line.split(":", 1)[1].strip().replace(" ", "") for line in text.splitlines()
+                if line.startswith("Requires-Dist:")}
+    assert {"torch<2.14,>=2.11", "triton<3.10,>=3.6"} <= requires, sorted(requires)
 
 
 def test_installed_wheel_imports_only_under_fx_fusion(wheel, tmp_path):
