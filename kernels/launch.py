@@ -118,12 +118,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
         cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale,
         T=p.num_tokens,
-        **_token_strides("q", p.q), **_token_strides("k", p.k), **_token_strides("v", p.v),
-        **_token_strides("qo", qo), **_token_strides("ko", ko),
-        **_cache_strides("kc", p.k_cache, p.layout), **_cache_strides("vc", p.v_cache, p.layout),
-        **_index_strides("slot", p.slot_mapping), **_index_strides("pos", p.positions),
-        **_rotary_strides("cos", p.cos, p.positions is not None),
-        **_rotary_strides("sin", p.sin, p.positions is not None),
+        **_stride_arguments(p, qo, ko),
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=p.rotary_dim,
         N_SLOTS=p.num_slots, N_SWA=p.swa_table.shape[0] if p.swa_table is not None else None,
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
@@ -181,36 +176,56 @@ def _batch_stride(x: torch.Tensor):
     return None if x.shape[0] == 1 else x.stride(0)
 
 
-def _token_strides(name: str, x: torch.Tensor | None) -> dict:
-    """{name}_sb, _ss, _sh, _sd of a [B, S, H, D] view (which are constexprs: see the kernel's signature);
-    all None without the tensor."""
+def _stride_arguments(p: RopeKVProblem, qo: torch.Tensor, ko: torch.Tensor | None) -> dict:
+    """The kernel's stride parameters by name (which of them are constexprs: see its signature)."""
+    q_sb, q_ss, q_sh, q_sd = _token_strides(p.q)
+    k_sb, k_ss, k_sh, k_sd = _token_strides(p.k)
+    v_sb, v_ss, v_sh, v_sd = _token_strides(p.v)
+    qo_sb, qo_ss, qo_sh, qo_sd = _token_strides(qo)
+    ko_sb, ko_ss, ko_sh, ko_sd = _token_strides(ko)
+    kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd = _cache_strides(p.k_cache, p.layout)
+    vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd = _cache_strides(p.v_cache, p.layout)
+    slot_sb, slot_ss = _index_strides(p.slot_mapping)
+    pos_sb, pos_ss = _index_strides(p.positions)
+    cos_sb, cos_sr, cos_sd = _rotary_strides(p.cos, p.positions is not None)
+    sin_sb, sin_sr, sin_sd = _rotary_strides(p.sin, p.positions is not None)
+    return dict(
+        q_sb=q_sb, q_ss=q_ss, q_sh=q_sh, q_sd=q_sd, k_sb=k_sb, k_ss=k_ss, k_sh=k_sh, k_sd=k_sd,
+        v_sb=v_sb, v_ss=v_ss, v_sh=v_sh, v_sd=v_sd,
+        qo_sb=qo_sb, qo_ss=qo_ss, qo_sh=qo_sh, qo_sd=qo_sd, ko_sb=ko_sb, ko_ss=ko_ss, ko_sh=ko_sh, ko_sd=ko_sd,
+        kc_sb=kc_sb, kc_sblk=kc_sblk, kc_sslot=kc_sslot, kc_sh=kc_sh, kc_sd=kc_sd,
+        vc_sb=vc_sb, vc_sblk=vc_sblk, vc_sslot=vc_sslot, vc_sh=vc_sh, vc_sd=vc_sd,
+        slot_sb=slot_sb, slot_ss=slot_ss, pos_sb=pos_sb, pos_ss=pos_ss,
+        cos_sb=cos_sb, cos_sr=cos_sr, cos_sd=cos_sd, sin_sb=sin_sb, sin_sr=sin_sr, sin_sd=sin_sd,
+    )
+
+
+def _token_strides(x: torch.Tensor | None) -> tuple:
+    """(sb, ss, sh, sd) of a [B, S, H, D] view (sb None where dim 0 has size 1); all None without the tensor."""
     if x is None:
-        return dict.fromkeys((f"{name}_sb", f"{name}_ss", f"{name}_sh", f"{name}_sd"))
-    return {f"{name}_sb": _batch_stride(x), f"{name}_ss": x.stride(1), f"{name}_sh": x.stride(2),
-            f"{name}_sd": x.stride(3)}
+        return None, None, None, None
+    return _batch_stride(x), x.stride(1), x.stride(2), x.stride(3)
 
 
-def _index_strides(name: str, x: torch.Tensor | None) -> dict:
-    """{name}_sb (run time), _ss of a [B or 1, S] index view."""
+def _index_strides(x: torch.Tensor | None) -> tuple:
+    """(sb, ss) of a [B or 1, S] index view; both None without the tensor."""
     if x is None:
-        return {f"{name}_sb": None, f"{name}_ss": None}
-    return {f"{name}_sb": _batch_stride(x), f"{name}_ss": x.stride(1)}
+        return None, None
+    return _batch_stride(x), x.stride(1)
 
 
-def _rotary_strides(name: str, c: torch.Tensor, table: bool) -> dict:
-    """{name}_sb (run time), _sr, _sd of cos/sin: a table [P, R'] (row = position) or per-token values
-    [S, R'] / [B or 1, S, R'] (row = token)."""
+def _rotary_strides(c: torch.Tensor, table: bool) -> tuple:
+    """(sb, sr, sd) of cos/sin: a table [P, R'] (row = position) or per-token values [S, R'] / [B or 1, S, R']
+    (row = token)."""
     if table or c.dim() == 2:
-        return {f"{name}_sb": None, f"{name}_sr": c.stride(0), f"{name}_sd": c.stride(-1)}
-    return {f"{name}_sb": _batch_stride(c), f"{name}_sr": c.stride(1), f"{name}_sd": c.stride(2)}
+        return None, c.stride(0), c.stride(-1)
+    return _batch_stride(c), c.stride(1), c.stride(2)
 
 
-def _cache_strides(name: str, c: torch.Tensor, layout: CacheLayout) -> dict:
-    """{name}_sb, _sblk, _sin, _sh, _sd of a cache for the kernel's address formula (all constexprs)."""
+def _cache_strides(c: torch.Tensor, layout: CacheLayout) -> tuple:
+    """(sb, sblk, sslot, sh, sd) of a cache for the kernel's address formula (see its signature)."""
     if layout is CacheLayout.TOKEN:
-        sb, sblk, sin, sh, sd = None, c.stride(0), 0, c.stride(1), c.stride(2)
-    elif layout is CacheLayout.PAGED:
-        sb, sblk, sin, sh, sd = None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)
-    else:
-        sb, sblk, sin, sh, sd = _batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)
-    return {f"{name}_sb": sb, f"{name}_sblk": sblk, f"{name}_sin": sin, f"{name}_sh": sh, f"{name}_sd": sd}
+        return None, c.stride(0), 0, c.stride(1), c.stride(2)
+    if layout is CacheLayout.PAGED:
+        return None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)
+    return _batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)

@@ -252,8 +252,10 @@ def _rope_kv_store_kernel(
     # q [B, S, HQ, D]; k, v [B, S, HKV, D]; q_out [B, S, HQ, D]; k_out [B, S, HKV, D] or None.
     # Element (b, s, h, d) of tensor x sits at b*x_sb + s*x_ss + h*x_sh + d*x_sd.
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
-    # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sin
-    #         + h*sh + d*sd  (token: sblk = stride(0); paged: + in-block stride; sequence: sb = stride(0))
+    # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sslot
+    #         + h*sh + d*sd; sblk: the stride between blocks, sslot: between the slots of one block (token:
+    #         sblk = stride(0), sslot = 0; paged: sblk = stride(0), sslot = stride(1); sequence: sb = stride(0),
+    #         sblk = stride(2), sslot = 0)
     k_cache_ptr, v_cache_ptr,
     # or, for caches that are views of larger buffers (one stacked buffer for every layer), the buffers and the
     # views' element offsets in them; v_cache_ptr None: v's view is of k's buffer. None offsets: the caches.
@@ -273,8 +275,8 @@ def _rope_kv_store_kernel(
     v_sh: tl.constexpr, v_sd: tl.constexpr,
     qo_ss: tl.constexpr, qo_sh: tl.constexpr, qo_sd: tl.constexpr,
     ko_ss: tl.constexpr, ko_sh: tl.constexpr, ko_sd: tl.constexpr,
-    kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sin: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
-    vc_sb: tl.constexpr, vc_sblk: tl.constexpr, vc_sin: tl.constexpr, vc_sh: tl.constexpr, vc_sd: tl.constexpr,
+    kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sslot: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
+    vc_sb: tl.constexpr, vc_sblk: tl.constexpr, vc_sslot: tl.constexpr, vc_sh: tl.constexpr, vc_sd: tl.constexpr,
     slot_ss: tl.constexpr, pos_ss: tl.constexpr,
     cos_sr: tl.constexpr, cos_sd: tl.constexpr, sin_sr: tl.constexpr, sin_sd: tl.constexpr,  # row: table row or token
     B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
@@ -340,8 +342,8 @@ def _rope_kv_store_kernel(
         slot = tl.minimum(tl.maximum(slot, 0), N_SLOTS - 1)
         blk = slot // CACHE_BLOCK_SIZE
         off = slot - blk * CACHE_BLOCK_SIZE
-        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sin
-        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sin
+        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sslot
+        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sslot
         kc_base = k_cache_ptr
         if kc_off is not None:
             kc_base += kc_off
