@@ -216,9 +216,36 @@ def prepare(
     dev = q.device
     _expect_tensor("k", k, dtypes=(q.dtype,), device=dev)
     _expect_tensor("v", v, dtypes=(q.dtype,), device=dev)
+    n_kv, head_dim, cache_batch = _check_caches(k_cache, v_cache, layout, q.dtype, dev, fp8_dtype, quant_dtype)
+    q4, k4, v4 = _check_qkv(q, k, v, layout, n_kv, head_dim, cache_batch)
+    batch, seq = q4.shape[:2]
+
+    _expect_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, device=dev)
+    slots = _as_bs("slot_mapping", slot_mapping, batch, seq, per_batch=False)
+
+    rotary_dim, pos2 = _check_rotary(cos, sin, positions, rotary_dim, head_dim, batch, seq, dev)
+
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {table_dtype!r}")
+    if swa_table is not None:
+        _expect_tensor("swa_table", swa_table, dtypes=INDEX_DTYPES, ndims=(1,), device=dev)
+    _check_scales(k_scale, v_scale, k_cache.dtype, fp8_dtype, dev)
+    stored = fp8_dtype or k_cache.dtype
+    clamp = _check_eager_fp8(dev, stored, quant_dtype, scale_mul, clamp)
+    _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
+    check_writable("k_cache", k_cache)
+    check_writable("v_cache", v_cache)
+    return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
+                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype,
+                         fp8_dtype, quant_dtype, bool(scale_mul), clamp)
+
+
+def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
+                  quant_dtype) -> tuple[int, int, int | None]:
+    """Check the caches (and ``fp8_dtype``); returns (kv heads, head_dim, batch of a sequence cache or None)."""
     cache_ndim = 3 if layout is CacheLayout.TOKEN else 4
     _check_fp8_dtype(fp8_dtype)
-    cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (q.dtype, *FP8_DTYPES)
+    cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (dtype, *FP8_DTYPES)
     _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(cache_ndim,), device=dev)
     _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(cache_ndim,), device=dev)
     if fp8_dtype is not None and quant_dtype is None:
@@ -228,6 +255,7 @@ def prepare(
         raise TypeError("k_cache is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, but k_cache has {tuple(k_cache.shape)}")
+    cache_batch = None
     if layout is CacheLayout.SEQUENCE:
         cache_batch, n_kv, _, head_dim = k_cache.shape
     else:
@@ -235,11 +263,15 @@ def prepare(
     if n_kv == 0 or head_dim == 0:
         raise ValueError(f"k_cache must have at least one kv head and a head_dim above 0, got shape "
                          f"{tuple(k_cache.shape)} ({n_kv} kv heads, head_dim {head_dim})")
+    return n_kv, head_dim, cache_batch
 
+
+def _check_qkv(q, k, v, layout: CacheLayout, n_kv: int, head_dim: int, cache_batch: int | None) -> tuple:
+    """q, k, v seen as [B, S, H, D] views, checked against each other and the caches."""
     q4 = _as_bshd("q", q, layout, head_dim)
     k4 = _as_bshd("k", k, layout, head_dim)
     v4 = _as_bshd("v", v, layout, head_dim)
-    batch, seq = q4.shape[:2]
+    batch = q4.shape[0]
     for name, x in (("k", k4), ("v", v4)):
         if x.shape[:2] != q4.shape[:2]:
             raise ValueError(f"{name} has {tuple(x.shape[:2])} (batch, tokens), but q has {tuple(q4.shape[:2])}")
@@ -249,10 +281,12 @@ def prepare(
         raise ValueError(f"q has {q4.shape[2]} heads, expected a positive multiple of the {n_kv} kv heads")
     if layout is CacheLayout.SEQUENCE and cache_batch != batch:
         raise ValueError(f"k_cache has batch {cache_batch}, but q has batch {batch}")
+    return q4, k4, v4
 
-    _expect_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, device=dev)
-    slots = _as_bs("slot_mapping", slot_mapping, batch, seq, per_batch=False)
 
+def _check_rotary(cos, sin, positions, rotary_dim, head_dim: int, batch: int, seq: int,
+                  dev: torch.device) -> tuple:
+    """Check cos, sin, positions and rotary_dim; returns (rotary_dim, positions seen as [B or 1, S] or None)."""
     for name, x in (("cos", cos), ("sin", sin)):
         _expect_tensor(name, x, dtypes=MODEL_DTYPES, device=dev)
     if sin.shape != cos.shape:
@@ -281,27 +315,19 @@ def prepare(
         if not ok:
             raise ValueError(f"cos without positions must hold one row per token, shape [{seq}, R] or "
                              f"[{batch}, {seq}, R], got {tuple(cos.shape)}")
+    return rotary_dim, pos2
 
-    if table_dtype not in TABLE_DTYPES:
-        raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {table_dtype!r}")
-    if swa_table is not None:
-        _expect_tensor("swa_table", swa_table, dtypes=INDEX_DTYPES, ndims=(1,), device=dev)
+
+def _check_scales(k_scale, v_scale, cache_dtype: torch.dtype, fp8_dtype, dev: torch.device) -> None:
+    """k_scale and v_scale: one value each, and only for fp8 caches (or uint8 ones with ``fp8_dtype``)."""
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if scale is None:
             continue
         _expect_tensor(name, scale, dtypes=SCALE_DTYPES, device=dev)
         if scale.numel() != 1:
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(scale.shape)}")
-        if k_cache.dtype not in FP8_DTYPES and fp8_dtype is None:
-            raise ValueError(f"{name} is given, but the caches are {k_cache.dtype}, not fp8")
-    stored = fp8_dtype or k_cache.dtype
-    clamp = _check_eager_fp8(dev, stored, quant_dtype, scale_mul, clamp)
-    _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
-    check_writable("k_cache", k_cache)
-    check_writable("v_cache", v_cache)
-    return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
-                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype,
-                         fp8_dtype, quant_dtype, bool(scale_mul), clamp)
+        if cache_dtype not in FP8_DTYPES and fp8_dtype is None:
+            raise ValueError(f"{name} is given, but the caches are {cache_dtype}, not fp8")
 
 
 # fp8 formats eager fp8 stores can write, by the kernel's FP8_CAST code of their overflow rule on a device
