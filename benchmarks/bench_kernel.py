@@ -11,6 +11,8 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py --compiled           # compiled functions: stock vs backend="fx_fusion"
     python benchmarks/bench_kernel.py --baseline OLD.py    # the kernel vs another version of it, per layout
                                                            # (OLD.py: git show REV:kernels/rope_kv_cache.py)
+                                                           # (a REV from before kernels/ was split into
+                                                           # layers: later, that file only re-exports them)
 
 ``--compiled`` times what a torch.compile user gets instead of the op alone: one RoPE + KV-store function
 per cache layout (SGLang token pool, vLLM paged cache, Hugging Face sequence cache with per-token cos/sin),

@@ -9,7 +9,8 @@ The data flow, one file per arrow::
       -> canonicalisation                     (patterns/canonicalize.py, complex_rope.py: spellings reduced)
       -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
       -> the kernel's launch, or the op       (kernels/ops.py: launched by Inductor on CUDA, else the op)
-      -> Triton kernel                        (kernels/rope_kv_cache.py)
+      -> Triton kernel                        (kernels/rope_kv_kernel.py; host side: problem.py checks,
+                                              launch.py launches, reference.py in plain torch)
 
 Entry points: ``torch.compile(model, backend="fx_fusion", options={...})``, ``@fx_fusion.compile``,
 and ``RopeKVFusionPass`` for engines that run their own torch.compile.
@@ -20,7 +21,7 @@ from fx_fusion.config import FusionConfig, OnUnfusable, RopeStyle
 from fx_fusion.decorator import compile
 from fx_fusion.fusion_pass import RopeKVFusionPass, UnfusableSiteError, install
 from fx_fusion.report import GraphReport, collect_reports
-from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.problem import CacheLayout
 
 register()
 prefer_static_launch()

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.problem import CacheLayout
 from fx_fusion.patterns import FusionOptions, RopeStyle
 
 

@@ -1,6 +1,6 @@
 """Triton kernels, their launchers and float references, and the custom ops that wrap them."""
 
 from fx_fusion.kernels.ops import rope_kv_store
-from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.problem import CacheLayout
 
 __all__ = ["CacheLayout", "rope_kv_store"]

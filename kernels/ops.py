@@ -15,7 +15,7 @@ Implementations:
                           interpreter, ``validate=True``: a device sync) the op stays opaque.
 
 ``rope_kv_store_functional`` is that breakdown as a plain function of the op's arguments, for a graph
-pass to trace (see ``rope_kv_cache.launch_traceable``).
+pass to trace (see ``launch.launch_traceable``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from triton import knobs as triton_knobs
 
-from fx_fusion.kernels import rope_kv_cache as _impl
-from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.launch import NotTraceable, launch, launch_traceable
+from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
+                                       default_rotary_dim, prepare)
+from fx_fusion.kernels.reference import reference
 
 
 def _interpreted() -> bool:
@@ -52,20 +54,20 @@ def _rope_kv_store(
     ``table_dtype`` (bf16 or fp16): cos/sin are rounded to it before the multiply, as a model that casts
     an fp32 table to its dtype first does. ``quant_dtype`` (with ``scale_mul``, ``clamp``): fp8 stores
     exactly as eager's ``(x / scale).clamp(lo, hi).to(fp8)`` in ``quant_dtype`` on this device;
-    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_cache``)."""
+    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_kernel``)."""
     p, return_k, validate = _problem(locals())
     if validate:
-        _impl.check_index_ranges(p)
+        check_index_ranges(p)
     if p.q.device.type == "cpu" and not _interpreted():
-        q_out, k_out = _impl.reference(p, return_k, compute_dtype=torch.float32)
+        q_out, k_out = reference(p, return_k, compute_dtype=torch.float32)
         return q_out, (k_out if return_k else p.k.new_empty((0,)))
     q_out, k_out = _outputs(p, return_k)
     with torch.cuda.device(p.q.device) if p.q.is_cuda else contextlib.nullcontext():
-        _impl.launch(p, q_out, k_out if return_k else None)
+        launch(p, q_out, k_out if return_k else None)
     return q_out, k_out
 
 
-def _outputs(p: _impl.RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(p: RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh ``(q_out, k_out)``; ``k_out`` is empty unless ``return_k``."""
     return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if return_k else (0,))
 
@@ -73,11 +75,11 @@ def _outputs(p: _impl.RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torc
 _SIGNATURE = inspect.signature(_rope_kv_store)  # the op's one signature: everything below binds to it
 
 
-def _problem(args: dict) -> tuple[_impl.RopeKVProblem, bool, bool]:
+def _problem(args: dict) -> tuple[RopeKVProblem, bool, bool]:
     """(checked problem, return_k, validate) from the op's arguments by name."""
     args = dict(args)
     return_k, validate = args.pop("return_k"), args.pop("validate")
-    return _impl.prepare(**args), return_k, validate
+    return prepare(**args), return_k, validate
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
@@ -103,7 +105,7 @@ def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tenso
     slot ranges (that needs the data).
     """
     p, return_k, _ = _problem(_bind(args, kwargs))
-    return _impl.launch_traceable(p, return_k)
+    return launch_traceable(p, return_k)
 
 
 def _break_down_when_compiled(mode, op, types, args, kwargs):
@@ -121,7 +123,7 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
         try:
             with mode:
                 return rope_kv_store_functional(**bound)
-        except _impl.NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
+        except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
             pass
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
@@ -143,7 +145,7 @@ def _autograd_checked(generated):
         if torch.is_grad_enabled():
             for i, name in caches:  # the dispatcher passes every argument but keyword-only ones by position
                 if isinstance(args[i], torch.Tensor):
-                    _impl.check_writable(name, args[i])
+                    check_writable(name, args[i])
         return generated(keyset, *args, **kwargs)
     return autograd_kernel
 
@@ -208,7 +210,7 @@ def rope_kv_store(
     layout = layout.value if isinstance(layout, CacheLayout) else layout  # prepare() names a bad layout
     if rotary_dim is None and isinstance(cos, torch.Tensor):
         if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 0:
-            rotary_dim = _impl.default_rotary_dim(cos, k_cache.shape[-1])
+            rotary_dim = default_rotary_dim(cos, k_cache.shape[-1])
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(

@@ -51,7 +51,7 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fx_fusion.kernels.rope_kv_cache import CacheLayout
+from fx_fusion.kernels.problem import CacheLayout
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, broadcast_equal, is_one, shape_of, sizes_equal
 
 aten = torch.ops.aten

@@ -11,7 +11,7 @@ Before (functional post-grad graph; the chain is elementwise, so the stored valu
 
 After: the same store of ``x`` (the RoPE output or v) described by a ``Quant``, which the fused op
 reproduces bit for bit (its ``quant_dtype``/``scale_mul``/``clamp``/``fp8_dtype`` arguments, see
-``kernels/rope_kv_cache.py``). ``peel_quant`` returns None for a value that is not cast to fp8, and raises
+``kernels/rope_kv_kernel.py``). ``peel_quant`` returns None for a value that is not cast to fp8, and raises
 ``NotQuant`` with the reason for a quantisation the op cannot reproduce (the site is reported, not fused).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
+from fx_fusion.kernels.problem import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
 from fx_fusion.patterns.fx_utils import is_one, shape_of
 
 aten = torch.ops.aten

@@ -47,9 +47,10 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Graph, Node
 
+from fx_fusion.kernels.launch import NotTraceable, launch_traceable
 from fx_fusion.kernels.ops import rope_kv_store_functional
-from fx_fusion.kernels import rope_kv_cache
-from fx_fusion.kernels.rope_kv_cache import MODEL_DTYPES, CacheLayout, NotTraceable
+from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast, prepare
+from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
@@ -573,7 +574,7 @@ def _check_quant(k_quant: Quant | None, v_store: Store, kval, state: _GraphState
 def _check_quant_device(quant: Quant, device: torch.device) -> None:
     """The fp8 cast's rounding and overflow, and the scale's division, as eager does them on ``device``."""
     try:
-        rope_kv_cache.eager_fp8_cast(device, quant.fp8)
+        eager_fp8_cast(device, quant.fp8)
     except ValueError as e:
         raise Unfusable(f"quantised store: {e}") from None
     if device.type == "cuda" and not quant.scale_mul and isinstance(quant.scale, float):
@@ -750,7 +751,7 @@ def is_fused_node(n: Node) -> bool:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-    while kernel is not None and kernel is not rope_kv_cache._rope_kv_store_kernel:
+    while kernel is not None and kernel is not _rope_kv_store_kernel:
         kernel = getattr(kernel, "fn", None)  # an Autotuner holds the JITFunction
     return kernel is not None
 
@@ -1101,17 +1102,17 @@ def kernel_rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos
                                   quant_dtype=None, scale_mul=False, clamp=None):
     """``rope_kv_store_on_views`` as the kernel launched from Inductor's code (see ``kernel_rope_kv_store``).
 
-    The kernel gets the buffers and the views' offsets in them (``rope_kv_cache.kernel_arguments``), so the
+    The kernel gets the buffers and the views' offsets in them (``launch.kernel_arguments``), so the
     functionalized launch writes the buffers, graph inputs that Inductor re-inplaces; a written view would be
     cloned instead (Inductor does not re-inplace a view of a graph input)."""
     def launch(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale):
         v_base = k_buffer if v_buffer is None else v_buffer
         k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
-        p = rope_kv_cache.prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale,
-                                  v_scale, is_neox=is_neox, rotary_dim=rotary_dim, layout=layout, negative_wraps=True,
-                                  table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype,
-                                  scale_mul=scale_mul, clamp=clamp)
-        q_out, k_out = rope_kv_cache.launch_traceable(p, return_k, buffers=(k_buffer, v_buffer))
+        p = prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale,
+                    is_neox=is_neox, rotary_dim=rotary_dim, layout=layout, negative_wraps=True,
+                    table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
+                    clamp=clamp)
+        q_out, k_out = launch_traceable(p, return_k, buffers=(k_buffer, v_buffer))
         return q_out, k_out, k_buffer, v_base
 
     return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin,

@@ -45,8 +45,9 @@ def test_wheel_has_one_top_level_package(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"fx_fusion"}, sorted(top)
     for module in ("fx_fusion/__init__.py", "fx_fusion/kernels/__init__.py", "fx_fusion/kernels/ops.py",
-                   "fx_fusion/kernels/rope_kv_cache.py", "fx_fusion/patterns/__init__.py",
-                   "fx_fusion/patterns/rope_kv_store.py"):
+                   "fx_fusion/kernels/rope_kv_cache.py", "fx_fusion/kernels/rope_kv_kernel.py",
+                   "fx_fusion/kernels/problem.py", "fx_fusion/kernels/launch.py", "fx_fusion/kernels/reference.py",
+                   "fx_fusion/patterns/__init__.py", "fx_fusion/patterns/rope_kv_store.py"):
         assert module in names, module
     (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
     if top_level is not None:

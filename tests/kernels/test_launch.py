@@ -5,8 +5,9 @@ the graph must hold ``triton_kernel_wrapper_functional`` (Inductor's user-kernel
 and running it must match the float64 reference (outputs poisoned, whole caches compared).
 
 On CPU: ``wrap_triton`` only traces real ``@triton.jit`` functions, and the interpreter's are not, so
-the graph is traced from a copy of the kernels module loaded with the interpreter off; to run the graph,
-the kernel it names is swapped for the interpreted one (same source).
+the graph is traced from a copy of the launch module whose kernel comes from a copy of the kernel module
+loaded with the interpreter off; to run the graph, the kernel it names is swapped for the interpreted one
+(same source).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+import types
 
 import pytest
 import torch
@@ -21,7 +23,9 @@ import triton
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fx_fusion.kernels import launch as kernel_launch
 from fx_fusion.kernels import rope_kv_cache as rkc
+from fx_fusion.kernels import rope_kv_kernel
 from tests.kernels.test_rope_kv_cache import (
     INTERPRETED,
     TOLERANCES,
@@ -37,7 +41,7 @@ from tests.kernels.test_rope_kv_cache import (
 # --------------------------------------------------------------------------------------------------
 
 
-CONSTEXPRS = rkc._constexpr_names(rkc._rope_kv_store_kernel)
+CONSTEXPRS = kernel_launch._constexpr_names(rope_kv_kernel._rope_kv_store_kernel)
 
 
 COMMON_CASES = {
@@ -54,8 +58,8 @@ COMMON_CASES = {
 def test_at_most_16_run_time_arguments(device, monkeypatch, case):
     """Sizes, strides that do not involve the token count, flags and block sizes are constexprs."""
     kw, return_k = case
-    spy = KernelSpy(rkc._rope_kv_store_kernel.arg_names)
-    monkeypatch.setattr(rkc, "_rope_kv_store_kernel", spy)
+    spy = KernelSpy(rope_kv_kernel._rope_kv_store_kernel.arg_names)
+    monkeypatch.setattr(kernel_launch, "_rope_kv_store_kernel", spy)
     p = rkc.prepare(**make_args(device, T=5, Hq=8, Hkv=2, D=64, **kw))
     q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=device)
     rkc.launch(p, q_out, torch.empty(p.k_shape, dtype=p.k.dtype, device=device) if return_k else None)
@@ -119,15 +123,21 @@ def traced_kernels():
     if not INTERPRETED:
         yield rkc, None
         return
-    name = "fx_fusion_rope_kv_cache_jit"
-    spec = importlib.util.spec_from_file_location(name, rkc.__file__)
-    module = importlib.util.module_from_spec(spec)
+    copies = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")  # Triton reads it when @triton.jit runs
-        mp.setitem(sys.modules, name, module)  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)
-    assert isinstance(module._rope_kv_store_kernel, triton.runtime.JITFunction)
-    yield module, rkc._rope_kv_store_kernel
+        for layer in (rope_kv_kernel, kernel_launch):
+            name = f"fx_fusion_{layer.__name__.rpartition('.')[2]}_jit"
+            spec = importlib.util.spec_from_file_location(name, layer.__file__)
+            copies[layer] = importlib.util.module_from_spec(spec)
+            mp.setitem(sys.modules, name, copies[layer])
+            spec.loader.exec_module(copies[layer])
+    jit_kernel = copies[rope_kv_kernel]._rope_kv_store_kernel
+    assert isinstance(jit_kernel, triton.runtime.JITFunction)
+    launcher = copies[kernel_launch]
+    launcher._rope_kv_store_kernel = jit_kernel  # its import got the interpreted one; launches look it up here
+    yield (types.SimpleNamespace(prepare=rkc.prepare, reference=rkc.reference, NotTraceable=launcher.NotTraceable,
+                                 launch_traceable=launcher.launch_traceable), rope_kv_kernel._rope_kv_store_kernel)
 
 
 def trace(module, args: dict, return_k: bool, tracing_mode: str) -> torch.fx.GraphModule:
@@ -350,7 +360,7 @@ def test_the_launch_counts_as_a_fused_node(device, traced_kernels, monkeypatch):
     kw, return_k = TRACE_CASES["token-packed-fused2d"]
     gm = trace(module, case_args(device, kw, T=5), return_k, "fake")
     (node,) = kernel_nodes(gm)
-    monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], rkc._rope_kv_store_kernel)
+    monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], rope_kv_kernel._rope_kv_store_kernel)
     assert is_fused_node(node)
     assert not any(is_fused_node(n) for n in gm.graph.nodes if n is not node)
 

@@ -14,7 +14,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fx_fusion import kernels
-from fx_fusion.kernels import rope_kv_cache as rkc
+from fx_fusion.kernels import launch as kernel_launch
+from fx_fusion.kernels import rope_kv_kernel
 from fx_fusion.kernels.rope_kv_cache import CacheLayout, prepare, reference
 from tests.kernels.test_rope_kv_cache import (
     INTERPRETED,
@@ -103,8 +104,8 @@ def test_schema_mutates_only_the_caches():
 @pytest.mark.skipif(not INTERPRETED, reason="checks the CPU implementation under the interpreter")
 def test_cpu_implementation_runs_the_kernel(monkeypatch):
     """Under the interpreter the CPU kernel is the Triton kernel, not the torch fallback."""
-    spy = KernelSpy(rkc._rope_kv_store_kernel.arg_names)
-    monkeypatch.setattr(rkc, "_rope_kv_store_kernel", spy)
+    spy = KernelSpy(rope_kv_kernel._rope_kv_store_kernel.arg_names)
+    monkeypatch.setattr(kernel_launch, "_rope_kv_store_kernel", spy)
     OP(*op_args(make_args("cpu", T=3)))
     assert len(spy.launches) == 1
 

@@ -30,7 +30,9 @@ import pytest
 import torch
 import triton
 
+from fx_fusion.kernels import launch as kernel_launch
 from fx_fusion.kernels import rope_kv_cache as rkc
+from fx_fusion.kernels import rope_kv_kernel
 from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, CacheLayout, launch, launch_config, prepare, reference
 
 # (atol, rtol) per dtype: the kernel rounds an fp32 result once, the reference a float64 one, so
@@ -48,7 +50,7 @@ BLOCK_SIZE = 16  # paged layout
 LAYOUTS = ("token", "paged", "sequence")
 
 
-INTERPRETED = type(rkc._rope_kv_store_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(rope_kv_kernel._rope_kv_store_kernel).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture(autouse=True)
@@ -797,8 +799,8 @@ class KernelSpy:
 
 @pytest.fixture
 def kernel_spy(monkeypatch):
-    spy = KernelSpy(rkc._rope_kv_store_kernel.arg_names)
-    monkeypatch.setattr(rkc, "_rope_kv_store_kernel", spy)
+    spy = KernelSpy(rope_kv_kernel._rope_kv_store_kernel.arg_names)
+    monkeypatch.setattr(kernel_launch, "_rope_kv_store_kernel", spy)
     return spy
 
 

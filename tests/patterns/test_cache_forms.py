@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fx_fusion import FusionConfig
-from fx_fusion.kernels import rope_kv_cache
+from fx_fusion.kernels import ops
 from tests.cache_blocks import (HIDDEN, PADDING_ROW, EngineStoreBlock, StackedBlock, WindowBlock,
                                 padded_pool_steps, pool_steps)
 from tests.patterns.test_rope_kv_store import (FUSED_CALL, RAISE, assert_close, compile_with, fused_call_args,  # noqa: F401
@@ -238,8 +238,8 @@ def test_prefill_longer_than_the_window_fuses(keep, allocate, dtype, records, co
     token at none, as the op resolves slots (a negative one counts from the end)."""
     seen = []
     for name in ("launch", "reference"):  # the kernel (through the interpreter), or the plain-torch path
-        run = getattr(rope_kv_cache, name)
-        monkeypatch.setattr(rope_kv_cache, name, lambda p, *a, run=run, **kw: seen.append(p) or run(p, *a, **kw))
+        run = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda p, *a, run=run, **kw: seen.append(p) or run(p, *a, **kw))
     torch.manual_seed(0)
     model = WindowBlock(window=4, dtype=dtype, keep=keep, allocate_batch=1 if allocate == "input" else None).eval()
     eager = copy.deepcopy(model)

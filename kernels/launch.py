@@ -1,0 +1,231 @@
+"""Launching the fused RoPE + KV-cache store kernel: the launch configuration per target (``launch_config``), the
+kernel's keyword arguments from a ``RopeKVProblem`` (``kernel_arguments``), and the two launches: direct
+(``launch``) and through ``torch.library.wrap_triton`` for traced code (``launch_traceable``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_int
+
+from fx_fusion.kernels.problem import (FP8_DTYPES, TABLE_DTYPES, CacheLayout, RopeKVProblem, _as_bshd,
+                                       eager_fp8_cast)
+from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
+
+
+def launch_config(p: RopeKVProblem) -> dict:
+    """Rows per program and warps, per target.
+
+    At large T each q program moves about 2K elements (a 32 x 64 or 16 x 128 tile) and each kv program
+    half as many rows (it moves k and v), as many for a sequence cache; with fewer rows than ~512 such programs the rows are split
+    finer (down to 8 per program) so that more SMs share the latency-bound work. Four warps measured
+    best or within noise at every size on Hopper (benchmarks/RESULTS.md). On HIP a warp is a 64-lane
+    wavefront: half the warps cover the same tile. (No ``waves_per_eu``: from Triton 3.6 on it also caps
+    occupancy, and Inductor's launch of a user kernel does not pass it.)
+
+    Under torch.compile the token count may be symbolic: a decision on it would install a guard (one
+    compile per count), so then only the static dims decide and the large-T tiles are used (the sweep
+    found at most ~4 % between configurations at small T).
+    """
+    half = triton.next_power_of_2(_static(p.rotary_dim) // 2)
+    d = triton.next_power_of_2(_static(p.q.shape[-1]))
+    block_rq = max(1, 2048 // d)
+    n_q_rows = p.num_tokens * p.q.shape[2]
+    if p.q.device.type == "cpu":
+        # the interpreter (CPU tensors): its cost is per program and per operation, not per element, so few
+        # programs of large tiles (numpy arrays of up to 16K elements)
+        block_rq = max(1, 16384 // d)
+    elif isinstance(n_q_rows, int):
+        while block_rq > 8 and n_q_rows // block_rq < 512:
+            block_rq //= 2
+    # sequence caches [B, Hkv, S, D]: a kv tile of as many rows as a q tile stores longer runs of one
+    # head's consecutive positions (gpt-oss shapes on an H200: 93 % / 97 % of the floor at T = 8192 / 32768,
+    # against 90 % / 93 % with half; benchmarks/RESULTS.md)
+    block_rkv = block_rq if p.layout is CacheLayout.SEQUENCE else max(1, block_rq // 2)
+    cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=block_rkv, BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
+    if torch.version.hip is not None and p.q.is_cuda:
+        cfg.update(num_warps=2)
+    return cfg
+
+
+def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, buffers: tuple | None = None,
+           **config) -> None:
+    """Launch the kernel once (nothing for T = 0). ``q_out``/``k_out`` have the shapes of q/k; ``buffers``: see
+    ``kernel_arguments``."""
+    if p.num_tokens == 0:
+        return
+    grid, args = kernel_arguments(p, q_out, k_out, buffers, **config)
+    _rope_kv_store_kernel[grid](**args)
+
+
+def launch_traceable(p: RopeKVProblem, return_k: bool, buffers: tuple | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch through ``torch.library.wrap_triton``; returns ``(q_out, k_out)``.
+
+    Made to be traced (``make_fx(torch.func.functionalize(fn, remove="mutations"))`` over fake tensors,
+    ``p`` from ``prepare`` on them): the graph then holds ``triton_kernel_wrapper_functional`` and Inductor
+    launches the kernel from its own generated code. No argument checks (``prepare`` did them), no
+    Python branch on the token count and no ``int()`` of it: it reaches the kernel and the grid as a
+    symbolic value. ``k_out`` is empty unless ``return_k``, as the custom op returns it. With ``buffers`` (see
+    ``kernel_arguments``) the launch writes the buffers the caches are views of, not the views.
+    """
+    q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=p.q.device)
+    k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
+    grid, args = kernel_arguments(p, q_out, k_out if return_k else None, buffers)
+    symbolic = sorted(name for name in _constexpr_names(_rope_kv_store_kernel)
+                      if isinstance(args.get(name), torch.SymInt))
+    if symbolic:
+        raise NotTraceable(f"the kernel takes {', '.join(symbolic)} as compile-time constants, but they are "
+                           "symbolic here: launching it from traced code would specialise them")
+    torch.library.wrap_triton(_rope_kv_store_kernel)[grid](**args)  # the launch for T = 0 is empty
+    return q_out, k_out
+
+
+class NotTraceable(Exception):
+    """``launch_traceable`` would pin a symbolic size to one value (a constexpr); launch the op instead."""
+
+
+def _constexpr_names(kernel) -> frozenset[str]:
+    """Names of the ``tl.constexpr`` parameters of a ``@triton.jit`` kernel (interpreted or not)."""
+    fn = getattr(kernel, "fn", kernel)
+    return frozenset(name for name, prm in inspect.signature(fn).parameters.items()
+                     if prm.annotation is tl.constexpr or prm.annotation in ("tl.constexpr", "constexpr"))
+
+
+def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None,
+                     buffers: tuple | None = None, **config) -> tuple[tuple, dict]:
+    """``(grid, keyword arguments)`` of one launch; ``config`` overrides ``launch_config(p)``.
+
+    Run-time values: the tensors (absent ones are None: Triton makes them constexprs), the token
+    count and the batch strides. Everything else is a constexpr.
+
+    ``buffers = (k_buffer, v_buffer or None)``: ``p``'s caches are views of these (``v_buffer`` None: both of
+    ``k_buffer``), and the kernel gets the buffers and the views' element offsets in them, so that a traced
+    launch writes the buffers in place (functionalized, a written view would be cloned and scattered back).
+    """
+    head_dim = p.q.shape[-1]
+    qo = _as_bshd("q_out", q_out, p.layout, head_dim)
+    ko = _as_bshd("k_out", k_out, p.layout, head_dim) if k_out is not None else None
+    fp8 = p.k_cache.dtype in FP8_DTYPES
+    cfg = launch_config(p) | config
+    tail = _static(head_dim) - _static(p.rotary_dim)
+    args = dict(
+        q_ptr=p.q, k_ptr=p.k, v_ptr=p.v, q_out_ptr=q_out, k_out_ptr=k_out, k_cache_ptr=p.k_cache,
+        v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
+        cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale,
+        T=p.num_tokens,
+        **_stride_arguments(p, qo, ko),
+        B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=p.rotary_dim,
+        N_SLOTS=p.num_slots, N_SWA=p.swa_table.shape[0] if p.swa_table is not None else None,
+        N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
+        CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
+        FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
+        **_fp8_store_arguments(p),
+        IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
+        ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
+        BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+        kc_off=None, vc_off=None,
+        **cfg,
+    )
+    if buffers is not None:
+        k_buffer, v_buffer = buffers
+        v_base = k_buffer if v_buffer is None else v_buffer
+        args.update(k_cache_ptr=k_buffer, v_cache_ptr=v_buffer,
+                    kc_off=p.k_cache.storage_offset() - k_buffer.storage_offset(),
+                    vc_off=p.v_cache.storage_offset() - v_base.storage_offset())
+    n_q_programs = triton.cdiv(p.num_tokens * p.q.shape[2], cfg["BLOCK_RQ"])
+    n_kv_programs = triton.cdiv(p.num_tokens * p.k.shape[2], cfg["BLOCK_RKV"])
+    return (n_q_programs + n_kv_programs,), args
+
+
+# the saturating FP8_CAST code of each fp8 format the kernel writes bits of (see _eager_fp8)
+_SATURATING_FP8_CAST = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3}
+
+
+def _fp8_store_arguments(p: RopeKVProblem) -> dict:
+    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO and CLAMP_HI (see ``_eager_fp8``).
+
+    With ``quant_dtype``: eager's quantisation, rounded as eager rounds it on this device. Without it, an fp8
+    cache of a format whose bits the kernel computes stores ``clamp(x / scale, -max, max)`` from the fp32
+    value, rounded to nearest even, NaN kept, through the same code (so the interpreter and every GPU agree);
+    ``float8_e4m3fnuz`` (HIP) is cast by Triton (FP8_CAST 0)."""
+    plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None)
+    if p.quant_dtype is not None:
+        return dict(FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype),
+                    X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
+                    Q_ROUND=TABLE_DTYPES.index(p.quant_dtype) if p.quant_dtype in TABLE_DTYPES else 0,
+                    SCALE_MUL=p.scale_mul, CLAMP_LO=p.clamp[0] if p.clamp is not None else None,
+                    CLAMP_HI=p.clamp[1] if p.clamp is not None else None)
+    if p.k_cache.dtype in _SATURATING_FP8_CAST:
+        fmax = torch.finfo(p.k_cache.dtype).max
+        return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[p.k_cache.dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
+    return plain
+
+
+def _static(n):
+    """A size the kernel takes as a constexpr, as an int (a symbolic one is specialised, as Inductor would)."""
+    return n if isinstance(n, int) else guard_int(n)
+
+
+def _batch_stride(x: torch.Tensor):
+    """Stride of dim 0 of a [B or 1, S, ...] view; None when that dim has size 1 (B = 1, or broadcast)."""
+    return None if x.shape[0] == 1 else x.stride(0)
+
+
+def _stride_arguments(p: RopeKVProblem, qo: torch.Tensor, ko: torch.Tensor | None) -> dict:
+    """The kernel's stride parameters by name (which of them are constexprs: see its signature)."""
+    q_sb, q_ss, q_sh, q_sd = _token_strides(p.q)
+    k_sb, k_ss, k_sh, k_sd = _token_strides(p.k)
+    v_sb, v_ss, v_sh, v_sd = _token_strides(p.v)
+    qo_sb, qo_ss, qo_sh, qo_sd = _token_strides(qo)
+    ko_sb, ko_ss, ko_sh, ko_sd = _token_strides(ko)
+    kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd = _cache_strides(p.k_cache, p.layout)
+    vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd = _cache_strides(p.v_cache, p.layout)
+    slot_sb, slot_ss = _index_strides(p.slot_mapping)
+    pos_sb, pos_ss = _index_strides(p.positions)
+    cos_sb, cos_sr, cos_sd = _rotary_strides(p.cos, p.positions is not None)
+    sin_sb, sin_sr, sin_sd = _rotary_strides(p.sin, p.positions is not None)
+    return dict(
+        q_sb=q_sb, q_ss=q_ss, q_sh=q_sh, q_sd=q_sd, k_sb=k_sb, k_ss=k_ss, k_sh=k_sh, k_sd=k_sd,
+        v_sb=v_sb, v_ss=v_ss, v_sh=v_sh, v_sd=v_sd,
+        qo_sb=qo_sb, qo_ss=qo_ss, qo_sh=qo_sh, qo_sd=qo_sd, ko_sb=ko_sb, ko_ss=ko_ss, ko_sh=ko_sh, ko_sd=ko_sd,
+        kc_sb=kc_sb, kc_sblk=kc_sblk, kc_sslot=kc_sslot, kc_sh=kc_sh, kc_sd=kc_sd,
+        vc_sb=vc_sb, vc_sblk=vc_sblk, vc_sslot=vc_sslot, vc_sh=vc_sh, vc_sd=vc_sd,
+        slot_sb=slot_sb, slot_ss=slot_ss, pos_sb=pos_sb, pos_ss=pos_ss,
+        cos_sb=cos_sb, cos_sr=cos_sr, cos_sd=cos_sd, sin_sb=sin_sb, sin_sr=sin_sr, sin_sd=sin_sd,
+    )
+
+
+def _token_strides(x: torch.Tensor | None) -> tuple:
+    """(sb, ss, sh, sd) of a [B, S, H, D] view (sb None where dim 0 has size 1); all None without the tensor."""
+    if x is None:
+        return None, None, None, None
+    return _batch_stride(x), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _index_strides(x: torch.Tensor | None) -> tuple:
+    """(sb, ss) of a [B or 1, S] index view; both None without the tensor."""
+    if x is None:
+        return None, None
+    return _batch_stride(x), x.stride(1)
+
+
+def _rotary_strides(c: torch.Tensor, table: bool) -> tuple:
+    """(sb, sr, sd) of cos/sin: a table [P, R'] (row = position) or per-token values [S, R'] / [B or 1, S, R']
+    (row = token)."""
+    if table or c.dim() == 2:
+        return None, c.stride(0), c.stride(-1)
+    return _batch_stride(c), c.stride(1), c.stride(2)
+
+
+def _cache_strides(c: torch.Tensor, layout: CacheLayout) -> tuple:
+    """(sb, sblk, sslot, sh, sd) of a cache for the kernel's address formula (see its signature)."""
+    if layout is CacheLayout.TOKEN:
+        return None, c.stride(0), 0, c.stride(1), c.stride(2)
+    if layout is CacheLayout.PAGED:
+        return None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)
+    return _batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)

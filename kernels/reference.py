@@ -1,0 +1,107 @@
+"""The float reference of the fused RoPE + KV-cache store, in plain torch: the definition the kernel is tested
+against, and the op's implementation on CPU without the Triton interpreter. The contract it computes is described
+in ``rope_kv_kernel``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fx_fusion.kernels.problem import FP8_DTYPES, CacheLayout, RopeKVProblem
+
+
+def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = torch.float64):
+    """Same contract as the kernel, computed in ``compute_dtype``; writes the caches, returns (q_out, k_out)."""
+    first, second, c1, c2, s1, s2 = _rotary_values(p, compute_dtype)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        out = x.to(compute_dtype, copy=True)  # never alias the input; the tail passes through
+        x1, x2 = out[..., first].clone(), out[..., second].clone()
+        out[..., first] = x1 * c1 - x2 * s1
+        out[..., second] = x2 * c2 + x1 * s2
+        return out
+
+    q_rot, k_rot = rope(p.q), rope(p.k)
+
+    store, b_idx, s_sel = _stored_tokens(p)
+
+    def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+        x = x[store]  # [N, H, D]
+        if p.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
+            x = x.to(p.k.dtype).float()
+            if scale is not None:
+                x = x * scale.float().reshape(()) if p.scale_mul else x / scale.float().reshape(())
+            x = x.to(p.quant_dtype)
+            if p.clamp is not None:
+                x = x.float().clamp(*p.clamp).to(p.quant_dtype)
+            x = x.to(p.stored_dtype).view(cache.dtype)
+        else:
+            if scale is not None:
+                x = x / scale.to(compute_dtype)
+            if cache.dtype in FP8_DTYPES:
+                fmax = torch.finfo(cache.dtype).max
+                x = x.clamp(-fmax, fmax)
+            x = x.to(cache.dtype)
+        if p.layout is CacheLayout.TOKEN:
+            cache[s_sel] = x
+        elif p.layout is CacheLayout.PAGED:
+            bs = cache.shape[1]
+            cache[s_sel // bs, s_sel % bs] = x
+        else:
+            cache[b_idx, :, s_sel] = x
+
+    put(p.k_cache, k_rot, p.k_scale)
+    put(p.v_cache, p.v.to(compute_dtype), p.v_scale)
+    # contiguous, as the kernel's outputs are (the op's fake promises their strides; q_rot has q's, any order)
+    q_out = q_rot.to(p.q.dtype).reshape(p.q_shape).contiguous()
+    k_out = k_rot.to(p.k.dtype).reshape(p.k_shape).contiguous() if return_k else None
+    return q_out, k_out
+
+
+def _rotary_values(p: RopeKVProblem, compute_dtype: torch.dtype) -> tuple:
+    """(first, second, c1, c2, s1, s2): the features each pair rotates, and the cos/sin values that multiply
+    them, per token as ``[B or 1, S, 1, R']`` tensors in ``compute_dtype``."""
+    rot, half = p.rotary_dim, p.rotary_dim // 2
+
+    def table(c: torch.Tensor) -> torch.Tensor:  # -> [B or 1, S, 1, R'] per token
+        if p.positions is not None:
+            pos = p.positions.long()
+            pos = torch.where(pos < 0, pos + c.shape[0], pos) if p.negative_wraps else pos
+            return c[pos.clamp(0, c.shape[0] - 1)].unsqueeze(2)
+        return (c if c.dim() == 3 else c.unsqueeze(0)).unsqueeze(2)
+
+    cos, sin = table(p.cos), table(p.sin)
+    if p.table_dtype is not None:  # the model's cast of the table before the multiply
+        cos, sin = cos.to(p.table_dtype), sin.to(p.table_dtype)
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
+    if p.is_neox:
+        first, second = torch.arange(half), torch.arange(half) + half
+    else:
+        first, second = torch.arange(0, rot, 2), torch.arange(1, rot, 2)
+    first, second = first.to(cos.device), second.to(cos.device)
+    if p.cos_per_element:
+        c1, c2, s1, s2 = cos[..., first], cos[..., second], sin[..., first], sin[..., second]
+    else:
+        c1 = c2 = cos
+        s1 = s2 = sin
+    return first, second, c1, c2, s1, s2
+
+
+def _stored_tokens(p: RopeKVProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(store [B, S]: whether token (b, s) is stored, the batch index and the cache slot of each stored token),
+    slots resolved as the kernel resolves them (swa_table, negative_wraps, out-of-range slots skipped)."""
+    batch, seq = p.q.shape[:2]
+    slots = p.slot_mapping.long().expand(batch, seq)
+    valid = torch.ones_like(slots, dtype=torch.bool)
+    if p.swa_table is not None:
+        n_swa = p.swa_table.shape[0]
+        if p.negative_wraps:
+            slots = torch.where(slots < 0, slots + n_swa, slots)
+        valid = (slots >= 0) & (slots < n_swa)
+        slots = p.swa_table[slots.clamp(0, n_swa - 1)].long()
+    if p.negative_wraps:
+        slots = torch.where(slots < 0, slots + p.num_slots, slots)
+    store = valid & (slots >= 0) & (slots < p.num_slots)
+    b_idx = torch.arange(batch, device=slots.device)[:, None].expand(batch, seq)[store]
+    s_sel = slots[store]
+    return store, b_idx, s_sel

@@ -1,0 +1,388 @@
+"""Fused rotary embedding + KV-cache store: the Triton kernel (``_rope_kv_store_kernel``) and its helpers.
+
+One launch does what attention layers otherwise do in three memory-bound steps:
+
+    q_out            = rope(q)
+    k_cache[slot(t)] = quant(rope(k))        (and k_out = rope(k) when asked)
+    v_cache[slot(t)] = quant(v)
+
+where ``rope(x) = x * cos + rotate(x) * sin`` on the first ``rotary_dim`` features of every head
+(the tail passes through unchanged), ``rotate`` pairs features as NeoX halves (i, i + R/2) or GPT-J
+neighbours (2i, 2i + 1), and ``quant(x) = saturate(x / scale)`` for fp8 caches (rounded to nearest
+even, NaN kept), the identity otherwise. Maths is fp32 whatever the storage dtypes; every rounding to
+bf16 or fp8 is to nearest even, computed by the kernel itself where Triton's interpreter would differ.
+
+With ``quant_dtype`` the fp8 store is instead what eager model code computes (``_eager_fp8``), bit for bit:
+
+    quant(x) = fp8_cast(clamp(round_Q(round_X(x) / scale)))   (or ``* scale`` with ``scale_mul``)
+
+``round_X`` rounds the fp32 result to k's dtype (eager holds the rotated k in it), the division is one
+correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of eager's ``x / scale``),
+``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the overflow rule eager has
+on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself (``_fp8_bits``), so the
+rounding is the same on every target and in the interpreter. Caches may then be ``uint8`` pools holding
+the bits of ``fp8_dtype`` (SGLang's fp8 pools).
+
+Tokens are addressed as ``(b, s)``: q, k, v are ``[T, H*D]``, ``[T, H, D]`` (flat layouts, ``B = 1``)
+or ``[B, S, H, D]`` (sequence layout), with any strides (slices of a fused qkv projection work
+without copies).
+
+Cache layouts (``problem.CacheLayout``), all ``[..., Hkv, D]`` with any strides:
+    token     ``[num_slots, Hkv, D]``               row ``slot``                  (SGLang token pool)
+    paged     ``[num_blocks, block_size, Hkv, D]``  row ``slot // bs, slot % bs`` (vLLM flash layout)
+    sequence  ``[B, Hkv, max_seq, D]``              row ``b, :, slot``            (HF StaticCache, gpt-fast)
+
+The slot of token ``(b, s)`` is ``slot_mapping[s]`` (``[T]`` for flat layouts, the ``cache_position``
+``[S]`` for the sequence layout), optionally sent through a second table (``slot = swa_table[slot]``,
+SGLang's sliding-window pool). A negative entry at either level skips that token's k/v store; q is
+still rotated. With ``negative_wraps`` a negative final slot or position instead counts from the end,
+as torch indexing does (``cache[slot] = k``): the graph pass uses this to keep eager semantics.
+Slots and positions outside the cache or table are never dereferenced.
+
+Rotary tables: ``cos`` and ``sin`` are either tables ``[P, R']`` indexed by ``positions``
+(SGLang/vLLM ``cos_sin_cache`` split into halves, gpt-fast ``freqs_cis[..., 0]``), or per-token values
+(HF ``cos, sin`` of shape ``[T, R']``, ``[B, S, R']`` or ``[1, S, R']``). ``R'`` is ``R`` (one value per
+feature, as HF computes them) or ``R/2`` (one per pair).
+
+The host side is ``problem.py`` (checks), ``launch.py`` (configuration, arguments) and ``reference.py``
+(the same contract in plain torch).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pair_features(BLOCK_HALF: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Pair index i and its two feature indices (e1, e2): NeoX (i, i + HALF), GPT-J (2i, 2i + 1)."""
+    i = tl.arange(0, BLOCK_HALF)
+    if IS_NEOX:
+        e1 = i
+        e2 = i + HALF
+    else:
+        e1 = 2 * i
+        e2 = 2 * i + 1
+    return i, e1, e2
+
+
+@triton.jit
+def _rope_pairs(
+    x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
+    cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
+    m, i, e1, e2,                            # [BLOCK_R, BLOCK_HALF] mask; pair index and its features
+    COS_PER_ELEMENT: tl.constexpr, ROUND_TABLE: tl.constexpr,
+):
+    """Rotate BLOCK_R rows; returns (o1, o2) in fp32, the values at features (e1, e2).
+
+    # o1 = x1 * c1 - x2 * s1 ;  o2 = x2 * c2 + x1 * s2   (pairs: NeoX (i, i+HALF), GPT-J (2i, 2i+1))
+
+    Only values come back: every address a store uses is computed in the kernel from index math and
+    loaded values, so Inductor's analysis of which arguments the kernel writes (it follows store
+    addresses back through calls to every argument of the call) sees that x, cos and sin are only read.
+    ROUND_TABLE: 0, or 1 / 2 to round the cos/sin values to bf16 / fp16 first, as a model that casts its
+    fp32 table to the model dtype before the multiply (SGLang, vLLM ``forward_native``) does.
+    """
+    # x first: its address does not wait on the positions load, so both are in flight together
+    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    if COS_PER_ELEMENT:
+        c1 = tl.load(cos_ptr + cos_row[:, None] + (e1 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cos_row[:, None] + (e2 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + sin_row[:, None] + (e1 * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + sin_row[:, None] + (e2 * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    else:
+        c1 = tl.load(cos_ptr + cos_row[:, None] + (i * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + sin_row[:, None] + (i * SIN_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+        c2 = c1
+        s2 = s1
+    c1, c2, s1, s2 = _round(c1, ROUND_TABLE), _round(c2, ROUND_TABLE), _round(s1, ROUND_TABLE), _round(s2, ROUND_TABLE)
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr):
+    # x (fp32) rounded to bf16 (ROUND = 1) or fp16 (2), as fp32; x itself for 0. bf16 is rounded to nearest
+    # even on the bits (the upper 16 bits of an fp32; inf and NaN stay so), which the Triton interpreter
+    # also gets right (its bf16 conversion does not).
+    if ROUND == 1:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+# The Triton interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even): there the kernel rounds
+# its bf16 outputs itself. Compiled kernels convert as they are (the explicit rounding cost up to 17 % at T = 512).
+_ROUND_BF16_OUTPUTS = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+
+@triton.jit
+def _to(x, ty):
+    # x (fp32) converted to ty, rounded to nearest even
+    if _ROUND_BF16_OUTPUTS and ty == tl.bfloat16:
+        x = _round(x, 1)
+    return x.to(ty)
+
+
+@triton.jit
+def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
+    # out = clamp(x / scale, -FP8_MAX, FP8_MAX) for fp8 caches, NaN kept (as eager ``.to(fp8)`` keeps it);
+    # identity otherwise. Scale 0, negative or non-finite: whatever the fp32 division gives, as in eager.
+    if scale_ptr is not None:
+        x = x / tl.load(scale_ptr).to(tl.float32)
+    if FP8_MAX is not None:
+        x = tl.where(x != x, x, tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX))
+    return x
+
+
+@triton.jit
+def _cache_value(x, scale_ptr, ty, FP8_MAX: tl.constexpr, FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr,
+                 Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr):
+    # x (fp32) as the cache of element type ty stores it: quant(x) (_quantize), or eager's fp8 bits
+    # (_eager_fp8) reinterpreted as ty (an fp8 type, or uint8 for pools of fp8 bits)
+    if FP8_CAST == 0:
+        out = _to(_quantize(x, scale_ptr, FP8_MAX), ty)
+    else:
+        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
+    return out
+
+
+@triton.jit
+def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_ROUND: tl.constexpr,
+               CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, FP8_CAST: tl.constexpr):
+    # out = bits of fp8_cast(clamp(round_Q(round_X(x) / scale))) as eager computes them (module docstring);
+    # x fp32, out uint8. div_rn: one correctly rounded division, as eager's (Triton's ``/`` is approximate).
+    x = _round(x, X_ROUND)
+    if scale_ptr is not None:
+        if SCALE_MUL:
+            x = x * tl.load(scale_ptr).to(tl.float32)
+        else:
+            x = tl.math.div_rn(x, tl.load(scale_ptr).to(tl.float32))
+    x = _round(x, Q_ROUND)
+    if CLAMP_LO is not None:  # NaN stays NaN, as torch.clamp keeps it
+        x = tl.where(x != x, x, tl.maximum(x, CLAMP_LO))
+    if CLAMP_HI is not None:
+        x = tl.where(x != x, x, tl.minimum(x, CLAMP_HI))
+    if FP8_CAST == 1:  # e4m3fn, saturating (torch on CPU: |x| > 448, inf too, -> 448)
+        bits = _fp8_bits(x, 3, 7, 0x7E, None, 1024.0)
+    elif FP8_CAST == 2:  # e4m3fn, NaN past the tie at 464 (torch on CUDA: (448, 464] -> 448, |x| > 464 -> NaN)
+        bits = _fp8_bits(x, 3, 7, 0x7E, 0x7F, 1024.0)
+    else:  # e5m2, inf from the tie at 61440 on (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
+        bits = _fp8_bits(x, 2, 15, 0x7B, 0x7C, 131072.0)
+    return bits
+
+
+@triton.jit
+def _fp8_bits(x, M: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr, OVF_CODE: tl.constexpr,
+              BIG: tl.constexpr):
+    # uint8 bits of fp32 x in a format with M mantissa bits and exponent bias BIAS, rounded to nearest even,
+    # ties included (e4m3fn: 464, halfway between 448 and the next code, rounds to 448). A code past MAX_CODE
+    # (the largest finite value) becomes OVF_CODE (inf or NaN), or MAX_CODE when OVF_CODE is None (saturating);
+    # NaN -> sign | 0x7F (torch's bits). BIG: a power of two whose code is past MAX_CODE (|x| is clamped to it).
+    xi = x.to(tl.int32, bitcast=True)
+    sign = (xi >> 24) & 0x80
+    a = tl.abs(x)
+    a = tl.where(a != a, 0.0, tl.minimum(a, BIG))
+    u = a.to(tl.int32, bitcast=True)
+    # normal: round the fp32 mantissa to M bits (a carry moves into the exponent), rebias the exponent
+    normal = ((u + ((1 << (22 - M)) - 1) + ((u >> (23 - M)) & 1)) >> (23 - M)) - ((127 - BIAS) << M)
+    # subnormal (a < 2^(1 - BIAS)): count of quanta 2^(1 - BIAS - M), rounded to nearest even by the fp32 add
+    t = tl.minimum(a, 2.0 ** (1 - BIAS)) * (2.0 ** (BIAS - 1 + M))  # exact; at most 2^M
+    sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 2.0 ** (1 - BIAS), sub, normal)
+    if OVF_CODE is None:
+        code = tl.minimum(code, MAX_CODE)
+    else:
+        code = tl.where(code > MAX_CODE, OVF_CODE, code)
+    bits = tl.where(x != x, sign | 0x7F, sign | code)
+    return bits.to(tl.uint8)
+
+
+@triton.jit
+def _offset(b, s, h, sb, ss, SH: tl.constexpr):
+    """b * sb + s * ss + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
+    off = s * ss + h * SH
+    if sb is not None:
+        off += b * sb
+    return off
+
+
+@triton.jit
+def _token_rows(pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.constexpr):
+    """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h) and mask (index math only)."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    t = rows // N_HEADS
+    h = rows - t * N_HEADS
+    mask = t < T
+    if B == 1:
+        b = 0
+        s = t
+    else:
+        seq = T // B
+        b = t // seq
+        s = t - b * seq
+    return b, s, h, mask
+
+
+@triton.jit
+def _table_rows(
+    b, s, mask, pos_ptr, pos_sb, POS_SS: tl.constexpr, N_POSITIONS: tl.constexpr,
+    cos_sb, COS_SR: tl.constexpr, sin_sb, SIN_SR: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+):
+    """cos/sin row offsets of tokens (b, s): the table row of their position, or their own row."""
+    if pos_ptr is not None:
+        pos = tl.load(pos_ptr + _offset(b, s, 0, pos_sb, POS_SS, 0), mask=mask, other=0).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            pos = tl.where(pos < 0, pos + N_POSITIONS, pos)
+        pos = tl.minimum(tl.maximum(pos, 0), N_POSITIONS - 1)  # never read outside the table
+        cos_row = pos * COS_SR
+        sin_row = pos * SIN_SR
+    else:
+        cos_row = _offset(b, s, 0, cos_sb, COS_SR, 0)
+        sin_row = _offset(b, s, 0, sin_sb, SIN_SR, 0)
+    return cos_row, sin_row
+
+
+@triton.jit
+def _rope_kv_store_kernel(
+    # q [B, S, HQ, D]; k, v [B, S, HKV, D]; q_out [B, S, HQ, D]; k_out [B, S, HKV, D] or None.
+    # Element (b, s, h, d) of tensor x sits at b*x_sb + s*x_ss + h*x_sh + d*x_sd.
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
+    # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sslot
+    #         + h*sh + d*sd; sblk: the stride between blocks, sslot: between the slots of one block (token:
+    #         sblk = stride(0), sslot = 0; paged: sblk = stride(0), sslot = stride(1); sequence: sb = stride(0),
+    #         sblk = stride(2), sslot = 0)
+    k_cache_ptr, v_cache_ptr,
+    # or, for caches that are views of larger buffers (one stacked buffer for every layer), the buffers and the
+    # views' element offsets in them; v_cache_ptr None: v's view is of k's buffer. None offsets: the caches.
+    kc_off, vc_off,
+    slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [B or 1, S]; swa_table [N_SWA] or None; positions [B or 1, S] or None
+    cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
+    k_scale_ptr, v_scale_ptr,        # one fp32, bf16 or fp16 value each, or None
+    T,                               # tokens: B * S
+    # Run-time strides, those that may involve the token count: the batch strides (S * ...; None where the
+    # batch index is always 0 (B = 1) or the tensor is broadcast), and the token strides of q, k, v (views
+    # the caller made, e.g. of a fused qkv input whose sizes are all dynamic).
+    q_sb, k_sb, v_sb, qo_sb, ko_sb, slot_sb, pos_sb, cos_sb, sin_sb,
+    q_ss, k_ss, v_ss,
+    # Every other stride and size is fixed for a compiled graph: constexprs.
+    q_sh: tl.constexpr, q_sd: tl.constexpr,
+    k_sh: tl.constexpr, k_sd: tl.constexpr,
+    v_sh: tl.constexpr, v_sd: tl.constexpr,
+    qo_ss: tl.constexpr, qo_sh: tl.constexpr, qo_sd: tl.constexpr,
+    ko_ss: tl.constexpr, ko_sh: tl.constexpr, ko_sd: tl.constexpr,
+    kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sslot: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
+    vc_sb: tl.constexpr, vc_sblk: tl.constexpr, vc_sslot: tl.constexpr, vc_sh: tl.constexpr, vc_sd: tl.constexpr,
+    slot_ss: tl.constexpr, pos_ss: tl.constexpr,
+    cos_sr: tl.constexpr, cos_sd: tl.constexpr, sin_sr: tl.constexpr, sin_sd: tl.constexpr,  # row: table row or token
+    B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+    N_SLOTS: tl.constexpr, N_SWA: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
+    # eager fp8 stores (quant_dtype given; see _eager_fp8): FP8_CAST 0: off, 1: e4m3fn saturating, 2: e4m3fn
+    # NaN from 464, 3: e5m2 inf from 61440; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
+    FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
+    CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
+    IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    ROUND_TABLE: tl.constexpr,       # round cos/sin to 0: nothing, 1: bf16, 2: fp16 (see _rope_pairs)
+    BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # The first cdiv(T * HQ, BLOCK_RQ) programs each rotate BLOCK_RQ (token, q-head) rows. The others each
+    # rotate BLOCK_RKV (token, kv-head) rows of k and store them, and the same rows of v, into the caches.
+    # out = x * cos + rotate(x) * sin on features [0, ROT); features [ROT, D) pass through.
+    # (The q branch's names start with q: Triton requires a name set in both branches to have one type,
+    # and the two branches' blocks differ in size.)
+    pid = tl.program_id(0).to(tl.int64)
+    n_q_programs = (T * HQ + BLOCK_RQ - 1) // BLOCK_RQ
+    if pid < n_q_programs:
+        qb, qs, qh, qmask = _token_rows(pid, BLOCK_RQ, HQ, T, B)
+        qcos_row, qsin_row = _table_rows(qb, qs, qmask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                         sin_sb, sin_sr, NEGATIVE_WRAPS)
+        q_row = _offset(qb, qs, qh, q_sb, q_ss, q_sh)
+        qo_row = _offset(qb, qs, qh, qo_sb, qo_ss, qo_sh)
+        qi, qe1, qe2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
+        qm = qmask[:, None] & (qi < ROT // 2)[None, :]
+        qo1, qo2 = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
+                               qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
+        qout_ty = q_out_ptr.dtype.element_ty
+        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], _to(qo1, qout_ty), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], _to(qo2, qout_ty), mask=qm)
+        if ROT < D:
+            qtail = ROT + tl.arange(0, BLOCK_TAIL)
+            qtm = qmask[:, None] & (qtail < D)[None, :]
+            qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
+            tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
+    else:
+        b, s, h, mask = _token_rows(pid - n_q_programs, BLOCK_RKV, HKV, T, B)
+        cos_row, sin_row = _table_rows(b, s, mask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                       sin_sb, sin_sr, NEGATIVE_WRAPS)
+        d = tl.arange(0, BLOCK_D)
+        vm = mask[:, None] & (d < D)[None, :]
+        v = tl.load(v_ptr + _offset(b, s, h, v_sb, v_ss, v_sh)[:, None] + (d * v_sd)[None, :], mask=vm)
+        v = v.to(tl.float32)
+        # slot of token (b, s): negative at either level, or outside the cache, means no store
+        slot = tl.load(slot_ptr + _offset(b, s, 0, slot_sb, slot_ss, 0), mask=mask, other=-1).to(tl.int64)
+        store = mask
+        if swa_ptr is not None:
+            if NEGATIVE_WRAPS:
+                slot = tl.where(slot < 0, slot + N_SWA, slot)
+            in_swa = (slot >= 0) & (slot < N_SWA)
+            store = store & in_swa
+            slot = tl.load(swa_ptr + tl.minimum(tl.maximum(slot, 0), N_SWA - 1), mask=in_swa, other=-1).to(tl.int64)
+        if NEGATIVE_WRAPS:
+            slot = tl.where(slot < 0, slot + N_SLOTS, slot)
+        store = store & (slot >= 0) & (slot < N_SLOTS)
+        # the tokens not stored address a row inside the cache (clamped, not selected by ``store``: Triton 3.6
+        # mis-assigns layouts to ``store`` for some shapes when it picks the slot, and fails to compile; memcheck
+        # grid case 103, sequence D 64 rot 32 64/8 heads with a sliding-window table; tests/kernels/test_cuda_compile.py)
+        slot = tl.minimum(tl.maximum(slot, 0), N_SLOTS - 1)
+        blk = slot // CACHE_BLOCK_SIZE
+        off = slot - blk * CACHE_BLOCK_SIZE
+        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sslot
+        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sslot
+        kc_base = k_cache_ptr
+        if kc_off is not None:
+            kc_base += kc_off
+        if v_cache_ptr is None:
+            vc_base = k_cache_ptr
+        else:
+            vc_base = v_cache_ptr
+        if vc_off is not None:
+            vc_base += vc_off
+        k_row = _offset(b, s, h, k_sb, k_ss, k_sh)
+
+        i, e1, e2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
+        m = mask[:, None] & (i < ROT // 2)[None, :]
+        o1, o2 = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
+                             m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
+        kc_ty = k_cache_ptr.dtype.element_ty
+        sm = m & store[:, None]
+        tl.store(kc_base + kc_row[:, None] + (e1 * kc_sd)[None, :],
+                 _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
+        tl.store(kc_base + kc_row[:, None] + (e2 * kc_sd)[None, :],
+                 _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
+                              CLAMP_LO, CLAMP_HI), mask=sm)
+        if k_out_ptr is not None:
+            ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
+            ko_ty = k_out_ptr.dtype.element_ty
+            tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], _to(o1, ko_ty), mask=m)
+            tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], _to(o2, ko_ty), mask=m)
+        if ROT < D:
+            tail = ROT + tl.arange(0, BLOCK_TAIL)
+            tm = mask[:, None] & (tail < D)[None, :]
+            x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
+            tl.store(kc_base + kc_row[:, None] + (tail * kc_sd)[None, :],
+                     _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
+                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
+                     mask=tm & store[:, None])
+            if k_out_ptr is not None:
+                tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
+
+        tl.store(vc_base + vc_row[:, None] + (d * vc_sd)[None, :],
+                 _cache_value(v, v_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
+                              SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
