@@ -17,6 +17,11 @@ from fx_fusion.kernels.problem import (FP8_DTYPES, TABLE_DTYPES, CacheLayout, Ro
 from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as Triton reads it)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
 def launch_config(p: RopeKVProblem) -> dict:
     """Rows per program and warps, per target.
 
@@ -35,9 +40,10 @@ def launch_config(p: RopeKVProblem) -> dict:
     d = triton.next_power_of_2(_static(p.q.shape[-1]))
     block_rq = max(1, 2048 // d)
     n_q_rows = p.num_tokens * p.q.shape[2]
-    if p.q.device.type == "cpu":
-        # the interpreter (CPU tensors): its cost is per program and per operation, not per element, so few
-        # programs of large tiles (numpy arrays of up to 16K elements)
+    if interpreted() and p.q.device.type == "cpu":
+        # the interpreter runs the launch: its cost is per program and per operation, not per element, so few
+        # programs of large tiles (numpy arrays of up to 16K elements). Compiled kernels never get these tiles
+        # (the HIP and sm_90 compile tests record CPU launches of the compiled kernel: the GPUs' tiles).
         block_rq = max(1, 16384 // d)
     elif isinstance(n_q_rows, int):
         while block_rq > 8 and n_q_rows // block_rq < 512:

@@ -27,17 +27,11 @@ import torch
 from torch._library.autograd import make_autograd_impl
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from triton import knobs as triton_knobs
 
-from fx_fusion.kernels.launch import NotTraceable, launch, launch_traceable
+from fx_fusion.kernels.launch import NotTraceable, interpreted, launch, launch_traceable
 from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
                                        default_rotary_dim, prepare)
 from fx_fusion.kernels.reference import reference
-
-
-def _interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as Triton reads it)."""
-    return bool(triton_knobs.runtime.interpret)
 
 
 def _rope_kv_store(
@@ -58,7 +52,7 @@ def _rope_kv_store(
     p, return_k, validate = _problem(locals())
     if validate:
         check_index_ranges(p)
-    if p.q.device.type == "cpu" and not _interpreted():
+    if p.q.device.type == "cpu" and not interpreted():
         q_out, k_out = reference(p, return_k, compute_dtype=torch.float32)
         return q_out, (k_out if return_k else p.k.new_empty((0,)))
     q_out, k_out = _outputs(p, return_k)
@@ -115,7 +109,7 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
     # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
     # its base in place, where the functional launch would clone the view and scatter it back
     traceable = (
-        isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not _interpreted()
+        isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not interpreted()
         and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
         and not any(isinstance(c, torch.Tensor) and c._is_view() for c in (bound["k_cache"], bound["v_cache"]))
     )

@@ -102,4 +102,4 @@ def test_reference_path_is_what_the_tests_take(reference_path):
     """The fixture above really selects the fp32 reference (else the stride test would test the kernel)."""
     from fx_fusion.kernels import ops
 
-    assert not ops._interpreted()
+    assert not ops.interpreted()
