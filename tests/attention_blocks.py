@@ -33,6 +33,7 @@ from torch import nn
 STYLES = ("neox", "gptj")
 FORMS = ("sglang", "vllm", "hf", "gptfast")
 CAST_POINTS = ("q", "k", "cos", "sin", "q_rot", "k_rot")
+COMPLEX_CAST_POINT = "table"  # the whole complex table (real and imaginary parts): complex RoPE blocks only
 TABLE_ROWS = ("slice", "index")
 
 
@@ -49,9 +50,11 @@ class Perturbation:
     the RoPE, "cos" or "sin" (the per-token tables), "q_rot" or "k_rot" (the rotated result, before
     attention or the cache store).  cos_scale / sin_scale: multiply one table (or both, differently).
     table_row: one table row for every token, "slice" (``cos_sin_cache[5:6]``, position 5) or "index"
-    (``cos_sin_cache[positions[:1]]``, the first token's position).  compute: the RoPE computed in this dtype
-    (x and the tables cast to it, the result cast back; the near-miss test's graph-input block only).  The
-    default changes nothing, and a block built with it traces exactly like one built without.
+    (``cos_sin_cache[positions[:1]]``, the first token's position).  cast_at="table" rounds a complex table's
+    real and imaginary parts (the near-miss test's complex RoPE blocks only; no other block applies it).
+    compute: the RoPE computed in this dtype (x and the tables cast to it, the result cast back; the near-miss
+    test's blocks only).  The default changes nothing, and a block built with it traces exactly like one built
+    without.
     """
 
     cast: torch.dtype | None = None
@@ -64,8 +67,8 @@ class Perturbation:
     SLICE_ROW = 5  # the position whose row "slice" broadcasts
 
     def __post_init__(self):
-        if self.cast_at not in CAST_POINTS:
-            raise ValueError(f"cast_at must be one of {CAST_POINTS}, got {self.cast_at!r}")
+        if self.cast_at not in (*CAST_POINTS, COMPLEX_CAST_POINT):
+            raise ValueError(f"cast_at must be one of {(*CAST_POINTS, COMPLEX_CAST_POINT)}, got {self.cast_at!r}")
         if self.table_row not in (None, *TABLE_ROWS):
             raise ValueError(f"table_row must be None or one of {TABLE_ROWS}, got {self.table_row!r}")
 
