@@ -65,7 +65,16 @@ def launch(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, bu
     if p.num_tokens == 0:
         return
     grid, args = kernel_arguments(p, q_out, k_out, buffers, **config)
-    _rope_kv_store_kernel[grid](**args)
+    _rope_kv_store_kernel[grid](**args, **_assertions(p))
+
+
+def _assertions(p: RopeKVProblem) -> dict:
+    """Launch options that compile the kernel's index checks in where they are asked for: on CUDA, assertions on
+    (``debug``) without Triton's overflow checks, as Inductor compiles its own kernels (and ours when it launches
+    them). HIP: none, as Inductor on HIP; CPU: ``ops`` checks on the host."""
+    if (p.check_slots or p.check_positions) and p.q.is_cuda and torch.version.hip is None:
+        return dict(debug=True, sanitize_overflow=False)
+    return {}
 
 
 def launch_traceable(p: RopeKVProblem, return_k: bool, buffers: tuple | None = None
@@ -132,6 +141,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
         **_fp8_store_arguments(p),
         IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
+        CHECK_SLOTS=p.check_slots, CHECK_POSITIONS=p.check_positions,
         ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         kc_off=None, vc_off=None,

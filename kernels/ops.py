@@ -42,16 +42,22 @@ def _rope_kv_store(
     is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
     table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
     quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp: list[float] | None = None,
+    check_slots: bool = False, check_positions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``.
 
     ``table_dtype`` (bf16 or fp16): cos/sin are rounded to it before the multiply, as a model that casts
     an fp32 table to its dtype first does. ``quant_dtype`` (with ``scale_mul``, ``clamp``): fp8 stores
     exactly as eager's ``(x / scale).clamp(lo, hi).to(fp8)`` in ``quant_dtype`` on this device;
-    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_kernel``)."""
+    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_kernel``). ``check_slots``/``check_positions``:
+    an index outside the cache or table fails the call as eager indexing does, instead of being skipped or
+    clamped: ``IndexError`` on CPU (checked on the host, before anything is written), a device-side assertion
+    on CUDA (in the kernel; no sync)."""
     p, return_k, validate = _problem(locals())
     if validate:
         check_index_ranges(p)
+    if p.q.device.type == "cpu" and (p.check_slots or p.check_positions):
+        check_index_ranges(p, slots=p.check_slots, positions=p.check_positions, error=IndexError)
     if p.q.device.type == "cpu" and not interpreted():
         q_out, k_out = reference(p, return_k, compute_dtype=torch.float32)
         return q_out, (k_out if return_k else p.k.new_empty((0,)))
@@ -162,7 +168,7 @@ def rope_kv_store(
     swa_table: torch.Tensor | None = None, return_k: bool = False, validate: bool = False,
     negative_wraps: bool = False, table_dtype: torch.dtype | None = None,
     fp8_dtype: torch.dtype | None = None, quant_dtype: torch.dtype | None = None, scale_mul: bool = False,
-    clamp: list[float] | None = None,
+    clamp: list[float] | None = None, check_bounds: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
@@ -176,7 +182,11 @@ def rope_kv_store(
     costs a device sync; it is off by default so the op can run inside CUDA graphs, and the kernel
     never touches memory outside the tensors either way (out-of-range slots are skipped, positions
     clamped to the table). ``negative_wraps=True`` makes negative slots and positions count from the
-    end, as ``cache[slot] = k`` does, instead of skipping.
+    end, as ``cache[slot] = k`` does, instead of skipping. ``check_bounds=True`` makes an out-of-range slot or
+    position fail the call without a sync, as eager indexing does (what the graph pass emits): ``IndexError``
+    on CPU, before anything is written; on CUDA a device-side assertion (which, as any, ends the CUDA context);
+    on HIP nothing (as Inductor's kernels there: skipped and clamped). Negative slots without
+    ``negative_wraps`` stay padding.
 
     fp8 caches: ``k_scale``/``v_scale`` (fp32, one element) divide before the cast, which saturates. With
     ``quant_dtype`` the store is instead bit for bit what eager computes for ``(x / k_scale).to(fp8)``
@@ -210,5 +220,6 @@ def rope_kv_store(
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
         is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype, fp8_dtype, quant_dtype,
-        scale_mul, None if clamp is None else [float(c) for c in clamp])
+        scale_mul, None if clamp is None else [float(c) for c in clamp], check_slots=check_bounds,
+        check_positions=check_bounds)
     return q_out, (k_out if return_k else None)

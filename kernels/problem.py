@@ -65,6 +65,8 @@ class RopeKVProblem:
     quant_dtype: torch.dtype | None = None  # eager fp8 stores: the dtype of ``x / scale`` (see eager_fp8_cast)
     scale_mul: bool = False  # eager fp8 stores: ``x * scale`` instead of ``x / scale``
     clamp: tuple | None = None  # eager fp8 stores: (lo, hi) of the model's clamp before the cast
+    check_slots: bool = False  # an out-of-range slot fails the call (``check_index_ranges``) instead of skipping
+    check_positions: bool = False  # an out-of-range position fails the call instead of being clamped
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -200,7 +202,8 @@ def prepare(
     k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
     layout: CacheLayout | str = CacheLayout.TOKEN, negative_wraps: bool = False,
     table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
-    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp=None,
+    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp=None, check_slots: bool = False,
+    check_positions: bool = False,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -237,7 +240,7 @@ def prepare(
     check_writable("v_cache", v_cache)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
                          bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype,
-                         fp8_dtype, quant_dtype, bool(scale_mul), clamp)
+                         fp8_dtype, quant_dtype, bool(scale_mul), clamp, bool(check_slots), bool(check_positions))
 
 
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
@@ -410,18 +413,31 @@ def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_
     return lo, hi
 
 
-def check_index_ranges(p: RopeKVProblem) -> None:
-    """Raise ``ValueError`` if a slot or position lies outside its cache or table (syncs the device).
+def check_index_ranges(p: RopeKVProblem, *, slots: bool = True, positions: bool = True,
+                       error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` if a slot or position lies outside its cache or table (syncs the device).
 
     Negative entries are allowed (they skip the store, or count from the end with ``negative_wraps``).
+    ``slots``/``positions``: which to check. The kernel's ``CHECK_SLOTS``/``CHECK_POSITIONS`` assert the same.
     """
+    if slots:
+        _check_slot_ranges(p, error)
+    if positions and p.positions is not None:
+        low = -p.cos.shape[0] if p.negative_wraps else 0
+        bad = (p.positions < low) | (p.positions >= p.cos.shape[0])
+        if bool(bad.any()):
+            raise error(f"positions must lie in [{low}, {p.cos.shape[0]}) (the rotary table's rows), "
+                        f"got {int(p.positions[bad][0])}")
+
+
+def _check_slot_ranges(p: RopeKVProblem, error: type[Exception]) -> None:
     slots = p.slot_mapping.long()
     if p.swa_table is not None:
         n_swa = p.swa_table.shape[0]
         low = -n_swa if p.negative_wraps else None
         bad = (slots >= n_swa) | ((slots < low) if low is not None else torch.zeros_like(slots, dtype=torch.bool))
         if bool(bad.any()):
-            raise ValueError(f"slot_mapping has entries outside swa_table's {n_swa} rows, e.g. {int(slots[bad][0])}")
+            raise error(f"slot_mapping has entries outside swa_table's {n_swa} rows, e.g. {int(slots[bad][0])}")
         wrapped = torch.where(slots < 0, slots + n_swa, slots) if p.negative_wraps else slots
         slots = torch.where(wrapped >= 0, p.swa_table[wrapped.clamp(min=0)].long(), -1)
     bad = slots >= p.num_slots
@@ -429,11 +445,5 @@ def check_index_ranges(p: RopeKVProblem) -> None:
         bad |= slots < -p.num_slots
     if bool(bad.any()):
         where = "swa_table maps to" if p.swa_table is not None else "slot_mapping has"
-        raise ValueError(f"{where} slots outside the {p.layout.value} cache's {p.num_slots} slots, "
-                         f"e.g. {int(slots[bad][0])}")
-    if p.positions is not None:
-        low = -p.cos.shape[0] if p.negative_wraps else 0
-        bad = (p.positions < low) | (p.positions >= p.cos.shape[0])
-        if bool(bad.any()):
-            raise ValueError(f"positions must lie in [{low}, {p.cos.shape[0]}) (the rotary table's rows), "
-                             f"got {int(p.positions[bad][0])}")
+        raise error(f"{where} slots outside the {p.layout.value} cache's {p.num_slots} slots, "
+                    f"e.g. {int(slots[bad][0])}")

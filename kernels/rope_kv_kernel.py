@@ -37,7 +37,8 @@ The slot of token ``(b, s)`` is ``slot_mapping[s]`` (``[T]`` for flat layouts, t
 SGLang's sliding-window pool). A negative entry at either level skips that token's k/v store; q is
 still rotated. With ``negative_wraps`` a negative final slot or position instead counts from the end,
 as torch indexing does (``cache[slot] = k``): the graph pass uses this to keep eager semantics.
-Slots and positions outside the cache or table are never dereferenced.
+Slots and positions outside the cache or table are never dereferenced; with ``CHECK_SLOTS``/``CHECK_POSITIONS``
+they fail a device-side assertion instead (compiled in only with assertions on: ``launch._assertions``).
 
 Rotary tables: ``cos`` and ``sin`` are either tables ``[P, R']`` indexed by ``positions``
 (SGLang/vLLM ``cos_sin_cache`` split into halves, gpt-fast ``freqs_cis[..., 0]``), or per-token values
@@ -232,19 +233,24 @@ def _token_rows(pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.cons
 def _table_rows(
     b, s, mask, pos_ptr, pos_sb, POS_SS: tl.constexpr, N_POSITIONS: tl.constexpr,
     cos_sb, COS_SR: tl.constexpr, sin_sb, SIN_SR: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
-    """cos/sin row offsets of tokens (b, s): the table row of their position, or their own row."""
+    """cos/sin row offsets of tokens (b, s): the table row of their position, or their own row; and, with CHECK,
+    which tokens' positions lie outside the table (none without CHECK or positions)."""
+    bad = mask & False
     if pos_ptr is not None:
         pos = tl.load(pos_ptr + _offset(b, s, 0, pos_sb, POS_SS, 0), mask=mask, other=0).to(tl.int64)
         if NEGATIVE_WRAPS:
             pos = tl.where(pos < 0, pos + N_POSITIONS, pos)
+        if CHECK:
+            bad = mask & ((pos < 0) | (pos >= N_POSITIONS))
         pos = tl.minimum(tl.maximum(pos, 0), N_POSITIONS - 1)  # never read outside the table
         cos_row = pos * COS_SR
         sin_row = pos * SIN_SR
     else:
         cos_row = _offset(b, s, 0, cos_sb, COS_SR, 0)
         sin_row = _offset(b, s, 0, sin_sb, SIN_SR, 0)
-    return cos_row, sin_row
+    return cos_row, sin_row, bad
 
 
 @triton.jit
@@ -287,6 +293,10 @@ def _rope_kv_store_kernel(
     FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
     CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
+    # out-of-range slots (after NEGATIVE_WRAPS; negative ones without it are padding) and positions fail a
+    # device-side assertion instead of being skipped or clamped, where the kernel is compiled with assertions
+    # (Inductor's launches on CUDA, ``launch`` on CUDA with a check on)
+    CHECK_SLOTS: tl.constexpr, CHECK_POSITIONS: tl.constexpr,
     ROUND_TABLE: tl.constexpr,       # round cos/sin to 0: nothing, 1: bf16, 2: fp16 (see _rope_pairs)
     BLOCK_RQ: tl.constexpr, BLOCK_RKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -300,8 +310,8 @@ def _rope_kv_store_kernel(
     n_q_programs = (T * HQ + BLOCK_RQ - 1) // BLOCK_RQ
     if pid < n_q_programs:
         qb, qs, qh, qmask = _token_rows(pid, BLOCK_RQ, HQ, T, B)
-        qcos_row, qsin_row = _table_rows(qb, qs, qmask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
-                                         sin_sb, sin_sr, NEGATIVE_WRAPS)
+        qcos_row, qsin_row, qbad = _table_rows(qb, qs, qmask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                         sin_sb, sin_sr, NEGATIVE_WRAPS, CHECK_POSITIONS)
         q_row = _offset(qb, qs, qh, q_sb, q_ss, q_sh)
         qo_row = _offset(qb, qs, qh, qo_sb, qo_ss, qo_sh)
         qi, qe1, qe2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
@@ -316,10 +326,12 @@ def _rope_kv_store_kernel(
             qtm = qmask[:, None] & (qtail < D)[None, :]
             qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
             tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
+        if CHECK_POSITIONS:  # last: its barrier does not hold up the work (a bad position was clamped)
+            tl.device_assert(~qbad, "position out of range of the rotary table")
     else:
         b, s, h, mask = _token_rows(pid - n_q_programs, BLOCK_RKV, HKV, T, B)
-        cos_row, sin_row = _table_rows(b, s, mask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
-                                       sin_sb, sin_sr, NEGATIVE_WRAPS)
+        cos_row, sin_row, _ = _table_rows(b, s, mask, pos_ptr, pos_sb, pos_ss, N_POSITIONS, cos_sb, cos_sr,
+                                       sin_sb, sin_sr, NEGATIVE_WRAPS, False)  # checked by the q programs
         d = tl.arange(0, BLOCK_D)
         vm = mask[:, None] & (d < D)[None, :]
         v = tl.load(v_ptr + _offset(b, s, h, v_sb, v_ss, v_sh)[:, None] + (d * v_sd)[None, :], mask=vm)
@@ -327,14 +339,19 @@ def _rope_kv_store_kernel(
         # slot of token (b, s): negative at either level, or outside the cache, means no store
         slot = tl.load(slot_ptr + _offset(b, s, 0, slot_sb, slot_ss, 0), mask=mask, other=-1).to(tl.int64)
         store = mask
+        bad = mask & False  # with CHECK_SLOTS: rows whose slot is out of range (without wraps, negative is padding)
         if swa_ptr is not None:
             if NEGATIVE_WRAPS:
                 slot = tl.where(slot < 0, slot + N_SWA, slot)
             in_swa = (slot >= 0) & (slot < N_SWA)
+            if CHECK_SLOTS:
+                bad = store & ~in_swa if NEGATIVE_WRAPS else store & (slot >= N_SWA)
             store = store & in_swa
             slot = tl.load(swa_ptr + tl.minimum(tl.maximum(slot, 0), N_SWA - 1), mask=in_swa, other=-1).to(tl.int64)
         if NEGATIVE_WRAPS:
             slot = tl.where(slot < 0, slot + N_SLOTS, slot)
+        if CHECK_SLOTS:
+            bad = bad | (store & ((slot < 0) | (slot >= N_SLOTS)) if NEGATIVE_WRAPS else store & (slot >= N_SLOTS))
         store = store & (slot >= 0) & (slot < N_SLOTS)
         # the tokens not stored address a row inside the cache (clamped, not selected by ``store``: Triton 3.6
         # mis-assigns layouts to ``store`` for some shapes when it picks the slot, and fails to compile; memcheck
@@ -386,3 +403,5 @@ def _rope_kv_store_kernel(
         tl.store(vc_base + vc_row[:, None] + (d * vc_sd)[None, :],
                  _cache_value(v, v_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
                               SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
+        if CHECK_SLOTS:  # last: its barrier does not hold up the stores (a bad slot's row was not stored)
+            tl.device_assert(~bad, "slot out of range of swa_table or the cache")

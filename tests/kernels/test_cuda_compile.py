@@ -4,7 +4,9 @@ Triton compiles for CUDA targets without a GPU, so this runs in CI. A subprocess
 ``TRITON_INTERPRET``, so that ``@triton.jit`` yields a real ``JITFunction``) builds every case of
 ``tests/gpu/memcheck_kernel.py``'s full grid on CPU tensors, runs the real launcher with ``JITFunction.run``
 patched to record the launch, specialises the arguments as a launch would (``test_hip_compile._specialise``)
-and compiles each distinct specialisation for ``GPUTarget("cuda", 90, 32)``, through ptxas.
+and compiles each distinct specialisation for ``GPUTarget("cuda", 90, 32)``, through ptxas; every fourth case
+also with the index checks the graph pass emits (``check_slots``/``check_positions``), compiled with assertions
+as Inductor compiles the kernel it launches on CUDA.
 
 A configuration once failed to compile on the GPU machine's Triton (3.6: ``TritonGPURemoveLayoutConversions``
 mis-assigned the layouts of the store mask; memcheck case 103) while the GPU tests and the memcheck smoke run
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = ("cuda", 90, 32)
 
 
-def _record(case, seed: int):
+def _record(case, seed: int, checked: bool = False):
     """(kernel, bound arguments, launch options) of the launcher's one launch for a memcheck case."""
     import torch
 
@@ -40,7 +42,8 @@ def _record(case, seed: int):
     a = grid.build(case, "cpu", seed)
     p = rkc.prepare(a["q"], a["k"], a["v"], a["k_cache"], a["v_cache"], a["slot_mapping"], a["cos"], a["sin"],
                     a["positions"], a["swa_table"], a["k_scale"], a["v_scale"], is_neox=case.neox,
-                    rotary_dim=case.rotary_dim, layout=case.layout, negative_wraps="wraps" in case.features)
+                    rotary_dim=case.rotary_dim, layout=case.layout, negative_wraps="wraps" in case.features,
+                    check_slots=checked, check_positions=checked)
     q_out = torch.empty(p.q_shape, dtype=case.dtype)
     k_out = torch.empty(p.k_shape, dtype=case.dtype) if "return_k" in case.features else None
     return record_launch(lambda: rkc.launch(p, q_out, k_out))
@@ -57,8 +60,14 @@ def compile_grid() -> dict:
 
     cases = grid.grid(smoke=False)
     seen, failures = set(), []
-    for seed, case in enumerate(cases):  # the seeds the memcheck script gives its cases
-        fn, arguments, options = _record(case, seed)
+    # every case as the op launches it, and every fourth also with the index checks the graph pass emits, compiled
+    # with assertions as Inductor compiles its launches on CUDA (``debug``, no overflow checks)
+    runs = [(seed, case, False) for seed, case in enumerate(cases)]  # the seeds the memcheck script gives them
+    runs += [(seed, case, True) for seed, case in enumerate(cases) if seed % 4 == 0]
+    for seed, case, checked in runs:
+        fn, arguments, options = _record(case, seed, checked)
+        if checked:
+            options = dict(options, debug=True, sanitize_overflow=False)
         signature, constexprs, attrs = _specialise(fn, arguments)
         key = repr((sorted(signature.items()), sorted((k, repr(v)) for k, v in constexprs.items()),
                     sorted(attrs.items()), sorted(options.items())))
@@ -69,7 +78,7 @@ def compile_grid() -> dict:
             triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(*TARGET), options=options)
         except Exception as e:  # noqa: BLE001 (every failure is reported, with its case)
             lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [repr(e)]
-            failures.append((f"case {seed + 1}: {case.describe()}", lines[0][:400]))
+            failures.append((f"case {seed + 1}{' (checked)' if checked else ''}: {case.describe()}", lines[0][:400]))
     return {"triton": triton.__version__, "cases": len(cases), "configs": len(seen), "failures": failures}
 
 
