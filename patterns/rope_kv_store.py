@@ -701,25 +701,22 @@ def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
 # ---- the replacement -------------------------------------------------------------------------
 
 
+# Every launcher below takes the tensors, then the op's other arguments by name (``options``: built once, in
+# ``replacement``), and passes those on by name: a new op option is set in one place of this file.
+
+
 def functional_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale=None,
-                             v_scale=None, *, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
-                             validate: bool, table_dtype, fp8_dtype=None, quant_dtype=None, scale_mul=False,
-                             clamp=None):
+                             v_scale=None, **options):
     """The fused op in functional form: ``(q_out, k_out, new k_cache, new v_cache)``.
 
     ``auto_functionalized`` of the mutating op; Inductor re-inplaces it into a write of the caches."""
     return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                                slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
-                               k_scale=k_scale, v_scale=v_scale, is_neox=is_neox, rotary_dim=rotary_dim,
-                               layout=layout, return_k=return_k, validate=validate, negative_wraps=True,
-                               table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype,
-                               scale_mul=scale_mul, clamp=clamp)
+                               k_scale=k_scale, v_scale=v_scale, negative_wraps=True, **options)
 
 
 def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale=None,
-                         v_scale=None, *, is_neox: bool, rotary_dim: int, layout: str, return_k: bool,
-                         validate: bool, table_dtype, fp8_dtype=None, quant_dtype=None, scale_mul=False,
-                         clamp=None):
+                         v_scale=None, **options):
     """The fused kernel itself, for Inductor to launch from its output code: ``(q_out, k_out, new k_cache,
     new v_cache)`` like ``functional_rope_kv_store``.
 
@@ -730,9 +727,8 @@ def kernel_rope_kv_store(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, posi
     """
     def launch(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, k_scale, v_scale):
         q_out, k_out = rope_kv_store_functional(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions,
-                                                None, k_scale, v_scale, is_neox, rotary_dim, layout, return_k,
-                                                validate, True, table_dtype, fp8_dtype, quant_dtype, scale_mul,
-                                                clamp)
+                                                swa_table=None, k_scale=k_scale, v_scale=v_scale,
+                                                negative_wraps=True, **options)
         return q_out, k_out, k_cache, v_cache
 
     return torch.func.functionalize(launch, remove="mutations")(q, k, v, k_cache, v_cache, slot_mapping, cos, sin,
@@ -801,6 +797,10 @@ class ReplacementSpec:
     quant: tuple | None = None  # fp8 stores: (fp8_dtype for uint8 caches or None, quant_dtype, scale_mul, clamp)
     scale_values: tuple = (None, None)  # k's and v's scales where the graph has them as Python numbers
     scale_roundings: tuple = (None, None)  # the dtype eager rounds each scale tensor to first (quant.scale_rounding)
+    # the slots are the graph's, so one out of range fails the call as eager's store would (``check_slots``); not
+    # for slots the pass made with a past-the-cache marker (a window copy, an engine's skipped index). Positions
+    # are always the graph's: always checked.
+    check_slots: bool = True
 
 
 def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, *,
@@ -818,11 +818,14 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in _TOKEN_ROLES}
     cos, positions = _kernel_table(cos, positions, spec.cos, spec.layout, tokens)
     sin, _ = _kernel_table(sin, None, spec.sin, spec.layout, tokens)  # cos and sin share the positions
-    quant = {}
+    # the op's arguments other than the tensors, by name (every launcher passes them on as they are)
+    options = dict(is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
+                   return_k=spec.return_k, validate=spec.validate, table_dtype=spec.table_dtype,
+                   check_slots=spec.check_slots, check_positions=True)
     if spec.quant is not None:
         fp8_dtype, quant_dtype, scale_mul, clamp = spec.quant
-        quant = dict(fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
-                     clamp=None if clamp is None else list(clamp))
+        options.update(fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
+                       clamp=None if clamp is None else list(clamp))
         # a scale the graph holds as a Python number: the fp32 value eager computes with; a scale tensor: the
         # value eager reads, in the dtype it is read in (rounded to the quotient's dtype first where eager rounds
         # it: a bf16 tensor the op reads exactly; Inductor would drop a round trip back to fp32)
@@ -831,9 +834,7 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
             else None if scale is None else _convert(scale, rounding)
             for scale, value, rounding in zip((k_scale, v_scale), spec.scale_values, spec.scale_roundings))
     q_out, k_out, k_new, v_new = launch(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale,
-                                        is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
-                                        return_k=spec.return_k, validate=spec.validate,
-                                        table_dtype=spec.table_dtype, **quant)
+                                        **options)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
     k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.return_k else None
     if spec.k_store_shape is not None:
@@ -941,7 +942,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, fake_mode) -> None:
         scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None
                            for qt in (p.k_quant, p.v_quant)),
         scale_roundings=tuple(scale_rounding(qt, st.cache.meta["val"].device) if qt is not None else None
-                              for qt in (p.k_quant, p.v_quant)))
+                              for qt in (p.k_quant, p.v_quant)),
+        check_slots=st.window is None and st.engine_slots is None)
     pair = _first_of_pair(st, p.v_store)
     if Origin.VIEW in (st.origin, p.v_store.origin):
         # the caches are views of the buffers: the kernel gets the buffers and the views' offsets, or the op gets
@@ -1097,9 +1099,8 @@ def view_launchers_for(device: torch.device, validate: bool) -> tuple[Callable, 
 
 
 def kernel_rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,
-                                  v_scale=None, *, k_views: tuple, v_views: tuple, is_neox: bool, rotary_dim: int,
-                                  layout: str, return_k: bool, validate: bool, table_dtype, fp8_dtype=None,
-                                  quant_dtype=None, scale_mul=False, clamp=None):
+                                  v_scale=None, *, k_views: tuple, v_views: tuple, return_k: bool, validate: bool,
+                                  **options):
     """``rope_kv_store_on_views`` as the kernel launched from Inductor's code (see ``kernel_rope_kv_store``).
 
     The kernel gets the buffers and the views' offsets in them (``launch.kernel_arguments``), so the
@@ -1109,9 +1110,7 @@ def kernel_rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos
         v_base = k_buffer if v_buffer is None else v_buffer
         k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
         p = prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale,
-                    is_neox=is_neox, rotary_dim=rotary_dim, layout=layout, negative_wraps=True,
-                    table_dtype=table_dtype, fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
-                    clamp=clamp)
+                    negative_wraps=True, **options)
         q_out, k_out = launch_traceable(p, return_k, buffers=(k_buffer, v_buffer))
         return q_out, k_out, k_buffer, v_base
 
@@ -1120,9 +1119,7 @@ def kernel_rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos
 
 
 def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,
-                           v_scale=None, *, k_views: tuple, v_views: tuple, is_neox: bool, rotary_dim: int,
-                           layout: str, return_k: bool, validate: bool, table_dtype, fp8_dtype=None,
-                           quant_dtype=None, scale_mul=False, clamp=None):
+                           v_scale=None, *, k_views: tuple, v_views: tuple, **options):
     """The fused op writing views of buffers (a stacked ``kv[0, i]``, ``kv[1, i]``): ``(q_out, k_out, new k
     buffer, new v buffer)``; ``v_buffer`` None: both views are of ``k_buffer``.
 
@@ -1133,9 +1130,8 @@ def rope_kv_store_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, 
     def mutate(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale):
         v_base = k_buffer if v_buffer is None else v_buffer
         k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
-        q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale,
-                                is_neox, rotary_dim, layout, return_k, validate, True, table_dtype, fp8_dtype,
-                                quant_dtype, scale_mul, clamp)
+        q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table=None,
+                                k_scale=k_scale, v_scale=v_scale, negative_wraps=True, **options)
         return q_out, k_out, k_buffer, v_base
 
     return dispatch_functionalize(mutate, FunctionalTensorMode())(q, k, v, k_buffer, v_buffer, slot_mapping, cos,

@@ -385,3 +385,56 @@ def test_fused_kernel_is_launched_statically(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(result["launchers"]) >= 2, result
     assert set(result["launchers"]) == {"StaticTritonCompileResult"}, result
+
+
+# ------------------------------------------------------------------------------------------------
+# Out-of-range slots and positions: the compiled call fails as stock torch.compile's does
+# ------------------------------------------------------------------------------------------------
+
+OUT_OF_RANGE_SCRIPT = r"""
+import sys
+import torch
+import fx_fusion
+from tests.attention_blocks import make_block, make_inputs
+
+backend, what = sys.argv[1], sys.argv[2]
+block = make_block("sglang", num_slots=64).to("cuda")
+f = torch.compile(block, backend=backend)
+inputs = [x.to("cuda") for x in make_inputs(block, 3, past=2)]
+with torch.no_grad():
+    f(*inputs)
+    inputs[2] = inputs[2].clone()
+    inputs[2][1] = -1  # the last row, as eager indexes
+    f(*inputs)
+    torch.cuda.synchronize()
+    print("in range: ok", flush=True)
+    if what == "slot":
+        inputs[2][1] = block.k_buffer.shape[0]
+    else:
+        inputs[0] = inputs[0].clone()
+        inputs[0][1] = block.cos_sin_cache.shape[0]
+    f(*inputs)
+    torch.cuda.synchronize()
+    print("out of range: no error", flush=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["slot", "position"])
+def test_out_of_range_fails_as_stock(what):
+    """Stock and fx_fusion, each in a fresh process (a device-side assertion ends the CUDA context): slot ``-1`` (the
+    last row, as eager indexes) runs on both; then an out-of-range slot or position fails both with a device-side
+    assertion."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    for backend in ("inductor", "fx_fusion"):
+        done = subprocess.run([sys.executable, "-c", OUT_OF_RANGE_SCRIPT, backend, what], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+        out = done.stdout + done.stderr
+        assert "in range: ok" in done.stdout, (backend, out[-3000:])
+        assert done.returncode != 0 and "no error" not in done.stdout, (backend, out[-3000:])
+        assert "device-side assert" in out or "Assertion" in out, (backend, out[-3000:])
