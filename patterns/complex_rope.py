@@ -105,11 +105,14 @@ def _rewrite(graph: Graph, out: ComplexRopeRewrites) -> None:
 
 
 def _is_complex_mul(p) -> bool:
-    """``p`` multiplies two complex64 tensors (fp32 parts; other precisions are left as they are)."""
+    """``p`` multiplies two complex tensors of one precision: complex64 (fp32 parts), or complex128, whose float64
+    form the RoPE evaluator then reports ("computed in float64") as for any float64 RoPE (complex32 has no mul on
+    CPU and is left as it is)."""
     if not isinstance(p, Node) or p.op != "call_function" or p.target is not aten.mul.Tensor or p.kwargs:
         return False
     vals = [x.meta.get("val") if isinstance(x, Node) else None for x in (p, *p.args[:2])]
-    return all(isinstance(v, torch.Tensor) and v.dtype == torch.complex64 for v in vals)
+    return (all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dtype in (torch.complex64, torch.complex128)
+            and all(v.dtype == vals[0].dtype for v in vals))
 
 
 _VIEW_OPS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default,

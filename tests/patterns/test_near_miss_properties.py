@@ -27,8 +27,8 @@ through a slice. For every example:
   imaginary parts whatever they are, as the op multiplies by cos and sin: differently scaled parts may be
   fused (they are, today), and only equality with eager and the report entry are required there.
 
-A complex128 RoPE (Meta's spelling computed in float64) is not generated: its store gets no report entry
-today, and ``test_complex128_rope_store_is_reported`` holds that case as an expected failure.
+A complex128 RoPE (Meta's spelling computed in float64) has a test of its own
+(``test_complex128_rope_store_is_reported``): reported, as a float64 RoPE, and equal to eager.
 
 Inductor drops fp32 -> fp16 -> fp32 round trips inside its kernels unless ``emulate_precision_casts`` is
 on; these tests turn it on, so eager is the exact reference for compiled code with or without the pass.
@@ -508,20 +508,14 @@ def check(case: Case):
 
 
 # found by the property: a complex RoPE computed in complex128 (the model's q/k and the table cast up, the product
-# rounded once back) gets no report entry. Results equal eager's: the complex128 product is not rewritten (the
-# canonicalisation takes complex64 products only), and the RoPE evaluator reads no complex op, so the store is
-# neither a site nor a near miss (its real float64 spelling is reported: "the RoPE is computed in float64")
+# rounded once back) got no report entry: the canonicalisation took complex64 products only, and the RoPE evaluator
+# reads no complex op, so the store was neither a site nor a near miss. Now rewritten to its float64 form, reported
+# as the real float64 spelling is ("computed in float64"); results equal eager's
 COMPLEX128 = Case("complex", {}, Perturbation(compute=torch.float64), tokens=3, start=9)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a complex128 RoPE's store gets no report entry")
 def test_complex128_rope_store_is_reported():
-    try:
-        check(COMPLEX128)
-    except AssertionError as err:
-        if "stores, report []" not in str(err):
-            pytest.fail(f"not the known failure (no report entry): {err}")
-        raise
+    check(COMPLEX128)
 
 
 @pytest.fixture(scope="module", autouse=True)
