@@ -9,6 +9,7 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py --tokens 1 8 --models gpt-oss
     python benchmarks/bench_kernel.py --sweep --layouts sequence  # launch configurations of ours, per layout
     python benchmarks/bench_kernel.py --compiled           # compiled functions: stock vs backend="fx_fusion"
+    python benchmarks/bench_kernel.py --bounds-check       # the kernel with its index checks vs without
     python benchmarks/bench_kernel.py --baseline OLD.py    # the kernel vs another version of it, per layout
                                                            # (OLD.py: git show REV:kernels/rope_kv_cache.py)
                                                            # (a REV from before kernels/ was split into
@@ -24,6 +25,7 @@ what the default mode costs per call, host overhead included).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--host-calls", type=int, default=200, help="calls per host-loop measurement")
     ap.add_argument("--host-rounds", type=int, default=5, help="host loops per side (median; sides alternate)")
+    ap.add_argument("--bounds-check", action="store_true",
+                    help="time the kernel with its slot/position checks (as the graph pass emits it) against without")
     ap.add_argument("--baseline", metavar="FILE",
                     help="time the kernel against the kernels module in FILE (another version), per layout")
     args = ap.parse_args()
@@ -154,6 +158,9 @@ def main() -> None:
         return
     if args.baseline:
         baseline_table(args, bw, gen)
+        return
+    if args.bounds_check:
+        bounds_check_table(args, bw, gen)
         return
     if args.sweep:
         sweep_table(args, bw, gen)
@@ -322,6 +329,27 @@ def baseline_table(args, bw: float, gen) -> None:
                 floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
                 print(f"| {layout} | {name} | {t} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.3f} "
                       f"| {floor_us:.2f} | {100 * floor_us / times[1]:.0f}% |", flush=True)
+
+
+def bounds_check_table(args, bw: float, gen) -> None:
+    """CUDA-graph replay medians of the kernel without and with ``check_slots``/``check_positions`` (device-side
+    assertions compiled in, as Inductor compiles the launches the graph pass emits), per layout, side by side.
+    The sequence layout has per-token cos/sin: only its slots are checked."""
+    print("| layout | model | T | unchecked us | checked us | checked / unchecked | checked % of floor |")
+    print("|---|---|---|---|---|---|---|")
+    for layout in args.layouts:
+        for name in args.models:
+            n_q, n_kv, d = MODELS[name]
+            for t in args.tokens:
+                case = layout_case(layout, t, n_q, n_kv, d, gen)
+                plain = _problem(impl, layout, case)
+                checked = dataclasses.replace(plain, check_slots=True, check_positions=True)
+                q_out = torch.empty(plain.q_shape, dtype=plain.q.dtype, device="cuda")
+                times = [1e3 * do_bench_cudagraph(lambda: impl.launch(p, q_out, None), rep=args.rep,
+                                                  return_mode="median") for p in (plain, checked)]
+                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
+                print(f"| {layout} | {name} | {t} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.3f} "
+                      f"| {100 * floor_us / times[1]:.0f}% |", flush=True)
 
 
 def sweep_table(args, bw: float, gen) -> None:
