@@ -7,6 +7,7 @@
 import os
 import random
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,24 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 HAS_GPU = torch.cuda.is_available()
+
+# README's quick command (``-m "not slow and not full"``, a few minutes on two cores) runs the kernel, op and pass
+# unit tests; these modules run in the full suite only (each a minute or more there: model zoos, every cache
+# form, compile grids for sm_90 and gfx9, property tests, the examples, packaging).
+FULL_ONLY = frozenset({
+    "e2e/test_examples.py", "e2e/test_hf_models.py", "e2e/test_tensor_parallel.py",
+    "fx_fusion/test_cli.py", "fx_fusion/test_packaging.py", "fx_fusion/test_report.py",
+    "kernels/test_cuda_compile.py", "kernels/test_hip_compile.py",
+    "patterns/test_cache_forms.py", "patterns/test_fp8_store.py", "patterns/test_near_miss_properties.py",
+    "patterns/test_reference_forms.py", "patterns/test_regressions.py", "patterns/test_scaled_tables.py",
+})
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.relative_to(TESTS).as_posix() in FULL_ONLY:
+            item.add_marker(pytest.mark.full)
 
 
 @pytest.fixture

@@ -27,6 +27,10 @@ through a slice. For every example:
   imaginary parts whatever they are, as the op multiplies by cos and sin: differently scaled parts may be
   fused (they are, today), and only equality with eager and the report entry are required there.
 
+fp8 stores (``test_fp8_store_in_any_operand_order_is_exact_or_reported``): each spelling of
+``tests/fp8_blocks.py`` (the scale divided, multiplied as a reciprocal after or before k, clamped), each scale
+form and dtype, scales that are not bf16 values: caches equal eager's byte for byte, one report entry per store.
+
 A complex128 RoPE (Meta's spelling computed in float64) has a test of its own
 (``test_complex128_rope_store_is_reported``): reported, as a float64 RoPE, and equal to eager.
 
@@ -40,6 +44,7 @@ CI runs the explicit examples (one per known bug) and a few derandomised ones; s
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import os
 from unittest import mock
@@ -516,6 +521,62 @@ COMPLEX128 = Case("complex", {}, Perturbation(compute=torch.float64), tokens=3, 
 
 def test_complex128_rope_store_is_reported():
     check(COMPLEX128)
+
+
+# fp8 stores in each operand order and scale form (``tests/fp8_blocks.py``: the scale divided, multiplied as a
+# reciprocal after or *before* k, clamped; a Python number, a 0-d or [1] buffer in fp32/bf16/fp16, one per head), with
+# scales that are not bf16 values: the caches are eager's byte for byte (fused or not), and every store has one entry
+FP8_SCALE_VALUES = (0.37, 0.0234, 0.3, 1.7)
+
+
+@st.composite
+def fp8_cases(draw) -> dict:
+    from tests.fp8_blocks import SCALES, SPELLINGS
+
+    kw = dict(spelling=draw(st.sampled_from(SPELLINGS)), scale=draw(st.sampled_from(SCALES)),
+              dtype=draw(st.sampled_from([BF16, F16, F32])),
+              fp8=draw(st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2])),
+              k_scale=draw(st.sampled_from(FP8_SCALE_VALUES)), v_scale=draw(st.sampled_from(FP8_SCALE_VALUES)))
+    if kw["scale"] != "float":
+        kw["scale_dtype"] = draw(st.sampled_from([F32, BF16, F16]))
+    return kw
+
+
+@settings(PROFILE)
+@example(kw=dict(spelling="scale_first", scale="0d", dtype=BF16, fp8=torch.float8_e4m3fn, k_scale=0.0234,
+                 v_scale=0.3, scale_dtype=F32))  # row 1 of the soundness issue: the scale written first
+@example(kw=dict(spelling="scale_first", scale="1el", dtype=F16, fp8=torch.float8_e5m2, k_scale=0.37, v_scale=1.7,
+                 scale_dtype=BF16))
+@example(kw=dict(spelling="reciprocal", scale="per_head", dtype=BF16, fp8=torch.float8_e4m3fn, k_scale=0.3,
+                 v_scale=0.37, scale_dtype=F32))  # one scale per head: reported
+@given(kw=fp8_cases())
+def test_fp8_store_in_any_operand_order_is_exact_or_reported(kw):
+    from tests.fp8_blocks import Fp8Model, fp8_inputs
+
+    torch._dynamo.reset()
+    _RecordingPass.graphs = []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Fp8Model(layers=1, **kw)
+    eager = copy.deepcopy(model)
+    with (mock.patch.object(fx_backend, "RopeKVFusionPass", _RecordingPass), torch.no_grad(),
+          torch._inductor.config.patch(fx_graph_cache=False, emulate_precision_casts=True)):
+        compiled = torch.compile(model, backend="fx_fusion")
+        for n, seed, loc in ((5, 0, [3, 9, 1, 30, 17]), (1, 1, [22])):
+            inputs = fp8_inputs(model, n, seed, loc)
+            compiled(*inputs)
+            eager(*inputs)
+            for name in ("k_cache", "v_cache"):
+                a, b = (getattr(m.layers[0], name).view(torch.uint8) for m in (model, eager))
+                nan = getattr(eager.layers[0], name).view(model.layers[0].fp8).float().isnan()
+                assert bool(((a == b) | nan).all()), f"{kw}: {name} differs in {int(((a != b) & ~nan).sum())} bytes"
+    sites = [s for _, graph_sites in _RecordingPass.graphs for s in graph_sites]
+    assert sites and all(s.fused or s.reason for s in sites), f"{kw}: {[(s.fused, s.reason) for s in sites]}"
+    if kw["scale"] == "per_head":
+        assert not any(s.fused for s in sites), f"{kw}: one scale per head, yet fused"
+    torch._dynamo.reset()
+    PASSED["fp8 examples"] += 1
+    PASSED["fp8 examples fused"] += any(s.fused for s in sites)
 
 
 @pytest.fixture(scope="module", autouse=True)
