@@ -54,9 +54,9 @@ def _rope_kv_store(
     clamped: ``IndexError`` on CPU (checked on the host, before anything is written), a device-side assertion
     on CUDA (in the kernel; no sync)."""
     p, return_k, validate = _problem(locals())
-    if validate:
+    if validate:  # everything the checks below would check, and more
         check_index_ranges(p)
-    if p.q.device.type == "cpu" and (p.check_slots or p.check_positions):
+    elif p.q.device.type == "cpu" and (p.check_slots or p.check_positions):
         check_index_ranges(p, slots=p.check_slots, positions=p.check_positions, error=IndexError)
     if p.q.device.type == "cpu" and not interpreted():
         q_out, k_out = reference(p, return_k, compute_dtype=torch.float32)
