@@ -313,7 +313,26 @@ def baseline_table(args, bw: float, gen) -> None:
     sys.modules[spec.name] = baseline  # its dataclasses look their module up
     spec.loader.exec_module(baseline)
     print(f"baseline: {args.baseline}")
-    print("| layout | model | T | baseline us | current us | current / baseline | floor us | current % of floor |")
+    _side_by_side(args, bw, gen, ("baseline", "current"),
+                  lambda layout, case: [(m, _problem(m, layout, case)) for m in (baseline, impl)])
+
+
+def bounds_check_table(args, bw: float, gen) -> None:
+    """CUDA-graph replay medians of the kernel without and with ``check_slots``/``check_positions`` (device-side
+    assertions compiled in, as Inductor compiles the launches the graph pass emits), per layout, side by side.
+    The sequence layout has per-token cos/sin: only its slots are checked."""
+    def variants(layout, case):
+        plain = _problem(impl, layout, case)
+        return [(impl, plain), (impl, dataclasses.replace(plain, check_slots=True, check_positions=True))]
+
+    _side_by_side(args, bw, gen, ("unchecked", "checked"), variants)
+
+
+def _side_by_side(args, bw: float, gen, names: tuple[str, str], variants) -> None:
+    """For each layout, model and T: replay medians of two launches of one case (``variants(layout, case)``: two
+    ``(kernels module, problem)`` pairs), named ``names``, their ratio, and the floor."""
+    a, b = names
+    print(f"| layout | model | T | {a} us | {b} us | {b} / {a} | floor us | {b} % of floor |")
     print("|---|---|---|---|---|---|---|---|")
     for layout in args.layouts:
         for name in args.models:
@@ -321,35 +340,13 @@ def baseline_table(args, bw: float, gen) -> None:
             for t in args.tokens:
                 case = layout_case(layout, t, n_q, n_kv, d, gen)
                 times = []
-                for module in (baseline, impl):
-                    p = _problem(module, layout, case)
+                for module, p in variants(layout, case):
                     q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device="cuda")
                     times.append(1e3 * do_bench_cudagraph(lambda: module.launch(p, q_out, None), rep=args.rep,
                                                           return_mode="median"))
                 floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
                 print(f"| {layout} | {name} | {t} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.3f} "
                       f"| {floor_us:.2f} | {100 * floor_us / times[1]:.0f}% |", flush=True)
-
-
-def bounds_check_table(args, bw: float, gen) -> None:
-    """CUDA-graph replay medians of the kernel without and with ``check_slots``/``check_positions`` (device-side
-    assertions compiled in, as Inductor compiles the launches the graph pass emits), per layout, side by side.
-    The sequence layout has per-token cos/sin: only its slots are checked."""
-    print("| layout | model | T | unchecked us | checked us | checked / unchecked | checked % of floor |")
-    print("|---|---|---|---|---|---|---|")
-    for layout in args.layouts:
-        for name in args.models:
-            n_q, n_kv, d = MODELS[name]
-            for t in args.tokens:
-                case = layout_case(layout, t, n_q, n_kv, d, gen)
-                plain = _problem(impl, layout, case)
-                checked = dataclasses.replace(plain, check_slots=True, check_positions=True)
-                q_out = torch.empty(plain.q_shape, dtype=plain.q.dtype, device="cuda")
-                times = [1e3 * do_bench_cudagraph(lambda: impl.launch(p, q_out, None), rep=args.rep,
-                                                  return_mode="median") for p in (plain, checked)]
-                floor_us = 1e6 * min_bytes(t, n_q, n_kv, d, case[0].dtype, torch.float32) / bw
-                print(f"| {layout} | {name} | {t} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.3f} "
-                      f"| {100 * floor_us / times[1]:.0f}% |", flush=True)
 
 
 def sweep_table(args, bw: float, gen) -> None:
