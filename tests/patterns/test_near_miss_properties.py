@@ -44,7 +44,6 @@ CI runs the explicit examples (one per known bug) and a few derandomised ones; s
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import os
 from unittest import mock
@@ -551,25 +550,17 @@ def fp8_cases(draw) -> dict:
                  v_scale=0.37, scale_dtype=F32))  # one scale per head: reported
 @given(kw=fp8_cases())
 def test_fp8_store_in_any_operand_order_is_exact_or_reported(kw):
-    from tests.fp8_blocks import Fp8Model, fp8_inputs
+    from tests.fp8_blocks import Fp8Model
+    from tests.patterns.test_fp8_store import run
 
     torch._dynamo.reset()
     _RecordingPass.graphs = []
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Fp8Model(layers=1, **kw)
-    eager = copy.deepcopy(model)
     with (mock.patch.object(fx_backend, "RopeKVFusionPass", _RecordingPass), torch.no_grad(),
           torch._inductor.config.patch(fx_graph_cache=False, emulate_precision_casts=True)):
-        compiled = torch.compile(model, backend="fx_fusion")
-        for n, seed, loc in ((5, 0, [3, 9, 1, 30, 17]), (1, 1, [22])):
-            inputs = fp8_inputs(model, n, seed, loc)
-            compiled(*inputs)
-            eager(*inputs)
-            for name in ("k_cache", "v_cache"):
-                a, b = (getattr(m.layers[0], name).view(torch.uint8) for m in (model, eager))
-                nan = getattr(eager.layers[0], name).view(model.layers[0].fp8).float().isnan()
-                assert bool(((a == b) | nan).all()), f"{kw}: {name} differs in {int(((a != b) & ~nan).sum())} bytes"
+        run(model, config=fx_fusion.FusionConfig(), steps=((5, 0), (1, 1)))  # whole caches as bytes, each step
     sites = [s for _, graph_sites in _RecordingPass.graphs for s in graph_sites]
     assert sites and all(s.fused or s.reason for s in sites), f"{kw}: {[(s.fused, s.reason) for s in sites]}"
     if kw["scale"] == "per_head":
