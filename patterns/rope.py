@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Node
 
-from fx_fusion.patterns.fx_utils import RESHAPES, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import RESHAPES, is_one, shape_of, sizes_equal, within
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -730,6 +730,8 @@ def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
     proven RoPE is a near miss worth a reason in the report; a raw v, or a view of one, is not): the number
     of trailing dims taken as features where it does (1, or 2 for ``[..., heads, head_dim]``), else None."""
     ev = evaluator or Evaluator()
+    if not _products_below(root, ev.max_depth):
+        return None  # nothing to evaluate: only a product of two tensors makes a monomial of two factors
     for r in (1, 2):  # r = 2: heads split off the features after the RoPE (``[T, H*D] -> cast -> [T, H, D]``)
         if len(shape_of(root)) < r:
             break
@@ -740,6 +742,16 @@ def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
         if any(len(monomial) == 2 for poly in v.feats for monomial in poly):
             return r
     return None
+
+
+def _products_below(root: Node, depth: int) -> bool:
+    """Whether a product of two tensors (``_mul`` on two nodes) lies within ``depth`` evaluated ops below ``root``:
+    the evaluator's reach, walked without evaluating (a v store's near-miss check otherwise builds one polynomial
+    per feature of its projection)."""
+    def inputs(n: Node):
+        return n.all_input_nodes if n.op == "call_function" and n.target in _HANDLERS else ()
+    return any(n.target is aten.mul.Tensor and all(isinstance(a, Node) for a in n.args[:2])
+               for n in [root, *within([root], depth, inputs)])
 
 
 def _check_unscaled_products(v: Value, x: int) -> None:
