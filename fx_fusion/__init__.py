@@ -7,8 +7,11 @@ The data flow, one file per arrow::
       -> AOTAutograd functional aten graph    (Inductor's compile_fx)
       -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
       -> canonicalisation                     (patterns/canonicalize.py, complex_rope.py: spellings reduced)
-      -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
-      -> the kernel's launch, or the op       (kernels/ops.py: launched by Inductor on CUDA, else the op)
+      -> finding sites                        (patterns/find.py: stores kv_store.py, RoPE rope.py, fp8 quant.py)
+      -> planning each site                   (patterns/plan.py: can_fuse, should_fuse)
+      -> rewriting it                         (patterns/rewrite.py: replacement.py traced once per signature
+                                              and spliced in, splice.py)
+      -> the kernel's launch, or the op       (kernels/functional.py: launched by Inductor on CUDA, else the op)
       -> Triton kernel                        (kernels/rope_kv_kernel.py; host side: problem.py checks,
                                               launch.py launches, reference.py in plain torch)
 

@@ -19,7 +19,8 @@ import torch
 from fx_fusion import FusionConfig
 from fx_fusion.kernels import problem
 from fx_fusion.kernels.ops import rope_kv_store
-from fx_fusion.patterns.rope_kv_store import Unfusable, _check_quant_device
+from fx_fusion.patterns.plan import _check_quant_device
+from fx_fusion.patterns.site import Unfusable
 from fx_fusion.patterns.quant import Quant
 from tests.fp8_blocks import Fp8Model, fp8_inputs
 from tests.patterns.test_rope_kv_store import (  # noqa: F401 (fixtures)

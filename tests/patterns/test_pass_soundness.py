@@ -17,6 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fx_fusion
 import fx_fusion.backend as fx_backend
+import fx_fusion.patterns.rewrite as rewrite
 import fx_fusion.patterns.rope_kv_store as rope_kv_store
 from fx_fusion import FusionConfig, RopeKVFusionPass, UnfusableSiteError
 from fx_fusion.patterns import FUSED_OP
@@ -153,7 +154,7 @@ def _boom(*args, **kwargs):
 @pytest.mark.parametrize("where", ["replacement", "can_fuse"])
 def test_an_exception_inside_the_pass_leaves_the_graph_untouched(where, passes, monkeypatch):
     """Untouched but for the canonicalisation that runs first (value-equal nodes merged; same values)."""
-    monkeypatch.setattr(rope_kv_store, where, _boom)
+    monkeypatch.setattr(rewrite if where == "replacement" else rope_kv_store, where, _boom)
     canonical = []
     canonicalize = rope_kv_store.canonicalize
     monkeypatch.setattr(rope_kv_store, "canonicalize",
@@ -166,7 +167,7 @@ def test_an_exception_inside_the_pass_leaves_the_graph_untouched(where, passes, 
 
 
 def test_an_exception_inside_the_pass_raises_when_asked(monkeypatch):
-    monkeypatch.setattr(rope_kv_store, "replacement", _boom)
+    monkeypatch.setattr(rewrite, "replacement", _boom)
     model = Store()
     with pytest.raises(Exception) as info:
         torch.compile(model, backend=fx_fusion.make_backend(RAISE))(*store_inputs(3))

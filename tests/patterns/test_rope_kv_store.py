@@ -262,12 +262,16 @@ class TwoLayers(nn.Module):
 def test_two_layers_fuse_two_sites(form, records, codes, inference):
     model = TwoLayers(form)
     eager = copy.deepcopy(model)
+    counters["fx_fusion"].clear()
     run_steps(model, eager, compile_with(model), block_steps(model.layers[0]))
     check_fused(records, codes, [b.k_cache if form == "hf" else b.k_buffer for b in model.layers],
                 sites_per_graph=2)
     # each layer's store was fused with its own cache
     for rec in records:
         assert len({s.nodes["k_store"] for s in rec.fused}) == 2
+    # the layers have the same shapes: one traced replacement per graph, the second layer's a copy of it
+    stats = counters["fx_fusion"]
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (len(records), len(records))
 
 
 def _mark_tokens_dynamic(form: str, inputs: tuple) -> tuple:

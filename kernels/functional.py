@@ -1,0 +1,103 @@
+"""The fused op as functional code for a graph pass to trace: the one way from a pass to the kernel.
+
+``rope_kv_store_functional`` returns ``(q_out, k_out, new k buffer, new v buffer)`` in one of two forms:
+
+    kernel=True   the kernel's launch through ``wrap_triton`` (``launch.launch_traceable``: the same breakdown
+                  AOTAutograd does for the op, see ``ops.py``), functionalized. The traced graph holds
+                  ``triton_kernel_wrapper_functional``, which Inductor re-inplaces and launches from its generated
+                  code: no Python dispatch and no argument checks on the hot path (they ran once, on the fake
+                  tensors). Raises ``NotTraceable`` where the launch would pin a symbolic size.
+    kernel=False  the op itself, functionalized (``auto_functionalized``): on CPU (Inductor launches no user
+                  Triton kernel there), with ``validate`` (a device sync) and where the launch cannot be traced.
+
+``routes`` says which forms to try for a device, best first. The caches may be views of buffers (``k_views``,
+``v_views``: ``(op, args)`` from the buffer down, e.g. a stacked ``kv[0, i]``): the kernel then gets the buffers
+and the views' offsets in them, and the op is functionalized over the buffers (``auto_functionalized_v2``), so
+either way Inductor writes the buffers in place (a written view of a graph input would be cloned instead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
+from torch.fx import Node
+
+from fx_fusion.kernels.launch import launch_traceable
+from fx_fusion.kernels.problem import prepare
+from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
+
+FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
+
+
+def routes(device: torch.device, validate: bool) -> tuple[bool, ...]:
+    """The ``kernel`` values to try for tensors on ``device``, best first."""
+    return (True, False) if device.type == "cuda" and not validate else (False,)
+
+
+def rope_kv_store_functional(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale=None,
+                             v_scale=None, *, kernel: bool, k_views: tuple | None = None,
+                             v_views: tuple | None = None, **options):
+    """The op on caches ``k_buffer``/``v_buffer`` (or on views of them) in functional form; see the module docstring.
+
+    ``v_buffer`` None: both cache views are of ``k_buffer``. ``options``: the op's non-tensor arguments by name.
+    Slots and positions count from the end when negative (``negative_wraps``), as the graph's indexing does."""
+    tensors = (q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale)
+    if k_views is None and v_views is None:
+        if kernel:
+            return torch.func.functionalize(_kernel, remove="mutations")(*tensors, **options)
+        return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_buffer, v_cache=v_buffer,
+                                   slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
+                                   k_scale=k_scale, v_scale=v_scale, negative_wraps=True, **options)
+    views = dict(k_views=k_views or (), v_views=v_views or ())
+    if kernel:
+        return torch.func.functionalize(_kernel, remove="mutations")(*tensors, **views, **options)
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    def mutate(*tensors):
+        return _op_on_views(*tensors, **views, **options)
+    return dispatch_functionalize(mutate, FunctionalTensorMode())(*tensors)
+
+
+def _kernel(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, *, return_k: bool,
+            validate: bool, k_views: tuple | None = None, v_views: tuple | None = None, **options):
+    """The launch, writing the buffers in place (``validate`` is never asked of it: see ``routes``)."""
+    del validate
+    v_base = k_buffer if v_buffer is None else v_buffer
+    k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
+    p = prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale,
+                negative_wraps=True, **options)
+    buffers = None if k_views is None else (k_buffer, v_buffer)
+    q_out, k_out = launch_traceable(p, return_k, buffers=buffers)
+    return q_out, k_out, k_buffer, v_base
+
+
+def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, *,
+                 k_views: tuple, v_views: tuple, **options):
+    v_base = k_buffer if v_buffer is None else v_buffer
+    k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
+    q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table=None,
+                            k_scale=k_scale, v_scale=v_scale, negative_wraps=True, **options)
+    return q_out, k_out, k_buffer, v_base
+
+
+def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:
+    for op, args in views or ():
+        x = op(x, *args)
+    return x
+
+
+def is_fused_node(n: Node) -> bool:
+    """Whether ``n`` is what a fused site became: the op (``auto_functionalized`` or direct), or the launch
+    of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
+    if n.op != "call_function":
+        return False
+    if n.target is FUSED_OP or (n.args and n.args[0] is FUSED_OP):
+        return True
+    if "triton_kernel_wrapper" not in getattr(n.target, "__name__", ""):
+        return False
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+    while kernel is not None and kernel is not _rope_kv_store_kernel:
+        kernel = getattr(kernel, "fn", None)  # an Autotuner holds the JITFunction
+    return kernel is not None

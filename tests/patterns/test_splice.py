@@ -1,0 +1,144 @@
+"""patterns/splice.py: traces shared between sites with the same signature, each with its own fake values;
+write-backs restricted to the caches; a splice that fails leaves the graph as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import Graph
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from fx_fusion.kernels.launch import NotTraceable
+from fx_fusion.patterns.splice import Tracer, splice
+
+
+@pytest.fixture
+def mode():
+    return FakeTensorMode(shape_env=ShapeEnv())
+
+
+def graph_with(mode, *shapes, symbolic: bool = False):
+    """A graph of placeholders with fake values of ``shapes`` (the first dim symbolic if asked)."""
+    graph = Graph()
+    nodes = []
+    for i, shape in enumerate(shapes):
+        n = graph.placeholder(f"x{i}")
+        real = torch.randn(shape)
+        if symbolic:
+            from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+            ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (len(shape) - 1))
+            n.meta["val"] = mode.from_tensor(real, symbolic_context=ctx)
+        else:
+            n.meta["val"] = mode.from_tensor(real)
+        nodes.append(n)
+    return graph, nodes
+
+
+def add_sin(a, b, *, scale):
+    return (a + b).sin() * scale, a.cos()
+
+
+@pytest.fixture
+def stats():
+    counters["fx_fusion"].clear()
+    return counters["fx_fusion"]
+
+
+def test_same_signature_shares_one_trace_with_fresh_fake_values(mode, stats):
+    graph, (a, b, c, d) = graph_with(mode, (4, 3), (4, 3), (4, 3), (4, 3))
+    tracer = Tracer(mode)
+    first = tracer.trace(add_sin, [a, b], scale=2.0)
+    _, out1 = splice(graph, first.gm, [a, b], None)
+    second = tracer.trace(add_sin, [c, d], scale=2.0)
+    _, out2 = splice(graph, second.gm, [c, d], None)
+    assert second is first and (stats["replacement_traces"], stats["replacement_traces_shared"]) == (1, 1)
+    # each splice computes from its own inputs, with fake values of its own (shared ones read as aliases)
+    assert [n.args[0] for n in (out1[1], out2[1])] == [a, c]
+    vals = [n.meta["val"] for n in (*out1, *out2)]
+    assert len({id(v) for v in vals}) == 4 and all(v.shape == (4, 3) for v in vals)
+
+
+@pytest.mark.parametrize("change", ["shape", "static", "same node twice"])
+def test_another_signature_traces_again(change, mode, stats):
+    graph, (a, b, c) = graph_with(mode, (4, 3), (4, 3), (5, 3))
+    tracer = Tracer(mode)
+    tracer.trace(add_sin, [a, b], scale=2.0)
+    args, scale = {"shape": ([c, c], 2.0), "static": ([a, b], 3.0), "same node twice": ([a, a], 2.0)}[change]
+    gm = tracer.trace(add_sin, args, scale=scale).gm
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (2, 0)
+    if change == "static":
+        assert any(n.args[1:] == (3.0,) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_symbolic_sizes_share_and_stay_symbolic(mode, stats):
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    graph2, (c, d) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    c.meta["val"], d.meta["val"] = a.meta["val"].clone(), a.meta["val"].clone()  # the same symbol, fresh tensors
+    b.meta["val"] = a.meta["val"].clone()
+    tracer = Tracer(mode)
+    tracer.trace(add_sin, [a, b], scale=1.0)
+    shared = tracer.trace(add_sin, [c, d], scale=1.0)
+    assert stats["replacement_traces_shared"] == 1
+    out = next(n for n in shared.gm.graph.nodes if n.op == "output").args[0][0]
+    assert isinstance(out.meta["val"].shape[0], torch.SymInt)
+
+
+def test_not_traceable_is_raised_again_without_tracing(mode, stats):
+    graph, (a, b, c, d) = graph_with(mode, (4, 3), (4, 3), (4, 3), (4, 3))
+    calls = []
+
+    def refuses(x, y):
+        calls.append(1)
+        raise NotTraceable("a symbolic constexpr")
+
+    tracer = Tracer(mode)
+    for args in ([a, b], [c, d]):
+        with pytest.raises(NotTraceable, match="a symbolic constexpr"):
+            tracer.trace(refuses, args)
+    assert len(calls) == 1
+
+
+def mutate_first(x, y):
+    x.add_(y)
+    return (y * 2,)
+
+
+@pytest.mark.parametrize("written", [(0,), ()])
+def test_write_backs_only_into_the_inputs_allowed(written, mode):
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3))
+    functional = torch.func.functionalize(mutate_first, remove="mutations")
+    if written:
+        traced = Tracer(mode).trace(functional, [a, b], written=written)
+        assert [n.target for n in traced.write_backs] == [torch.ops.aten.copy_.default]
+        _, (out,) = splice(graph, traced.gm, [a, b], "trace", traced.write_backs)
+        # the write-back is left out: the graph's own epilogue copies new cache values back
+        assert not any(n.target is torch.ops.aten.copy_.default for n in graph.nodes)
+        assert out.meta["stack_trace"] == "trace"
+    else:
+        with pytest.raises(NotTraceable, match="writes its input"):
+            Tracer(mode).trace(functional, [a, b], written=written)
+
+
+def test_inputs_sharing_a_fake_value_are_refused(mode):
+    from fx_fusion.patterns.site import Unfusable
+
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3))
+    b.meta["val"] = a.meta["val"]
+    with pytest.raises(Unfusable, match="share one fake value"):
+        Tracer(mode).trace(add_sin, [a, b], scale=1.0)
+
+
+def test_a_failed_splice_leaves_the_graph_as_it_was(mode):
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3))
+    traced = Tracer(mode).trace(add_sin, [a, b], scale=1.0)
+    before = [n.name for n in graph.nodes]
+    with pytest.raises(ValueError):  # one input too few
+        splice(graph, traced.gm, [a], None)
+    last = list(traced.gm.graph.nodes)[-2]
+    del last.meta["val"]
+    with pytest.raises(RuntimeError, match="no fake value"):
+        splice(graph, traced.gm, [a, b], None)
+    assert [n.name for n in graph.nodes] == before
