@@ -43,7 +43,7 @@ from torch.fx import Graph, Node
 
 from fx_fusion.patterns.fx_utils import within
 from fx_fusion.patterns.kv_store import engine_store_op
-from fx_fusion.patterns.rope import Evaluator
+from fx_fusion.patterns.evaluator import Evaluator
 
 aten = torch.ops.aten
 
