@@ -41,9 +41,9 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import within
-from fx_fusion.patterns.kv_store import engine_store_op
+from fx_fusion.patterns.engine_store import engine_store_op
 from fx_fusion.patterns.evaluator import Evaluator
+from fx_fusion.patterns.fx_utils import within
 
 aten = torch.ops.aten
 
