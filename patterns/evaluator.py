@@ -25,12 +25,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Node
 
-from fx_fusion.patterns.fx_utils import RESHAPES, is_one, sizes_equal, within
+from fx_fusion.patterns.fx_utils import RESHAPES, OpRole, is_one, ops_with, sizes_equal, within
 from fx_fusion.patterns.polynomial import (NotRope, Value, broadcast_features, combine, concat, poly_add, poly_mul,
                                            scaled, take)
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 # Casts that keep every value: looked through. Any other cast rounds (or truncates) its input.
 _EXACT_CASTS = frozenset({(torch.float16, torch.float32), (torch.float16, torch.float64),
@@ -180,12 +179,12 @@ class Evaluator:
 # ---- handlers: casts and copies ----------------------------------------------------------------
 
 
-@_evaluates(aten.clone.default, aten.alias.default)
+@_evaluates(*ops_with(OpRole.ALIAS, OpRole.CLONE))
 def _copy(s: Step) -> Value | None:
     return s.source(s.args[0])
 
 
-@_evaluates(prims.convert_element_type.default, aten._to_copy.default)
+@_evaluates(*ops_with(OpRole.CAST))
 def _cast(s: Step) -> Value | None:
     """Exact casts are looked through; another cast ends the evaluation (a leaf), unless it rounds the
     result, where it is recorded for ``match_rope`` to judge."""
@@ -479,10 +478,10 @@ def products_below(root: Node, depth: int) -> bool:
 
 
 # ops a scaled table is seen through to find its scales: views and casts of one tensor
-_TABLE_VIEWS = RESHAPES | {aten.permute.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-                           aten.clone.default, aten.alias.default, aten.expand.default, aten.slice.Tensor,
-                           aten.select.int, operator.getitem, aten.split.Tensor, aten.split_with_sizes.default,
-                           prims.convert_element_type.default, aten._to_copy.default}
+_TABLE_VIEWS = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.BROADCAST, OpRole.SELECTION,
+                        OpRole.SPLIT, OpRole.ALIAS, OpRole.CLONE, OpRole.CAST)
+# ops a scalar is seen through to the node it is cast from (``_to_copy`` only when it changes nothing but the dtype)
+_COPIES_AND_CASTS = ops_with(OpRole.ALIAS, OpRole.CLONE, OpRole.CAST)
 
 
 def table_scales(node: Node) -> tuple:
@@ -516,9 +515,9 @@ def _scalar_source(node: Node) -> tuple:
     """A scalar node as (the node it is cast from, the casts): equal keys are equal values. (Dynamo passes
     a Python float attribute as a graph input under ``dynamic=True``; cos and sin each cast it to fp32.)"""
     casts = []
-    while (node.op == "call_function" and node.args and isinstance(node.args[0], Node) and (
-            node.target in (aten.clone.default, aten.alias.default, prims.convert_element_type.default)
-            or (node.target is aten._to_copy.default and not set(node.kwargs) - {"dtype"}))):
+    while (node.op == "call_function" and node.args and isinstance(node.args[0], Node)
+           and node.target in _COPIES_AND_CASTS
+           and (node.target is not aten._to_copy.default or not set(node.kwargs) - {"dtype"})):
         val = node.meta.get("val")
         casts.append(val.dtype if isinstance(val, torch.Tensor) else type(val).__name__)
         node = node.args[0]

@@ -43,7 +43,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_fusion.kernels.problem import CacheLayout
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store  # noqa: F401 (re-export)
-from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import RESHAPES, SCATTER_OF, OpRole, Role, is_one, ops_with, shape_of, sizes_equal
 from fx_fusion.patterns.store import BHSD, THD, NotAStore, Origin, Roles, Store, value_roles
 
 aten = torch.ops.aten
@@ -53,8 +53,11 @@ _FLOOR_DIV = CallFunction(aten.div.Tensor_mode, KeywordArg("slot"), KeywordArg("
 _REMAINDER = CallFunction(aten.remainder.Scalar, KeywordArg("slot"), KeywordArg("block_size"))
 
 
-_VIEWS = {aten.select.int: aten.select_scatter.default, aten.slice.Tensor: aten.slice_scatter.default}
+_VIEWS = {op: SCATTER_OF[op] for op in ops_with(OpRole.SELECTION)}
 """Views of a stacked buffer a store may write through, and the op that scatters the new view back."""
+
+_WALKED = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.ALIAS, OpRole.CLONE)
+"""The views ``walk_views`` follows from a stored value back to what was computed."""
 
 
 def match_store(n: Node) -> Store:
@@ -356,7 +359,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     belongs to the RoPE itself).
     """
     chain = []
-    while node.op == "call_function":
+    while node.op == "call_function" and node.target in _WALKED:
         t = node.target
         src = node.args[0] if node.args else None
         if not isinstance(src, Node) or "val" not in src.meta:
@@ -394,10 +397,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
             for i, j in zip(a, b):
                 new[i] = roles[j]
             roles = tuple(new)
-        elif t in (aten.clone.default, aten.alias.default):
-            pass
-        else:
-            break
+        # an alias or a clone: the same values, the same roles
         chain.append(node)
         node = src
     return node, roles, chain
