@@ -7,7 +7,8 @@ The data flow, one file per arrow::
       -> AOTAutograd functional aten graph    (Inductor's compile_fx)
       -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
       -> canonicalisation                     (patterns/canonicalize.py, complex_rope.py: spellings reduced)
-      -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py and kv_store.py)
+      -> pattern/replacement                  (patterns/rope_kv_store.py, with rope.py + evaluator.py and
+                                              kv_store.py + engine_store.py; views and casts: fx_utils.py's OP_ROLES)
       -> the kernel's launch, or the op       (kernels/ops.py: launched by Inductor on CUDA, else the op)
       -> Triton kernel                        (kernels/rope_kv_kernel.py; host side: problem.py checks,
                                               launch.py launches, reference.py in plain torch)
