@@ -7,7 +7,9 @@ The data flow, one file per arrow::
       -> AOTAutograd functional aten graph    (Inductor's compile_fx)
       -> our post-grad pass                   (fx_fusion/fusion_pass.py: RopeKVFusionPass)
       -> canonicalisation                     (patterns/canonicalize.py, complex_rope.py: spellings reduced)
-      -> finding sites                        (patterns/find.py: stores kv_store.py, RoPE rope.py, fp8 quant.py)
+      -> finding sites                        (patterns/find.py: stores kv_store.py + engine_store.py, RoPE
+                                              rope.py + evaluator.py, fp8 quant.py; views and casts:
+                                              fx_utils.py's OP_ROLES)
       -> planning each site                   (patterns/plan.py: can_fuse, should_fuse)
       -> rewriting it                         (patterns/rewrite.py: replacement.py traced once per signature
                                               and spliced in, splice.py)

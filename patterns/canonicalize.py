@@ -41,9 +41,9 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from torch.fx import Graph, Node
 
+from fx_fusion.patterns.engine_store import engine_store_op
+from fx_fusion.patterns.evaluator import Evaluator
 from fx_fusion.patterns.fx_utils import within
-from fx_fusion.patterns.kv_store import engine_store_op
-from fx_fusion.patterns.rope import Evaluator
 
 aten = torch.ops.aten
 
@@ -184,10 +184,10 @@ def _scope(graph: Graph, depth: int) -> set[Node]:
     return set(frontier) | set(within(frontier, depth, lambda n: n.all_input_nodes))
 
 
-def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:
-    """Merge value-equal pure nodes within ``depth`` of a store (see the module docstring); how many were removed."""
-    nodes = list(graph.nodes)
-    # the tensor that owns each node's storage (through views and in-place results), and every storage written
+def _storage_owners(nodes: list[Node]) -> tuple[dict[Node, Node], set[Node], set[Node], dict]:
+    """The tensor that owns each node's storage (through views and in-place results); the owners never merged
+    (written in place, functionally written, or returned); the graph's outputs themselves; and each node that
+    writes in place, with what it writes (``None``: unknown, anything)."""
     owner: dict[Node, Node] = {}
     written: set[Node] = set()  # owners written in place, functionally written, or returned: never merged
     returned: set[Node] = set()  # the graph's outputs themselves (views included): never merged
@@ -210,6 +210,13 @@ def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:
         if n.op == "output":  # two outputs sharing one storage would alias, which the caller does not expect
             returned = set(n.all_input_nodes)
             written.update(owner.get(m, m) for m in returned)
+    return owner, written, returned, writes
+
+
+def merge_value_equal(graph: Graph, depth: int = SCOPE_DEPTH) -> int:
+    """Merge value-equal pure nodes within ``depth`` of a store (see the module docstring); how many were removed."""
+    nodes = list(graph.nodes)
+    owner, written, returned, writes = _storage_owners(nodes)
     inputs_epoch = 0  # bumped by every write into a graph input (inputs may alias each other) or of unknown effect
     epoch: dict[Node, int] = {}  # owner computed in the graph -> writes into it so far
     number: dict[Node, Node] = {}  # node -> the first node computing the same value

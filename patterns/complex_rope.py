@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
+from fx_fusion.patterns.fx_utils import OpRole, ops_with
+
 aten = torch.ops.aten
 log = logging.getLogger("fx_fusion")
 
@@ -115,9 +117,9 @@ def _is_complex_mul(p) -> bool:
             and all(v.dtype == vals[0].dtype for v in vals))
 
 
-_VIEW_OPS = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.unsqueeze.default,
-                       aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.permute.default,
-                       aten.alias.default})
+# views keyed by their op and arguments (squeeze.dims is not: as before these sets came from one table)
+_VIEW_OPS = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.BROADCAST, OpRole.SELECTION,
+                     OpRole.ALIAS) - {aten.squeeze.dims}
 
 
 def _view_key(n):

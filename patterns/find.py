@@ -16,7 +16,7 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import RESHAPES, shape_of
+from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
 from fx_fusion.patterns.kv_store import (NotAStore, Store, cat_of_tokens, engine_store_op, match_copy_store,
                                          match_engine_store, match_store, walk_views)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
@@ -25,8 +25,11 @@ from fx_fusion.patterns.site import Site, internal_error, source_line
 
 aten = torch.ops.aten
 # ops a RoPE ends in: a stored value computed by one of these may be a RoPE
-_ARITHMETIC = frozenset({aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.neg.default, aten.cat.default,
-                         torch.ops.prims.convert_element_type.default, aten._to_copy.default})
+_ARITHMETIC = ops_with(OpRole.ARITHMETIC, OpRole.CAST)
+# ops between a RoPE output and an fp8 store: arithmetic, the scale's division, the clamp
+_QUANTISING = ops_with(OpRole.ARITHMETIC, OpRole.CAST, OpRole.DIVIDE, OpRole.CLAMP)
+_VIEWS_AND_CASTS = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.BROADCAST, OpRole.ALIAS,
+                            OpRole.CLONE, OpRole.CAST)
 
 
 @dataclass
@@ -160,8 +163,7 @@ def _stores_rope_below(node: Node, ropes: RopeFinder, depth: int = 8) -> bool:
             return True
         tensors = ([a for a in inner.args if isinstance(a, Node) and "val" in a.meta]
                    if inner.op == "call_function" else [])
-        if not tensors or inner.target not in _ARITHMETIC | {aten.div.Tensor, aten.clamp_min.default,
-                                                            aten.clamp_max.default, aten.clamp.default}:
+        if not tensors or inner.target not in _QUANTISING:
             return False
         node = max(tensors, key=lambda a: a.meta["val"].dim())  # the tensor, not a scale
     return False
@@ -245,11 +247,6 @@ class RopeFinder:
                           f"it and the store hide it ({why})")
             self._near_misses[node] = reason
         return self._near_misses[node]
-
-
-_VIEWS_AND_CASTS = RESHAPES | {aten.permute.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-                                aten.clone.default, aten.alias.default, aten.expand.default,
-                                torch.ops.prims.convert_element_type.default, aten._to_copy.default}
 
 
 def _below_views_and_casts(node: Node) -> Node:

@@ -1,4 +1,5 @@
-"""Small FX helpers shared by the patterns: shapes of nodes, size comparisons, view ops, dim roles.
+"""Small FX helpers shared by the patterns: the table of views and casts (``OP_ROLES``, ``ops_with``), shapes of
+nodes, size comparisons, dim roles.
 
 Size comparisons never install shape guards: a symbolic size is compared only by identity or by what
 the shape environment already knows (``statically_known_true``), so a fused graph stays valid for every
@@ -8,14 +9,84 @@ size its guards admit.
 from __future__ import annotations
 
 import enum
+import operator
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
-RESHAPES = frozenset({aten.reshape.default, aten.view.default, aten._unsafe_view.default})
+
+class OpRole(enum.Enum):
+    """What an op can do to a tensor, as the matchers read it (``OP_ROLES`` gives each op its roles)."""
+
+    RESHAPE = "reshape"  # the same elements in another shape
+    UNIT_DIM = "unit_dim"  # adds or drops size-1 dims
+    PERMUTE = "permute"  # the dims in another order
+    BROADCAST = "broadcast"  # size-1 dims repeated
+    SELECTION = "selection"  # a part along one dim, a view a store writes through (scattered back: ``SCATTER_OF``)
+    SPLIT = "split"  # the parts of a split, and the item that takes one
+    ALIAS = "alias"  # the same tensor
+    CLONE = "clone"  # a copy of the same values
+    CAST = "cast"  # the values in another dtype (exact, or rounded)
+    ARITHMETIC = "arithmetic"  # what a RoPE computes with: products, sums, negation, the halves concatenated
+    DIVIDE = "divide"  # a division (by an fp8 store's scale)
+    CLAMP = "clamp"  # a clamp (to an fp8 store's range)
+
+
+OP_ROLES: Mapping[object, frozenset[OpRole]] = MappingProxyType({op: frozenset(roles) for op, roles in (
+    (aten.reshape.default, {OpRole.RESHAPE}),  # post-grad graphs hold reshape where traces hold view
+    (aten.view.default, {OpRole.RESHAPE}),
+    (aten._unsafe_view.default, {OpRole.RESHAPE}),
+    (aten.squeeze.dim, {OpRole.UNIT_DIM}),
+    (aten.squeeze.dims, {OpRole.UNIT_DIM}),
+    (aten.unsqueeze.default, {OpRole.UNIT_DIM}),
+    (aten.permute.default, {OpRole.PERMUTE}),
+    (aten.expand.default, {OpRole.BROADCAST}),
+    (aten.select.int, {OpRole.SELECTION}),
+    (aten.slice.Tensor, {OpRole.SELECTION}),
+    (aten.split.Tensor, {OpRole.SPLIT}),
+    (aten.split_with_sizes.default, {OpRole.SPLIT}),
+    (operator.getitem, {OpRole.SPLIT}),
+    (aten.alias.default, {OpRole.ALIAS}),
+    (aten.clone.default, {OpRole.CLONE}),
+    (prims.convert_element_type.default, {OpRole.CAST}),
+    (aten._to_copy.default, {OpRole.CAST}),
+    (aten.add.Tensor, {OpRole.ARITHMETIC}),
+    (aten.sub.Tensor, {OpRole.ARITHMETIC}),
+    (aten.mul.Tensor, {OpRole.ARITHMETIC}),
+    (aten.neg.default, {OpRole.ARITHMETIC}),
+    (aten.cat.default, {OpRole.ARITHMETIC}),
+    (aten.div.Tensor, {OpRole.DIVIDE}),
+    (aten.clamp_min.default, {OpRole.CLAMP}),
+    (aten.clamp_max.default, {OpRole.CLAMP}),
+    (aten.clamp.default, {OpRole.CLAMP}),
+)})
+"""The one table of views, casts and the arithmetic the matchers follow: each op (an ``OpOverload``, or
+``operator.getitem``) and the roles it can play. Every matcher's set of ops is ``ops_with(<roles>)``, so a new
+view or cast is one line here (and a handler in ``evaluator.py`` if the RoPE evaluator should see through it)."""
+
+SCATTER_OF: Mapping[object, object] = MappingProxyType({aten.select.int: aten.select_scatter.default,
+                                                        aten.slice.Tensor: aten.slice_scatter.default})
+"""For each ``SELECTION`` op, the op functionalization writes its view back with (a store into a stacked buffer)."""
+
+
+def ops_with(*roles: OpRole) -> frozenset:
+    """The ops of ``OP_ROLES`` that can play any of ``roles``: ``ops_with(OpRole.RESHAPE, OpRole.CAST)``."""
+    if not roles:
+        raise ValueError("ops_with needs at least one OpRole, got none")
+    for role in roles:
+        if not isinstance(role, OpRole):
+            raise TypeError(f"ops_with takes OpRole members, got {role!r} ({type(role).__name__})")
+    wanted = set(roles)
+    return frozenset(op for op, has in OP_ROLES.items() if has & wanted)
+
+
+RESHAPES = ops_with(OpRole.RESHAPE)
 """Ops that give a tensor another shape over the same elements (post-grad graphs hold ``reshape``)."""
 
 

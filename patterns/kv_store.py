@@ -30,21 +30,11 @@ The written tensor (``cache`` above) is one of
                          computed there (a full sliding window: the rolled keys, a gather); nothing else reads it
                          before the store (``Origin.GRAPH``)
 
-and a store may also be an engine's own cache op (``match_engine_store``):
-
-    auto_functionalized_v2(sglang.store_cache, k=k.view(-1, H*D), v=..., indices=loc, row_bytes=..., size_limit=...,
-                           reserved_skip_index=0, _all_bases=[k_buffer, v_buffer], ...)
-                                                                    # k_buffer [slots, Hkv, D] seen [slots, H*D]
-
-whose index rule (an index outside ``[0, size_limit)`` fails, ``reserved_skip_index`` is not written) the
-replacement reproduces on the slots it gives the fused op (``EngineSlots``).
+A store may also be an engine's own cache op (``sglang.store_cache``): ``engine_store.py``. What a matched store
+is (``Store``, ``Origin``, ``NotAStore``) is in ``store.py``.
 """
 
 from __future__ import annotations
-
-import enum
-import operator
-from dataclasses import dataclass
 
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
@@ -52,80 +42,22 @@ from torch.fx import Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_fusion.kernels.problem import CacheLayout
-from fx_fusion.patterns.fx_utils import RESHAPES, Role, broadcast_equal, is_one, shape_of, sizes_equal
+from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store  # noqa: F401 (re-export)
+from fx_fusion.patterns.fx_utils import RESHAPES, SCATTER_OF, OpRole, Role, is_one, ops_with, shape_of, sizes_equal
+from fx_fusion.patterns.store import BHSD, THD, NotAStore, Origin, Roles, Store, value_roles
 
 aten = torch.ops.aten
-
-Roles = tuple  # per dim: a Role, or None (a size-1 dim of no consequence)
 
 _INDEX_PUT = CallFunction(aten.index_put.default, KeywordArg("cache"), KeywordArg("indices"), KeywordArg("value"))
 _FLOOR_DIV = CallFunction(aten.div.Tensor_mode, KeywordArg("slot"), KeywordArg("block_size"), rounding_mode="floor")
 _REMAINDER = CallFunction(aten.remainder.Scalar, KeywordArg("slot"), KeywordArg("block_size"))
-_THD = (Role.TOKEN, Role.HEAD, Role.FEATURE)
-_BHSD = (Role.BATCH, Role.HEAD, Role.SEQ, Role.FEATURE)
 
 
-_VIEWS = {aten.select.int: aten.select_scatter.default, aten.slice.Tensor: aten.slice_scatter.default}
+_VIEWS = {op: SCATTER_OF[op] for op in ops_with(OpRole.SELECTION)}
 """Views of a stacked buffer a store may write through, and the op that scatters the new view back."""
 
-
-class Origin(str, enum.Enum):
-    """Where the written tensor comes from (see the module docstring)."""
-
-    INPUT = "input"
-    VIEW = "view"
-    GRAPH = "graph"
-
-
-class NotAStore(Exception):
-    """Why an ``index_put`` is not a KV-cache store the fused op can take over (for the report)."""
-
-
-@dataclass
-class Store:
-    node: Node  # the index_put (or the engine's store op)
-    cache: Node  # the tensor written, in the layout's shape (a graph input, a view of a buffer, a graph tensor)
-    cache_view: Node | None  # index_put's target when it is a reshape of ``cache``
-    copy: Node | None  # the copy_ epilogue into a graph input (Origin.INPUT)
-    layout: CacheLayout
-    slots: Node  # [T] slot per token, or [S] cache positions
-    value: Node
-    value_roles: Roles
-    indices: tuple  # identity of the index expression, to pair the k and v stores
-    origin: Origin = Origin.INPUT
-    views: tuple = ()  # Origin.VIEW: the select/slice nodes from the buffer to ``cache``, outermost first
-    scatters: tuple = ()  # Origin.VIEW: the scatters of the new view back up to the buffer's new value
-    parents: tuple = ()  # Origin.VIEW: the scatters' targets (views of the buffer made again by the graph)
-    result_node: Node | None = None  # the node whose value is the written tensor's new value, if not ``node``
-    flat_value: bool = False  # ``value`` is [T, Hkv*D] (an engine's row view), not [T, Hkv, D]
-    window: tuple | None = None  # a whole-cache copy: (a, S), tokens a .. a+W-1 of S stored; ``slots`` is None
-    engine_slots: EngineSlots | None = None  # an engine op's index rule, applied to ``slots`` by the replacement
-    start: object = None  # a copy into a slice of the sequence dim: its first position (int or SymInt node);
-    #                       the positions start .. start+T-1 are built by the rewrite (``slots`` is None)
-    view_ops: tuple | None = None  # (op, args) from ``base`` to the op's [B, Hkv, max_seq, D] cache, if not ``views``
-    seq_dim: int = 2  # the dim of ``cache`` holding positions (sequence layout): 1 for [B, S_max, Hkv, D]
-
-    @property
-    def base(self) -> Node:
-        """The tensor whose new value the store produces (the stacked buffer for a view, else ``cache``)."""
-        return self.views[0].args[0] if self.views else self.cache
-
-    @property
-    def result(self) -> Node:
-        """The node holding ``base``'s value after the store (what the graph reads, copies back or returns)."""
-        if self.scatters:
-            return self.scatters[-1]
-        return self.result_node if self.result_node is not None else self.node
-
-    @property
-    def num_heads(self) -> int:
-        if self.layout is CacheLayout.SEQUENCE:
-            return shape_of(self.cache)[3 - self.seq_dim]
-        return shape_of(self.cache)[-2]
-
-    @property
-    def head_dim(self) -> int:
-        return shape_of(self.cache)[-1]
+_WALKED = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.ALIAS, OpRole.CLONE)
+"""The views ``walk_views`` follows from a stored value back to what was computed."""
 
 
 def match_store(n: Node) -> Store:
@@ -169,11 +101,11 @@ def match_store(n: Node) -> Store:
         if len(cshape) != 4 or len(vshape) != 3 or tuple(vshape) != (cshape[0] * cshape[1], *cshape[2:]):
             raise NotAStore(f"store through a view {tuple(vshape)} of a {tuple(cshape)} cache")
         layout, slots = CacheLayout.PAGED, _single_index(indices)
-        expected, roles = (shape_of(slots)[0], *cshape[2:]), _THD
+        expected, roles = (shape_of(slots)[0], *cshape[2:]), THD
         key = ("flat", slots)
     elif len(cshape) == 3:
         layout, slots = CacheLayout.TOKEN, _single_index(indices)
-        expected, roles = (shape_of(slots)[0], *cshape[1:]), _THD
+        expected, roles = (shape_of(slots)[0], *cshape[1:]), THD
         key = ("token", slots)
     elif len(cshape) == 4 and len(indices) == 2:
         div, rem = (_FLOOR_DIV.match(indices[0]) if isinstance(indices[0], Node) else None,
@@ -182,19 +114,19 @@ def match_store(n: Node) -> Store:
                 div.kwargs["block_size"] == rem.kwargs["block_size"] == cshape[1]):
             raise NotAStore("two index tensors that are not (slot // block_size, slot % block_size)")
         layout, slots = CacheLayout.PAGED, div.kwargs["slot"]
-        expected, roles = (shape_of(slots)[0], *cshape[2:]), _THD
+        expected, roles = (shape_of(slots)[0], *cshape[2:]), THD
         key = ("paged", slots)
     elif len(cshape) == 4 and len(indices) == 3 and indices[0] is None and indices[1] is None:
         layout, slots = CacheLayout.SEQUENCE, indices[2]
         if not isinstance(slots, Node) or len(shape_of(slots)) != 1:
             raise NotAStore("the sequence index is not a 1-D tensor")
-        expected, roles = (cshape[0], cshape[1], shape_of(slots)[0], cshape[3]), _BHSD
+        expected, roles = (cshape[0], cshape[1], shape_of(slots)[0], cshape[3]), BHSD
         key = ("sequence", slots)
     else:
         raise NotAStore(f"index form {_describe(indices)} on a {len(cshape)}-D cache is not a KV-cache layout")
     if shape_of(slots)[0] is None or slots.meta["val"].dtype not in (torch.int32, torch.int64):
         raise NotAStore("slot indices are not int32/int64")
-    return Store(n, cache, cache_view, copy, layout, slots, value, _value_roles(value, expected, roles), key,
+    return Store(n, cache, cache_view, copy, layout, slots, value, value_roles(value, expected, roles), key,
                  origin, views, scatters, parents)
 
 
@@ -244,7 +176,7 @@ def match_copy_store(n: Node) -> Store:
     if others:
         raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
     tokens = shape_of(value)[2]
-    roles = _value_roles(value, (cshape[0], cshape[1], tokens, cshape[3]), _BHSD)
+    roles = value_roles(value, (cshape[0], cshape[1], tokens, cshape[3]), BHSD)
     return Store(n, cache, None, copy, CacheLayout.SEQUENCE, None, value, roles, ("window", first, tokens), origin,
                  window=(first, tokens))
 
@@ -284,12 +216,12 @@ def _match_slice_store(n: Node, views: tuple, value: Node) -> Store:
     others = [u for u in seq.users if u is not n]
     if others:
         raise NotAStore(f"the cache slice {seq.name} is also read before the store (by {others[0].name})")
-    roles = (Role.BATCH, Role.SEQ, Role.HEAD, Role.FEATURE) if dim == 1 else _BHSD
+    roles = (Role.BATCH, Role.SEQ, Role.HEAD, Role.FEATURE) if dim == 1 else BHSD
     view_ops = tuple((v.target, tuple(v.args[1:])) for v in views[:-1])
     if dim == 1:
         view_ops += ((aten.permute.default, ([0, 2, 1, 3],)),)
     key = ("slice", tuple((v.target, view_args(v)) for v in views))
-    return Store(n, inner, None, None, CacheLayout.SEQUENCE, None, value, _value_roles(value, tuple(target), roles),
+    return Store(n, inner, None, None, CacheLayout.SEQUENCE, None, value, value_roles(value, tuple(target), roles),
                  key, Origin.VIEW, views, scatters, parents, start=start, view_ops=view_ops, seq_dim=dim)
 
 
@@ -389,166 +321,6 @@ def _aliased_input(n: Node) -> Node | None:
     return None
 
 
-ENGINE_STORES = ("sglang::store_cache",)
-"""Engines' own cache-store ops matched as stores: ``(k, v, k_cache, v_cache, indices, ...)``, mutating the caches."""
-
-_STORE_CACHE_ARGS = ("k", "v", "k_cache", "v_cache", "indices")
-_STORE_CACHE_KEYWORDS = ("row_bytes", "v_row_bytes", "num_split", "size_limit", "reserved_skip_index")
-"""``store_cache``'s keywords in sglang 0.5.23 (``sglang/kernels/ops/kvcache/kvcache.py``); earlier versions have
-some of them (``row_bytes`` alone; then with ``num_split`` and ``size_limit``), and an absent one means what the
-version without it did: no bound check, no skipped index, one row width for k and v."""
-
-
-@dataclass(frozen=True)
-class EngineSlots:
-    """What an engine's store op does with its indices, which the fused op's slots must reproduce.
-
-    SGLang's ``store_cache``: an index outside ``[0, limit)`` fails (a device-side assert in its kernel; ``None``:
-    the version checks nothing), and one equal to ``skip`` is not written (``None``: every index is). ``rows``:
-    the pools' row count; the fused op writes nothing for a slot at or past it."""
-
-    rows: int
-    limit: int | None
-    skip: int | None
-
-    @property
-    def message(self) -> str:
-        return f"store_cache: an index is outside [0, {self.limit}) (size_limit)"
-
-    def slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(slots, inside)``: the slots the fused op gets, ``rows`` (not written) for an index the op does not
-        write (the skipped one, and one outside the bound, so that nothing is written there even where the assert
-        is asynchronous); and whether every index lies in the bound (``None``: no bound), which the caller
-        asserts (``torch._assert_async(inside, self.message)``) as eager's op does."""
-        drop = inside = None
-        if self.limit is not None:
-            each = (indices >= 0) & (indices < self.limit)
-            drop, inside = ~each, each.all()
-        if self.skip is not None:
-            skipped = indices == self.skip
-            drop = skipped if drop is None else drop | skipped
-        return (indices if drop is None else torch.where(drop, self.rows, indices)), inside
-
-
-def engine_store_op(n: Node):
-    """The engine store op ``n`` (an ``auto_functionalized_v2`` node) calls, or None."""
-    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
-
-    if n.op != "call_function" or n.target is not auto_functionalized_v2 or not n.args:
-        return None
-    op = n.args[0]
-    return op if getattr(getattr(op, "_schema", None), "name", None) in ENGINE_STORES else None
-
-
-def match_engine_store(n: Node) -> tuple[Store, Store]:
-    """The k and v stores of an engine's store op, or ``NotAStore`` with the reason.
-
-    SGLang (``MHATokenToKVPool.set_kv_buffer`` on CUDA and HIP) calls ``store_cache(k.view(-1, row),
-    v.view(-1, row), k_buffer.view(-1, row), v_buffer.view(-1, row), loc, row_bytes=..., size_limit=...)``: row
-    ``loc[t]`` of each pool gets token t's k (v) row, but for ``loc[t] == reserved_skip_index`` (0, the CUDA-graph
-    padding slot, by default), and every index must lie in ``[0, size_limit)``. Functionalized (v2), the pools
-    are ``_all_bases`` and the op writes them through a ``[slots, row]`` view; each pool's new value is an output
-    of the node. The index rule becomes the stores' ``engine_slots`` (``_store_cache_rule``)."""
-    kw = n.kwargs
-    schema = n.args[0]._schema
-    names = [a.name for a in schema.arguments]
-    if tuple(names[:5]) != _STORE_CACHE_ARGS or not set(names[5:]) <= set(_STORE_CACHE_KEYWORDS):
-        raise NotAStore(f"{schema.name}({', '.join(names)}) is not a store_cache schema this pass knows (arguments "
-                        f"{', '.join(_STORE_CACHE_ARGS)}, then keywords among {', '.join(_STORE_CACHE_KEYWORDS)})")
-    bases = kw.get("_all_bases")
-    if not isinstance(bases, (list, tuple)):
-        raise NotAStore("the store op's caches are not recorded as bases (auto_functionalized_v2)")
-    rows = [u for u in n.users if u.target is operator.getitem]
-    first = max(1, len(n.args[0]._schema.returns))  # the op's outputs (None for ``-> ()``) come first
-    stores = []
-    for name, value_name in (("k_cache", "k"), ("v_cache", "v")):
-        index = kw.get(f"_{name}_base_index")
-        if not isinstance(index, int):
-            raise NotAStore(f"the store op's {name} is not a view of one base")
-        base, value, slots = bases[index], kw.get(value_name), kw.get("indices")
-        if not isinstance(base, Node) or not isinstance(value, Node) or not isinstance(slots, Node):
-            raise NotAStore(f"the store op's {name}, {value_name} or indices is not a tensor of the graph")
-        cshape, cval = shape_of(base), base.meta["val"]
-        if len(cshape) != 3 or not all(isinstance(s, int) for s in cshape):
-            raise NotAStore(f"{name} {tuple(cshape)} is not a static [slots, Hkv, D] pool")
-        row = cshape[1] * cshape[2]
-        view = (kw.get(f"_{name}_size"), kw.get(f"_{name}_stride"), kw.get(f"_{name}_storage_offset"))
-        if (tuple(view[0] or ()), tuple(view[1] or ()), view[2]) != ((cshape[0], row), (row, 1), 0) or (
-                tuple(cval.stride()) != (row, cshape[2], 1)):
-            raise NotAStore(f"the store op writes {name} through a view {view} that is not its rows [slots, Hkv*D]")
-        if len(shape_of(slots)) != 1 or slots.meta["val"].dtype not in (torch.int32, torch.int64):
-            raise NotAStore("the store op's indices are not a 1-D int32/int64 tensor")
-        copies = [u for u in base.users if u.target is aten.copy_.default and u.args[0] is base]
-        result = [u for u in rows if u.args[1] == first + index]
-        if len(result) != 1 or len(copies) != 1 or copies[0].args[1] is not result[0]:
-            raise NotAStore(f"the store op's new {name} is not copied back into the graph input")
-        others = [u for u in base.users if u not in (copies[0], n)]
-        if others:
-            raise NotAStore(f"the cache is also read before the store (by {others[0].name})")
-        tokens = shape_of(slots)[0]
-        flat = True
-        if value.target in RESHAPES and len(shape_of(value.args[0])) == 3 and (
-                tuple(shape_of(value.args[0])[1:]) == tuple(cshape[1:])):
-            value, flat = value.args[0], False  # [T, Hkv, D] viewed as rows
-        elif len(shape_of(value)) != 2 or shape_of(value)[1] != row:
-            raise NotAStore(f"the store op's {value_name} {tuple(shape_of(value))} is not [tokens, {row}]")
-        if flat and not broadcast_equal(shape_of(value)[0], tokens):
-            raise NotAStore(f"the store op's {value_name} {tuple(shape_of(value))} has not one row per index")
-        roles = _value_roles(value, (tokens, *cshape[1:]), _THD) if not flat else _THD
-        stores.append(Store(n, base, None, copies[0], CacheLayout.TOKEN, slots, value, roles, ("engine", n),
-                            Origin.INPUT, result_node=result[0], flat_value=flat))
-    rule = _store_cache_rule(kw, names[5:], stores[0].cache, stores[1].cache)
-    for st in stores:
-        st.engine_slots = rule
-    return stores[0], stores[1]
-
-
-def _store_cache_rule(kw: dict, keywords: list, k_pool: Node, v_pool: Node) -> EngineSlots | None:
-    """``store_cache``'s keywords, read as SGLang's op reads them (sglang 0.5.23), as the stores' index rule; or
-    ``NotAStore`` for a call the fused op cannot reproduce, or that SGLang's op rejects.
-
-        row_bytes, v_row_bytes  k's and v's row width in bytes (0: inferred); the kernel rejects any other width
-        num_split               warps per row (<= 0: chosen by the op): stores the same bytes; the kernel takes 1,
-                                and 2 or 4 for rows of a multiple of 256 or 512 bytes
-        size_limit              every index must lie in [0, size_limit) (<= 0: the k pool's rows), else the
-                                kernel's device-side assert fails
-        reserved_skip_index     an index equal to it is not written (< 0: none); 0 by default
-    """
-    values = {}
-    for name in keywords:
-        value = kw.get(name, 0)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise NotAStore(f"store_cache's {name} is {value!r}, not a constant int")
-        values[name] = value
-    (rows, *k_row), (v_rows, *v_row) = shape_of(k_pool), shape_of(v_pool)
-    size = k_pool.meta["val"].element_size()
-    k_bytes, v_bytes = k_row[0] * k_row[1] * size, v_row[0] * v_row[1] * size
-    if k_row != v_row:
-        raise NotAStore(f"store_cache writes {k_bytes}-byte k rows ({k_row[0]} heads x {k_row[1]}) and "
-                        f"{v_bytes}-byte v rows ({v_row[0]} x {v_row[1]}, v_row_bytes): the fused op stores k and v "
-                        "with one head count and head_dim")
-    if v_rows != rows:
-        raise NotAStore(f"store_cache's k pool has {rows} rows and its v pool {v_rows}: the fused op stores into "
-                        "two pools of one shape")
-    for name in ("row_bytes", "v_row_bytes"):
-        if values.get(name, 0) != 0 and values[name] != k_bytes:  # SGLang infers the width from 0 only
-            raise NotAStore(f"store_cache's {name}={values[name]} is not the width of the {k_bytes}-byte rows it "
-                            "stores, a call SGLang's kernel rejects")
-    split = values.get("num_split", 0)
-    if split > 0 and not (split == 1 or (split in (2, 4) and k_bytes % (128 * split) == 0)):
-        raise NotAStore(f"store_cache's num_split={split} is not 1, or 2 or 4 for rows of a multiple of 256 or 512 "
-                        f"bytes ({k_bytes} here), a call SGLang's kernel rejects")
-    limit = None
-    if "size_limit" in values:
-        limit = values["size_limit"] if values["size_limit"] > 0 else rows
-        if limit > rows:
-            raise NotAStore(f"store_cache's size_limit={limit} is above the pools' {rows} rows: eager's bound "
-                            "admits indices past the pools (which SGLang's kernel would write out of bounds)")
-    skip = values.get("reserved_skip_index", -1)
-    skip = skip if skip >= 0 else None
-    return None if limit is None and skip is None else EngineSlots(rows, limit, skip)
-
-
 def _single_index(indices) -> Node:
     if len(indices) != 1 or not isinstance(indices[0], Node) or len(shape_of(indices[0])) != 1:
         raise NotAStore("expected one 1-D index tensor")
@@ -569,27 +341,6 @@ def _epilogue(n: Node, cache: Node, cache_view: Node | None) -> Node:
     return copies[0]
 
 
-def _value_roles(value, expected: tuple, roles: tuple) -> Roles:
-    """Roles of the stored value's dims; it may omit leading size-1 dims (broadcast by index_put).
-
-    ``broadcast_equal``: index_put broadcasts the value against the indexed shape, and a graph that runs
-    has them equal (a size 1 against a larger size is rejected: that would store one row many times)."""
-    if not isinstance(value, Node):
-        raise NotAStore("the stored value is a constant")
-    vshape = shape_of(value)
-    if len(vshape) > len(expected):
-        raise NotAStore(f"stored value {tuple(vshape)} has more dims than the indexed {tuple(expected)}")
-    lead = len(expected) - len(vshape)
-    if not all(is_one(s) for s in expected[:lead]):
-        raise NotAStore(f"stored value {tuple(vshape)} is broadcast over {tuple(expected)}")
-    out = []
-    for s, e, role in zip(vshape, expected[lead:], roles[lead:]):
-        if not broadcast_equal(s, e):
-            raise NotAStore(f"stored value {tuple(vshape)} is broadcast over {tuple(expected)}")
-        out.append(role)
-    return tuple(out)
-
-
 def _describe(indices) -> str:
     return "[" + ", ".join("None" if i is None else getattr(i, "name", "?") for i in indices) + "]"
 
@@ -608,7 +359,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     belongs to the RoPE itself).
     """
     chain = []
-    while node.op == "call_function":
+    while node.op == "call_function" and node.target in _WALKED:
         t = node.target
         src = node.args[0] if node.args else None
         if not isinstance(src, Node) or "val" not in src.meta:
@@ -646,10 +397,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
             for i, j in zip(a, b):
                 new[i] = roles[j]
             roles = tuple(new)
-        elif t in (aten.clone.default, aten.alias.default):
-            pass
-        else:
-            break
+        # an alias or a clone: the same values, the same roles
         chain.append(node)
         node = src
     return node, roles, chain

@@ -24,11 +24,11 @@ import torch
 from torch.fx import Node
 
 from fx_fusion.kernels.problem import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
-from fx_fusion.patterns.fx_utils import is_one, shape_of
+from fx_fusion.patterns.fx_utils import OpRole, is_one, ops_with, shape_of
 
 aten = torch.ops.aten
-_CONVERT = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
-_CLAMPS = (aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default)
+_CONVERT = ops_with(OpRole.CAST)
+_CLAMPS = ops_with(OpRole.CLAMP)
 
 
 class NotQuant(Exception):

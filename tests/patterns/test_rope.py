@@ -19,7 +19,8 @@ from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fx_fusion.patterns.kv_store import match_store, walk_views
-from fx_fusion.patterns.rope import NotRope, RopeMatch, RopeStyle, TableRef, match_rope
+from fx_fusion.patterns.polynomial import NotRope
+from fx_fusion.patterns.rope import RopeMatch, RopeStyle, TableRef, match_rope
 from tests.attention_blocks import (gptfast_apply_rotary_emb, make_block, prefill_inputs, rotate_every_two,
                                     rotate_half, token_pool_apply_rotary)
 
@@ -403,7 +404,8 @@ def test_static_token_counts_do_not_become_features(monkeypatch):
     compile). The evaluator refuses such a node at once; the RoPE above it is still found."""
     from math import prod
 
-    from fx_fusion.patterns.rope import Evaluator, rope_like
+    from fx_fusion.patterns.evaluator import Evaluator
+    from fx_fusion.patterns.rope import rope_like
 
     tokens, heads = 600, 16
 

@@ -15,8 +15,9 @@ import operator
 import pytest
 import torch
 
-from fx_fusion.patterns import rope
-from fx_fusion.patterns.rope import Evaluator, NotRope, Step, Value
+from fx_fusion.patterns import evaluator
+from fx_fusion.patterns.evaluator import Evaluator, Step
+from fx_fusion.patterns.polynomial import NotRope, Value
 from tests.patterns.test_rope_soundness import Graph
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -26,7 +27,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 def run_handler(node: torch.fx.Node, r: int = 1, result: bool = False) -> tuple[Value | None, Evaluator]:
     """The node's registered handler alone; its inputs evaluate to leaves."""
     ev = Evaluator()
-    return rope._HANDLERS[node.target](Step(ev, node, r, 0, result)), ev
+    return evaluator._HANDLERS[node.target](Step(ev, node, r, 0, result)), ev
 
 
 def features(ev: Evaluator, v: Value) -> list[dict]:
@@ -49,13 +50,13 @@ def test_every_op_of_the_rope_spellings_has_a_handler():
                 aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.select.int, aten.slice.Tensor,
                 operator.getitem, aten.cat.default, aten.reshape.default, aten.view.default,
                 aten._unsafe_view.default, aten.expand.default}
-    assert set(rope._HANDLERS) == expected
+    assert set(evaluator._HANDLERS) == expected
 
 
 def test_registering_an_op_twice_is_refused():
     with pytest.raises(RuntimeError, match="already has the evaluator _neg"):
-        rope._evaluates(aten.neg.default)(lambda s: None)
-    assert rope._HANDLERS[aten.neg.default] is rope._neg
+        evaluator._evaluates(aten.neg.default)(lambda s: None)
+    assert evaluator._HANDLERS[aten.neg.default] is evaluator._neg
 
 
 def test_an_op_without_a_handler_is_a_leaf():
@@ -114,10 +115,10 @@ def test_table_scales_are_seen_through_views_and_casts():
     c, s = g.input("c", 3, 4), scalar(g)
     scaled = g.op(aten.mul.Tensor, g.op(aten.mul.Tensor, c, 2.0), 1.5)
     cast = g.op(prims.convert_element_type.default, g.op(aten.unsqueeze.default, scaled, 1), BF16)
-    assert rope.table_scales(cast) == (1.5, 2.0)
-    assert rope.table_scales(g.op(aten.mul.Tensor, c, 1.0)) == ()
+    assert evaluator.table_scales(cast) == (1.5, 2.0)
+    assert evaluator.table_scales(g.op(aten.mul.Tensor, c, 1.0)) == ()
     s1, s2 = (g.op(prims.convert_element_type.default, s, BF16) for _ in range(2))
-    assert rope.table_scales(g.op(aten.mul.Tensor, c, s1)) == rope.table_scales(g.op(aten.mul.Tensor, s2, c))
+    assert evaluator.table_scales(g.op(aten.mul.Tensor, c, s1)) == evaluator.table_scales(g.op(aten.mul.Tensor, s2, c))
 
 
 def test_mul_of_two_tensors_broadcasts_features_and_prefix():
@@ -127,7 +128,7 @@ def test_mul_of_two_tensors_broadcasts_features_and_prefix():
     v, ev = run_handler(g.op(aten.mul.Tensor, x, c))
     assert features(ev, v) == [{(("x", 0), ("c", 0)): 1.0}, {(("x", 1), ("c", 0)): 1.0}]
     assert v.prefix == (5, 4) and v.trail == (2,)
-    xid, cid = ev._leaf_ids[rope.Leaf(x, 1)], ev._leaf_ids[rope.Leaf(c, 1)]
+    xid, cid = ev._leaf_ids[evaluator.Leaf(x, 1)], ev._leaf_ids[evaluator.Leaf(c, 1)]
     assert v.embed == (frozenset({(xid, 0), (cid, 0)}), frozenset({(xid, 1)}))
 
 
@@ -175,7 +176,7 @@ def test_slice_of_one_head_of_a_wider_last_dim_is_a_leaf():
     x = g.input("x", 3, 24)
     n = g.op(aten.slice.Tensor, x, -1, 0, 8)
     ev = Evaluator(head_dim=8)
-    assert rope._slice(Step(ev, n, 1, 0, False)) is None
+    assert evaluator._slice(Step(ev, n, 1, 0, False)) is None
 
 
 def test_select_of_a_feature_dim():

@@ -27,7 +27,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import fx_fusion  # noqa: F401  (registers the backend)
-from fx_fusion.patterns.rope import Evaluator, NotRope, match_rope
+from fx_fusion.patterns.evaluator import Evaluator
+from fx_fusion.patterns.polynomial import NotRope
+from fx_fusion.patterns.rope import match_rope
 from tests.attention_blocks import rotate_half
 
 T, HQ, HKV, D, SLOTS = 5, 4, 2, 16, 32
