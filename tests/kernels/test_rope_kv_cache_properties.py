@@ -165,7 +165,7 @@ def per_token_rows(p) -> tuple[torch.Tensor, torch.Tensor]:
         layout = CacheLayout.TOKEN
     distinct = torch.arange(seq, device=DEVICE)[None]
     reference(dataclasses.replace(p, k_cache=scratch[0], v_cache=scratch[1], slot_mapping=distinct, swa_table=None,
-                                  layout=layout), False)
+                                  options=dataclasses.replace(p.options, layout=layout)), False)
     if layout is CacheLayout.SEQUENCE:
         return tuple(c.transpose(1, 2) for c in scratch)
     return tuple(c[None] for c in scratch)
