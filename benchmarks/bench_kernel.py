@@ -25,7 +25,6 @@ what the default mode costs per call, host overhead included).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 import time
@@ -293,15 +292,17 @@ def compiled_table(args, bw: float, gen) -> None:
                       f"| {fx['rope_kv_store_fused']} / {fx['graphs']} | {diff:.3g} |", flush=True)
 
 
-def _problem(module, layout: str, case: tuple):
-    """``module.prepare`` of a ``layout_case`` (the kernel's own arguments, no graph in between)."""
+def _problem(module, layout: str, case: tuple, **options):
+    """``module.prepare`` of a ``layout_case`` (the kernel's own arguments, no graph in between); ``options``: more
+    of prepare's keyword arguments (a ``--baseline`` module's prepare takes its options by keyword too)."""
     q, k, v, k_cache, v_cache, index, a, b, n_q, n_kv, d = case
     if layout == "sequence":  # index: cache positions; a, b: per-token cos, sin [1, T, D]
         t = q.shape[1]
         return module.prepare(q.view(1, t, n_q, d), k.view(1, t, n_kv, d), v.view(1, t, n_kv, d), k_cache, v_cache,
-                              index, a, b, None, rotary_dim=d, layout=layout)
+                              index, a, b, None, rotary_dim=d, layout=layout, **options)
     half = d // 2  # index: slots; a: positions; b: the fp32 cos_sin_cache
-    return module.prepare(q, k, v, k_cache, v_cache, index, b[:, :half], b[:, half:], a, rotary_dim=d, layout=layout)
+    return module.prepare(q, k, v, k_cache, v_cache, index, b[:, :half], b[:, half:], a, rotary_dim=d, layout=layout,
+                          **options)
 
 
 def baseline_table(args, bw: float, gen) -> None:
@@ -322,8 +323,8 @@ def bounds_check_table(args, bw: float, gen) -> None:
     assertions compiled in, as Inductor compiles the launches the graph pass emits), per layout, side by side.
     The sequence layout has per-token cos/sin: only its slots are checked."""
     def variants(layout, case):
-        plain = _problem(impl, layout, case)
-        return [(impl, plain), (impl, dataclasses.replace(plain, check_slots=True, check_positions=True))]
+        return [(impl, _problem(impl, layout, case)),
+                (impl, _problem(impl, layout, case, check_slots=True, check_positions=True))]
 
     _side_by_side(args, bw, gen, ("unchecked", "checked"), variants)
 

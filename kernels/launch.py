@@ -36,7 +36,7 @@ def launch_config(p: RopeKVProblem) -> dict:
     compile per count), so then only the static dims decide and the large-T tiles are used (the sweep
     found at most ~4 % between configurations at small T).
     """
-    half = triton.next_power_of_2(_static(p.rotary_dim) // 2)
+    half = triton.next_power_of_2(_static(p.options.rotary_dim) // 2)
     d = triton.next_power_of_2(_static(p.q.shape[-1]))
     block_rq = max(1, 2048 // d)
     n_q_rows = p.num_tokens * p.q.shape[2]
@@ -51,7 +51,7 @@ def launch_config(p: RopeKVProblem) -> dict:
     # sequence caches [B, Hkv, S, D]: a kv tile of as many rows as a q tile stores longer runs of one
     # head's consecutive positions (gpt-oss shapes on an H200: 93 % / 97 % of the floor at T = 8192 / 32768,
     # against 90 % / 93 % with half; benchmarks/RESULTS.md)
-    block_rkv = block_rq if p.layout is CacheLayout.SEQUENCE else max(1, block_rq // 2)
+    block_rkv = block_rq if p.options.layout is CacheLayout.SEQUENCE else max(1, block_rq // 2)
     cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=block_rkv, BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
     if torch.version.hip is not None and p.q.is_cuda:
         cfg.update(num_warps=2)
@@ -72,7 +72,7 @@ def _assertions(p: RopeKVProblem) -> dict:
     """Launch options that compile the kernel's index checks in where they are asked for: on CUDA, assertions on
     (``debug``) without Triton's overflow checks, as Inductor compiles its own kernels (and ours when it launches
     them). HIP: none, as Inductor on HIP; CPU: ``ops`` checks on the host."""
-    if (p.check_slots or p.check_positions) and p.q.is_cuda and torch.version.hip is None:
+    if (p.options.check_slots or p.options.check_positions) and p.q.is_cuda and torch.version.hip is None:
         return dict(debug=True, sanitize_overflow=False)
     return {}
 
@@ -122,27 +122,28 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
     ``k_buffer``), and the kernel gets the buffers and the views' element offsets in them, so that a traced
     launch writes the buffers in place (functionalized, a written view would be cloned and scattered back).
     """
+    o = p.options
     head_dim = p.q.shape[-1]
-    qo = _as_bshd("q_out", q_out, p.layout, head_dim)
-    ko = _as_bshd("k_out", k_out, p.layout, head_dim) if k_out is not None else None
+    qo = _as_bshd("q_out", q_out, o.layout, head_dim)
+    ko = _as_bshd("k_out", k_out, o.layout, head_dim) if k_out is not None else None
     fp8 = p.k_cache.dtype in FP8_DTYPES
     cfg = launch_config(p) | config
-    tail = _static(head_dim) - _static(p.rotary_dim)
+    tail = _static(head_dim) - _static(o.rotary_dim)
     args = dict(
         q_ptr=p.q, k_ptr=p.k, v_ptr=p.v, q_out_ptr=q_out, k_out_ptr=k_out, k_cache_ptr=p.k_cache,
         v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
         cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale,
         T=p.num_tokens,
         **_stride_arguments(p, qo, ko),
-        B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=p.rotary_dim,
+        B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,
         N_SLOTS=p.num_slots, N_SWA=p.swa_table.shape[0] if p.swa_table is not None else None,
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
-        CACHE_BLOCK_SIZE=p.k_cache.shape[1] if p.layout is CacheLayout.PAGED else 1,
+        CACHE_BLOCK_SIZE=p.k_cache.shape[1] if o.layout is CacheLayout.PAGED else 1,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
         **_fp8_store_arguments(p),
-        IS_NEOX=p.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=p.negative_wraps,
-        CHECK_SLOTS=p.check_slots, CHECK_POSITIONS=p.check_positions,
-        ROUND_TABLE=TABLE_DTYPES.index(p.table_dtype),
+        IS_NEOX=o.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=o.negative_wraps,
+        CHECK_SLOTS=o.check_slots, CHECK_POSITIONS=o.check_positions,
+        ROUND_TABLE=TABLE_DTYPES.index(o.table_dtype),
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         kc_off=None, vc_off=None,
         **cfg,
@@ -170,12 +171,13 @@ def _fp8_store_arguments(p: RopeKVProblem) -> dict:
     value, rounded to nearest even, NaN kept, through the same code (so the interpreter and every GPU agree);
     ``float8_e4m3fnuz`` (HIP) is cast by Triton (FP8_CAST 0)."""
     plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None)
-    if p.quant_dtype is not None:
+    o = p.options
+    if o.quant_dtype is not None:
         return dict(FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype),
                     X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
-                    Q_ROUND=TABLE_DTYPES.index(p.quant_dtype) if p.quant_dtype in TABLE_DTYPES else 0,
-                    SCALE_MUL=p.scale_mul, CLAMP_LO=p.clamp[0] if p.clamp is not None else None,
-                    CLAMP_HI=p.clamp[1] if p.clamp is not None else None)
+                    Q_ROUND=TABLE_DTYPES.index(o.quant_dtype) if o.quant_dtype in TABLE_DTYPES else 0,
+                    SCALE_MUL=o.scale_mul, CLAMP_LO=o.clamp[0] if o.clamp is not None else None,
+                    CLAMP_HI=o.clamp[1] if o.clamp is not None else None)
     if p.k_cache.dtype in _SATURATING_FP8_CAST:
         fmax = torch.finfo(p.k_cache.dtype).max
         return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[p.k_cache.dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
@@ -199,8 +201,8 @@ def _stride_arguments(p: RopeKVProblem, qo: torch.Tensor, ko: torch.Tensor | Non
     v_sb, v_ss, v_sh, v_sd = _token_strides(p.v)
     qo_sb, qo_ss, qo_sh, qo_sd = _token_strides(qo)
     ko_sb, ko_ss, ko_sh, ko_sd = _token_strides(ko)
-    kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd = _cache_strides(p.k_cache, p.layout)
-    vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd = _cache_strides(p.v_cache, p.layout)
+    kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd = _cache_strides(p.k_cache, p.options.layout)
+    vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd = _cache_strides(p.v_cache, p.options.layout)
     slot_sb, slot_ss = _index_strides(p.slot_mapping)
     pos_sb, pos_ss = _index_strides(p.positions)
     cos_sb, cos_sr, cos_sd = _rotary_strides(p.cos, p.positions is not None)

@@ -16,12 +16,18 @@ Implementations:
 
 ``rope_kv_store_functional`` is that breakdown as a plain function of the op's arguments, for a graph
 pass to trace (see ``launch.launch_traceable``).
+
+The op's arguments are the tensors of ``_tensor_arguments`` then one per ``RopeKVOptions`` field (``_SIGNATURE``,
+from which ``custom_op`` infers the schema); its implementations read them as one ``RopeKVOptions``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import inspect
+import typing
 
 import torch
 from torch._library.autograd import make_autograd_impl
@@ -29,57 +35,86 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from fx_fusion.kernels.launch import NotTraceable, interpreted, launch, launch_traceable
+from fx_fusion.kernels.options import FIELD_TYPES, RopeKVOptions, make_options
 from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
                                        default_rotary_dim, prepare)
 from fx_fusion.kernels.reference import reference
 
 
-def _rope_kv_store(
+def _tensor_arguments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-    is_neox: bool, rotary_dim: int, layout: str, return_k: bool, validate: bool, negative_wraps: bool = False,
-    table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
-    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp: list[float] | None = None,
-    check_slots: bool = False, check_positions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager implementation on every device; see the module docstring. ``k_out`` is empty unless ``return_k``.
+    """The op's tensor arguments and its returns; its other arguments are ``RopeKVOptions``'s fields."""
 
-    ``table_dtype`` (bf16 or fp16): cos/sin are rounded to it before the multiply, as a model that casts
-    an fp32 table to its dtype first does. ``quant_dtype`` (with ``scale_mul``, ``clamp``): fp8 stores
-    exactly as eager's ``(x / scale).clamp(lo, hi).to(fp8)`` in ``quant_dtype`` on this device;
-    ``fp8_dtype``: the format uint8 caches hold (see ``rope_kv_kernel``). ``check_slots``/``check_positions``:
-    an index outside the cache or table fails the call as eager indexing does, instead of being skipped or
-    clamped: ``IndexError`` on CPU (checked on the host, before anything is written), a device-side assertion
-    on CUDA (in the kernel; no sync)."""
-    p, return_k, validate = _problem(locals())
-    if validate:  # everything the checks below would check, and more
+
+# a RopeKVOptions field's type -> the type custom_op's schema inference takes (and how a value is passed)
+_SCHEMA_TYPES = {bool: bool, int: int, float: float, str: str, CacheLayout: str, torch.dtype: torch.dtype,
+                 tuple[float, float]: list[float]}
+
+
+def _schema_type(name: str, hint) -> typing.Any:
+    """The op's parameter annotation for field ``name`` of type ``hint``; ``TypeError`` for a type without one."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else hint
+    if base not in _SCHEMA_TYPES:
+        raise TypeError(f"RopeKVOptions.{name} has type {hint}, which has no schema type (known: "
+                        f"{', '.join(map(str, _SCHEMA_TYPES))}, each optionally | None)")
+    # typing.Optional: the spelling infer_schema's table is keyed on
+    return typing.Optional[_SCHEMA_TYPES[base]] if optional else _SCHEMA_TYPES[base]
+
+
+def _op_value(value):
+    """A ``RopeKVOptions`` value as the op takes it (an enum's value, a tuple as a list)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+# the op's one signature: the tensors, then one argument per RopeKVOptions field (its default, its type)
+_SIGNATURE = inspect.signature(_tensor_arguments).replace(parameters=[
+    *inspect.signature(_tensor_arguments).parameters.values(),
+    *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_op_value(f.default),
+                        annotation=_schema_type(f.name, FIELD_TYPES[f.name]))
+      for f in dataclasses.fields(RopeKVOptions)),
+])
+_TENSORS = tuple(inspect.signature(_tensor_arguments).parameters)
+
+
+def _rope_kv_store(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager implementation on every device; see the module docstring and ``RopeKVOptions`` for the options.
+    ``k_out`` is empty unless ``return_k``. ``check_slots``/``check_positions``: ``IndexError`` on CPU (checked
+    on the host, before anything is written), a device-side assertion on CUDA (in the kernel; no sync)."""
+    p = _problem(_bind(args, kwargs))
+    o = p.options
+    if o.validate:  # everything the checks below would check, and more
         check_index_ranges(p)
-    elif p.q.device.type == "cpu" and (p.check_slots or p.check_positions):
-        check_index_ranges(p, slots=p.check_slots, positions=p.check_positions, error=IndexError)
+    elif p.q.device.type == "cpu" and (o.check_slots or o.check_positions):
+        check_index_ranges(p, slots=o.check_slots, positions=o.check_positions, error=IndexError)
     if p.q.device.type == "cpu" and not interpreted():
-        q_out, k_out = reference(p, return_k, compute_dtype=torch.float32)
-        return q_out, (k_out if return_k else p.k.new_empty((0,)))
-    q_out, k_out = _outputs(p, return_k)
+        q_out, k_out = reference(p, o.return_k, compute_dtype=torch.float32)
+        return q_out, (k_out if o.return_k else p.k.new_empty((0,)))
+    q_out, k_out = _outputs(p)
     with torch.cuda.device(p.q.device) if p.q.is_cuda else contextlib.nullcontext():
-        launch(p, q_out, k_out if return_k else None)
+        launch(p, q_out, k_out if o.return_k else None)
     return q_out, k_out
 
 
-def _outputs(p: RopeKVProblem, return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+_rope_kv_store.__signature__ = _SIGNATURE  # what custom_op infers the schema from
+
+
+def _outputs(p: RopeKVProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh ``(q_out, k_out)``; ``k_out`` is empty unless ``return_k``."""
-    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if return_k else (0,))
+    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if p.options.return_k else (0,))
 
 
-_SIGNATURE = inspect.signature(_rope_kv_store)  # the op's one signature: everything below binds to it
-
-
-def _problem(args: dict) -> tuple[RopeKVProblem, bool, bool]:
-    """(checked problem, return_k, validate) from the op's arguments by name."""
-    args = dict(args)
-    return_k, validate = args.pop("return_k"), args.pop("validate")
-    return prepare(**args), return_k, validate
+def _problem(args: dict) -> RopeKVProblem:
+    """The checked problem from the op's arguments by name."""
+    options = RopeKVOptions(**{name: value for name, value in args.items() if name not in _TENSORS})
+    return prepare(**{name: args[name] for name in _TENSORS}, options=options)
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
@@ -94,8 +129,7 @@ rope_kv_store_op = torch.library.custom_op("fx_fusion::rope_kv_store", _rope_kv_
 
 @rope_kv_store_op.register_fake
 def _(*args, **kwargs):
-    p, return_k, _ = _problem(_bind(args, kwargs))  # the same checks; validate needs data: skipped
-    return _outputs(p, return_k)
+    return _outputs(_problem(_bind(args, kwargs)))  # the same checks; validate needs data: skipped
 
 
 def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +138,8 @@ def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tenso
     Checks the arguments (``prepare``) when called, so on fake tensors at trace time; never validates
     slot ranges (that needs the data).
     """
-    p, return_k, _ = _problem(_bind(args, kwargs))
-    return launch_traceable(p, return_k)
+    p = _problem(_bind(args, kwargs))
+    return launch_traceable(p, p.options.return_k)
 
 
 def _break_down_when_compiled(mode, op, types, args, kwargs):
@@ -163,14 +197,16 @@ def rope_kv_store(
     slot_mapping: torch.Tensor, *,
     cos_sin_cache: torch.Tensor | None = None, positions: torch.Tensor | None = None,
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-    is_neox: bool = True, rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
+    rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    swa_table: torch.Tensor | None = None, return_k: bool = False, validate: bool = False,
-    negative_wraps: bool = False, table_dtype: torch.dtype | None = None,
-    fp8_dtype: torch.dtype | None = None, quant_dtype: torch.dtype | None = None, scale_mul: bool = False,
-    clamp: list[float] | None = None, check_bounds: bool = False,
+    swa_table: torch.Tensor | None = None, check_bounds: bool = False, **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
+
+    ``**options``: every ``RopeKVOptions`` field but ``rotary_dim`` and ``layout`` (named here), with its
+    default and meaning there: ``is_neox``, ``return_k``, ``validate``, ``negative_wraps``, ``table_dtype``,
+    the fp8 fields, ``check_slots``, ``check_positions``, and any field added later. Another name is a
+    ``TypeError`` naming it.
 
     Give the rotary table either as ``cos_sin_cache [max_pos, rotary_dim]`` (cos half then sin half,
     as SGLang and vLLM build it) with ``positions``, or as ``cos``/``sin`` (per-token values as HF
@@ -182,11 +218,11 @@ def rope_kv_store(
     costs a device sync; it is off by default so the op can run inside CUDA graphs, and the kernel
     never touches memory outside the tensors either way (out-of-range slots are skipped, positions
     clamped to the table). ``negative_wraps=True`` makes negative slots and positions count from the
-    end, as ``cache[slot] = k`` does, instead of skipping. ``check_bounds=True`` makes an out-of-range slot or
-    position fail the call without a sync, as eager indexing does (what the graph pass emits): ``IndexError``
-    on CPU, before anything is written; on CUDA a device-side assertion (which, as any, ends the CUDA context);
-    on HIP nothing (as Inductor's kernels there: skipped and clamped). Negative slots without
-    ``negative_wraps`` stay padding.
+    end, as ``cache[slot] = k`` does, instead of skipping. ``check_bounds=True`` (``check_slots`` and
+    ``check_positions``) makes an out-of-range slot or position fail the call without a sync, as eager
+    indexing does (what the graph pass emits): ``IndexError`` on CPU, before anything is written; on CUDA a
+    device-side assertion (which, as any, ends the CUDA context); on HIP nothing (as Inductor's kernels there:
+    skipped and clamped). Negative slots without ``negative_wraps`` stay padding.
 
     fp8 caches: ``k_scale``/``v_scale`` (fp32, one element) divide before the cast, which saturates. With
     ``quant_dtype`` the store is instead bit for bit what eager computes for ``(x / k_scale).to(fp8)``
@@ -194,6 +230,9 @@ def rope_kv_store(
     ``clamp=(lo, hi)``, with the overflow rule of eager's cast on this device; the caches may then be
     uint8 pools holding ``fp8_dtype`` bits.
     """
+    opts = make_options(layout=layout, **options)
+    if check_bounds:
+        opts = dataclasses.replace(opts, check_slots=True, check_positions=True)
     if cos_sin_cache is not None:
         if cos is not None or sin is not None:
             raise ValueError("give either cos_sin_cache or cos/sin, not both")
@@ -211,15 +250,13 @@ def rope_kv_store(
         rotary_dim = width
     elif cos is None or sin is None:
         raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
-    layout = layout.value if isinstance(layout, CacheLayout) else layout  # prepare() names a bad layout
     if rotary_dim is None and isinstance(cos, torch.Tensor):
         if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 0:
             rotary_dim = default_rotary_dim(cos, k_cache.shape[-1])
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
+    opts = dataclasses.replace(opts, rotary_dim=rotary_dim)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        is_neox, rotary_dim, layout, return_k, validate, negative_wraps, table_dtype, fp8_dtype, quant_dtype,
-        scale_mul, None if clamp is None else [float(c) for c in clamp], check_slots=check_bounds,
-        check_positions=check_bounds)
-    return q_out, (k_out if return_k else None)
+        **{f.name: _op_value(getattr(opts, f.name)) for f in dataclasses.fields(opts)})
+    return q_out, (k_out if opts.return_k else None)

@@ -1,7 +1,8 @@
 """The fused RoPE + KV-cache store's host side: the argument checks, and the problem they describe.
 
 ``prepare`` checks every argument (no device sync) and returns a ``RopeKVProblem``: q/k/v (and the per-token
-index tensors) seen as ``[B, S, H, D]`` (``[B or 1, S]``) views, with the options the kernel is specialised on.
+index tensors) seen as ``[B, S, H, D]`` (``[B or 1, S]``) views, with the options the kernel is specialised on
+(``RopeKVOptions``, ``options.py``).
 The other checks are for the op and the graph pass: ``check_index_ranges`` (syncs the device),
 ``check_writable`` (eager's refusals to write a cache), ``default_rotary_dim``, and what eager's fp8 casts do
 on each device (``eager_fp8_cast``, ``exactly_representable``). The maths, layouts and slot conventions are
@@ -10,7 +11,7 @@ described in ``rope_kv_kernel``.
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -20,19 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.fx.experimental.symbolic_shapes import guard_int
 
+# CacheLayout and the dtype sets live with the options they describe; imported from here too
+from fx_fusion.kernels.options import (FP8_DTYPES, MODEL_DTYPES, TABLE_DTYPES, CacheLayout,  # noqa: F401
+                                       RopeKVOptions, make_options)
 
-class CacheLayout(str, enum.Enum):
-    """How a KV cache is laid out; the value is what the custom op's ``layout`` argument takes."""
-
-    TOKEN = "token"
-    PAGED = "paged"
-    SEQUENCE = "sequence"
-
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
-MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
-TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # k_scale/v_scale: one value, read exactly (as fp32) by the kernel
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -54,24 +46,14 @@ class RopeKVProblem:
     swa_table: torch.Tensor | None
     k_scale: torch.Tensor | None
     v_scale: torch.Tensor | None
-    is_neox: bool
-    rotary_dim: int
-    layout: CacheLayout
+    options: RopeKVOptions  # rotary_dim resolved (an int)
     q_shape: torch.Size  # as given, for the outputs
     k_shape: torch.Size
-    negative_wraps: bool = False  # negative slots/positions count from the end instead of skipping
-    table_dtype: torch.dtype | None = None  # cos/sin are rounded to this dtype before the multiply
-    fp8_dtype: torch.dtype | None = None  # the fp8 format whose bits uint8 caches hold
-    quant_dtype: torch.dtype | None = None  # eager fp8 stores: the dtype of ``x / scale`` (see eager_fp8_cast)
-    scale_mul: bool = False  # eager fp8 stores: ``x * scale`` instead of ``x / scale``
-    clamp: tuple | None = None  # eager fp8 stores: (lo, hi) of the model's clamp before the cast
-    check_slots: bool = False  # an out-of-range slot fails the call (``check_index_ranges``) instead of skipping
-    check_positions: bool = False  # an out-of-range position fails the call instead of being clamped
 
     @property
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the cache's values (``fp8_dtype`` for uint8 pools)."""
-        return self.fp8_dtype or self.k_cache.dtype
+        return self.options.fp8_dtype or self.k_cache.dtype
 
     @property
     def num_tokens(self) -> int:
@@ -80,13 +62,13 @@ class RopeKVProblem:
     @property
     def num_slots(self) -> int:
         """Slots a cache row can be addressed by: valid slots are ``0 <= slot < num_slots``."""
-        c = self.k_cache
-        return c.shape[0] * c.shape[1] if self.layout is CacheLayout.PAGED else (
-            c.shape[2] if self.layout is CacheLayout.SEQUENCE else c.shape[0])
+        c, layout = self.k_cache, self.options.layout
+        return c.shape[0] * c.shape[1] if layout is CacheLayout.PAGED else (
+            c.shape[2] if layout is CacheLayout.SEQUENCE else c.shape[0])
 
     @property
     def cos_per_element(self) -> bool:
-        return self.cos.shape[-1] == self.rotary_dim
+        return self.cos.shape[-1] == self.options.rotary_dim
 
 
 def _expect_tensor(name: str, x, *, dtypes=None, ndims=None, device=None) -> None:
@@ -199,55 +181,48 @@ def default_rotary_dim(cos: torch.Tensor, head_dim: int) -> int:
 
 def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
-    k_scale=None, v_scale=None, *, is_neox: bool = True, rotary_dim: int | None = None,
-    layout: CacheLayout | str = CacheLayout.TOKEN, negative_wraps: bool = False,
-    table_dtype: torch.dtype | None = None, fp8_dtype: torch.dtype | None = None,
-    quant_dtype: torch.dtype | None = None, scale_mul: bool = False, clamp=None, check_slots: bool = False,
-    check_positions: bool = False,
+    k_scale=None, v_scale=None, *, options: RopeKVOptions | None = None, **kwargs,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
-    Raises ``TypeError``/``ValueError`` naming the argument, what was expected and what arrived, and
-    ``RuntimeError`` for caches that eager mode would refuse to write (real tensors only).
-    ``rotary_dim=None`` takes it from cos's width where that is unambiguous (``default_rotary_dim``).
+    The options are ``options`` with the ``RopeKVOptions`` fields named in ``kwargs`` replaced (``TypeError``
+    naming an unknown name); ``rotary_dim=None`` takes it from cos's width where that is unambiguous
+    (``default_rotary_dim``), and the problem's ``options`` hold it resolved. Raises ``TypeError``/``ValueError``
+    naming the argument, what was expected and what arrived, and ``RuntimeError`` for caches that eager mode
+    would refuse to write (real tensors only).
     """
-    try:
-        layout = CacheLayout(layout)
-    except ValueError:
-        raise ValueError(f"layout must be one of {[m.value for m in CacheLayout]}, got {layout!r}") from None
+    o = make_options(options, **kwargs)
+    layout = o.layout
     _expect_tensor("q", q, dtypes=MODEL_DTYPES)
     dev = q.device
     _expect_tensor("k", k, dtypes=(q.dtype,), device=dev)
     _expect_tensor("v", v, dtypes=(q.dtype,), device=dev)
-    n_kv, head_dim, cache_batch = _check_caches(k_cache, v_cache, layout, q.dtype, dev, fp8_dtype, quant_dtype)
+    n_kv, head_dim, cache_batch = _check_caches(k_cache, v_cache, layout, q.dtype, dev, o.fp8_dtype, o.quant_dtype)
     q4, k4, v4 = _check_qkv(q, k, v, layout, n_kv, head_dim, cache_batch)
     batch, seq = q4.shape[:2]
 
     _expect_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, device=dev)
     slots = _as_bs("slot_mapping", slot_mapping, batch, seq, per_batch=False)
 
-    rotary_dim, pos2 = _check_rotary(cos, sin, positions, rotary_dim, head_dim, batch, seq, dev)
+    rotary_dim, pos2 = _check_rotary(cos, sin, positions, o.rotary_dim, head_dim, batch, seq, dev)
 
-    if table_dtype not in TABLE_DTYPES:
-        raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {table_dtype!r}")
     if swa_table is not None:
         _expect_tensor("swa_table", swa_table, dtypes=INDEX_DTYPES, ndims=(1,), device=dev)
-    _check_scales(k_scale, v_scale, k_cache.dtype, fp8_dtype, dev)
-    stored = fp8_dtype or k_cache.dtype
-    clamp = _check_eager_fp8(dev, stored, quant_dtype, scale_mul, clamp)
+    _check_scales(k_scale, v_scale, k_cache.dtype, o.fp8_dtype, dev)
+    _check_eager_fp8(dev, o.fp8_dtype or k_cache.dtype, o.quant_dtype, o.scale_mul, o.clamp)
     _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
-    return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale,
-                         bool(is_neox), rotary_dim, layout, q.shape, k.shape, bool(negative_wraps), table_dtype,
-                         fp8_dtype, quant_dtype, bool(scale_mul), clamp, bool(check_slots), bool(check_positions))
+    if not (isinstance(o.rotary_dim, int) and o.rotary_dim == rotary_dim):  # None, or a SymInt made static
+        o = dataclasses.replace(o, rotary_dim=rotary_dim)
+    return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale, o,
+                         q.shape, k.shape)
 
 
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
                   quant_dtype) -> tuple[int, int, int | None]:
     """Check the caches (and ``fp8_dtype``); returns (kv heads, head_dim, batch of a sequence cache or None)."""
     cache_ndim = 3 if layout is CacheLayout.TOKEN else 4
-    _check_fp8_dtype(fp8_dtype)
     cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (dtype, *FP8_DTYPES)
     _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(cache_ndim,), device=dev)
     _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(cache_ndim,), device=dev)
@@ -378,39 +353,23 @@ def exactly_representable(x: float, dtype: torch.dtype) -> bool:
     return dtype is torch.float32 or (dtype is torch.bfloat16 and low_bits == 0)
 
 
-def _check_fp8_dtype(fp8_dtype) -> None:
-    if fp8_dtype is not None and fp8_dtype not in FP8_DTYPES:
-        raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
-                         f"cache holds), got {fp8_dtype!r}")
-
-
-def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_mul, clamp):
-    """Check the eager-fp8-store arguments; returns ``clamp`` as a tuple of two floats, or None."""
+def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_mul: bool, clamp) -> None:
+    """Check the eager-fp8-store options against each other and the caches (``RopeKVOptions`` checked each one:
+    ``clamp`` is None or ``(lo, hi)`` floats)."""
     if quant_dtype is None:
-        for name, given in (("scale_mul", bool(scale_mul)), ("clamp", clamp is not None)):
+        for name, given in (("scale_mul", scale_mul), ("clamp", clamp is not None)):
             if given:
                 raise ValueError(f"{name} is given without quant_dtype (it describes an eager fp8 store)")
-        return None
-    if quant_dtype not in MODEL_DTYPES:
-        raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, got {quant_dtype!r}")
+        return
     if stored not in FP8_DTYPES:
         raise ValueError(f"quant_dtype is given, but the caches are {stored}, not fp8 (or uint8 with fp8_dtype)")
     try:
         eager_fp8_cast(dev, stored)
     except ValueError as e:
         raise ValueError(f"quant_dtype: {e}") from None
-    if clamp is None:
-        return None
-    if not isinstance(clamp, (list, tuple)) or len(clamp) != 2 or not all(
-            isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp):
-        raise ValueError(f"clamp must be None or two numbers (lo, hi), got {clamp!r}")
-    lo, hi = float(clamp[0]), float(clamp[1])
-    if not lo <= hi:
-        raise ValueError(f"clamp must have lo <= hi (no NaN), got {clamp!r}")
-    if not (exactly_representable(lo, quant_dtype) and exactly_representable(hi, quant_dtype)):
+    if clamp is not None and not all(exactly_representable(c, quant_dtype) for c in clamp):
         raise ValueError(f"clamp bounds must be exact {quant_dtype} values (the model clamps in that dtype), "
                          f"got {clamp!r}")
-    return lo, hi
 
 
 def check_index_ranges(p: RopeKVProblem, *, slots: bool = True, positions: bool = True,
@@ -423,7 +382,7 @@ def check_index_ranges(p: RopeKVProblem, *, slots: bool = True, positions: bool 
     if slots:
         _check_slot_ranges(p, error)
     if positions and p.positions is not None:
-        low = -p.cos.shape[0] if p.negative_wraps else 0
+        low = -p.cos.shape[0] if p.options.negative_wraps else 0
         bad = (p.positions < low) | (p.positions >= p.cos.shape[0])
         if bool(bad.any()):
             raise error(f"positions must lie in [{low}, {p.cos.shape[0]}) (the rotary table's rows), "
@@ -434,16 +393,16 @@ def _check_slot_ranges(p: RopeKVProblem, error: type[Exception]) -> None:
     slots = p.slot_mapping.long()
     if p.swa_table is not None:
         n_swa = p.swa_table.shape[0]
-        low = -n_swa if p.negative_wraps else None
+        low = -n_swa if p.options.negative_wraps else None
         bad = (slots >= n_swa) | ((slots < low) if low is not None else torch.zeros_like(slots, dtype=torch.bool))
         if bool(bad.any()):
             raise error(f"slot_mapping has entries outside swa_table's {n_swa} rows, e.g. {int(slots[bad][0])}")
-        wrapped = torch.where(slots < 0, slots + n_swa, slots) if p.negative_wraps else slots
+        wrapped = torch.where(slots < 0, slots + n_swa, slots) if p.options.negative_wraps else slots
         slots = torch.where(wrapped >= 0, p.swa_table[wrapped.clamp(min=0)].long(), -1)
     bad = slots >= p.num_slots
-    if p.negative_wraps:
+    if p.options.negative_wraps:
         bad |= slots < -p.num_slots
     if bool(bad.any()):
         where = "swa_table maps to" if p.swa_table is not None else "slot_mapping has"
-        raise error(f"{where} slots outside the {p.layout.value} cache's {p.num_slots} slots, "
+        raise error(f"{where} slots outside the {p.options.layout.value} cache's {p.num_slots} slots, "
                     f"e.g. {int(slots[bad][0])}")

@@ -12,6 +12,7 @@ from fx_fusion.kernels.problem import FP8_DTYPES, CacheLayout, RopeKVProblem
 
 def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = torch.float64):
     """Same contract as the kernel, computed in ``compute_dtype``; writes the caches, returns (q_out, k_out)."""
+    o = p.options
     first, second, c1, c2, s1, s2 = _rotary_values(p, compute_dtype)
 
     def rope(x: torch.Tensor) -> torch.Tensor:
@@ -27,13 +28,13 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
     def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
         x = x[store]  # [N, H, D]
-        if p.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
+        if o.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
             x = x.to(p.k.dtype).float()
             if scale is not None:
-                x = x * scale.float().reshape(()) if p.scale_mul else x / scale.float().reshape(())
-            x = x.to(p.quant_dtype)
-            if p.clamp is not None:
-                x = x.float().clamp(*p.clamp).to(p.quant_dtype)
+                x = x * scale.float().reshape(()) if o.scale_mul else x / scale.float().reshape(())
+            x = x.to(o.quant_dtype)
+            if o.clamp is not None:
+                x = x.float().clamp(*o.clamp).to(o.quant_dtype)
             x = x.to(p.stored_dtype).view(cache.dtype)
         else:
             if scale is not None:
@@ -42,9 +43,9 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
                 fmax = torch.finfo(cache.dtype).max
                 x = x.clamp(-fmax, fmax)
             x = x.to(cache.dtype)
-        if p.layout is CacheLayout.TOKEN:
+        if o.layout is CacheLayout.TOKEN:
             cache[s_sel] = x
-        elif p.layout is CacheLayout.PAGED:
+        elif o.layout is CacheLayout.PAGED:
             bs = cache.shape[1]
             cache[s_sel // bs, s_sel % bs] = x
         else:
@@ -61,20 +62,21 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 def _rotary_values(p: RopeKVProblem, compute_dtype: torch.dtype) -> tuple:
     """(first, second, c1, c2, s1, s2): the features each pair rotates, and the cos/sin values that multiply
     them, per token as ``[B or 1, S, 1, R']`` tensors in ``compute_dtype``."""
-    rot, half = p.rotary_dim, p.rotary_dim // 2
+    o = p.options
+    rot, half = o.rotary_dim, o.rotary_dim // 2
 
     def table(c: torch.Tensor) -> torch.Tensor:  # -> [B or 1, S, 1, R'] per token
         if p.positions is not None:
             pos = p.positions.long()
-            pos = torch.where(pos < 0, pos + c.shape[0], pos) if p.negative_wraps else pos
+            pos = torch.where(pos < 0, pos + c.shape[0], pos) if o.negative_wraps else pos
             return c[pos.clamp(0, c.shape[0] - 1)].unsqueeze(2)
         return (c if c.dim() == 3 else c.unsqueeze(0)).unsqueeze(2)
 
     cos, sin = table(p.cos), table(p.sin)
-    if p.table_dtype is not None:  # the model's cast of the table before the multiply
-        cos, sin = cos.to(p.table_dtype), sin.to(p.table_dtype)
+    if o.table_dtype is not None:  # the model's cast of the table before the multiply
+        cos, sin = cos.to(o.table_dtype), sin.to(o.table_dtype)
     cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
-    if p.is_neox:
+    if o.is_neox:
         first, second = torch.arange(half), torch.arange(half) + half
     else:
         first, second = torch.arange(0, rot, 2), torch.arange(1, rot, 2)
@@ -95,11 +97,11 @@ def _stored_tokens(p: RopeKVProblem) -> tuple[torch.Tensor, torch.Tensor, torch.
     valid = torch.ones_like(slots, dtype=torch.bool)
     if p.swa_table is not None:
         n_swa = p.swa_table.shape[0]
-        if p.negative_wraps:
+        if p.options.negative_wraps:
             slots = torch.where(slots < 0, slots + n_swa, slots)
         valid = (slots >= 0) & (slots < n_swa)
         slots = p.swa_table[slots.clamp(0, n_swa - 1)].long()
-    if p.negative_wraps:
+    if p.options.negative_wraps:
         slots = torch.where(slots < 0, slots + p.num_slots, slots)
     store = valid & (slots >= 0) & (slots < p.num_slots)
     b_idx = torch.arange(batch, device=slots.device)[:, None].expand(batch, seq)[store]

@@ -3,7 +3,8 @@
 One file per layer, imported by the rest of the package directly:
 
     rope_kv_kernel.py  the Triton kernel; its docstring describes the maths, layouts and slot conventions
-    problem.py         CacheLayout, the dtypes, RopeKVProblem, prepare and the host-side checks
+    options.py         RopeKVOptions (the op's non-tensor options), CacheLayout and the dtype sets they take
+    problem.py         RopeKVProblem, prepare and the host-side checks
     launch.py          the launch configuration, the kernel's arguments, launch and launch_traceable
     reference.py       the float reference in plain torch
 
@@ -15,6 +16,7 @@ this module by path and calls the same names).
 from __future__ import annotations
 
 from fx_fusion.kernels.launch import NotTraceable, kernel_arguments, launch, launch_config, launch_traceable
+from fx_fusion.kernels.options import RopeKVOptions
 from fx_fusion.kernels.problem import (FP8_DTYPES, INDEX_DTYPES, MODEL_DTYPES, SCALE_DTYPES, TABLE_DTYPES,
                                        CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
                                        default_rotary_dim, eager_fp8_cast, exactly_representable, prepare)
@@ -22,7 +24,7 @@ from fx_fusion.kernels.reference import reference
 
 __all__ = [
     "FP8_DTYPES", "INDEX_DTYPES", "MODEL_DTYPES", "SCALE_DTYPES", "TABLE_DTYPES", "CacheLayout", "NotTraceable",
-    "RopeKVProblem", "check_index_ranges", "check_writable", "default_rotary_dim", "eager_fp8_cast",
+    "RopeKVOptions", "RopeKVProblem", "check_index_ranges", "check_writable", "default_rotary_dim", "eager_fp8_cast",
     "exactly_representable", "kernel_arguments", "launch", "launch_config", "launch_traceable", "prepare",
     "reference",
 ]

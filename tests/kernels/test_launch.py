@@ -178,10 +178,10 @@ def run_graph(gm, module, interpreted, monkeypatch, args: dict, return_k: bool):
     else:
         assert k_out.shape == (0,)
     # addressed_rows and assert_cache know this module's layouts by value
-    p_here = rkc.prepare(**dict(args, layout=p.layout.value))
+    p_here = rkc.prepare(**dict(args, layout=p.options.layout.value))
     addressed = addressed_rows(p_here)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p_here.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p_here.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p_here.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p_here.options.layout)
 
 
 def kernel_nodes(gm) -> list[torch.fx.Node]:
@@ -348,8 +348,8 @@ def test_op_runs_inside_torch_compile(device):
     torch._dynamo.reset()
     torch.testing.assert_close(out, 2 * q_ref, atol=1e-5, rtol=1e-5)
     addressed = addressed_rows(p)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.options.layout)
 
 
 def test_the_launch_counts_as_a_fused_node(device, traced_kernels, monkeypatch):

@@ -73,8 +73,8 @@ def check_op(args: dict, *, return_k: bool = True, validate: bool = False) -> tu
     else:
         assert k_out.shape == (0,)
     addressed = addressed_rows(p)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.options.layout)
     assert_outside_views_unchanged([p.k_cache, p.v_cache], snapshots)
     return p, q_out, k_out
 
@@ -213,8 +213,8 @@ def test_wrapper_cos_sin_cache(device, rot, layout, return_k):
     else:
         assert k_out is None
     addressed = addressed_rows(p)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.options.layout)
 
 
 def test_wrapper_cos_sin_per_token(device):
@@ -228,8 +228,8 @@ def test_wrapper_cos_sin_per_token(device):
                                          args["slot_mapping"], cos=args["cos"], sin=args["sin"])
     torch.testing.assert_close(q_out, q_ref, atol=1e-3, rtol=1e-3)
     assert k_out is None
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed_rows(p), p.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed_rows(p), p.options.layout)
 
 
 # --------------------------------------------------------------------------------------------------

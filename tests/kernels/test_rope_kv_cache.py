@@ -283,7 +283,7 @@ def resolved_slots(slot_mapping: torch.Tensor, swa_table: torch.Tensor | None, n
 
 
 def slots_per_row(p: rkc.RopeKVProblem) -> int:
-    c, layout = p.k_cache, p.layout
+    c, layout = p.k_cache, p.options.layout
     return c.shape[0] * c.shape[1] if layout is CacheLayout.PAGED else (
         c.shape[2] if layout is CacheLayout.SEQUENCE else c.shape[0])
 
@@ -291,9 +291,9 @@ def slots_per_row(p: rkc.RopeKVProblem) -> int:
 def addressed_rows(p: rkc.RopeKVProblem) -> torch.Tensor:
     """Bool [rows] over ``cache_rows``: the rows some token writes."""
     n_slots = slots_per_row(p)
-    slots = resolved_slots(p.slot_mapping, p.swa_table, n_slots, p.negative_wraps)
+    slots = resolved_slots(p.slot_mapping, p.swa_table, n_slots, p.options.negative_wraps)
     slots = slots[slots >= 0]
-    n_batches = p.k_cache.shape[0] if p.layout is CacheLayout.SEQUENCE else 1
+    n_batches = p.k_cache.shape[0] if p.options.layout is CacheLayout.SEQUENCE else 1
     mask = torch.zeros(n_batches, n_slots, dtype=torch.bool, device=slots.device)
     mask[:, slots] = True
     return mask.reshape(-1)
@@ -366,8 +366,8 @@ def run_and_check(args: dict, *, return_k: bool = True, out_form: str = "contigu
     else:
         assert k_ref is None
     addressed = addressed_rows(p)
-    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.layout)
-    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.layout)
+    assert_cache("k_cache", p.k_cache, before[0], ref.k_cache, addressed, p.options.layout)
+    assert_cache("v_cache", p.v_cache, before[1], ref.v_cache, addressed, p.options.layout)
     assert_outside_views_unchanged([p.k_cache, p.v_cache], snapshots)
     return p, q_out, k_out, before
 
@@ -526,7 +526,8 @@ def test_tables_rounded_before_the_multiply(device, table_dtype, table, layout):
     args = make_args(device, T=9, Hq=4, Hkv=2, D=32, layout=layout, batch=batch, dtype=torch.float32,
                      table=table, table_dtype=torch.float32)
     p, q_out, *_ = run_and_check(dict(args, table_dtype=table_dtype))
-    unrounded = dataclasses.replace(p, table_dtype=None, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
+    unrounded = dataclasses.replace(p, options=dataclasses.replace(p.options, table_dtype=None),
+                                    k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
     q_unrounded, _ = reference(unrounded, False, compute_dtype=torch.float64)
     assert (q_out.double() - q_unrounded).abs().max() > 1e-4, "the table was not rounded"
 
@@ -690,7 +691,7 @@ def test_negative_wraps_with_swa_table_follows_torch_indexing(device):
     want[swa[loc]] = k_out.view(T, 1, 16)  # eager torch indexing: negative indices wrap at both levels
     addressed = torch.zeros(n_slots, dtype=torch.bool, device=device)
     addressed[swa[loc]] = True
-    assert_cache("k_cache", p.k_cache, before, want, addressed, p.layout)
+    assert_cache("k_cache", p.k_cache, before, want, addressed, p.options.layout)
 
 
 def test_negative_wraps_skips_entries_outside_swa_table(device):

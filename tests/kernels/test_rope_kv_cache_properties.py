@@ -157,7 +157,7 @@ def per_token_rows(p) -> tuple[torch.Tensor, torch.Tensor]:
     """What each token (b, s) stores, [B, S, Hkv, D] in the cache dtype: the reference run with distinct slots."""
     batch, seq = p.q.shape[:2]
     hkv, d = p.k.shape[2:]
-    if p.layout is CacheLayout.SEQUENCE:
+    if p.options.layout is CacheLayout.SEQUENCE:
         scratch = [torch.zeros(batch, hkv, seq, d, dtype=p.k_cache.dtype, device=DEVICE) for _ in range(2)]
         layout = CacheLayout.SEQUENCE
     else:
@@ -165,7 +165,7 @@ def per_token_rows(p) -> tuple[torch.Tensor, torch.Tensor]:
         layout = CacheLayout.TOKEN
     distinct = torch.arange(seq, device=DEVICE)[None]
     reference(dataclasses.replace(p, k_cache=scratch[0], v_cache=scratch[1], slot_mapping=distinct, swa_table=None,
-                                  layout=layout), False)
+                                  options=dataclasses.replace(p.options, layout=layout)), False)
     if layout is CacheLayout.SEQUENCE:
         return tuple(c.transpose(1, 2) for c in scratch)
     return tuple(c[None] for c in scratch)
@@ -192,23 +192,23 @@ def check(args: dict, return_k: bool) -> None:
 
     # which tokens write which cache row (row = b * n_slots + slot in cache_rows order)
     c = p.k_cache
-    n_slots = c.shape[0] * c.shape[1] if p.layout is CacheLayout.PAGED else (
-        c.shape[2] if p.layout is CacheLayout.SEQUENCE else c.shape[0])
+    n_slots = c.shape[0] * c.shape[1] if p.options.layout is CacheLayout.PAGED else (
+        c.shape[2] if p.options.layout is CacheLayout.SEQUENCE else c.shape[0])
     batch, seq = p.q.shape[:2]
-    slots = resolved_slots(p.slot_mapping, p.swa_table, n_slots, p.negative_wraps).tolist()
+    slots = resolved_slots(p.slot_mapping, p.swa_table, n_slots, p.options.negative_wraps).tolist()
     writers: dict[int, list[tuple[int, int]]] = {}
     for b in range(batch):
         for s, slot in enumerate(slots):
             if slot >= 0:
                 writers.setdefault(b * n_slots + slot, []).append((b, s))
-    n_rows = (batch if p.layout is CacheLayout.SEQUENCE else 1) * n_slots
+    n_rows = (batch if p.options.layout is CacheLayout.SEQUENCE else 1) * n_slots
     addressed = torch.zeros(n_rows, dtype=torch.bool, device=DEVICE)
     addressed[list(writers)] = True
 
     expected = per_token_rows(p) if writers else (None, None)
     for name, cache, old, want in (("k_cache", p.k_cache, before[0], expected[0]),
                                    ("v_cache", p.v_cache, before[1], expected[1])):
-        got_rows, old_rows = cache_rows(cache, p.layout), cache_rows(old, p.layout)
+        got_rows, old_rows = cache_rows(cache, p.options.layout), cache_rows(old, p.options.layout)
         untouched = ~addressed
         assert torch.equal(as_bytes(got_rows)[untouched], as_bytes(old_rows)[untouched]), \
             f"{name}: a row no token addresses changed"

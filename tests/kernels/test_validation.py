@@ -113,8 +113,8 @@ def check_against_reference(args: dict, call, rotary_dim: int | None = None) -> 
     q_out, _ = call()
     atol, rtol = TOLERANCES[p.q.dtype]
     torch.testing.assert_close(q_out, q_ref.to(q_out.dtype), atol=atol, rtol=rtol)
-    assert_cache("k_cache", p.k_cache.detach(), before[0], ref.k_cache, addressed_rows(p), p.layout)
-    assert_cache("v_cache", p.v_cache.detach(), before[1], ref.v_cache, addressed_rows(p), p.layout)
+    assert_cache("k_cache", p.k_cache.detach(), before[0], ref.k_cache, addressed_rows(p), p.options.layout)
+    assert_cache("v_cache", p.v_cache.detach(), before[1], ref.v_cache, addressed_rows(p), p.options.layout)
 
 
 def _check_wrapper(args: dict, ref_rotary_dim: int, **kw) -> None:
@@ -146,7 +146,7 @@ def test_rotary_dim_inferred_when_unambiguous(device, D, rot):
     """Per-feature tables wider than half the head dim can only be per feature: rotary_dim = width."""
     args = make_args(device, T=5, Hq=4, Hkv=2, D=D, rot=rot, qkv="3d", table="hf")
     assert args["cos"].shape[-1] == rot
-    assert prepare(**dict(args, rotary_dim=None)).rotary_dim == rot
+    assert prepare(**dict(args, rotary_dim=None)).options.rotary_dim == rot
     _check_wrapper(args, rot, cos=args["cos"], sin=args["sin"])
 
 

@@ -1,0 +1,119 @@
+"""The fused RoPE + KV-cache store's non-tensor options, described once: ``RopeKVOptions``.
+
+Everything else derives from this dataclass: the custom op's schema (one argument per field, in field order,
+``ops``), ``prepare``'s keyword arguments and ``RopeKVProblem.options`` (``problem``), and the public wrapper's
+``**options``. A new option is a field here, its use (kernel, launch, reference) and the place the graph pass
+sets it. A field's type must map to a schema type (``ops._SCHEMA_TYPES``: bool, int, float, str, CacheLayout,
+torch.dtype, tuple of floats, each optionally ``| None``).
+
+``__post_init__`` normalises and checks what a field's value says on its own (layout strings to ``CacheLayout``,
+``clamp`` to a tuple of two floats, bools, dtypes out of their sets); checks against the tensors or other options
+are ``prepare``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+
+import torch
+
+
+class CacheLayout(str, enum.Enum):
+    """How a KV cache is laid out; the value is what the custom op's ``layout`` argument takes."""
+
+    TOKEN = "token"
+    PAGED = "paged"
+    SEQUENCE = "sequence"
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
+TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeKVOptions:
+    """The op's options; the field order is the op's argument order (after the tensors)."""
+
+    # NeoX pairing (feature i with i + rotary_dim / 2) if True, else GPT-J (feature 2i with 2i + 1)
+    is_neox: bool = True
+    # features rotated (even, <= head_dim; the rest pass through); None: cos's width, where unambiguous
+    # (``problem.default_rotary_dim``). ``RopeKVProblem.options`` holds it resolved.
+    rotary_dim: int | None = None
+    # the caches' layout (a string is converted; the op takes the value)
+    layout: CacheLayout = CacheLayout.TOKEN
+    # also return the rotated k (else the op's k_out is empty and the wrapper returns None)
+    return_k: bool = False
+    # check that every slot and position lies inside its cache or table (a device sync)
+    validate: bool = False
+    # negative slots/positions count from the end (as ``cache[slot] = k`` does) instead of skipping
+    negative_wraps: bool = False
+    # cos/sin are rounded to this dtype (bf16 or fp16) before the multiply, as a model casting its table does
+    table_dtype: torch.dtype | None = None
+    # the fp8 format whose bits uint8 caches hold (with quant_dtype)
+    fp8_dtype: torch.dtype | None = None
+    # eager fp8 stores: the dtype of ``x / scale`` (see ``problem.eager_fp8_cast``)
+    quant_dtype: torch.dtype | None = None
+    # eager fp8 stores: ``x * scale`` instead of ``x / scale``
+    scale_mul: bool = False
+    # eager fp8 stores: (lo, hi) of the model's clamp before the cast
+    clamp: tuple[float, float] | None = None
+    # an out-of-range slot fails the call (``problem.check_index_ranges``) instead of being skipped
+    check_slots: bool = False
+    # an out-of-range position fails the call instead of being clamped
+    check_positions: bool = False
+
+    def __post_init__(self):
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if value is not True and value is not False:
+                if not (isinstance(value, int) and value in (0, 1)):
+                    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+                object.__setattr__(self, name, bool(value))
+        if not isinstance(self.layout, CacheLayout):
+            try:
+                object.__setattr__(self, "layout", CacheLayout(self.layout))
+            except ValueError:
+                raise ValueError(f"layout must be one of {[m.value for m in CacheLayout]}, "
+                                 f"got {self.layout!r}") from None
+        if self.table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {self.table_dtype!r}")
+        if self.fp8_dtype is not None and self.fp8_dtype not in FP8_DTYPES:
+            raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
+                             f"cache holds), got {self.fp8_dtype!r}")
+        if self.quant_dtype is not None and self.quant_dtype not in MODEL_DTYPES:
+            raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
+                             f"got {self.quant_dtype!r}")
+        if self.clamp is not None:
+            object.__setattr__(self, "clamp", _clamp_pair(self.clamp))
+
+
+def _clamp_pair(clamp) -> tuple[float, float]:
+    if not isinstance(clamp, (list, tuple)) or len(clamp) != 2 or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp):
+        raise ValueError(f"clamp must be None or two numbers (lo, hi), got {clamp!r}")
+    lo, hi = float(clamp[0]), float(clamp[1])
+    if not lo <= hi:
+        raise ValueError(f"clamp must have lo <= hi (no NaN), got {clamp!r}")
+    return lo, hi
+
+
+FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(RopeKVOptions)  # name -> type, in field order
+_BOOL_FIELDS = tuple(name for name, hint in FIELD_TYPES.items() if hint is bool)
+
+
+def make_options(options: RopeKVOptions | None = None, /, **kwargs) -> RopeKVOptions:
+    """``options`` (default: the defaults) with the fields named in ``kwargs`` replaced; ``TypeError`` naming an
+    unknown name."""
+    unknown = [name for name in kwargs if name not in FIELD_TYPES]
+    if unknown:
+        raise TypeError(f"{unknown[0]!r} is not an option of the fused RoPE + KV-cache store (options: "
+                        f"{', '.join(FIELD_TYPES)})")
+    if options is None:
+        return RopeKVOptions(**kwargs)
+    if not isinstance(options, RopeKVOptions):
+        raise TypeError(f"options must be a RopeKVOptions or None, got {type(options).__name__}")
+    return dataclasses.replace(options, **kwargs) if kwargs else options
