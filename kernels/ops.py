@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import inspect
 import typing
 
@@ -35,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from fx_fusion.kernels.launch import NotTraceable, interpreted, launch, launch_traceable
-from fx_fusion.kernels.options import FIELD_TYPES, RopeKVOptions, make_options
+from fx_fusion.kernels.options import FIELD_TYPES, RopeKVOptions, make_options, op_value
 from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
                                        default_rotary_dim, prepare)
 from fx_fusion.kernels.reference import reference
@@ -67,17 +66,10 @@ def _schema_type(name: str, hint) -> typing.Any:
     return typing.Optional[_SCHEMA_TYPES[base]] if optional else _SCHEMA_TYPES[base]
 
 
-def _op_value(value):
-    """A ``RopeKVOptions`` value as the op takes it (an enum's value, a tuple as a list)."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    return list(value) if isinstance(value, tuple) else value
-
-
 # the op's one signature: the tensors, then one argument per RopeKVOptions field (its default, its type)
 _SIGNATURE = inspect.signature(_tensor_arguments).replace(parameters=[
     *inspect.signature(_tensor_arguments).parameters.values(),
-    *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_op_value(f.default),
+    *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=op_value(f.default),
                         annotation=_schema_type(f.name, FIELD_TYPES[f.name]))
       for f in dataclasses.fields(RopeKVOptions)),
 ])
@@ -258,5 +250,5 @@ def rope_kv_store(
     opts = dataclasses.replace(opts, rotary_dim=rotary_dim)
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        **{f.name: _op_value(getattr(opts, f.name)) for f in dataclasses.fields(opts)})
+        **opts.op_arguments())
     return q_out, (k_out if opts.return_k else None)

@@ -90,6 +90,17 @@ class RopeKVOptions:
         if self.clamp is not None:
             object.__setattr__(self, "clamp", _clamp_pair(self.clamp))
 
+    def op_arguments(self) -> dict:
+        """The fields as the op's keyword arguments (an enum as its value, a tuple as a list)."""
+        return {f.name: op_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def op_value(value):
+    """A ``RopeKVOptions`` value as the op takes it (an enum's value, a tuple as a list)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
 
 def _clamp_pair(clamp) -> tuple[float, float]:
     if not isinstance(clamp, (list, tuple)) or len(clamp) != 2 or not all(

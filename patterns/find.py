@@ -17,11 +17,12 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 from torch.fx import Graph, Node
 
 from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
-from fx_fusion.patterns.kv_store import (NotAStore, Store, cat_of_tokens, engine_store_op, match_copy_store,
-                                         match_engine_store, match_store, walk_views)
+from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
+from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
+from fx_fusion.patterns.store import NotAStore, Store
 
 aten = torch.ops.aten
 # ops a RoPE ends in: a stored value computed by one of these may be a RoPE

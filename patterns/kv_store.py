@@ -42,7 +42,6 @@ from torch.fx import Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_fusion.kernels.problem import CacheLayout
-from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store  # noqa: F401 (re-export)
 from fx_fusion.patterns.fx_utils import RESHAPES, SCATTER_OF, OpRole, Role, is_one, ops_with, shape_of, sizes_equal
 from fx_fusion.patterns.store import BHSD, THD, NotAStore, Origin, Roles, Store, value_roles
 

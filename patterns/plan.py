@@ -16,10 +16,11 @@ from torch.fx import Node
 from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast
 from fx_fusion.patterns.find import GraphState, KStore
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
-from fx_fusion.patterns.kv_store import Origin, Store, same_view, view_args, walk_views
+from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
 from fx_fusion.patterns.quant import Quant
 from fx_fusion.patterns.rope import RopeMatch, TableRef
 from fx_fusion.patterns.site import Disabled, FusionOptions, Unfusable
+from fx_fusion.patterns.store import Origin, Store
 
 aten = torch.ops.aten
 _GATHER = CallFunction(aten.index.Tensor, KeywordArg("table"), KeywordArg("indices"))

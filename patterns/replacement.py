@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from fx_fusion.kernels.functional import rope_kv_store_functional
-from fx_fusion.kernels.problem import CacheLayout
+from fx_fusion.kernels.options import CacheLayout, RopeKVOptions
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of
-from fx_fusion.patterns.kv_store import Origin, Store
 from fx_fusion.patterns.plan import TOKEN_MAJOR, TOKEN_ROLES, Plan, TableSource
 from fx_fusion.patterns.quant import scale_rounding
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle, TableRef
+from fx_fusion.patterns.store import Origin, Store
 
 
 @dataclass(frozen=True)
@@ -37,28 +37,18 @@ class ReplacementSpec:
     """The static part of a site's replacement (everything but the tensors): with the launch form (``kernel``),
     it determines the traced replacement, so sites with equal specs and input metadata share one trace."""
 
-    layout: CacheLayout
+    options: RopeKVOptions  # the op's non-tensor arguments
     q_roles: tuple  # roles of the dims of q, k, v as they enter the op's replacement
     k_roles: tuple
     v_roles: tuple
     out_roles: tuple  # roles of the RoPE outputs' dims (what q_out and k_out are viewed back to)
     cos: TableView
     sin: TableView
-    is_neox: bool
-    rotary_dim: int
-    return_k: bool
-    validate: bool
-    table_dtype: torch.dtype | None  # cos/sin rounded to it before the multiply (the model's cast)
     k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
     v_store_shape: tuple | None
     v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
-    quant: tuple | None = None  # fp8 stores: (fp8_dtype for uint8 caches or None, quant_dtype, scale_mul, clamp)
     scale_values: tuple = (None, None)  # k's and v's scales where the graph has them as Python numbers
     scale_roundings: tuple = (None, None)  # the dtype eager rounds each scale tensor to first (quant.scale_rounding)
-    # the slots are the graph's, so one out of range fails the call as eager's store would (``check_slots``); not
-    # for slots the pass made with a past-the-cache marker (a window copy, an engine's skipped index). Positions
-    # are always the graph's: always checked.
-    check_slots: bool = True
     # caches that are views of buffers: ``(op, args)`` of each view from the buffer down (see kernels/functional.py)
     k_views: tuple | None = None
     v_views: tuple | None = None
@@ -70,20 +60,29 @@ def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
     quants = (p.k_quant, p.v_quant)
     views = Origin.VIEW in (st.origin, v_st.origin)
     return ReplacementSpec(
-        layout=p.layout, q_roles=_x_roles(p.q, p.roles), k_roles=_x_roles(p.k, p.roles), v_roles=p.v_roles,
-        out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
-        sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim), is_neox=p.k.style is RopeStyle.NEOX,
-        rotary_dim=p.k.rotary_dim, return_k=p.return_k, validate=validate, table_dtype=p.k.cos.leaf.round_to,
+        options=_options(p, validate), q_roles=_x_roles(p.q, p.roles), k_roles=_x_roles(p.k, p.roles),
+        v_roles=p.v_roles, out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
+        sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim),
         k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
         v_store_shape=tuple(shape_of(v_st.cache_view)) if v_st.cache_view is not None else None,
         v_heads=tuple(shape_of(v_st.cache)[1:]) if v_st.flat_value else None,
-        quant=None if p.k_quant is None else (p.k_quant.fp8 if p.k_quant.uint8 else None, p.k_quant.quant_dtype,
-                                              p.k_quant.scale_mul, p.k_quant.clamp),
         scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None for qt in quants),
         scale_roundings=tuple(scale_rounding(qt, st.cache.meta["val"].device) if qt is not None else None
                               for qt in quants),
-        check_slots=st.window is None and st.engine_slots is None,
         k_views=_view_ops(st) if views else None, v_views=_view_ops(v_st) if views else None)
+
+
+def _options(p: Plan, validate: bool) -> RopeKVOptions:
+    """The op's options for the site: slots and positions count from the end when negative, as the graph's indexing
+    does, and one out of range fails the call as eager's store would (``check_slots``); not for slots the pass made
+    with a past-the-cache marker (a window copy, an engine's skipped index). Positions are always the graph's."""
+    st, quant = p.k_store, p.k_quant
+    fp8 = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None, quant_dtype=quant.quant_dtype,
+                                        scale_mul=quant.scale_mul, clamp=quant.clamp)
+    return RopeKVOptions(
+        is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim, layout=p.layout, return_k=p.return_k,
+        validate=validate, negative_wraps=True, table_dtype=p.k.cos.leaf.round_to,
+        check_slots=st.window is None and st.engine_slots is None, check_positions=True, **fp8)
 
 
 def _view_ops(store: Store) -> tuple:
@@ -101,28 +100,22 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     Returns ``(q_rot, k_rot or None, new k cache, new v cache)``: the values of the RoPE outputs and of
     the two ``index_put`` nodes. Sizes stay symbolic: the only branches are on static sizes.
     """
-    wanted = TOKEN_MAJOR[spec.layout]
+    layout = spec.options.layout
+    wanted = TOKEN_MAJOR[layout]
     if spec.v_heads is not None:
         v = v.unflatten(-1, spec.v_heads)
     q, k, v = (_to_token_major(x, roles, wanted) for x, roles in
                ((q, spec.q_roles), (k, spec.k_roles), (v, spec.v_roles)))
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in TOKEN_ROLES}
-    cos, positions = _kernel_table(cos, positions, spec.cos, spec.layout, tokens)
-    sin, _ = _kernel_table(sin, None, spec.sin, spec.layout, tokens)  # cos and sin share the positions
-    # the op's arguments other than the tensors, by name
-    options = dict(is_neox=spec.is_neox, rotary_dim=spec.rotary_dim, layout=spec.layout.value,
-                   return_k=spec.return_k, validate=spec.validate, table_dtype=spec.table_dtype,
-                   check_slots=spec.check_slots, check_positions=True)
-    if spec.quant is not None:
-        fp8_dtype, quant_dtype, scale_mul, clamp = spec.quant
-        options.update(fp8_dtype=fp8_dtype, quant_dtype=quant_dtype, scale_mul=scale_mul,
-                       clamp=None if clamp is None else list(clamp))
+    cos, positions = _kernel_table(cos, positions, spec.cos, layout, tokens)
+    sin, _ = _kernel_table(sin, None, spec.sin, layout, tokens)  # cos and sin share the positions
+    if spec.options.quant_dtype is not None:
         k_scale, v_scale = _scales(spec, k_scale, v_scale, q.device)
     q_out, k_out, k_new, v_new = rope_kv_store_functional(
-        q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale, kernel=kernel,
-        k_views=spec.k_views, v_views=spec.v_views, **options)
+        q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale, spec.options, kernel=kernel,
+        k_views=spec.k_views, v_views=spec.v_views)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
-    k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.return_k else None
+    k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.options.return_k else None
     if spec.k_store_shape is not None:
         k_new = k_new.reshape(spec.k_store_shape)
     if spec.v_store_shape is not None:

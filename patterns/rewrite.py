@@ -16,11 +16,11 @@ from torch.fx import Graph, Node
 from fx_fusion.kernels.functional import routes
 from fx_fusion.kernels.launch import NotTraceable
 from fx_fusion.patterns.fx_utils import shape_of, sizes_equal
-from fx_fusion.patterns.kv_store import Origin, Store
 from fx_fusion.patterns.plan import Plan, first_of_pair
 from fx_fusion.patterns.replacement import replacement, replacement_spec
 from fx_fusion.patterns.site import FusionOptions, Unfusable
 from fx_fusion.patterns.splice import Traced, Tracer, splice
+from fx_fusion.patterns.store import Origin, Store
 
 log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
@@ -68,7 +68,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
 
 def _trace(tracer: Tracer, spec, inputs: list, st: Store) -> Traced:
     """The replacement traced with the best launch form that traces (``kernels.functional.routes``)."""
-    kernels = routes(st.cache.meta["val"].device, spec.validate)
+    kernels = routes(st.cache.meta["val"].device, spec.options.validate)
     for kernel in kernels:
         try:
             return tracer.trace(replacement, inputs, written=(3, 4), spec=spec, kernel=kernel)  # writes the caches
