@@ -22,12 +22,13 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch.fx import Node
 
-from fx_fusion.kernels.launch import launch_traceable
+from fx_fusion.kernels.launch import NotTraceable, launch_traceable
 from fx_fusion.kernels.options import RopeKVOptions
 from fx_fusion.kernels.problem import prepare
 from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
 
 FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
+__all__ = ["FUSED_OP", "NotTraceable", "is_fused_node", "rope_kv_store_functional", "routes"]
 
 
 def routes(device: torch.device, validate: bool) -> tuple[bool, ...]:

@@ -13,8 +13,7 @@ import logging
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.functional import routes
-from fx_fusion.kernels.launch import NotTraceable
+from fx_fusion.kernels.functional import NotTraceable, routes
 from fx_fusion.patterns.fx_utils import shape_of, sizes_equal
 from fx_fusion.patterns.plan import Plan, first_of_pair
 from fx_fusion.patterns.replacement import replacement, replacement_spec

@@ -26,7 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.launch import NotTraceable
+from fx_fusion.kernels.functional import NotTraceable
 from fx_fusion.patterns.site import Unfusable
 
 log = logging.getLogger("fx_fusion")

@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from fx_fusion.kernels.launch import NotTraceable
+from fx_fusion.kernels.functional import NotTraceable
 from fx_fusion.patterns.splice import Tracer, splice
 
 
