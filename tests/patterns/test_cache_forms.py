@@ -251,7 +251,7 @@ def test_prefill_longer_than_the_window_fuses(keep, allocate, dtype, records, co
     assert all(code.count(FUSED_CALL) == 1 for code in codes)
     prefill = next(p for p in seen if p.q.shape[1] == 10)
     slots = prefill.slot_mapping.flatten()
-    rows = torch.where(slots < 0, slots + 4, slots) if prefill.negative_wraps else slots
+    rows = torch.where(slots < 0, slots + 4, slots) if prefill.options.negative_wraps else slots
     stored = (rows >= 0) & (rows < 4)
     kept = torch.arange(10)[keep]
     assert stored.nonzero().flatten().tolist() == kept.tolist(), slots
