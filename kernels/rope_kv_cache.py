@@ -3,10 +3,12 @@
 One file per layer, imported by the rest of the package directly:
 
     rope_kv_kernel.py  the Triton kernel; its docstring describes the maths, layouts and slot conventions
+    options.py         RopeKVOptions: the op's non-tensor options, described once (the op's schema comes from it)
     options.py         RopeKVOptions (the op's non-tensor options), CacheLayout and the dtype sets they take
     problem.py         RopeKVProblem, prepare and the host-side checks
     launch.py          the launch configuration, the kernel's arguments, launch and launch_traceable
     reference.py       the float reference in plain torch
+    ops.py             the custom op; functional.py: the op and its launch in functional form, for the graph pass
 
 This module re-exports their public names under the names they always had here (tests and
 ``benchmarks/bench_kernel.py`` use them; the benchmark's ``--baseline`` loads an older single-file copy of
