@@ -14,8 +14,8 @@ Implementations:
                           which Inductor launches from its generated code. Elsewhere (CPU, the
                           interpreter, ``validate=True``: a device sync) the op stays opaque.
 
-``rope_kv_store_functional`` is that breakdown as a plain function of the op's arguments, for a graph
-pass to trace (see ``launch.launch_traceable``).
+``_launch_traceable`` is that breakdown as a function of the op's arguments (``launch.launch_traceable``, which the
+graph pass reaches through ``functional.py``).
 
 The op's arguments are the tensors of ``_tensor_arguments`` then one per ``RopeKVOptions`` field (``_SIGNATURE``,
 from which ``custom_op`` infers the schema); its implementations read them as one ``RopeKVOptions``.
@@ -124,7 +124,7 @@ def _(*args, **kwargs):
     return _outputs(_problem(_bind(args, kwargs)))  # the same checks; validate needs data: skipped
 
 
-def rope_kv_store_functional(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_traceable(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's arguments -> ``(q_out, k_out)`` through ``wrap_triton``: the op broken down into its launch.
 
     Checks the arguments (``prepare``) when called, so on fake tensors at trace time; never validates
@@ -148,7 +148,7 @@ def _break_down_when_compiled(mode, op, types, args, kwargs):
     if traceable:
         try:
             with mode:
-                return rope_kv_store_functional(**bound)
+                return _launch_traceable(**bound)
         except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
             pass
     return mode.__torch_dispatch__(op, types, args, kwargs)
