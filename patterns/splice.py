@@ -9,7 +9,9 @@ copies the new cache values back. So:
 
     Tracer.trace   ``fn(*inputs, **static)`` traced with ``make_fx`` on the inputs' fake values in the graph's
                    fake mode (symbolic sizes stay the graph's symbols), once per (fn, static arguments, input
-                   metadata); a site with the same signature reuses the trace with its fake values computed
+                   metadata, read before and after the trace: a trace may prove two symbols equal, e.g. a decode
+                   graph's token counts of the input and of the slots, distinct until the first layer's trace
+                   checks them); a site with the same signature reuses the trace with its fake values computed
                    afresh from its own inputs (two sites sharing fake values would read as aliases to
                    Inductor's re-inplacing)
     write_backs    the trace's writes into its inputs, checked to be the caches only
@@ -56,7 +58,7 @@ class Tracer:
         if len({id(n.meta["val"]) for n in nodes}) != len(nodes):
             raise Unfusable("two inputs of the fused op share one fake value")
         vals = [None if n is None else n.meta["val"] for n in inputs]
-        key = repr((getattr(fn, "__qualname__", fn), written, sorted(static.items()), _signature(inputs)))
+        key = self._key(fn, written, static, inputs)
         found = self._traces.get(key)
         if isinstance(found, Exception):
             raise found
@@ -73,8 +75,14 @@ class Tracer:
         except NotTraceable as e:
             self._traces[key] = e
             raise
+        # the sizes as the shape environment reads them now, with what the trace proved
+        self._traces.setdefault(self._key(fn, written, static, inputs), traced)
         counters["fx_fusion"]["replacement_traces"] += 1
         return traced
+
+    @staticmethod
+    def _key(fn: Callable, written: tuple, static: dict, inputs: list) -> str:
+        return repr((getattr(fn, "__qualname__", fn), written, sorted(static.items()), _signature(inputs)))
 
     def _make_fx(self, fn: Callable, vals: list, static: dict) -> torch.fx.GraphModule:
         from torch.fx.experimental.proxy_tensor import make_fx

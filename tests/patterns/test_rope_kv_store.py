@@ -281,6 +281,20 @@ def _mark_tokens_dynamic(form: str, inputs: tuple) -> tuple:
     return inputs
 
 
+def test_two_layers_with_a_dynamic_token_count_share_one_trace(records, codes, inference):
+    """Each input's token dim its own symbol: the first layer's trace proves the symbols of k and of the slots equal
+    (until then two symbols, later layers one); the second layer shares the trace."""
+    model = TwoLayers("sglang")
+    eager = copy.deepcopy(model)
+    counters["fx_fusion"].clear()
+    steps = [_mark_tokens_dynamic("sglang", prefill_inputs(model.layers[0], num_tokens=t, seed=t)) for t in (3, 5)]
+    run_steps(model, eager, compile_with(model), steps)
+    check_fused(records, codes, [b.k_buffer for b in model.layers], sites_per_graph=2)
+    assert len(records) == 1 and records[0].fused[0].num_tokens == "dynamic"
+    stats = counters["fx_fusion"]
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (1, 1)
+
+
 @pytest.mark.parametrize("form, how", [("sglang", "mark_dynamic"), ("hf", "mark_dynamic"),
                                        ("hf", "dynamic=True")])
 def test_dynamic_token_count_compiles_once_and_fuses(form, how, records, codes, inference):

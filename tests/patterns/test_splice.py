@@ -86,6 +86,21 @@ def test_symbolic_sizes_share_and_stay_symbolic(mode, stats):
     assert isinstance(out.meta["val"].shape[0], torch.SymInt)
 
 
+def test_symbols_the_trace_proves_equal_share_the_trace(mode, stats):
+    # a decode graph's first layer: the token counts of two inputs are two symbols until the trace adds them
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    _, (c, d) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    assert str(a.meta["val"].shape[0]) != str(b.meta["val"].shape[0])
+    tracer = Tracer(mode)
+    tracer.trace(add_sin, [a, b], scale=1.0)
+    assert str(mode.shape_env.replace(a.meta["val"].shape[0].node.expr)) == str(
+        mode.shape_env.replace(b.meta["val"].shape[0].node.expr))
+    # a later layer: both sizes are one symbol from the start
+    c.meta["val"], d.meta["val"] = b.meta["val"].clone(), b.meta["val"].clone()
+    tracer.trace(add_sin, [c, d], scale=1.0)
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (1, 1)
+
+
 def test_not_traceable_is_raised_again_without_tracing(mode, stats):
     graph, (a, b, c, d) = graph_with(mode, (4, 3), (4, 3), (4, 3), (4, 3))
     calls = []
