@@ -3,7 +3,8 @@
 Compiles a decode step (the token count symbolic) and a static prefill with ``backend="fx_fusion"`` (FX graph and
 AOT caches off), and prints per graph the pass's time and share of the first call (compile plus one run), the
 traced replacements made and shared, and the time of each stage: canonicalisation, finding sites, planning,
-tracing (``make_fx``), re-running a shared trace on a site's own fake values, splicing.
+tracing (``make_fx``), re-running a shared trace on a site's own fake values, splicing; and, beside the pass,
+Inductor's analyses of the kernel (TTIR generations, in the pass's traces and in Inductor's lowering).
 
     python benchmarks/bench_pass.py --model a --layers 8
 """
@@ -31,6 +32,7 @@ import fx_fusion.patterns.rope_kv_store as rope_kv_store  # noqa: E402
 import fx_fusion.patterns.splice as splice  # noqa: E402
 
 STAGES = collections.Counter()
+CALLS = collections.Counter()
 
 
 def _time(owner, name: str, label: str) -> None:
@@ -43,6 +45,7 @@ def _time(owner, name: str, label: str) -> None:
             return fn(*args, **kwargs)
         finally:
             STAGES[label] += time.perf_counter() - start
+            CALLS[label] += 1
     setattr(owner, name, timed)
 
 
@@ -51,6 +54,11 @@ for owner, name, label in ((rope_kv_store, "canonicalize", "canonicalize"), (rop
                            (splice.Tracer, "_make_fx", "  make_fx"), (splice.Tracer, "_propagate", "  propagate"),
                            (rewrite, "splice", "  splice")):
     _time(owner, name, label)
+# Inductor's analysis of the kernel (its TTIR, made once per configuration: kernels/analysis_cache.py), counted
+# apart from the pass: made while the pass traces and while Inductor lowers the launches
+from torch._higher_order_ops import triton_kernel_wrap  # noqa: E402
+
+_time(triton_kernel_wrap, "generate_ttir", "kernel TTIR (Inductor's analysis, all calls)")
 
 
 def main() -> int:
@@ -68,6 +76,7 @@ def main() -> int:
         torch._dynamo.reset()
         counters.clear()
         STAGES.clear()
+        CALLS.clear()
         if mode == "decode":
             be.mark_token_dim_dynamic(inputs, True)
         fn = torch.compile(model, backend="fx_fusion", fullgraph=True)
@@ -80,7 +89,7 @@ def main() -> int:
               f"({stats['pass_us'] / 1e4 / total:.1f} %), fused {stats['rope_kv_store_fused']}, traces made "
               f"{stats['replacement_traces']}, shared {stats['replacement_traces_shared']}")
         for label, seconds in STAGES.items():
-            print(f"  {label:16s} {seconds * 1e3:7.0f} ms")
+            print(f"  {label:16s} {seconds * 1e3:7.0f} ms  ({CALLS[label]} calls)")
     return 0
 
 
