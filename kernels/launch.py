@@ -91,7 +91,7 @@ def launch_traceable(p: RopeKVProblem, return_k: bool, buffers: tuple | None = N
     symbolic value. ``k_out`` is empty unless ``return_k``, as the custom op returns it. With ``buffers`` (see
     ``kernel_arguments``) the launch writes the buffers the caches are views of, not the views.
     """
-    q_out = torch.empty(p.q_shape, dtype=p.q.dtype, device=p.q.device)
+    q_out = torch.empty(p.q_shape, dtype=p.q_out_dtype, device=p.q.device)
     k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
     grid, args = kernel_arguments(p, q_out, k_out if return_k else None, buffers)
     symbolic = sorted(name for name in _constexpr_names(_rope_kv_store_kernel)
@@ -135,7 +135,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
     args = dict(
         q_ptr=p.q, k_ptr=p.k, v_ptr=p.v, q_out_ptr=q_out, k_out_ptr=k_out, k_cache_ptr=p.k_cache,
         v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
-        cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale,
+        cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale, q_scale_ptr=p.q_scale,
         T=p.num_tokens,
         **_stride_arguments(p, qo, ko),
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,
@@ -143,7 +143,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
         CACHE_BLOCK_SIZE=p.k_cache.shape[1] if o.layout is CacheLayout.PAGED else 1,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
-        **_fp8_store_arguments(p),
+        **_fp8_store_arguments(p), **_fp8_q_arguments(p),
         IS_NEOX=o.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=o.negative_wraps,
         CHECK_SLOTS=o.check_slots, CHECK_POSITIONS=o.check_positions,
         ROUND_TABLE=TABLE_DTYPES.index(o.table_dtype),
@@ -177,14 +177,30 @@ def _fp8_store_arguments(p: RopeKVProblem) -> dict:
     o = p.options
     if o.quant_dtype is not None:
         return dict(FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype),
-                    X_ROUND=TABLE_DTYPES.index(p.k.dtype) if p.k.dtype in TABLE_DTYPES else 0,
-                    Q_ROUND=TABLE_DTYPES.index(o.quant_dtype) if o.quant_dtype in TABLE_DTYPES else 0,
+                    X_ROUND=_round_code(p.k.dtype), Q_ROUND=_round_code(o.quant_dtype),
                     SCALE_MUL=o.scale_mul, CLAMP_LO=o.clamp[0] if o.clamp is not None else None,
                     CLAMP_HI=o.clamp[1] if o.clamp is not None else None)
     if p.k_cache.dtype in _SATURATING_FP8_CAST:
         fmax = torch.finfo(p.k_cache.dtype).max
         return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[p.k_cache.dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
     return plain
+
+
+def _fp8_q_arguments(p: RopeKVProblem) -> dict:
+    """The kernel's Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO and Q_CLAMP_HI: fp8 q as eager computes
+    it (``_eager_fp8`` on q's rotated values, in q's dtype), or Q_FP8_CAST 0 for q_out in q's dtype."""
+    o = p.options
+    if o.q_fp8_dtype is None:
+        return dict(Q_FP8_CAST=0, Q_X_ROUND=0, Q_QROUND=0, Q_SCALE_MUL=False, Q_CLAMP_LO=None, Q_CLAMP_HI=None)
+    return dict(Q_FP8_CAST=eager_fp8_cast(p.q.device, o.q_fp8_dtype), Q_X_ROUND=_round_code(p.q.dtype),
+                Q_QROUND=_round_code(o.q_quant_dtype or p.q.dtype), Q_SCALE_MUL=o.q_scale_mul,
+                Q_CLAMP_LO=o.q_clamp[0] if o.q_clamp is not None else None,
+                Q_CLAMP_HI=o.q_clamp[1] if o.q_clamp is not None else None)
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    """The kernel's ``_round`` code of a model dtype: 1 bf16, 2 fp16, 0 fp32 (nothing to round)."""
+    return TABLE_DTYPES.index(dtype) if dtype in TABLE_DTYPES else 0
 
 
 def _static(n):

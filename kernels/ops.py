@@ -44,7 +44,7 @@ def _tensor_arguments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, q_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's tensor arguments and its returns; its other arguments are ``RopeKVOptions``'s fields."""
 
@@ -100,7 +100,8 @@ _rope_kv_store.__signature__ = _SIGNATURE  # what custom_op infers the schema fr
 
 def _outputs(p: RopeKVProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh ``(q_out, k_out)``; ``k_out`` is empty unless ``return_k``."""
-    return p.q.new_empty(p.q_shape), p.k.new_empty(p.k_shape if p.options.return_k else (0,))
+    return (p.q.new_empty(p.q_shape, dtype=p.q_out_dtype),
+            p.k.new_empty(p.k_shape if p.options.return_k else (0,)))
 
 
 def _problem(args: dict) -> RopeKVProblem:
@@ -191,7 +192,8 @@ def rope_kv_store(
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
     rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    swa_table: torch.Tensor | None = None, check_bounds: bool = False, **options,
+    swa_table: torch.Tensor | None = None, q_scale: torch.Tensor | None = None, check_bounds: bool = False,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
 
@@ -221,6 +223,11 @@ def rope_kv_store(
     with ``x / k_scale`` in ``quant_dtype`` (``x * k_scale`` with ``scale_mul``), after the optional
     ``clamp=(lo, hi)``, with the overflow rule of eager's cast on this device; the caches may then be
     uint8 pools holding ``fp8_dtype`` bits.
+
+    fp8 q (for fp8 attention): with ``q_fp8_dtype``, q_out is ``(q_rot / q_scale).to(q_fp8_dtype)`` as eager
+    computes it from the rotated q in q's dtype: the quotient in ``q_quant_dtype`` (default q's dtype; ``q_rot *
+    q_scale`` with ``q_scale_mul``), the optional ``q_clamp=(lo, hi)``, this device's cast; no ``q_scale``: the
+    cast alone. A Python-number ``q_scale`` is taken as its fp32 value (the op divides by it correctly rounded).
     """
     opts = make_options(layout=layout, **options)
     if check_bounds:
@@ -248,7 +255,12 @@ def rope_kv_store(
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
     opts = dataclasses.replace(opts, rotary_dim=rotary_dim)
+    if isinstance(q_scale, (int, float)) and not isinstance(q_scale, bool):  # as vLLM passes a static scale
+        device = q.device if isinstance(q, torch.Tensor) else None
+        q_scale = torch.full((1,), float(q_scale), dtype=torch.float32, device=device)
+    elif q_scale is not None and not isinstance(q_scale, torch.Tensor):
+        raise TypeError(f"q_scale must be a torch.Tensor, a Python number or None, got {type(q_scale).__name__}")
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
-        q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
+        q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale, q_scale,
         **opts.op_arguments())
     return q_out, (k_out if opts.return_k else None)

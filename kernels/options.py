@@ -30,6 +30,8 @@ class CacheLayout(str, enum.Enum):
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp8 q: the formats whose bits the kernel computes as eager's cast rounds them (``problem.eager_fp8_cast``)
+Q_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
 TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
 
@@ -65,6 +67,15 @@ class RopeKVOptions:
     check_slots: bool = False
     # an out-of-range position fails the call instead of being clamped
     check_positions: bool = False
+    # fp8 q (for an fp8 attention kernel): q_out holds ``fp8(clamp(round_QQ(q_rot / q_scale)))`` in this format,
+    # as eager computes it from the rotated q in q's dtype (``q_scale``: the op's tensor argument, or none)
+    q_fp8_dtype: torch.dtype | None = None
+    # the dtype of eager's ``q_rot / q_scale`` (None: q's dtype)
+    q_quant_dtype: torch.dtype | None = None
+    # ``q_rot * q_scale`` instead of ``q_rot / q_scale``
+    q_scale_mul: bool = False
+    # (lo, hi) of the model's clamp before q's cast
+    q_clamp: tuple[float, float] | None = None
 
     def __post_init__(self):
         for name in _BOOL_FIELDS:
@@ -87,8 +98,15 @@ class RopeKVOptions:
         if self.quant_dtype is not None and self.quant_dtype not in MODEL_DTYPES:
             raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
                              f"got {self.quant_dtype!r}")
-        if self.clamp is not None:
-            object.__setattr__(self, "clamp", _clamp_pair(self.clamp))
+        for name in ("clamp", "q_clamp"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _clamp_pair(getattr(self, name), name))
+        if self.q_fp8_dtype is not None and self.q_fp8_dtype not in Q_FP8_DTYPES:
+            raise ValueError(f"q_fp8_dtype must be None or one of {[str(d) for d in Q_FP8_DTYPES]}, "
+                             f"got {self.q_fp8_dtype!r}")
+        if self.q_quant_dtype is not None and self.q_quant_dtype not in MODEL_DTYPES:
+            raise ValueError(f"q_quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
+                             f"got {self.q_quant_dtype!r}")
 
     def op_arguments(self) -> dict:
         """The fields as the op's keyword arguments (an enum as its value, a tuple as a list)."""
@@ -102,13 +120,13 @@ def op_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _clamp_pair(clamp) -> tuple[float, float]:
+def _clamp_pair(clamp, name: str) -> tuple[float, float]:
     if not isinstance(clamp, (list, tuple)) or len(clamp) != 2 or not all(
             isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp):
-        raise ValueError(f"clamp must be None or two numbers (lo, hi), got {clamp!r}")
+        raise ValueError(f"{name} must be None or two numbers (lo, hi), got {clamp!r}")
     lo, hi = float(clamp[0]), float(clamp[1])
     if not lo <= hi:
-        raise ValueError(f"clamp must have lo <= hi (no NaN), got {clamp!r}")
+        raise ValueError(f"{name} must have lo <= hi (no NaN), got {clamp!r}")
     return lo, hi
 
 

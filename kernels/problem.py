@@ -49,6 +49,12 @@ class RopeKVProblem:
     options: RopeKVOptions  # rotary_dim resolved (an int)
     q_shape: torch.Size  # as given, for the outputs
     k_shape: torch.Size
+    q_scale: torch.Tensor | None = None  # fp8 q (``options.q_fp8_dtype``): one value, or None
+
+    @property
+    def q_out_dtype(self) -> torch.dtype:
+        """q_out's dtype: q's, or the fp8 format of fp8 q."""
+        return self.options.q_fp8_dtype or self.q.dtype
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -181,7 +187,7 @@ def default_rotary_dim(cos: torch.Tensor, head_dim: int) -> int:
 
 def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
-    k_scale=None, v_scale=None, *, options: RopeKVOptions | None = None, **kwargs,
+    k_scale=None, v_scale=None, q_scale=None, *, options: RopeKVOptions | None = None, **kwargs,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -210,13 +216,14 @@ def prepare(
         _expect_tensor("swa_table", swa_table, dtypes=INDEX_DTYPES, ndims=(1,), device=dev)
     _check_scales(k_scale, v_scale, k_cache.dtype, o.fp8_dtype, dev)
     _check_eager_fp8(dev, o.fp8_dtype or k_cache.dtype, o.quant_dtype, o.scale_mul, o.clamp)
+    _check_fp8_q(q_scale, o, q.dtype, dev)
     _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
     if not (isinstance(o.rotary_dim, int) and o.rotary_dim == rotary_dim):  # None, or a SymInt made static
         o = dataclasses.replace(o, rotary_dim=rotary_dim)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale, o,
-                         q.shape, k.shape)
+                         q.shape, k.shape, q_scale)
 
 
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
@@ -370,6 +377,30 @@ def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_
     if clamp is not None and not all(exactly_representable(c, quant_dtype) for c in clamp):
         raise ValueError(f"clamp bounds must be exact {quant_dtype} values (the model clamps in that dtype), "
                          f"got {clamp!r}")
+
+
+def _check_fp8_q(q_scale, o: RopeKVOptions, dtype: torch.dtype, dev: torch.device) -> None:
+    """fp8 q: ``q_scale`` (one value, or None) and the ``q_*`` options, which need ``q_fp8_dtype``."""
+    if o.q_fp8_dtype is None:
+        given = {"q_scale": q_scale is not None, "q_quant_dtype": o.q_quant_dtype is not None,
+                 "q_scale_mul": o.q_scale_mul, "q_clamp": o.q_clamp is not None}
+        for name in (name for name, is_given in given.items() if is_given):
+            raise ValueError(f"{name} is given without q_fp8_dtype (it describes q's fp8 quantisation)")
+        return
+    try:
+        eager_fp8_cast(dev, o.q_fp8_dtype)
+    except ValueError as e:
+        raise ValueError(f"q_fp8_dtype: {e}") from None
+    if q_scale is not None:
+        _expect_tensor("q_scale", q_scale, dtypes=SCALE_DTYPES, device=dev)
+        if q_scale.numel() != 1:
+            raise ValueError(f"q_scale must hold one per-tensor scale, got shape {tuple(q_scale.shape)}")
+    elif o.q_scale_mul:
+        raise ValueError("q_scale_mul is given without q_scale")
+    quotient = o.q_quant_dtype or dtype
+    if o.q_clamp is not None and not all(exactly_representable(c, quotient) for c in o.q_clamp):
+        raise ValueError(f"q_clamp bounds must be exact {quotient} values (the model clamps in that dtype), "
+                         f"got {o.q_clamp!r}")
 
 
 def check_index_ranges(p: RopeKVProblem, *, slots: bool = True, positions: bool = True,

@@ -54,9 +54,26 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
     put(p.k_cache, k_rot, p.k_scale)
     put(p.v_cache, p.v.to(compute_dtype), p.v_scale)
     # contiguous, as the kernel's outputs are (the op's fake promises their strides; q_rot has q's, any order)
-    q_out = q_rot.to(p.q.dtype).reshape(p.q_shape).contiguous()
+    q_out = q_rot.to(p.q.dtype)
+    if o.q_fp8_dtype is not None:
+        q_out = _fp8_q(q_out, p)
+    q_out = q_out.reshape(p.q_shape).contiguous()
     k_out = k_rot.to(p.k.dtype).reshape(p.k_shape).contiguous() if return_k else None
     return q_out, k_out
+
+
+def _fp8_q(q: torch.Tensor, p: RopeKVProblem) -> torch.Tensor:
+    """fp8 q from the rotated q in q's dtype, with eager's own ops and dtypes (the cast follows this device's rule)."""
+    o = p.options
+    x = q.float()
+    if p.q_scale is not None:
+        scale = p.q_scale.float().reshape(())
+        x = x * scale if o.q_scale_mul else x / scale
+    quotient = o.q_quant_dtype or p.q.dtype
+    x = x.to(quotient)
+    if o.q_clamp is not None:
+        x = x.float().clamp(*o.q_clamp).to(quotient)
+    return x.to(o.q_fp8_dtype)
 
 
 def _rotary_values(p: RopeKVProblem, compute_dtype: torch.dtype) -> tuple:

@@ -2,7 +2,7 @@
 
 One launch does what attention layers otherwise do in three memory-bound steps:
 
-    q_out            = rope(q)
+    q_out            = rope(q)                 (or fp8 q: eager's fp8 quantisation of it, below)
     k_cache[slot(t)] = quant(rope(k))        (and k_out = rope(k) when asked)
     v_cache[slot(t)] = quant(v)
 
@@ -21,7 +21,8 @@ correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtyp
 ``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the overflow rule eager has
 on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself (``_fp8_bits``), so the
 rounding is the same on every target and in the interpreter. Caches may then be ``uint8`` pools holding
-the bits of ``fp8_dtype`` (SGLang's fp8 pools).
+the bits of ``fp8_dtype`` (SGLang's fp8 pools). fp8 q (``q_fp8_dtype``, for fp8 attention) is the same
+function of the rotated q with q's own scale, quotient dtype, clamp and format (``Q_*``).
 
 Tokens are addressed as ``(b, s)``: q, k, v are ``[T, H*D]``, ``[T, H, D]`` (flat layouts, ``B = 1``)
 or ``[B, S, H, D]`` (sequence layout), with any strides (slices of a fused qkv projection work
@@ -153,6 +154,17 @@ def _cache_value(x, scale_ptr, ty, FP8_MAX: tl.constexpr, FP8_CAST: tl.constexpr
 
 
 @triton.jit
+def _q_value(x, scale_ptr, ty, FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr,
+             SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr):
+    # x (fp32) as q_out of element type ty holds it: x rounded to ty, or fp8 q (FP8_CAST != 0: eager's bits)
+    if FP8_CAST == 0:
+        out = _to(x, ty)
+    else:
+        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
+    return out
+
+
+@triton.jit
 def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_ROUND: tl.constexpr,
                CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, FP8_CAST: tl.constexpr):
     # out = bits of fp8_cast(clamp(round_Q(round_X(x) / scale))) as eager computes them (module docstring);
@@ -269,6 +281,7 @@ def _rope_kv_store_kernel(
     slot_ptr, swa_ptr, pos_ptr,      # slot_mapping [B or 1, S]; swa_table [N_SWA] or None; positions [B or 1, S] or None
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
     k_scale_ptr, v_scale_ptr,        # one fp32, bf16 or fp16 value each, or None
+    q_scale_ptr,                     # fp8 q: one fp32, bf16 or fp16 value, or None
     T,                               # tokens: B * S
     # Run-time strides, those that may involve the token count: the batch strides (S * ...; None where the
     # batch index is always 0 (B = 1) or the tensor is broadcast), and the token strides of q, k, v (views
@@ -292,6 +305,10 @@ def _rope_kv_store_kernel(
     # NaN from 464, 3: e5m2 inf from 61440; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
     FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
     CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
+    # fp8 q: q_out holds _eager_fp8 of the rotated q (codes as above: Q_X_ROUND rounds to q's dtype, Q_QROUND to
+    # the quotient's); Q_FP8_CAST 0: q_out in q's dtype
+    Q_FP8_CAST: tl.constexpr, Q_X_ROUND: tl.constexpr, Q_QROUND: tl.constexpr, Q_SCALE_MUL: tl.constexpr,
+    Q_CLAMP_LO: tl.constexpr, Q_CLAMP_HI: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     # out-of-range slots (after NEGATIVE_WRAPS; negative ones without it are padding) and positions fail a
     # device-side assertion instead of being skipped or clamped, where the kernel is compiled with assertions
@@ -319,12 +336,19 @@ def _rope_kv_store_kernel(
         qo1, qo2 = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         qout_ty = q_out_ptr.dtype.element_ty
-        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :], _to(qo1, qout_ty), mask=qm)
-        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :], _to(qo2, qout_ty), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :],
+                 _q_value(qo1, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
+                          Q_CLAMP_HI), mask=qm)
+        tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :],
+                 _q_value(qo2, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
+                          Q_CLAMP_HI), mask=qm)
         if ROT < D:
             qtail = ROT + tl.arange(0, BLOCK_TAIL)
             qtm = qmask[:, None] & (qtail < D)[None, :]
             qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
+            if Q_FP8_CAST != 0:
+                qx = _q_value(qx.to(tl.float32), q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL,
+                              Q_CLAMP_LO, Q_CLAMP_HI)
             tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
         if CHECK_POSITIONS:  # last: its barrier does not hold up the work (a bad position was clamped)
             tl.device_assert(~qbad, "position out of range of the rotary table")

@@ -34,16 +34,18 @@ from tests.kernels.test_rope_kv_cache import (
 
 OP = torch.ops.fx_fusion.rope_kv_store
 ARG_ORDER = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table",
-             "k_scale", "v_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate", "negative_wraps",
-             "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp", "check_slots", "check_positions")
+             "k_scale", "v_scale", "q_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate",
+             "negative_wraps", "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp", "check_slots",
+             "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp")
 
 
 def op_args(args: dict, *, return_k: bool = False, validate: bool = False, negative_wraps: bool = False) -> tuple:
     """The op's positional arguments from ``make_args``'s keyword arguments."""
     full = dict(args, return_k=return_k, validate=validate, negative_wraps=negative_wraps)
-    for name in ("table_dtype", "fp8_dtype", "quant_dtype", "clamp"):
+    for name in ("table_dtype", "fp8_dtype", "quant_dtype", "clamp", "q_scale", "q_fp8_dtype", "q_quant_dtype",
+                 "q_clamp"):
         full.setdefault(name, None)
-    for name in ("scale_mul", "check_slots", "check_positions"):
+    for name in ("scale_mul", "check_slots", "check_positions", "q_scale_mul"):
         full.setdefault(name, False)
     full["layout"] = CacheLayout(full["layout"]).value if isinstance(full["layout"], CacheLayout) else full["layout"]
     return tuple(full[name] for name in ARG_ORDER)

@@ -23,7 +23,7 @@ from tests.kernels.test_rope_kv_cache import TOLERANCES, as_bytes, make_args
 
 OP = torch.ops.fx_fusion.rope_kv_store
 TENSORS = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table", "k_scale",
-           "v_scale")
+           "v_scale", "q_scale")
 FIELDS = dataclasses.fields(RopeKVOptions)
 
 
@@ -37,7 +37,7 @@ def test_schema_is_the_tensors_then_exactly_the_fields():
     callers by position rely on, is ``ARG_ORDER``); defaults: the fields' (an enum's value)."""
     arguments = OP.default._schema.arguments
     assert [a.name for a in arguments] == list(TENSORS) + [f.name for f in FIELDS] == list(ARG_ORDER)
-    assert not any(a.has_default_value() for a in arguments[:len(TENSORS)])
+    assert not any(a.has_default_value() for a in arguments[:len(TENSORS) - 1])  # but q_scale, added later
     for arg, field in zip(arguments[len(TENSORS):], FIELDS):
         want = field.default.value if isinstance(field.default, enum.Enum) else field.default
         assert arg.has_default_value(), arg.name
@@ -51,7 +51,8 @@ def test_schema_types_follow_the_field_types():
         "is_neox": "bool", "rotary_dim": "Optional[int]", "layout": "str", "return_k": "bool", "validate": "bool",
         "negative_wraps": "bool", "table_dtype": "Optional[int]", "fp8_dtype": "Optional[int]",
         "quant_dtype": "Optional[int]", "scale_mul": "bool", "clamp": "Optional[List[float]]",
-        "check_slots": "bool", "check_positions": "bool",
+        "check_slots": "bool", "check_positions": "bool", "q_fp8_dtype": "Optional[int]",
+        "q_quant_dtype": "Optional[int]", "q_scale_mul": "bool", "q_clamp": "Optional[List[float]]",
     }
 
 
@@ -158,11 +159,12 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
                      is_neox=False)
     for name in ("k_cache", "v_cache"):
         args[name] = torch.randint(0, 256, args[name].shape, dtype=torch.uint8)
-    args.update(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]))
+    args.update(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]), q_scale=torch.tensor([0.25]))
     options = RopeKVOptions(is_neox=False, rotary_dim=16, layout="paged", return_k=True, validate=True,
                             negative_wraps=True, table_dtype=torch.bfloat16, fp8_dtype=torch.float8_e4m3fn,
                             quant_dtype=torch.float32, scale_mul=True, clamp=(-448.0, 448.0), check_slots=True,
-                            check_positions=True)
+                            check_positions=True, q_fp8_dtype=torch.float8_e5m2, q_quant_dtype=torch.bfloat16,
+                            q_scale_mul=True, q_clamp=(-1024.0, 1024.0))
     assert all(getattr(options, f.name) != f.default for f in FIELDS)
     return {n: args[n] for n in TENSORS}, options
 
@@ -170,7 +172,7 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
 def op_keywords(options: RopeKVOptions) -> dict:
     """The op's keyword arguments for ``options``, written out as a caller writes them (strings, lists)."""
     kw = {f.name: getattr(options, f.name) for f in FIELDS}
-    return dict(kw, layout=options.layout.value, clamp=list(options.clamp))
+    return dict(kw, layout=options.layout.value, clamp=list(options.clamp), q_clamp=list(options.q_clamp))
 
 
 @pytest.fixture
@@ -193,9 +195,11 @@ def check_outputs(tensors: dict, options: RopeKVOptions, q_out: torch.Tensor, k_
     ref = prepare(**dict(tensors, k_cache=before[0].clone(), v_cache=before[1].clone()), options=options)
     q_ref, k_ref = reference(ref, True, compute_dtype=torch.float64)
     atol, rtol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(q_out, q_ref.float(), atol=atol, rtol=rtol)
+    assert q_out.dtype == q_ref.dtype == (options.q_fp8_dtype or tensors["q"].dtype)
+    # fp8 q: one code apart at most where the fp32 rotation and the float64 one round apart
+    torch.testing.assert_close(q_out.float(), q_ref.float(), atol=2.0 ** -16, rtol=0.25)
     torch.testing.assert_close(k_out, k_ref.float(), atol=atol, rtol=rtol)
-    assert not torch.equal(q_out, tensors["q"])  # rotated
+    assert not torch.equal(q_out.float(), tensors["q"])  # rotated
 
 
 @pytest.mark.parametrize("positional", [False, True], ids=["keywords", "positional"])
@@ -238,7 +242,8 @@ def test_wrapper_forwards_its_options(seen):
     t = dict(tensors)
     q_out, k_out = kernels.rope_kv_store(
         t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], t["slot_mapping"], cos=t["cos"], sin=t["sin"],
-        positions=t["positions"], k_scale=t["k_scale"], v_scale=t["v_scale"], rotary_dim=16, layout="paged",
+        positions=t["positions"], k_scale=t["k_scale"], v_scale=t["v_scale"], q_scale=t["q_scale"], rotary_dim=16,
+        layout="paged",
         check_bounds=True, **{n: v for n, v in op_keywords(options).items()
                               if n not in ("rotary_dim", "layout", "check_slots", "check_positions")})
     assert [p.options for p in seen] == [options]

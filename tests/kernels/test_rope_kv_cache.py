@@ -243,7 +243,7 @@ def make_args(device, *, T=9, Hq=4, Hkv=2, D=64, rot=None, layout="token", batch
     cos, sin, positions = make_rotary(table, T=T, batch=batch, sequence=sequence, rot=rot, is_neox=is_neox,
                                       dtype=dtype, table_dtype=table_dtype, pos_dtype=pos_dtype, device=device)
     return dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping, cos=cos, sin=sin,
-                positions=positions, swa_table=None, k_scale=None, v_scale=None, is_neox=is_neox,
+                positions=positions, swa_table=None, k_scale=None, v_scale=None, q_scale=None, is_neox=is_neox,
                 rotary_dim=rot, layout=layout)
 
 
