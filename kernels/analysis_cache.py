@@ -2,8 +2,9 @@
 
 Inductor decides which arguments a user Triton kernel reads and writes from the kernel's TTIR: at every launch it
 lowers (``ir.UserDefinedTritonKernel``) and at every functionalized launch it traces, it generates the TTIR afresh
-(``triton_kernel_wrap.identify_accessed_tensors``; ``identify_mutated_tensors`` in older torch). A model fused at every layer launches the same kernel with
-the same configuration once per layer: 36 TTIR generations for a 36-layer model, each tens of milliseconds.
+(``triton_kernel_wrap.identify_accessed_tensors``; ``identify_mutated_tensors`` in older torch). A model fused at
+every layer launches the same kernel with the same configuration once per layer: 36 TTIR generations for a
+36-layer model, each tens of milliseconds.
 
 ``install`` wraps those functions so that the fused kernel's analysis is kept per configuration: the kernel, the
 constexpr values and, for the other arguments, what Triton specialises the TTIR on (a tensor's dtype, a number's

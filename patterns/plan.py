@@ -6,6 +6,7 @@ that one fused op computes exactly what the graph does (``Plan``, or ``Unfusable
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,11 +18,12 @@ from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast
 from fx_fusion.patterns.find import GraphState, KStore
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
-from fx_fusion.patterns.quant import Quant
+from fx_fusion.patterns.quant import NotQuant, Quant, fp8_cast_of, peel_fp8
 from fx_fusion.patterns.rope import RopeMatch, TableRef
 from fx_fusion.patterns.site import Disabled, FusionOptions, Unfusable
 from fx_fusion.patterns.store import Origin, Store
 
+log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
 _GATHER = CallFunction(aten.index.Tensor, KeywordArg("table"), KeywordArg("indices"))
 
@@ -61,6 +63,9 @@ class Plan:
     num_tokens: int | None  # None when symbolic
     k_quant: Quant | None = None  # fp8 stores: how k and v are quantised (one recipe, a scale each)
     v_quant: Quant | None = None
+    q_quant: Quant | None = None  # fp8 q: how the rotated q is quantised, and the cast that the op's q_out replaces
+    q_fp8: Node | None = None
+    q_fp8_views: tuple = ()  # the reshapes of the rotated q before its quantisation (replayed on the op's q_out)
 
     @property
     def layout(self) -> CacheLayout:
@@ -110,7 +115,8 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     q_heads, k_heads = shape_of(q_root)[head], shape_of(root)[head]
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
-    scales = [qt.scale for qt in (k_quant, v_quant) if qt is not None and isinstance(qt.scale, Node)]
+    q_quant, q_fp8, q_fp8_views = _fp8_q(q_root, cache_val.device)
+    scales = [qt.scale for qt in (k_quant, v_quant, q_quant) if qt is not None and isinstance(qt.scale, Node)]
     devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)
                if n is not None}
     if len(devices) != 1:
@@ -126,7 +132,7 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     if k_quant is not None:
         _check_quant_device(k_quant, cache_val.device)
     plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens,
-                k_quant, v_quant)
+                k_quant, v_quant, q_quant, q_fp8, q_fp8_views)
     _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store), *scales,
                           *(src.positions for src in (cos, sin) if src.positions is not None)])
     return plan
@@ -195,18 +201,38 @@ def _check_quant(k_quant: Quant | None, v_store: Store, kval, state: GraphState)
     return v_quant
 
 
-def _check_quant_device(quant: Quant, device: torch.device) -> None:
+def _check_quant_device(quant: Quant, device: torch.device, what: str = "k") -> None:
     """The fp8 cast's rounding and overflow, and the scale's division, as eager does them on ``device``."""
     try:
         eager_fp8_cast(device, quant.fp8)
     except ValueError as e:
-        raise Unfusable(f"quantised store: {e}") from None
+        raise Unfusable(f"quantised {'store' if what == 'k' else what}: {e}") from None
     if device.type == "cuda" and not quant.scale_mul and isinstance(quant.scale, float):
         mantissa, _ = math.frexp(quant.scale)
         if abs(mantissa) != 0.5:  # a power of two: x / s == x * (1 / s) exactly
-            raise Unfusable(f"k is divided by the Python number {quant.scale}, which eager CUDA computes as a "
+            raise Unfusable(f"{what} is divided by the Python number {quant.scale}, which eager CUDA computes as a "
                             "multiply by its fp32 reciprocal (not measured here); a power of two, a scale "
                             "tensor or a multiply by the reciprocal fuses")
+
+
+def _fp8_q(q_root: Node, device: torch.device) -> tuple[Quant | None, Node | None, tuple]:
+    """fp8 q: when the rotated q's only users quantise it to fp8 in a way the op reproduces, (how, the cast the op's
+    q_out replaces, the reshapes before it); else (None, None, ()), and the quantisation stays a kernel of its own
+    (said in the log)."""
+    found = fp8_cast_of(q_root)
+    if found is None:
+        return None, None, ()
+    cast, views = found
+    try:
+        x, quant = peel_fp8(cast)
+        if x is not (views[-1] if views else q_root):
+            raise NotQuant(f"{cast.name} quantises {x.name}, not the rotated q", x)
+        _check_quant_device(quant, device, "q")
+    except (NotQuant, Unfusable) as e:
+        log.info("%s: q's fp8 quantisation is not fused into the RoPE (%s); it stays a kernel of its own",
+                 cast.name, e)
+        return None, None, ()
+    return quant, cast, views
 
 
 def should_fuse(plan: Plan, options: FusionOptions) -> None:
@@ -309,7 +335,8 @@ def _table_source(ref: TableRef, roles, name: str) -> TableSource:
 
 def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
     """The fused op's inputs must not depend on anything it replaces."""
-    replaced = {plan.q_root, plan.k_root, plan.k_store.node, plan.v_store.node}
+    replaced = {plan.q_root, plan.k_root, plan.k_store.node, plan.v_store.node} | (
+        {plan.q_fp8} if plan.q_fp8 is not None else set())
     inputs = set(inputs)
     seen, frontier = set(replaced), list(replaced)
     while frontier:

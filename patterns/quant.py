@@ -9,6 +9,9 @@ Before (functional post-grad graph; the chain is elementwise, so the stored valu
     q = aten.view.dtype(q, uint8)            # SGLang's uint8 pools only
     aten.index_put(cache, idx, q)
 
+The same chain below the RoPE output of q, as its only users (``fp8_cast_of``), is fp8 q for an fp8 attention
+kernel, which the fused op also writes (``q_fp8_dtype`` and the ``q_*`` options).
+
 After: the same store of ``x`` (the RoPE output or v) described by a ``Quant``, which the fused op
 reproduces bit for bit (its ``quant_dtype``/``scale_mul``/``clamp``/``fp8_dtype`` arguments, see
 ``kernels/rope_kv_kernel.py``). ``peel_quant`` returns None for a value that is not cast to fp8, and raises
@@ -17,6 +20,7 @@ reproduces bit for bit (its ``quant_dtype``/``scale_mul``/``clamp``/``fp8_dtype`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,11 +28,12 @@ import torch
 from torch.fx import Node
 
 from fx_fusion.kernels.problem import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
-from fx_fusion.patterns.fx_utils import OpRole, is_one, ops_with, shape_of
+from fx_fusion.patterns.fx_utils import RESHAPES, OpRole, is_one, ops_with, shape_of
 
 aten = torch.ops.aten
 _CONVERT = ops_with(OpRole.CAST)
 _CLAMPS = ops_with(OpRole.CLAMP)
+_QUANT_OPS = _CONVERT | _CLAMPS | {aten.div.Tensor, aten.mul.Tensor}
 
 
 class NotQuant(Exception):
@@ -103,11 +108,47 @@ def peel_quant(value: Node, cache: Node) -> tuple[Node, Quant] | None:
     fp8 = _convert_target(node)
     if fp8 not in FP8_DTYPES:
         return None
-    x = node.args[0]
     if uint8 and _dtype(cache) is not torch.uint8:
-        raise NotQuant(f"fp8 bits viewed as uint8 are stored into a {_dtype(cache)} cache", x)
+        raise NotQuant(f"fp8 bits viewed as uint8 are stored into a {_dtype(cache)} cache", node.args[0])
     if not uint8 and _dtype(cache) is not fp8:
-        raise NotQuant(f"a {fp8} value is stored into a {_dtype(cache)} cache", x)
+        raise NotQuant(f"a {fp8} value is stored into a {_dtype(cache)} cache", node.args[0])
+    x, quant = peel_fp8(node)
+    return x, dataclasses.replace(quant, uint8=uint8)
+
+
+def fp8_cast_of(x: Node) -> tuple[Node, tuple[Node, ...]] | None:
+    """``(cast, views)``: the cast to fp8 at the end of ``x``'s only chain of users, when that chain is reshapes of
+    ``x`` (``views``, which commute with the elementwise rest), then a quantisation (scale, clamp, casts) as above:
+    fp8 q for an fp8 attention kernel. None when ``x`` has other users or no such chain."""
+    node, views = x, []
+    for _ in range(12):  # reshapes, upcast, scale, clamp (decomposed: two casts and two clamps), cast
+        if len(node.users) != 1:
+            return None
+        node = next(iter(node.users))
+        if node.op != "call_function":
+            return None
+        if node.target in RESHAPES and len(views) == _steps(node, x) - 1:
+            views.append(node)
+            continue
+        if node.target not in _QUANT_OPS:
+            return None
+        if _convert_target(node) in FP8_DTYPES:
+            return node, tuple(views)
+    return None
+
+
+def _steps(node: Node, x: Node) -> int:
+    """How many single-argument steps ``node`` is below ``x`` (through first arguments)."""
+    n = 0
+    while node is not x and isinstance(node, Node) and node.args:
+        node, n = node.args[0], n + 1
+    return n
+
+
+def peel_fp8(node: Node) -> tuple[Node, Quant]:
+    """``(x, quant)`` of ``node``, a cast of ``x`` quantised to fp8 (``NotQuant`` where the op cannot reproduce it)."""
+    fp8 = _convert_target(node)
+    x = node.args[0]
     if fp8 not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise NotQuant(f"{fp8} stores are not fused: eager's cast to it was not measured on any device "
                        "(it is a HIP format)", x)
@@ -119,10 +160,10 @@ def peel_quant(value: Node, cache: Node) -> tuple[Node, Quant] | None:
     up = _convert_target(x)  # ``x.float() / scale``: an exact upcast of the stored tensor
     if up is torch.float32 and _dtype(x.args[0]) in (torch.bfloat16, torch.float16):
         x = x.args[0]
-    if _dtype(x) not in MODEL_DTYPES or len(shape_of(x)) != len(shape_of(value)):
+    if _dtype(x) not in MODEL_DTYPES or len(shape_of(x)) != len(shape_of(node)):
         raise NotQuant(f"the quantised value {x.name} is {_dtype(x)} {tuple(shape_of(x))}, not the stored "
-                       f"{tuple(shape_of(value))} in a model dtype", x)
-    return x, Quant(fp8, uint8, quant_dtype, scale_mul, clamp, scale, scale_first=scale_first)
+                       f"{tuple(shape_of(node))} in a model dtype", x)
+    return x, Quant(fp8, False, quant_dtype, scale_mul, clamp, scale, scale_first=scale_first)
 
 
 def _peel_clamp(x: Node, dtype: torch.dtype) -> tuple[Node, tuple | None]:

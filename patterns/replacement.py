@@ -47,8 +47,8 @@ class ReplacementSpec:
     k_store_shape: tuple | None  # the shape of the store's target when it is a view of the cache
     v_store_shape: tuple | None
     v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
-    scale_values: tuple = (None, None)  # k's and v's scales where the graph has them as Python numbers
-    scale_roundings: tuple = (None, None)  # the dtype eager rounds each scale tensor to first (quant.scale_rounding)
+    scale_values: tuple = (None, None, None)  # k's, v's and q's scales where the graph has them as Python numbers
+    scale_roundings: tuple = (None, None, None)  # the dtype eager rounds each scale tensor to (quant.scale_rounding)
     # caches that are views of buffers: ``(op, args)`` of each view from the buffer down (see kernels/functional.py)
     k_views: tuple | None = None
     v_views: tuple | None = None
@@ -57,7 +57,7 @@ class ReplacementSpec:
 def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
     """The replacement of the planned site ``p``."""
     st, v_st = p.k_store, p.v_store
-    quants = (p.k_quant, p.v_quant)
+    quants = (p.k_quant, p.v_quant, p.q_quant)
     views = Origin.VIEW in (st.origin, v_st.origin)
     return ReplacementSpec(
         options=_options(p, validate), q_roles=_x_roles(p.q, p.roles), k_roles=_x_roles(p.k, p.roles),
@@ -76,9 +76,11 @@ def _options(p: Plan, validate: bool) -> RopeKVOptions:
     """The op's options for the site: slots and positions count from the end when negative, as the graph's indexing
     does, and one out of range fails the call as eager's store would (``check_slots``); not for slots the pass made
     with a past-the-cache marker (a window copy, an engine's skipped index). Positions are always the graph's."""
-    st, quant = p.k_store, p.k_quant
+    st, quant, qq = p.k_store, p.k_quant, p.q_quant
     fp8 = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None, quant_dtype=quant.quant_dtype,
                                         scale_mul=quant.scale_mul, clamp=quant.clamp)
+    if qq is not None:
+        fp8.update(q_fp8_dtype=qq.fp8, q_quant_dtype=qq.quant_dtype, q_scale_mul=qq.scale_mul, q_clamp=qq.clamp)
     return RopeKVOptions(
         is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim, layout=p.layout, return_k=p.return_k,
         validate=validate, negative_wraps=True, table_dtype=p.k.cos.leaf.round_to,
@@ -92,13 +94,13 @@ def _view_ops(store: Store) -> tuple:
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
 
 
-def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, *,
+def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, q_scale=None, *,
                 spec: ReplacementSpec, kernel: bool):
     """What replaces a site, as plain torch: views to token-major, one fused op, views back. ``kernel``: the op's
     form (``kernels.functional.routes``); ``k_cache``/``v_cache`` are the buffers when ``spec`` has views.
 
-    Returns ``(q_rot, k_rot or None, new k cache, new v cache)``: the values of the RoPE outputs and of
-    the two ``index_put`` nodes. Sizes stay symbolic: the only branches are on static sizes.
+    Returns ``(q_rot, k_rot or None, new k cache, new v cache)``: the values of the RoPE outputs (q's fp8 cast for
+    fp8 q) and of the two ``index_put`` nodes. Sizes stay symbolic: the only branches are on static sizes.
     """
     layout = spec.options.layout
     wanted = TOKEN_MAJOR[layout]
@@ -109,10 +111,9 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in TOKEN_ROLES}
     cos, positions = _kernel_table(cos, positions, spec.cos, layout, tokens)
     sin, _ = _kernel_table(sin, None, spec.sin, layout, tokens)  # cos and sin share the positions
-    if spec.options.quant_dtype is not None:
-        k_scale, v_scale = _scales(spec, k_scale, v_scale, q.device)
+    k_scale, v_scale, q_scale = _scales(spec, (k_scale, v_scale, q_scale), q.device)
     q_out, k_out, k_new, v_new = rope_kv_store_functional(
-        q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale, spec.options, kernel=kernel,
+        q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale, q_scale, spec.options, kernel=kernel,
         k_views=spec.k_views, v_views=spec.v_views)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
     k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.options.return_k else None
@@ -123,13 +124,13 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     return q_rot, k_rot, k_new, v_new
 
 
-def _scales(spec: ReplacementSpec, k_scale, v_scale, device) -> tuple:
+def _scales(spec: ReplacementSpec, scales: tuple, device) -> tuple:
     """The scales the op reads. A scale the graph holds as a Python number: the fp32 value eager computes with; a
     scale tensor: the value eager reads, in the dtype it is read in (rounded to the quotient's dtype first where
     eager rounds it: a bf16 tensor the op reads exactly; Inductor would drop a round trip back to fp32)."""
     return tuple(torch.full((1,), value, dtype=torch.float32, device=device) if value is not None
                  else None if scale is None else _convert(scale, rounding)
-                 for scale, value, rounding in zip((k_scale, v_scale), spec.scale_values, spec.scale_roundings))
+                 for scale, value, rounding in zip(scales, spec.scale_values, spec.scale_roundings))
 
 
 def _convert(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

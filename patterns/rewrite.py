@@ -37,7 +37,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
     else:
         k_buf, v_buf = st.cache, p.v_store.cache
         replaced = [(0, st), (1, p.v_store)]
-    scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None for qt in (p.k_quant, p.v_quant)]
+    scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None
+              for qt in (p.k_quant, p.v_quant, p.q_quant)]
     inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, _slots(graph, st, tracer.mode), p.cos.node, p.sin.node,
               p.cos.positions, *scales]
     traced = _trace(tracer, spec, inputs, st)
@@ -47,7 +48,9 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
         new_nodes, outputs = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"), traced.write_backs)
     try:
         q_rot, k_rot, k_new, v_new = outputs
-        olds = [(q_rot, p.q_root), (k_rot, p.k_root if p.return_k else None),
+        if p.q_fp8_views:  # fp8 q: the graph's reshapes of the rotated q, on the op's (elementwise ops commute)
+            q_rot = _replay_views(graph, q_rot, p.q_fp8_views, tracer.mode, new_nodes)
+        olds = [(q_rot, p.q_fp8 if p.q_fp8 is not None else p.q_root), (k_rot, p.k_root if p.return_k else None),
                 *(((k_new, v_new)[i], store.result) for i, store in replaced)]
         for new, old in olds:
             if old is not None and not (isinstance(new, Node) and _same_meta(new.meta["val"], old.meta["val"])):
@@ -63,6 +66,18 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
     for n in dict.fromkeys(n for store in (st, p.v_store) for n in (store.result, store.node)):
         if not n.users:
             graph.erase_node(n)
+
+
+def _replay_views(graph: Graph, x: Node, views: tuple, mode, new_nodes: list) -> Node:
+    """``views`` (reshapes, outermost last) applied to ``x`` instead of their own input; the new nodes are appended
+    to ``new_nodes`` (erased if the rewrite fails)."""
+    for v in views:
+        with graph.inserting_after(x):
+            x = graph.call_function(v.target, (x, *v.args[1:]), dict(v.kwargs))
+        new_nodes.append(x)
+        with mode:
+            x.meta["val"] = v.target(*torch.fx.node.map_arg(x.args, lambda n: n.meta["val"]), **x.kwargs)
+    return x
 
 
 def _trace(tracer: Tracer, spec, inputs: list, st: Store) -> Traced:

@@ -12,7 +12,9 @@ quotient fp32 by type promotion), "per_head" (a [Hkv, 1] buffer: one scale per h
 cannot take); ``scale_dtype``: the buffers' dtype (a module moved to bf16 as a whole has bf16 scales).
 v is quantised the same way with its own scale. Caches start as random bytes (never zeros);
 the scales are chosen so that rotated k and v cross the fp8 range (rounding, overflow). Each layer is
-``qkv projection -> RoPE -> fp8 store -> attention over the dequantised cache -> o_proj``.
+``qkv projection -> RoPE -> fp8 store -> attention over the dequantised cache -> o_proj``. ``q_fp8``: q is
+quantised to fp8 too (its own scale), and attention reads it dequantised (fp8 attention); the layer returns the
+fp8 q in place of the rotated q.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ SCALES = ("float", "0d", "1el", "per_head")
 class Fp8Layer(nn.Module):
     def __init__(self, spelling="sglang", scale="0d", fp8=torch.float8_e4m3fn, dtype=torch.bfloat16, heads=4,
                  kv_heads=2, head_dim=16, slots=32, block_size=8, k_scale=0.37, v_scale=0.05, upcast=True,
-                 scale_dtype=torch.float32):
+                 scale_dtype=torch.float32, q_fp8=None, q_scale=0.11):
         super().__init__()
         self.spelling, self.fp8, self.dtype, self.upcast = spelling, fp8, dtype, upcast
+        self.q_fp8 = q_fp8
         self.heads, self.kv_heads, self.head_dim, self.block_size = heads, kv_heads, head_dim, block_size
         self.qkv = nn.Linear(32, (heads + 2 * kv_heads) * head_dim, bias=False, dtype=dtype)
         self.o_proj = nn.Linear(heads * head_dim, 32, bias=False, dtype=dtype)
@@ -50,6 +53,8 @@ class Fp8Layer(nn.Module):
             self.register_buffer("v_scale", torch.full(shape, v_scale, dtype=scale_dtype))
             if scale == "per_head":
                 self.k_scale[0] = k_scale * 2
+        if q_fp8 is not None:  # q's own static scale, a 0-d buffer or a Python number as k's
+            self.q_scale = q_scale if scale == "float" else torch.tensor(q_scale, dtype=scale_dtype)
 
     def _quant(self, x, scale):
         if self.spelling == "sglang":
@@ -61,6 +66,15 @@ class Fp8Layer(nn.Module):
         if self.spelling == "scale_first":
             return ((1.0 / scale) * x).to(self.fp8)
         return (x * (1.0 / scale)).to(self.fp8)
+
+    def quant_q(self, q):
+        """fp8 q for an fp8 attention kernel, as vLLM's fused RoPE + quant + cache op computes it (``q_fp8``:
+        "div", "clamp" or "mul" by the reciprocal)."""
+        if self.q_fp8 == "clamp":
+            return (q / self.q_scale).clamp(-448, 448).to(self.fp8)
+        if self.q_fp8 == "mul":
+            return (q * (1.0 / self.q_scale)).to(self.fp8)
+        return (q / self.q_scale).to(self.fp8)
 
     def dequant(self, cache, scale):
         return (cache.view(self.fp8).to(self.dtype) * scale).to(self.dtype)
@@ -82,7 +96,11 @@ class Fp8Layer(nn.Module):
         k_rows = self.dequant(self.k_cache.flatten(0, -3)[loc], self.k_scale).nan_to_num()
         v_rows = self.dequant(self.v_cache.flatten(0, -3)[loc], self.v_scale).nan_to_num()
         n_rep = self.heads // self.kv_heads
-        qh = q.view(t, self.heads, self.head_dim).transpose(0, 1)
+        if self.q_fp8 is not None:
+            q = self.quant_q(q)  # the only user of the rotated q: attention reads fp8 q
+            qh = self.dequant(q, self.q_scale).view(t, self.heads, self.head_dim).transpose(0, 1)
+        else:
+            qh = q.view(t, self.heads, self.head_dim).transpose(0, 1)
         kh = repeat_kv(k_rows.transpose(0, 1)[None], n_rep)[0]
         vh = repeat_kv(v_rows.transpose(0, 1)[None], n_rep)[0]
         # fp32 attention on damped logits (q, k reach the hundreds here): a near tie in a bf16 softmax would

@@ -18,13 +18,14 @@ import torch
 
 from fx_fusion import FusionConfig
 from fx_fusion.kernels import problem
+from fx_fusion.kernels.functional import FUSED_OP
 from fx_fusion.kernels.ops import rope_kv_store
 from fx_fusion.patterns.plan import _check_quant_device
 from fx_fusion.patterns.site import Unfusable
 from fx_fusion.patterns.quant import Quant
 from tests.fp8_blocks import Fp8Model, fp8_inputs
 from tests.patterns.test_rope_kv_store import (  # noqa: F401 (fixtures)
-    FUSED_CALL, RAISE, check_fused, compile_with, inference, records)
+    FUSED_CALL, RAISE, check_fused, compile_with, fused_call_args, inference, records)
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 LOC = [3, 9, 1, 30, 17, 22, 5]
@@ -265,3 +266,72 @@ def test_uint8_cache_without_fp8_dtype_is_rejected():
     a["fp8_dtype"] = None
     with pytest.raises(TypeError, match="k_cache"):
         rope_kv_store(**a)
+
+
+# --------------------------------------------------------------------------------------------------
+# fp8 q: the rotated q's only users quantise it for an fp8 attention kernel; the op writes q_out in fp8
+# --------------------------------------------------------------------------------------------------
+
+def _fused_q_formats(codes) -> list[str]:
+    """The ``q_fp8_dtype`` argument of every fused op call in Inductor's CPU code (by position in the schema's
+    order, or by keyword)."""
+    at = [a.name for a in FUSED_OP._schema.arguments].index("q_fp8_dtype")
+    found = []
+    for args in (args for code in codes for args in fused_call_args(code)):
+        named = [a.split("=", 1)[1] for a in args if a.startswith("q_fp8_dtype=")]
+        found.append(named[0] if named else args[at])
+    return found
+
+
+FP8_Q_CASES = [
+    pytest.param(dict(spelling="vllm", scale="0d", q_fp8="div"), id="vllm-div-0d"),
+    pytest.param(dict(spelling="vllm_clamp", scale="0d", q_fp8="clamp"), id="vllm-clamp-0d"),
+    pytest.param(dict(spelling="sglang", scale="float", q_fp8="div", q_scale=0.125), id="sglang-float-pow2"),
+    pytest.param(dict(spelling="reciprocal", scale="1el", q_fp8="mul"), id="reciprocal-1el"),
+    pytest.param(dict(spelling="vllm", scale="0d", q_fp8="div", fp8=E5, dtype=torch.float32), id="e5m2-fp32"),
+    pytest.param(dict(spelling="vllm", scale="0d", q_fp8="div", scale_dtype=torch.bfloat16), id="bf16-scales"),
+]
+
+
+@pytest.mark.parametrize("kw", FP8_Q_CASES)
+def test_fp8_q_fuses_into_the_launch_and_matches_eager_bytes(kw, records, codes, inference):
+    model = Fp8Model(**kw)
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model)
+    for i, (n, seed) in enumerate(((5, 0), (1, 1))):
+        inputs = fp8_inputs(model, n, seed, LOC[seed:] if n == 1 else LOC)
+        out, ref = compiled(*inputs), eager(*inputs)
+        assert_caches_equal(model, eager, True, f"step {i}")
+        for layer in range(len(model.layers)):
+            q8, q8_ref = out[2 * layer + 1], ref[2 * layer + 1]
+            assert q8.dtype == q8_ref.dtype == model.layers[0].fp8
+            nan = q8_ref.float().isnan()
+            same = (q8.view(torch.uint8) == q8_ref.view(torch.uint8)) | (nan & q8.float().isnan())
+            assert bool(same.all()), f"step {i} layer {layer}: {int((~same).sum())} fp8 q bytes differ from eager"
+            torch.testing.assert_close(out[2 * layer], ref[2 * layer], atol=0.5, rtol=0.1, equal_nan=True)
+    check_fused(records, codes, [layer.k_cache for layer in model.layers], sites_per_graph=2)
+    # every layer's op writes fp8 q: the cast's value is the op's q_out
+    assert _fused_q_formats(codes) == [str(model.layers[0].fp8)] * 2 * len(codes)
+
+
+def test_fp8_q_with_another_user_of_the_rotated_q_fuses_the_rope_only(records, codes, inference):
+    """The rotated q is also returned in bf16: q_out stays bf16 and the quantisation a kernel of its own."""
+    class Both(Fp8Model):
+        def forward(self, positions, hidden, loc):
+            outs = []
+            for layer in self.layers:
+                layer.q_fp8 = None
+                o, q = layer(positions, hidden, loc)
+                outs += [o, q, layer.quant_q(q)]
+            return tuple(outs)
+
+    model = Both(spelling="vllm", scale="0d", q_fp8="div")
+    eager = copy.deepcopy(model)
+    compiled = compile_with(model)
+    inputs = fp8_inputs(model, 5, 0, LOC)
+    out, ref = compiled(*inputs), eager(*inputs)
+    assert_caches_equal(model, eager, True, "prefill")
+    for a, b in zip(out[2::3], ref[2::3]):
+        assert a.dtype == b.dtype == E4
+    check_fused(records, codes, [layer.k_cache for layer in model.layers], sites_per_graph=2)
+    assert _fused_q_formats(codes) == ["None"] * 2 * len(codes)
