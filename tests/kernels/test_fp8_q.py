@@ -21,10 +21,15 @@ FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def eager_fp8_q(q_rot: torch.Tensor, scale, *, quotient=None, mul=False, clamp=None, fmt=torch.float8_e4m3fn):
-    """What model code computes: ``q_rot / scale`` (a tensor or a Python number) in ``quotient``, clamp, cast."""
-    x = q_rot if quotient in (None, q_rot.dtype) else q_rot.to(quotient)
+    """What model code computes: ``q_rot / scale`` in ``quotient``, clamp, cast; the scale read as its fp32 value,
+    as eager on CPU reads a one-element scale (eager CUDA first rounds a scale tensor to the quotient's dtype: the
+    graph pass hands the op that rounded scale, ``patterns/quant.py: scale_rounding``)."""
+    quotient = quotient or q_rot.dtype
+    x = q_rot
     if scale is not None:
-        x = x * scale if mul else x / scale
+        s = scale.float() if isinstance(scale, torch.Tensor) else scale
+        x = (x.float() * s if mul else x.float() / s).to(quotient)
+    x = x.to(quotient)
     if clamp is not None:
         x = x.clamp(*clamp)
     return x.to(fmt)
