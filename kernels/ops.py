@@ -17,8 +17,9 @@ Implementations:
 ``_launch_traceable`` is that breakdown as a function of the op's arguments (``launch.launch_traceable``, which the
 graph pass reaches through ``functional.py``).
 
-The op's arguments are the tensors of ``_tensor_arguments`` then one per ``RopeKVOptions`` field (``_SIGNATURE``,
-from which ``custom_op`` infers the schema); its implementations read them as one ``RopeKVOptions``.
+The op's arguments are the tensors of ``_tensor_arguments``, one per ``RopeKVOptions`` field, then the tensors added
+later (``_later_tensor_arguments``, so that positional callers keep working) (``_SIGNATURE``, from which
+``custom_op`` infers the schema); its implementations read the fields as one ``RopeKVOptions``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def _tensor_arguments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     positions: torch.Tensor | None, swa_table: torch.Tensor | None,
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's tensor arguments and its returns; its other arguments are ``RopeKVOptions``'s fields."""
+
+
+def _later_tensor_arguments(q_scale: torch.Tensor | None = None):
+    """Tensor arguments added after the options, last, so that callers passing options by position keep working
+    (``q_scale``: fp8 q's scale)."""
 
 
 # a RopeKVOptions field's type -> the type custom_op's schema inference takes (and how a value is passed)
@@ -72,8 +78,9 @@ _SIGNATURE = inspect.signature(_tensor_arguments).replace(parameters=[
     *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=op_value(f.default),
                         annotation=_schema_type(f.name, FIELD_TYPES[f.name]))
       for f in dataclasses.fields(RopeKVOptions)),
+    *inspect.signature(_later_tensor_arguments).parameters.values(),
 ])
-_TENSORS = tuple(inspect.signature(_tensor_arguments).parameters)
+_TENSORS = (*inspect.signature(_tensor_arguments).parameters, *inspect.signature(_later_tensor_arguments).parameters)
 
 
 def _rope_kv_store(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,6 +268,6 @@ def rope_kv_store(
     elif q_scale is not None and not isinstance(q_scale, torch.Tensor):
         raise TypeError(f"q_scale must be a torch.Tensor, a Python number or None, got {type(q_scale).__name__}")
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
-        q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale, q_scale,
-        **opts.op_arguments())
+        q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
+        **opts.op_arguments(), q_scale=q_scale)
     return q_out, (k_out if opts.return_k else None)

@@ -34,9 +34,9 @@ from tests.kernels.test_rope_kv_cache import (
 
 OP = torch.ops.fx_fusion.rope_kv_store
 ARG_ORDER = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table",
-             "k_scale", "v_scale", "q_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate",
+             "k_scale", "v_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate",
              "negative_wraps", "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp", "check_slots",
-             "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp")
+             "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp", "q_scale")
 
 
 def op_args(args: dict, *, return_k: bool = False, validate: bool = False, negative_wraps: bool = False) -> tuple:

@@ -23,7 +23,8 @@ from tests.kernels.test_rope_kv_cache import TOLERANCES, as_bytes, make_args
 
 OP = torch.ops.fx_fusion.rope_kv_store
 TENSORS = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table", "k_scale",
-           "v_scale", "q_scale")
+           "v_scale")
+LATER_TENSORS = ("q_scale",)  # added after the options, last: callers passing options by position keep working
 FIELDS = dataclasses.fields(RopeKVOptions)
 
 
@@ -36,9 +37,9 @@ def test_schema_is_the_tensors_then_exactly_the_fields():
     """Names and order: the tensors, then one argument per field in field order (the op's argument order, which
     callers by position rely on, is ``ARG_ORDER``); defaults: the fields' (an enum's value)."""
     arguments = OP.default._schema.arguments
-    assert [a.name for a in arguments] == list(TENSORS) + [f.name for f in FIELDS] == list(ARG_ORDER)
-    assert not any(a.has_default_value() for a in arguments[:len(TENSORS) - 1])  # but q_scale, added later
-    for arg, field in zip(arguments[len(TENSORS):], FIELDS):
+    assert [a.name for a in arguments] == [*TENSORS, *(f.name for f in FIELDS), *LATER_TENSORS] == list(ARG_ORDER)
+    assert not any(a.has_default_value() for a in arguments[:len(TENSORS)])
+    for arg, field in zip(arguments[len(TENSORS):len(TENSORS) + len(FIELDS)], FIELDS, strict=True):
         want = field.default.value if isinstance(field.default, enum.Enum) else field.default
         assert arg.has_default_value(), arg.name
         assert arg.default_value == want and type(arg.default_value) is type(want), (arg.name, arg.default_value)
@@ -46,7 +47,7 @@ def test_schema_is_the_tensors_then_exactly_the_fields():
 
 
 def test_schema_types_follow_the_field_types():
-    types = {a.name: str(a.type) for a in OP.default._schema.arguments[len(TENSORS):]}
+    types = {a.name: str(a.type) for a in OP.default._schema.arguments[len(TENSORS):-len(LATER_TENSORS)]}
     assert types == {
         "is_neox": "bool", "rotary_dim": "Optional[int]", "layout": "str", "return_k": "bool", "validate": "bool",
         "negative_wraps": "bool", "table_dtype": "Optional[int]", "fp8_dtype": "Optional[int]",
@@ -166,7 +167,7 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
                             check_positions=True, q_fp8_dtype=torch.float8_e5m2, q_quant_dtype=torch.bfloat16,
                             q_scale_mul=True, q_clamp=(-1024.0, 1024.0))
     assert all(getattr(options, f.name) != f.default for f in FIELDS)
-    return {n: args[n] for n in TENSORS}, options
+    return {n: args[n] for n in (*TENSORS, *LATER_TENSORS)}, options
 
 
 def op_keywords(options: RopeKVOptions) -> dict:
@@ -207,10 +208,11 @@ def test_options_round_trip_through_the_op(seen, positional):
     tensors, options = every_option_set()
     before = (tensors["k_cache"].clone(), tensors["v_cache"].clone())
     kw = op_keywords(options)
+    first, later = [tensors[n] for n in TENSORS], [tensors[n] for n in LATER_TENSORS]
     if positional:
-        q_out, k_out = OP(*tensors.values(), *kw.values())
+        q_out, k_out = OP(*first, *kw.values(), *later)
     else:
-        q_out, k_out = OP(*tensors.values(), **kw)
+        q_out, k_out = OP(*first, **kw, **{n: tensors[n] for n in LATER_TENSORS})
     assert [p.options for p in seen] == [options]
     check_outputs(tensors, options, q_out, k_out, before)
 
@@ -221,7 +223,7 @@ def test_options_round_trip_through_torch_compile(seen):
     kw = op_keywords(options)
 
     def fn(*ts):
-        q_out, k_out = OP(*ts, **kw)
+        q_out, k_out = OP(*ts[:len(TENSORS)], **kw, **dict(zip(LATER_TENSORS, ts[len(TENSORS):])))
         return q_out * 1, k_out * 1
 
     torch._dynamo.reset()
