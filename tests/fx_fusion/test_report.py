@@ -165,8 +165,9 @@ def test_torch_logs_prints_one_line_per_site():
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
             torch.compile(m, backend="fx_fusion")(*make_inputs(m.model.layers[0], 5))
     """)
-    for setting in ("fx_fusion", "+fx_fusion"):
-        err = _python(script, {"TORCH_LOGS": setting})
+    runs = [_start_python(script, {"TORCH_LOGS": setting}) for setting in ("fx_fusion", "+fx_fusion")]  # at once
+    for run in runs:
+        err = _finish(run)
         sites = [line for line in err.splitlines() if " site " in line and "fx_fusion: graph 0/0 site" in line]
         assert len(sites) == 3, err
         assert sum("NOT fused: model.layers.1 " in line for line in sites) == 1
@@ -175,12 +176,21 @@ def test_torch_logs_prints_one_line_per_site():
 
 
 def _python(script: str, env: dict[str, str]) -> str:
+    return _finish(_start_python(script, env))
+
+
+def _start_python(script: str, env: dict[str, str]) -> subprocess.Popen:
     import os
 
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), **env})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), **env})
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    """The script's stderr, once it has ended (within 10 minutes) with status 0."""
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return err
 
 
 @pytest.mark.parametrize("stack, path", [

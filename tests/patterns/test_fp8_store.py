@@ -289,7 +289,6 @@ FP8_Q_CASES = [
     pytest.param(dict(spelling="sglang", scale="float", q_fp8="div", q_scale=0.125), id="sglang-float-pow2"),
     pytest.param(dict(spelling="reciprocal", scale="1el", q_fp8="mul"), id="reciprocal-1el"),
     pytest.param(dict(spelling="vllm", scale="0d", q_fp8="div", fp8=E5, dtype=torch.float32), id="e5m2-fp32"),
-    pytest.param(dict(spelling="vllm", scale="0d", q_fp8="div", scale_dtype=torch.bfloat16), id="bf16-scales"),
 ]
 
 
