@@ -139,6 +139,7 @@ SUBPROCESS_COMPILE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.full  # a subprocess or a property run: the full suite only (README's quick command skips it)
 def test_backend_by_name_without_import_through_the_entry_point(tmp_path):
     """A fresh interpreter that never imports fx_fusion: Dynamo finds the backend by its entry point.
 

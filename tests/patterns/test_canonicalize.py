@@ -301,7 +301,7 @@ def test_rules_run_in_order_and_are_counted(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.full)])
 def test_torchtune_decoder_fuses_every_layer_and_matches_eager(dtype, records, codes, inference):
     """Prefill of 5 tokens, then 2 decode steps: every layer of every graph fused; outputs, the caches and the
     ``cache_pos`` counters equal to eager after every step; the cache rows no step wrote hold their random start."""

@@ -12,6 +12,7 @@ CI runs a few derandomised examples (each one compiles twice on the CPU); set
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -44,6 +45,7 @@ def blocks(draw):
     return form, kw, draw(st.integers(1, 6))
 
 
+@pytest.mark.full  # a subprocess or a property run: the full suite only (README's quick command skips it)
 @settings(PROFILE)
 @given(case=blocks())
 def test_generated_blocks_equal_eager_and_fuse(case):
