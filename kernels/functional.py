@@ -38,17 +38,19 @@ def routes(device: torch.device, validate: bool) -> tuple[bool, ...]:
 
 def rope_kv_store_functional(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale,
                              q_scale, options: RopeKVOptions, *, kernel: bool, k_views: tuple | None = None,
-                             v_views: tuple | None = None):
+                             v_views: tuple | None = None, q_norm_weight=None, k_norm_weight=None):
     """The op on caches ``k_buffer``/``v_buffer`` (or on views of them) in functional form; see the module docstring.
 
     ``v_buffer`` None: both cache views are of ``k_buffer``. ``options``: the op's non-tensor arguments."""
-    tensors = (q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale)
+    tensors = (q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale,
+               q_norm_weight, k_norm_weight)
     if k_views is None and v_views is None:
         if kernel:
             return torch.func.functionalize(_kernel, remove="mutations")(*tensors, options=options)
         return auto_functionalized(FUSED_OP, q=q, k=k, v=v, k_cache=k_buffer, v_cache=v_buffer,
                                    slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, swa_table=None,
-                                   k_scale=k_scale, v_scale=v_scale, q_scale=q_scale, **options.op_arguments())
+                                   k_scale=k_scale, v_scale=v_scale, q_scale=q_scale, q_norm_weight=q_norm_weight,
+                                   k_norm_weight=k_norm_weight, **options.op_arguments())
     views = dict(k_views=k_views or (), v_views=v_views or ())
     if kernel:
         return torch.func.functionalize(_kernel, remove="mutations")(*tensors, options=options, **views)
@@ -59,24 +61,27 @@ def rope_kv_store_functional(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin
     return dispatch_functionalize(mutate, FunctionalTensorMode())(*tensors)
 
 
-def _kernel(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale, *,
+def _kernel(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale,
+            q_norm_weight, k_norm_weight, *,
             options: RopeKVOptions, k_views: tuple | None = None, v_views: tuple | None = None):
     """The launch, writing the buffers in place (``validate`` is never asked of it: see ``routes``)."""
     v_base = k_buffer if v_buffer is None else v_buffer
     k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
     p = prepare(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, None, k_scale, v_scale, q_scale,
-                options=options)
+                q_norm_weight, k_norm_weight, options=options)
     buffers = None if k_views is None else (k_buffer, v_buffer)
     q_out, k_out = launch_traceable(p, options.return_k, buffers=buffers)
     return q_out, k_out, k_buffer, v_base
 
 
-def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale, *,
+def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions, k_scale, v_scale, q_scale,
+                 q_norm_weight, k_norm_weight, *,
                  options: RopeKVOptions, k_views: tuple, v_views: tuple):
     v_base = k_buffer if v_buffer is None else v_buffer
     k_cache, v_cache = _replay(k_buffer, k_views), _replay(v_base, v_views)
     q_out, k_out = FUSED_OP(q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table=None,
-                            k_scale=k_scale, v_scale=v_scale, q_scale=q_scale, **options.op_arguments())
+                            k_scale=k_scale, v_scale=v_scale, q_scale=q_scale, q_norm_weight=q_norm_weight,
+                            k_norm_weight=k_norm_weight, **options.op_arguments())
     return q_out, k_out, k_buffer, v_base
 
 

@@ -136,6 +136,8 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         q_ptr=p.q, k_ptr=p.k, v_ptr=p.v, q_out_ptr=q_out, k_out_ptr=k_out, k_cache_ptr=p.k_cache,
         v_cache_ptr=p.v_cache, slot_ptr=p.slot_mapping, swa_ptr=p.swa_table, pos_ptr=p.positions,
         cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale, q_scale_ptr=p.q_scale,
+        q_norm_w_ptr=p.q_norm_weight, k_norm_w_ptr=p.k_norm_weight,
+        Q_NORM=o.q_norm, K_NORM=o.k_norm, NORM_EPS=o.norm_eps, NORM_OFFSET=o.norm_offset, NORM_ROUND=o.norm_round,
         T=p.num_tokens,
         **_stride_arguments(p, qo, ko),
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,

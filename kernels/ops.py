@@ -50,9 +50,10 @@ def _tensor_arguments(
     """The op's tensor arguments and its returns; its other arguments are ``RopeKVOptions``'s fields."""
 
 
-def _later_tensor_arguments(q_scale: torch.Tensor | None = None):
+def _later_tensor_arguments(q_scale: torch.Tensor | None = None, q_norm_weight: torch.Tensor | None = None,
+                            k_norm_weight: torch.Tensor | None = None):
     """Tensor arguments added after the options, last, so that callers passing options by position keep working
-    (``q_scale``: fp8 q's scale)."""
+    (``q_scale``: fp8 q's scale; ``q_norm_weight``/``k_norm_weight``: QK-norm's weights)."""
 
 
 # a RopeKVOptions field's type -> the type custom_op's schema inference takes (and how a value is passed)
@@ -199,7 +200,8 @@ def rope_kv_store(
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
     rotary_dim: int | None = None, layout: CacheLayout | str = CacheLayout.TOKEN,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    swa_table: torch.Tensor | None = None, q_scale: torch.Tensor | None = None, check_bounds: bool = False,
+    swa_table: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None, check_bounds: bool = False,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q and k, store rotated k and raw v in the caches; return ``(q_out, k_out or None)``.
@@ -235,6 +237,10 @@ def rope_kv_store(
     computes it from the rotated q in q's dtype: the quotient in ``q_quant_dtype`` (default q's dtype; ``q_rot *
     q_scale`` with ``q_scale_mul``), the optional ``q_clamp=(lo, hi)``, this device's cast; no ``q_scale``: the
     cast alone. A Python-number ``q_scale`` is taken as its fp32 value (the op divides by it correctly rounded).
+
+    QK-norm: with ``q_norm``/``k_norm`` each q/k head is first normalised as an RMSNorm does (``norm_eps``,
+    ``norm_offset``, ``norm_round``: see ``RopeKVOptions``), with weight ``q_norm_weight``/``k_norm_weight``
+    (``[head_dim]``, contiguous, a model dtype) or none.
     """
     opts = make_options(layout=layout, **options)
     if check_bounds:
@@ -269,5 +275,5 @@ def rope_kv_store(
         raise TypeError(f"q_scale must be a torch.Tensor, a Python number or None, got {type(q_scale).__name__}")
     q_out, k_out = torch.ops.fx_fusion.rope_kv_store(
         q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions, swa_table, k_scale, v_scale,
-        **opts.op_arguments(), q_scale=q_scale)
+        **opts.op_arguments(), q_scale=q_scale, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     return q_out, (k_out if opts.return_k else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 
 import torch
@@ -76,6 +77,15 @@ class RopeKVOptions:
     q_scale_mul: bool = False
     # (lo, hi) of the model's clamp before q's cast
     q_clamp: tuple[float, float] | None = None
+    # QK-norm (Qwen3, Gemma 3, OLMo 2's per-head form): RMSNorm of each head's features of q / k before the RoPE,
+    # ``y = x * rsqrt(mean(x^2) + norm_eps)``, rounded to x's dtype first with ``norm_round`` (HF Llama / Qwen3),
+    # times ``w + norm_offset`` (Gemma: 1.0), rounded to x's dtype (w: the op's q_norm_weight / k_norm_weight or
+    # none)
+    q_norm: bool = False
+    k_norm: bool = False
+    norm_eps: float = 1e-6
+    norm_offset: float = 0.0
+    norm_round: bool = False
 
     def __post_init__(self):
         for name in _BOOL_FIELDS:
@@ -104,6 +114,13 @@ class RopeKVOptions:
         if self.q_fp8_dtype is not None and self.q_fp8_dtype not in Q_FP8_DTYPES:
             raise ValueError(f"q_fp8_dtype must be None or one of {[str(d) for d in Q_FP8_DTYPES]}, "
                              f"got {self.q_fp8_dtype!r}")
+        for name in ("norm_eps", "norm_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.norm_eps < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps!r}")
         if self.q_quant_dtype is not None and self.q_quant_dtype not in MODEL_DTYPES:
             raise ValueError(f"q_quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
                              f"got {self.q_quant_dtype!r}")

@@ -50,6 +50,8 @@ class RopeKVProblem:
     q_shape: torch.Size  # as given, for the outputs
     k_shape: torch.Size
     q_scale: torch.Tensor | None = None  # fp8 q (``options.q_fp8_dtype``): one value, or None
+    q_norm_weight: torch.Tensor | None = None  # QK-norm weights ([D]), or None
+    k_norm_weight: torch.Tensor | None = None
 
     @property
     def q_out_dtype(self) -> torch.dtype:
@@ -187,7 +189,8 @@ def default_rotary_dim(cos: torch.Tensor, head_dim: int) -> int:
 
 def prepare(
     q, k, v, k_cache, v_cache, slot_mapping, cos, sin, positions=None, swa_table=None,
-    k_scale=None, v_scale=None, q_scale=None, *, options: RopeKVOptions | None = None, **kwargs,
+    k_scale=None, v_scale=None, q_scale=None, q_norm_weight=None, k_norm_weight=None, *,
+    options: RopeKVOptions | None = None, **kwargs,
 ) -> RopeKVProblem:
     """Check every argument (no device sync) and describe the problem as [B, S, H, D] views.
 
@@ -217,13 +220,29 @@ def prepare(
     _check_scales(k_scale, v_scale, k_cache.dtype, o.fp8_dtype, dev)
     _check_eager_fp8(dev, o.fp8_dtype or k_cache.dtype, o.quant_dtype, o.scale_mul, o.clamp)
     _check_fp8_q(q_scale, o, q.dtype, dev)
+    _check_norm("q", o.q_norm, q_norm_weight, head_dim, dev)
+    _check_norm("k", o.k_norm, k_norm_weight, head_dim, dev)
     _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
     if not (isinstance(o.rotary_dim, int) and o.rotary_dim == rotary_dim):  # None, or a SymInt made static
         o = dataclasses.replace(o, rotary_dim=rotary_dim)
     return RopeKVProblem(q4, k4, v4, k_cache, v_cache, slots, cos, sin, pos2, swa_table, k_scale, v_scale, o,
-                         q.shape, k.shape, q_scale)
+                         q.shape, k.shape, q_scale, q_norm_weight, k_norm_weight)
+
+
+def _check_norm(x: str, norm: bool, weight, head_dim: int, dev: torch.device) -> None:
+    """QK-norm's weight of ``x`` (q or k): a contiguous ``[head_dim]`` tensor of a model dtype, or None; given only
+    with the norm on."""
+    if weight is None:
+        return
+    name = f"{x}_norm_weight"
+    if not norm:
+        raise ValueError(f"{name} is given but {x}_norm is False (the weight of a norm the op does not apply)")
+    _expect_tensor(name, weight, dtypes=MODEL_DTYPES, ndims=(1,), device=dev)
+    if weight.shape[0] != head_dim or not weight.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [{head_dim}] tensor (head_dim), got shape "
+                         f"{tuple(weight.shape)} with strides {weight.stride()}")
 
 
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,

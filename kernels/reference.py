@@ -22,7 +22,8 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
         out[..., second] = x2 * c2 + x1 * s2
         return out
 
-    q_rot, k_rot = rope(p.q), rope(p.k)
+    q_rot = rope(_rms_norm(p.q, p.q_norm_weight, o, compute_dtype) if o.q_norm else p.q)
+    k_rot = rope(_rms_norm(p.k, p.k_norm_weight, o, compute_dtype) if o.k_norm else p.k)
 
     store, b_idx, s_sel = _stored_tokens(p)
 
@@ -60,6 +61,17 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
     q_out = q_out.reshape(p.q_shape).contiguous()
     k_out = k_rot.to(p.k.dtype).reshape(p.k_shape).contiguous() if return_k else None
     return q_out, k_out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, o, compute_dtype: torch.dtype) -> torch.Tensor:
+    """QK-norm of each head (the last dim) in ``compute_dtype``, rounded to x's dtype where the model rounds."""
+    y = x.to(compute_dtype)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + o.norm_eps)
+    if o.norm_round:
+        y = y.to(x.dtype).to(compute_dtype)
+    if weight is not None:
+        y = y * (weight.to(compute_dtype) + o.norm_offset)
+    return y.to(x.dtype)
 
 
 def _fp8_q(q: torch.Tensor, p: RopeKVProblem) -> torch.Tensor:

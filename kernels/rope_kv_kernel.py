@@ -70,8 +70,16 @@ def _pair_features(BLOCK_HALF: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.con
 
 
 @triton.jit
+def _load_pairs(x_ptr, x_row, X_SD: tl.constexpr, m, e1, e2):
+    """The values at features (e1, e2) of BLOCK_R rows (x row offsets [BLOCK_R]), in fp32; 0 where masked."""
+    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
 def _rope_pairs(
-    x_ptr, x_row, X_SD: tl.constexpr,        # x row offsets [BLOCK_R], feature stride
+    x1, x2,                                  # [BLOCK_R, BLOCK_HALF] fp32: the values at features (e1, e2)
     cos_ptr, sin_ptr, cos_row, sin_row, COS_SD: tl.constexpr, SIN_SD: tl.constexpr,
     m, i, e1, e2,                            # [BLOCK_R, BLOCK_HALF] mask; pair index and its features
     COS_PER_ELEMENT: tl.constexpr, ROUND_TABLE: tl.constexpr,
@@ -86,9 +94,6 @@ def _rope_pairs(
     ROUND_TABLE: 0, or 1 / 2 to round the cos/sin values to bf16 / fp16 first, as a model that casts its
     fp32 table to the model dtype before the multiply (SGLang, vLLM ``forward_native``) does.
     """
-    # x first: its address does not wait on the positions load, so both are in flight together
-    x1 = tl.load(x_ptr + x_row[:, None] + (e1 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_row[:, None] + (e2 * X_SD)[None, :], mask=m, other=0.0).to(tl.float32)
     if COS_PER_ELEMENT:
         c1 = tl.load(cos_ptr + cos_row[:, None] + (e1 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
         c2 = tl.load(cos_ptr + cos_row[:, None] + (e2 * COS_SD)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -101,6 +106,33 @@ def _rope_pairs(
         s2 = s1
     c1, c2, s1, s2 = _round(c1, ROUND_TABLE), _round(c2, ROUND_TABLE), _round(s1, ROUND_TABLE), _round(s2, ROUND_TABLE)
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def _rms_scale(x1, x2, xt, D: tl.constexpr, EPS: tl.constexpr):
+    """Per row: 1 / sqrt(mean(x^2) + EPS) over the head's D features (pairs x1, x2 [BLOCK_R, BLOCK_HALF] and the
+    tail xt [BLOCK_R, BLOCK_TAIL], or None; masked values 0), in fp32, sqrt and division correctly rounded (as
+    eager's rsqrt on CPU). The sum's order is the kernel's own (eager's differs at the level of fp32 rounding)."""
+    ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+    if xt is not None:
+        ss += tl.sum(xt * xt, 1)
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, D) + EPS))
+
+
+@triton.jit
+def _rms_apply(x, r, w_ptr, feat, fmask, ty, OFFSET: tl.constexpr, ROUND: tl.constexpr):
+    """x [BLOCK_R, F] normalised by r [BLOCK_R] as the model's RMSNorm rounds it: ``x * r``, rounded to ty first
+    with ROUND, times ``w[feat] + OFFSET`` (w read in its dtype, the sum in fp32; no w: no multiply), rounded to
+    ty; returned in fp32."""
+    x = x * r[:, None]
+    if ROUND:
+        x = _to(x, ty).to(tl.float32)
+    if w_ptr is not None:
+        w = tl.load(w_ptr + feat, mask=fmask, other=0.0).to(tl.float32)
+        if OFFSET != 0.0:
+            w = w + OFFSET
+        x = x * w[None, :]
+    return _to(x, ty).to(tl.float32)
 
 
 @triton.jit
@@ -282,6 +314,7 @@ def _rope_kv_store_kernel(
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [B or 1, S, R']
     k_scale_ptr, v_scale_ptr,        # one fp32, bf16 or fp16 value each, or None
     q_scale_ptr,                     # fp8 q: one fp32, bf16 or fp16 value, or None
+    q_norm_w_ptr, k_norm_w_ptr,      # QK-norm weights [D] (contiguous), or None (no weight, or no norm)
     T,                               # tokens: B * S
     # Run-time strides, those that may involve the token count: the batch strides (S * ...; None where the
     # batch index is always 0 (B = 1) or the tensor is broadcast), and the token strides of q, k, v (views
@@ -309,6 +342,11 @@ def _rope_kv_store_kernel(
     # the quotient's); Q_FP8_CAST 0: q_out in q's dtype
     Q_FP8_CAST: tl.constexpr, Q_X_ROUND: tl.constexpr, Q_QROUND: tl.constexpr, Q_SCALE_MUL: tl.constexpr,
     Q_CLAMP_LO: tl.constexpr, Q_CLAMP_HI: tl.constexpr,
+    # QK-norm: RMSNorm of each q (Q_NORM) / k (K_NORM) head before the RoPE (_rms_scale, _rms_apply), eps NORM_EPS,
+    # weight offset NORM_OFFSET (Gemma's 1 + w), NORM_ROUND: the normalised value rounded to x's dtype before the
+    # weight multiply (HF Llama / Qwen3)
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, NORM_EPS: tl.constexpr, NORM_OFFSET: tl.constexpr,
+    NORM_ROUND: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     # out-of-range slots (after NEGATIVE_WRAPS; negative ones without it are padding) and positions fail a
     # device-side assertion instead of being skipped or clamped, where the kernel is compiled with assertions
@@ -333,7 +371,22 @@ def _rope_kv_store_kernel(
         qo_row = _offset(qb, qs, qh, qo_sb, qo_ss, qo_sh)
         qi, qe1, qe2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
         qm = qmask[:, None] & (qi < ROT // 2)[None, :]
-        qo1, qo2 = _rope_pairs(q_ptr, q_row, q_sd, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
+        qx1, qx2 = _load_pairs(q_ptr, q_row, q_sd, qm, qe1, qe2)
+        if ROT < D:
+            qtail = ROT + tl.arange(0, BLOCK_TAIL)
+            qtm = qmask[:, None] & (qtail < D)[None, :]
+            qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm, other=0.0)
+        if Q_NORM:
+            q_ty = q_ptr.dtype.element_ty
+            if ROT < D:
+                qx = qx.to(tl.float32)
+                qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS)
+                qx = _rms_apply(qx, qr, q_norm_w_ptr, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
+            else:
+                qr = _rms_scale(qx1, qx2, None, D, NORM_EPS)
+            qx1 = _rms_apply(qx1, qr, q_norm_w_ptr, qe1, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
+            qx2 = _rms_apply(qx2, qr, q_norm_w_ptr, qe2, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
+        qo1, qo2 = _rope_pairs(qx1, qx2, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         qout_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :],
@@ -343,9 +396,6 @@ def _rope_kv_store_kernel(
                  _q_value(qo2, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
                           Q_CLAMP_HI), mask=qm)
         if ROT < D:
-            qtail = ROT + tl.arange(0, BLOCK_TAIL)
-            qtm = qmask[:, None] & (qtail < D)[None, :]
-            qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm)
             if Q_FP8_CAST != 0:
                 qx = _q_value(qx.to(tl.float32), q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL,
                               Q_CLAMP_LO, Q_CLAMP_HI)
@@ -398,7 +448,22 @@ def _rope_kv_store_kernel(
 
         i, e1, e2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
         m = mask[:, None] & (i < ROT // 2)[None, :]
-        o1, o2 = _rope_pairs(k_ptr, k_row, k_sd, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
+        x1, x2 = _load_pairs(k_ptr, k_row, k_sd, m, e1, e2)
+        if ROT < D:
+            tail = ROT + tl.arange(0, BLOCK_TAIL)
+            tm = mask[:, None] & (tail < D)[None, :]
+            x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm, other=0.0)
+        if K_NORM:
+            k_ty = k_ptr.dtype.element_ty
+            if ROT < D:
+                x = x.to(tl.float32)
+                r = _rms_scale(x1, x2, x, D, NORM_EPS)
+                x = _rms_apply(x, r, k_norm_w_ptr, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
+            else:
+                r = _rms_scale(x1, x2, None, D, NORM_EPS)
+            x1 = _rms_apply(x1, r, k_norm_w_ptr, e1, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
+            x2 = _rms_apply(x2, r, k_norm_w_ptr, e2, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
+        o1, o2 = _rope_pairs(x1, x2, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
@@ -414,9 +479,6 @@ def _rope_kv_store_kernel(
             tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], _to(o1, ko_ty), mask=m)
             tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], _to(o2, ko_ty), mask=m)
         if ROT < D:
-            tail = ROT + tl.arange(0, BLOCK_TAIL)
-            tm = mask[:, None] & (tail < D)[None, :]
-            x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm)
             tl.store(kc_base + kc_row[:, None] + (tail * kc_sd)[None, :],
                      _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
                                   FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),

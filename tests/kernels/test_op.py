@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fx_fusion import kernels
 from fx_fusion.kernels import launch as kernel_launch
 from fx_fusion.kernels import rope_kv_kernel
-from fx_fusion.kernels.rope_kv_cache import CacheLayout, prepare, reference
+from fx_fusion.kernels.rope_kv_cache import CacheLayout, RopeKVOptions, prepare, reference
 from tests.kernels.test_rope_kv_cache import (
     INTERPRETED,
     KernelSpy,
@@ -36,17 +36,14 @@ OP = torch.ops.fx_fusion.rope_kv_store
 ARG_ORDER = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table",
              "k_scale", "v_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate",
              "negative_wraps", "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp", "check_slots",
-             "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp", "q_scale")
+             "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp", "q_norm", "k_norm",
+             "norm_eps", "norm_offset", "norm_round", "q_scale", "q_norm_weight", "k_norm_weight")
 
 
 def op_args(args: dict, *, return_k: bool = False, validate: bool = False, negative_wraps: bool = False) -> tuple:
     """The op's positional arguments from ``make_args``'s keyword arguments."""
-    full = dict(args, return_k=return_k, validate=validate, negative_wraps=negative_wraps)
-    for name in ("table_dtype", "fp8_dtype", "quant_dtype", "clamp", "q_scale", "q_fp8_dtype", "q_quant_dtype",
-                 "q_clamp"):
-        full.setdefault(name, None)
-    for name in ("scale_mul", "check_slots", "check_positions", "q_scale_mul"):
-        full.setdefault(name, False)
+    defaults = dict(RopeKVOptions().op_arguments(), q_scale=None, q_norm_weight=None, k_norm_weight=None)
+    full = dict(defaults, **args, return_k=return_k, validate=validate, negative_wraps=negative_wraps)
     full["layout"] = CacheLayout(full["layout"]).value if isinstance(full["layout"], CacheLayout) else full["layout"]
     return tuple(full[name] for name in ARG_ORDER)
 

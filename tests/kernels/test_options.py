@@ -24,7 +24,7 @@ from tests.kernels.test_rope_kv_cache import TOLERANCES, as_bytes, make_args
 OP = torch.ops.fx_fusion.rope_kv_store
 TENSORS = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions", "swa_table", "k_scale",
            "v_scale")
-LATER_TENSORS = ("q_scale",)  # added after the options, last: callers passing options by position keep working
+LATER_TENSORS = ("q_scale", "q_norm_weight", "k_norm_weight")  # added after the options, last: callers passing options by position keep working
 FIELDS = dataclasses.fields(RopeKVOptions)
 
 
@@ -54,6 +54,7 @@ def test_schema_types_follow_the_field_types():
         "quant_dtype": "Optional[int]", "scale_mul": "bool", "clamp": "Optional[List[float]]",
         "check_slots": "bool", "check_positions": "bool", "q_fp8_dtype": "Optional[int]",
         "q_quant_dtype": "Optional[int]", "q_scale_mul": "bool", "q_clamp": "Optional[List[float]]",
+        "q_norm": "bool", "k_norm": "bool", "norm_eps": "float", "norm_offset": "float", "norm_round": "bool",
     }
 
 
@@ -139,13 +140,13 @@ def test_prepare_takes_options_and_keywords():
 def test_unknown_option_is_a_type_error_naming_it(call):
     args = small_args()
     before = (as_bytes(args["k_cache"]).clone(), as_bytes(args["v_cache"]).clone())
-    with pytest.raises(TypeError, match=r"^'norm_eps' is not an option of the fused RoPE \+ KV-cache store"):
+    with pytest.raises(TypeError, match=r"^'unknown_option' is not an option of the fused RoPE \+ KV-cache store"):
         if call == "prepare":
-            prepare(**args, norm_eps=1e-6)
+            prepare(**args, unknown_option=1e-6)
         else:
             kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"], args["v_cache"],
                                   args["slot_mapping"], cos=args["cos"], sin=args["sin"], positions=args["positions"],
-                                  rotary_dim=16, norm_eps=1e-6)
+                                  rotary_dim=16, unknown_option=1e-6)
     assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])
 
 
@@ -160,12 +161,14 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
                      is_neox=False)
     for name in ("k_cache", "v_cache"):
         args[name] = torch.randint(0, 256, args[name].shape, dtype=torch.uint8)
-    args.update(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]), q_scale=torch.tensor([0.25]))
+    args.update(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]), q_scale=torch.tensor([0.25]),
+                q_norm_weight=torch.randn(32), k_norm_weight=torch.randn(32))
     options = RopeKVOptions(is_neox=False, rotary_dim=16, layout="paged", return_k=True, validate=True,
                             negative_wraps=True, table_dtype=torch.bfloat16, fp8_dtype=torch.float8_e4m3fn,
                             quant_dtype=torch.float32, scale_mul=True, clamp=(-448.0, 448.0), check_slots=True,
                             check_positions=True, q_fp8_dtype=torch.float8_e5m2, q_quant_dtype=torch.bfloat16,
-                            q_scale_mul=True, q_clamp=(-1024.0, 1024.0))
+                            q_scale_mul=True, q_clamp=(-1024.0, 1024.0), q_norm=True, k_norm=True, norm_eps=1e-5,
+                            norm_offset=1.0, norm_round=True)
     assert all(getattr(options, f.name) != f.default for f in FIELDS)
     return {n: args[n] for n in (*TENSORS, *LATER_TENSORS)}, options
 
@@ -245,7 +248,7 @@ def test_wrapper_forwards_its_options(seen):
     q_out, k_out = kernels.rope_kv_store(
         t["q"], t["k"], t["v"], t["k_cache"], t["v_cache"], t["slot_mapping"], cos=t["cos"], sin=t["sin"],
         positions=t["positions"], k_scale=t["k_scale"], v_scale=t["v_scale"], q_scale=t["q_scale"], rotary_dim=16,
-        layout="paged",
+        layout="paged", q_norm_weight=t["q_norm_weight"], k_norm_weight=t["k_norm_weight"],
         check_bounds=True, **{n: v for n, v in op_keywords(options).items()
                               if n not in ("rotary_dim", "layout", "check_slots", "check_positions")})
     assert [p.options for p in seen] == [options]
