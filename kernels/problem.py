@@ -87,8 +87,9 @@ class RopeKVProblem:
 
     @property
     def x(self) -> int | None:
-        """The 5-D layouts' x (cache elements per 16 bytes: the last dim of k_cache); None for the others."""
-        return self.k_cache.shape[4] if self.options.layout in X_LAYOUTS else None
+        """The 5-D layouts' x (cache elements per 16 bytes, k_cache's last dim as ``prepare`` checked; an int even
+        where the shape is symbolic); None for the others."""
+        return X_BYTES // self.k_cache.element_size() if self.options.layout in X_LAYOUTS else None
 
     @property
     def cos_per_element(self) -> bool:

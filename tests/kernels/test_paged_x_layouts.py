@@ -17,9 +17,11 @@ import dataclasses
 
 import pytest
 import torch
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
 from fx_fusion.kernels.ops import rope_kv_store
 from fx_fusion.kernels.rope_kv_cache import FP8_DTYPES, launch, prepare, reference
+from tests.kernels.test_launch import kernel_nodes, trace, traced_kernels, ttir_analysis  # noqa: F401 (fixtures)
 from tests.kernels.test_op import OP, assert_rejected, op_args, randomize_caches
 from tests.kernels.test_rope_kv_cache import (
     TOLERANCES,
@@ -160,16 +162,21 @@ def assert_x_cache(name: str, which: str, p, got, before, want) -> None:
                                msg=lambda m: f"{name}, written elements: {m}")
 
 
-def run_and_check(args: dict, *, return_k: bool = True, **config):
-    """Prepare, launch on poisoned outputs, compare outputs and whole caches with the float64 reference."""
+def run_and_check(args: dict, *, return_k: bool = True, run=None, **config):
+    """Prepare, launch on poisoned outputs, compare outputs and whole caches with the float64 reference.
+
+    ``run(p) -> (q_out, k_out)``: another way to run the problem (its outputs poisoned by it)."""
     p = prepare(**args)
     before = (p.k_cache.clone(), p.v_cache.clone())
     snapshots = {id(base_of(c)): base_of(c).clone() for c in (p.k_cache, p.v_cache) if c._base is not None}
     ref = dataclasses.replace(p, k_cache=p.k_cache.clone(), v_cache=p.v_cache.clone())
     q_ref, k_ref = reference(ref, return_k, compute_dtype=torch.float64)
-    q_out = torch.full(p.q_shape, float("nan"), dtype=p.q.dtype, device=p.q.device)
-    k_out = torch.full(p.k_shape, float("nan"), dtype=p.k.dtype, device=p.k.device) if return_k else None
-    launch(p, q_out, k_out, **config)
+    if run is None:
+        q_out = torch.full(p.q_shape, float("nan"), dtype=p.q.dtype, device=p.q.device)
+        k_out = torch.full(p.k_shape, float("nan"), dtype=p.k.dtype, device=p.k.device) if return_k else None
+        launch(p, q_out, k_out, **config)
+    else:
+        q_out, k_out = run(p)
     atol, rtol = TOLERANCES[p.q.dtype]
     torch.testing.assert_close(q_out, q_ref, atol=atol, rtol=rtol, msg=lambda m: f"q_out: {m}")
     if return_k:
@@ -260,6 +267,38 @@ def test_reads_back_as_the_flash_layout(device, layout, cache_dtype):
         want = flash_cache[blk, off]
         assert not want.float().isnan().any()
         assert torch.equal(bits(read), bits(want)), f"{which}_cache read back differs from the flash layout"
+
+
+# --------------------------------------------------------------------------------------------------
+# The launch traced for Inductor
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", X_LAYOUTS)
+def test_traced_launch(device, traced_kernels, ttir_analysis, monkeypatch, layout):
+    """The launch as the graph pass and the op's breakdown trace it (functionalized ``wrap_triton``): Inductor's
+    analysis of the kernel's TTIR finds only the outputs and the caches written (a write found in an input would
+    make Inductor copy it), and the traced graph writes what the reference does."""
+    module, interpreted = traced_kernels
+    args = make_x_args(device, layout, T=7, Hq=4, Hkv=2, D=64, rot=32, dtype=torch.bfloat16, is_neox=False)
+    gm = trace(module, args, True, "fake")
+    (node,) = kernel_nodes(gm)
+    assert set(node.kwargs["tensors_to_clone"]) == {"q_out_ptr", "k_out_ptr", "k_cache_ptr", "v_cache_ptr"}
+    if interpreted is not None:  # (the table holds the compiled kernel in a one-config autotuner)
+        monkeypatch.setitem(kernel_side_table.id_to_kernel, node.kwargs["kernel_idx"], interpreted)
+
+    def run(p):
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.use_deterministic_algorithms(True)  # torch.empty fills NaN: poisoned outputs
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        try:
+            return gm(*(x for x in args.values() if isinstance(x, torch.Tensor)))
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+
+    run_and_check(args, run=run)
 
 
 # --------------------------------------------------------------------------------------------------
