@@ -301,6 +301,29 @@ def test_traced_launch(device, traced_kernels, ttir_analysis, monkeypatch, layou
     run_and_check(args, run=run)
 
 
+@pytest.mark.parametrize("layout", X_LAYOUTS)
+def test_op_inside_torch_compile(device, layout):
+    """The op called inside compiled code (on CUDA broken down into the kernel's launch, elsewhere kept): the
+    reference's result, whole caches compared."""
+    args = make_x_args(device, layout, T=6, Hq=4, Hkv=2, D=64, dtype=torch.float32)
+    names = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", "positions")
+
+    def step(q, k, v, k_cache, v_cache, slots, cos, sin, positions):
+        q_out, _ = OP(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, None, None, True, 64, layout)
+        return q_out * 2
+
+    def run(p):
+        torch._dynamo.reset()
+        try:
+            with torch._inductor.config.patch(fx_graph_cache=False):
+                out = torch.compile(step, fullgraph=True)(*(args[n] for n in names))
+        finally:
+            torch._dynamo.reset()
+        return out / 2, None
+
+    run_and_check(args, return_k=False, run=run)
+
+
 # --------------------------------------------------------------------------------------------------
 # The op: wrapper, opcheck, argument checks
 # --------------------------------------------------------------------------------------------------
