@@ -38,8 +38,10 @@ Cache layouts (``problem.CacheLayout``), with any strides; element ``(slot, h, d
       v       ``[num_blocks, Hkv, D, bs]``            ``blk, h, d, off``                (paged_x; vLLM non-flash v)
       v       ``[num_blocks, Hkv, bs // x, D, x]``    ``blk, h, off // x, d, off % x``  (paged_x_shuffled)
 One address formula covers them all (the kernel's signature): a cache's strides, and for the 5-D layouts a split
-of the feature index (k: ``KC_D_SPLIT = x``) or of the slot's offset in its block (shuffled v: ``VC_SLOT_SPLIT = x``),
-addressed as ``(i // x) * s_hi + (i % x) * s``; the splits are None (no division) for the other layouts.
+of the feature index (k: ``KC_D_SPLIT = x``, ``kc_sd_hi`` the stride of ``d // x``, ``kc_sd`` of ``d % x``) or of
+the slot's offset in its block (shuffled v: ``VC_SLOT_SPLIT = x``, ``vc_sslot_hi`` and ``vc_sslot``), addressed as
+``(i // x) * s_hi + (i % x) * s`` (``_split_offset``); the splits (``KC_SLOT_SPLIT``, ``KC_D_SPLIT``,
+``VC_SLOT_SPLIT``, ``VC_D_SPLIT``) and the ``*_hi`` strides are None for the other layouts: no division there.
 
 The slot of token ``(b, s)`` is ``slot_mapping[s]`` (``[T]`` for flat layouts, the ``cache_position``
 ``[S]`` for the sequence layout), optionally sent through a second table (``slot = swa_table[slot]``,
@@ -288,7 +290,8 @@ def _rope_kv_store_kernel(
     # q [B, S, HQ, D]; k, v [B, S, HKV, D]; q_out [B, S, HQ, D]; k_out [B, S, HKV, D] or None.
     # Element (b, s, h, d) of tensor x sits at b*x_sb + s*x_ss + h*x_sh + d*x_sd.
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
-    # caches: element (b, slot, h, d) at b*sb + blk*sblk + split(off, SLOT_SPLIT, sslot_hi, sslot) + h*sh
+    # caches (parameters kc_* and KC_* of k_cache, vc_* and VC_* of v_cache):
+    #         element (b, slot, h, d) at b*sb + blk*sblk + split(off, SLOT_SPLIT, sslot_hi, sslot) + h*sh
     #         + split(d, D_SPLIT, sd_hi, sd), blk = slot // CACHE_BLOCK_SIZE, off = slot % CACHE_BLOCK_SIZE, where
     #         split(i, X, s_hi, s) = (i // X)*s_hi + (i % X)*s, or i*s when X is None; sblk: the stride between
     #         blocks, sslot: between the slots of one block (token: sblk = stride(0), sslot = 0; paged:
