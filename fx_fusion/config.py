@@ -12,6 +12,10 @@ from fx_fusion.kernels.problem import CacheLayout
 from fx_fusion.patterns import FusionOptions, RopeStyle
 
 
+# the cache layouts the pass finds stores in (the op also writes the 5-D paged_x layouts, which no matched store has)
+PASS_LAYOUTS = (CacheLayout.TOKEN, CacheLayout.PAGED, CacheLayout.SEQUENCE)
+
+
 class OnUnfusable(str, enum.Enum):
     """What to do with a candidate site that cannot be fused safely."""
 
@@ -23,7 +27,7 @@ class OnUnfusable(str, enum.Enum):
 class FusionConfig:
     """Configuration of the RoPE -> reshape -> KV-cache store fusion."""
 
-    layouts: frozenset[CacheLayout] = frozenset(CacheLayout)
+    layouts: frozenset[CacheLayout] = frozenset(PASS_LAYOUTS)
     """Cache layouts to fuse: ``token`` (SGLang pools), ``paged`` (vLLM), ``sequence`` (HF StaticCache, gpt-fast)."""
 
     styles: frozenset[RopeStyle] = frozenset(RopeStyle)
@@ -51,7 +55,7 @@ class FusionConfig:
         # Every field is checked here, so a bad value fails where it was written, naming the field, and not
         # later inside the pass. Plain strings and iterables (``options={...}``) become canonical, hashable
         # values. ``dataclasses.replace`` (how ``options=`` and keywords are applied) runs this again.
-        object.__setattr__(self, "layouts", _enum_set("layouts", CacheLayout, self.layouts))
+        object.__setattr__(self, "layouts", _enum_set("layouts", CacheLayout, self.layouts, PASS_LAYOUTS))
         object.__setattr__(self, "styles", _enum_set("styles", RopeStyle, self.styles))
         object.__setattr__(self, "min_tokens", _count("min_tokens", self.min_tokens, optional=False))
         object.__setattr__(self, "max_tokens", _count("max_tokens", self.max_tokens, optional=True))
@@ -105,29 +109,34 @@ def _shown(value: Any) -> str:
     return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
 
 
-def _expected(cls: type[enum.Enum]) -> str:
-    return ", ".join(repr(m.value) for m in cls)
+def _expected(members) -> str:
+    return ", ".join(repr(m.value) for m in members)
 
 
-def _enum_value(name: str, cls: type[enum.Enum], value: Any, *, element: bool = False) -> enum.Enum:
+def _enum_value(name: str, cls: type[enum.Enum], value: Any, members=None, *, element: bool = False) -> enum.Enum:
     """``value`` (a member of ``cls`` or its value) as a member; TypeError for a non-string, ValueError for
-    a string that names no member."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"FusionConfig.{name}: expected {cls.__name__} values ({_expected(cls)}), got {_shown(value)}"
+    a string that names no member (or a member outside ``members``, when given)."""
+    members = tuple(cls) if members is None else members
+    if not isinstance(value, (str, cls)):
+        expected = _expected(members)
+        raise TypeError(f"FusionConfig.{name}: expected {cls.__name__} values ({expected}), got {_shown(value)}"
                         if element else
-                        f"FusionConfig.{name} must be an {cls.__name__} value ({_expected(cls)}), got {_shown(value)}")
+                        f"FusionConfig.{name} must be an {cls.__name__} value ({expected}), got {_shown(value)}")
     try:
-        return cls(value)
+        member = cls(value)
     except ValueError:
+        member = None
+    if member not in members:
         article = "an" if cls.__name__[0] in "AEIOU" else "a"
-        raise ValueError(f"FusionConfig.{name}: {value!r} is not {article} {cls.__name__} "
-                         f"(expected one of {_expected(cls)})") from None
+        what = f"{article} {cls.__name__}" if member is None else f"{article} {cls.__name__} this option takes"
+        shown = value.value if isinstance(value, enum.Enum) else value
+        raise ValueError(f"FusionConfig.{name}: {shown!r} is not {what} (expected one of {_expected(members)})")
+    return member
 
 
-def _enum_set(name: str, cls: type[enum.Enum], value: Any) -> frozenset:
-    """A collection of members or values of ``cls`` (one string alone counts as a collection of one)."""
+def _enum_set(name: str, cls: type[enum.Enum], value: Any, members=None) -> frozenset:
+    """A collection of members or values of ``cls`` (one string alone counts as a collection of one); ``members``:
+    the members allowed (default: all)."""
     if isinstance(value, (str, enum.Enum)):
         items = (value,)
     else:
@@ -135,8 +144,8 @@ def _enum_set(name: str, cls: type[enum.Enum], value: Any) -> frozenset:
             items = tuple(value)
         except TypeError:
             raise TypeError(f"FusionConfig.{name} must be a collection of {cls.__name__} values "
-                            f"({_expected(cls)}), got {_shown(value)}") from None
-    return frozenset(_enum_value(name, cls, x, element=True) for x in items)
+                            f"({_expected(tuple(cls) if members is None else members)}), got {_shown(value)}") from None
+    return frozenset(_enum_value(name, cls, x, members, element=True) for x in items)
 
 
 def _count(name: str, value: Any, *, optional: bool) -> int | None:

@@ -143,7 +143,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,
         N_SLOTS=p.num_slots, N_SWA=p.swa_table.shape[0] if p.swa_table is not None else None,
         N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
-        CACHE_BLOCK_SIZE=p.k_cache.shape[1] if o.layout is CacheLayout.PAGED else 1,
+        CACHE_BLOCK_SIZE=p.block_size,
         FP8_MAX=torch.finfo(p.k_cache.dtype).max if fp8 else None,
         **_fp8_store_arguments(p), **_fp8_q_arguments(p),
         IS_NEOX=o.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=o.negative_wraps,
@@ -222,8 +222,10 @@ def _stride_arguments(p: RopeKVProblem, qo: torch.Tensor, ko: torch.Tensor | Non
     v_sb, v_ss, v_sh, v_sd = _token_strides(p.v)
     qo_sb, qo_ss, qo_sh, qo_sd = _token_strides(qo)
     ko_sb, ko_ss, ko_sh, ko_sd = _token_strides(ko)
-    kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd = _cache_strides(p.k_cache, p.options.layout)
-    vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd = _cache_strides(p.v_cache, p.options.layout)
+    (kc_sb, kc_sblk, kc_sslot, kc_sh, kc_sd), (kc_sslot_hi, KC_SLOT_SPLIT), (kc_sd_hi, KC_D_SPLIT) = _cache_strides(
+        p.k_cache, p.options.layout, "k", p.x)
+    (vc_sb, vc_sblk, vc_sslot, vc_sh, vc_sd), (vc_sslot_hi, VC_SLOT_SPLIT), (vc_sd_hi, VC_D_SPLIT) = _cache_strides(
+        p.v_cache, p.options.layout, "v", p.x)
     slot_sb, slot_ss = _index_strides(p.slot_mapping)
     pos_sb, pos_ss = _index_strides(p.positions)
     cos_sb, cos_sr, cos_sd = _rotary_strides(p.cos, p.positions is not None)
@@ -234,6 +236,8 @@ def _stride_arguments(p: RopeKVProblem, qo: torch.Tensor, ko: torch.Tensor | Non
         qo_sb=qo_sb, qo_ss=qo_ss, qo_sh=qo_sh, qo_sd=qo_sd, ko_sb=ko_sb, ko_ss=ko_ss, ko_sh=ko_sh, ko_sd=ko_sd,
         kc_sb=kc_sb, kc_sblk=kc_sblk, kc_sslot=kc_sslot, kc_sh=kc_sh, kc_sd=kc_sd,
         vc_sb=vc_sb, vc_sblk=vc_sblk, vc_sslot=vc_sslot, vc_sh=vc_sh, vc_sd=vc_sd,
+        kc_sslot_hi=kc_sslot_hi, kc_sd_hi=kc_sd_hi, vc_sslot_hi=vc_sslot_hi, vc_sd_hi=vc_sd_hi,
+        KC_SLOT_SPLIT=KC_SLOT_SPLIT, KC_D_SPLIT=KC_D_SPLIT, VC_SLOT_SPLIT=VC_SLOT_SPLIT, VC_D_SPLIT=VC_D_SPLIT,
         slot_sb=slot_sb, slot_ss=slot_ss, pos_sb=pos_sb, pos_ss=pos_ss,
         cos_sb=cos_sb, cos_sr=cos_sr, cos_sd=cos_sd, sin_sb=sin_sb, sin_sr=sin_sr, sin_sd=sin_sd,
     )
@@ -261,10 +265,20 @@ def _rotary_strides(c: torch.Tensor, table: bool) -> tuple:
     return _batch_stride(c), c.stride(1), c.stride(2)
 
 
-def _cache_strides(c: torch.Tensor, layout: CacheLayout) -> tuple:
-    """(sb, sblk, sslot, sh, sd) of a cache for the kernel's address formula (see its signature)."""
+def _cache_strides(c: torch.Tensor, layout: CacheLayout, which: str, x: int | None) -> tuple:
+    """``((sb, sblk, sslot, sh, sd), (sslot_hi, SLOT_SPLIT), (sd_hi, D_SPLIT))`` of cache ``which`` ("k" or "v") for
+    the kernel's address formula (see its signature). A split index i (SPLIT not None) is addressed as
+    ``(i // SPLIT) * s_hi + (i % SPLIT) * s``; no split: ``(None, None)``, and the address is ``i * s``."""
+    none = (None, None)
     if layout is CacheLayout.TOKEN:
-        return None, c.stride(0), 0, c.stride(1), c.stride(2)
+        return (None, c.stride(0), 0, c.stride(1), c.stride(2)), none, none
     if layout is CacheLayout.PAGED:
-        return None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)
-    return _batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)
+        return (None, c.stride(0), c.stride(1), c.stride(2), c.stride(3)), none, none
+    if layout is CacheLayout.SEQUENCE:
+        return (_batch_stride(c), c.stride(2), 0, c.stride(1), c.stride(3)), none, none
+    if which == "k":  # [num_blocks, Hkv, D // x, block_size, x]: d split
+        return (None, c.stride(0), c.stride(3), c.stride(1), c.stride(4)), none, (c.stride(2), x)
+    if layout is CacheLayout.PAGED_X:  # v [num_blocks, Hkv, D, block_size]
+        return (None, c.stride(0), c.stride(3), c.stride(1), c.stride(2)), none, none
+    # shuffled v [num_blocks, Hkv, block_size // x, D, x]: the slot in the block split
+    return (None, c.stride(0), c.stride(4), c.stride(1), c.stride(3)), (c.stride(2), x), none

@@ -36,8 +36,8 @@ from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTens
 
 from fx_fusion.kernels.launch import NotTraceable, interpreted, launch, launch_traceable
 from fx_fusion.kernels.options import FIELD_TYPES, RopeKVOptions, make_options, op_value
-from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, check_index_ranges, check_writable,
-                                       default_rotary_dim, prepare)
+from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, cache_head_dim, check_index_ranges,
+                                       check_writable, default_rotary_dim, prepare)
 from fx_fusion.kernels.reference import reference
 
 
@@ -264,7 +264,7 @@ def rope_kv_store(
         raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
     if rotary_dim is None and isinstance(cos, torch.Tensor):
         if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 0:
-            rotary_dim = default_rotary_dim(cos, k_cache.shape[-1])
+            rotary_dim = default_rotary_dim(cos, cache_head_dim(k_cache, opts.layout))
         else:
             rotary_dim = cos.shape[-1]  # placeholder: the op rejects k_cache, naming it
     opts = dataclasses.replace(opts, rotary_dim=rotary_dim)

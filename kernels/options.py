@@ -27,6 +27,11 @@ class CacheLayout(str, enum.Enum):
     TOKEN = "token"
     PAGED = "paged"
     SEQUENCE = "sequence"
+    # AMD's (aiter ``fused_qk_rope_reshape_and_cache`` with ``flash_layout=False``): k ``[num_blocks, Hkv, D // x,
+    # block_size, x]``, x = 16 bytes / element size; v ``[num_blocks, Hkv, D, block_size]`` (vLLM's non-flash v), or
+    # the "shuffled" v ``[num_blocks, Hkv, block_size // x, D, x]``. The op writes them; the graph pass finds none.
+    PAGED_X = "paged_x"
+    PAGED_X_SHUFFLED = "paged_x_shuffled"
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)

@@ -26,6 +26,9 @@ from fx_fusion.kernels.options import (FP8_DTYPES, MODEL_DTYPES, TABLE_DTYPES, C
                                        RopeKVOptions, make_options)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# the 5-D key layouts: k_cache [num_blocks, Hkv, D // x, block_size, x], x = X_BYTES / element size
+X_LAYOUTS = (CacheLayout.PAGED_X, CacheLayout.PAGED_X_SHUFFLED)
+X_BYTES = 16
 # k_scale/v_scale: one value, read exactly (as fp32) by the kernel
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,8 +74,24 @@ class RopeKVProblem:
     def num_slots(self) -> int:
         """Slots a cache row can be addressed by: valid slots are ``0 <= slot < num_slots``."""
         c, layout = self.k_cache, self.options.layout
+        if layout in X_LAYOUTS:  # [num_blocks, Hkv, D // x, block_size, x]
+            return c.shape[0] * c.shape[3]
         return c.shape[0] * c.shape[1] if layout is CacheLayout.PAGED else (
             c.shape[2] if layout is CacheLayout.SEQUENCE else c.shape[0])
+
+    @property
+    def block_size(self) -> int:
+        """Slots per cache block (1 for the token and sequence layouts)."""
+        layout = self.options.layout
+        if layout in X_LAYOUTS:
+            return self.k_cache.shape[3]
+        return self.k_cache.shape[1] if layout is CacheLayout.PAGED else 1
+
+    @property
+    def x(self) -> int | None:
+        """The 5-D layouts' x (cache elements per 16 bytes, k_cache's last dim as ``prepare`` checked; an int even
+        where the shape is symbolic); None for the others."""
+        return X_BYTES // self.k_cache.element_size() if self.options.layout in X_LAYOUTS else None
 
     @property
     def cos_per_element(self) -> bool:
@@ -245,22 +264,29 @@ def _check_norm(x: str, norm: bool, weight, head_dim: int, dev: torch.device) ->
                          f"{tuple(weight.shape)} with strides {weight.stride()}")
 
 
+# dims of (k_cache, v_cache) per layout
+_CACHE_NDIMS = {CacheLayout.TOKEN: (3, 3), CacheLayout.PAGED: (4, 4), CacheLayout.SEQUENCE: (4, 4),
+                CacheLayout.PAGED_X: (5, 4), CacheLayout.PAGED_X_SHUFFLED: (5, 5)}
+
+
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
                   quant_dtype) -> tuple[int, int, int | None]:
     """Check the caches (and ``fp8_dtype``); returns (kv heads, head_dim, batch of a sequence cache or None)."""
-    cache_ndim = 3 if layout is CacheLayout.TOKEN else 4
+    k_ndim, v_ndim = _CACHE_NDIMS[layout]
     cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (dtype, *FP8_DTYPES)
-    _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(cache_ndim,), device=dev)
-    _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(cache_ndim,), device=dev)
+    _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(k_ndim,), device=dev)
+    _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(v_ndim,), device=dev)
     if fp8_dtype is not None and quant_dtype is None:
         raise ValueError(f"fp8_dtype ({fp8_dtype}) is given without quant_dtype: uint8 caches are written only "
                          "by eager fp8 stores")
     if k_cache.dtype == torch.float8_e4m3fnuz and dev.type == "cuda" and torch.version.hip is None:
         raise TypeError("k_cache is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, but k_cache has {tuple(k_cache.shape)}")
     cache_batch = None
-    if layout is CacheLayout.SEQUENCE:
+    if layout in X_LAYOUTS:
+        n_kv, head_dim = _check_x_caches(k_cache, v_cache, layout)
+    elif v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, but k_cache has {tuple(k_cache.shape)}")
+    elif layout is CacheLayout.SEQUENCE:
         cache_batch, n_kv, _, head_dim = k_cache.shape
     else:
         n_kv, head_dim = k_cache.shape[-2:]
@@ -268,6 +294,47 @@ def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev
         raise ValueError(f"k_cache must have at least one kv head and a head_dim above 0, got shape "
                          f"{tuple(k_cache.shape)} ({n_kv} kv heads, head_dim {head_dim})")
     return n_kv, head_dim, cache_batch
+
+
+def _check_x_caches(k_cache, v_cache, layout: CacheLayout) -> tuple[int, int]:
+    """The 5-D layouts' caches against each other; returns (kv heads, head_dim).
+
+    k_cache ``[num_blocks, Hkv, D // x, block_size, x]`` with x = 16 bytes / element size; v_cache
+    ``[num_blocks, Hkv, D, block_size]`` (paged_x) or ``[num_blocks, Hkv, block_size // x, D, x]``
+    (paged_x_shuffled), its shape the one k_cache implies.
+    """
+    x = X_BYTES // k_cache.element_size()
+    k_shape, v_shape = tuple(k_cache.shape), tuple(v_cache.shape)
+    if k_shape[4] != x:
+        raise ValueError(f"k_cache must be [num_blocks, Hkv, D // x, block_size, x] for the {layout.value} layout, "
+                         f"with x = {X_BYTES} bytes / element size = {x} for {k_cache.dtype}, got shape {k_shape}")
+    num_blocks, n_kv, d_blocks, block_size, _ = k_shape
+    head_dim = d_blocks * x
+    shuffled = layout is CacheLayout.PAGED_X_SHUFFLED
+    if shuffled and block_size % x:
+        raise ValueError(f"k_cache has block_size {block_size} (shape {k_shape}), which is not a multiple of x = {x}: "
+                         f"the {layout.value} v_cache splits each block into block_size // x groups of x slots")
+    if shuffled:
+        want_v, d_axis = (num_blocks, n_kv, block_size // x, head_dim, x), 3
+        v_form = "[num_blocks, Hkv, block_size // x, D, x]"
+    else:
+        want_v, d_axis, v_form = (num_blocks, n_kv, head_dim, block_size), 2, "[num_blocks, Hkv, D, block_size]"
+    if v_shape != want_v:
+        v_dim = v_shape[d_axis]
+        if v_dim % x and v_shape[:d_axis] + v_shape[d_axis + 1:] == want_v[:d_axis] + want_v[d_axis + 1:]:
+            raise ValueError(f"v_cache has head_dim D = {v_dim} (shape {v_shape}, {v_form}), which is not a multiple "
+                             f"of x = {x}: the {layout.value} k_cache holds D // x blocks of x {k_cache.dtype} "
+                             "elements")
+        raise ValueError(f"v_cache must have shape {want_v} ({v_form}) for the {layout.value} layout with k_cache of "
+                         f"shape {k_shape} (D = {head_dim}), got {v_shape}")
+    return n_kv, head_dim
+
+
+def cache_head_dim(k_cache: torch.Tensor, layout: CacheLayout | str) -> int:
+    """The head_dim a k_cache of ``layout`` holds (its last dim, or ``(D // x) * x`` for the 5-D layouts)."""
+    if CacheLayout(layout) in X_LAYOUTS and k_cache.dim() == 5:
+        return k_cache.shape[2] * k_cache.shape[4]
+    return k_cache.shape[-1]
 
 
 def _check_qkv(q, k, v, layout: CacheLayout, n_kv: int, head_dim: int, cache_batch: int | None) -> tuple:

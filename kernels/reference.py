@@ -27,7 +27,7 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
     store, b_idx, s_sel = _stored_tokens(p)
 
-    def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
+    def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None, is_k: bool) -> None:
         x = x[store]  # [N, H, D]
         if o.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
             x = x.to(p.k.dtype).float()
@@ -44,16 +44,22 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
                 fmax = torch.finfo(cache.dtype).max
                 x = x.clamp(-fmax, fmax)
             x = x.to(cache.dtype)
+        blk, off = s_sel // p.block_size, s_sel % p.block_size
         if o.layout is CacheLayout.TOKEN:
             cache[s_sel] = x
         elif o.layout is CacheLayout.PAGED:
-            bs = cache.shape[1]
-            cache[s_sel // bs, s_sel % bs] = x
-        else:
+            cache[blk, off] = x
+        elif o.layout is CacheLayout.SEQUENCE:
             cache[b_idx, :, s_sel] = x
+        elif is_k:  # 5-D k [num_blocks, Hkv, D // x, bs, x]: rows [N, Hkv, D] as [N, Hkv, D // x, x]
+            cache[blk, :, :, off, :] = x.unflatten(-1, (-1, p.x))
+        elif o.layout is CacheLayout.PAGED_X:  # v [num_blocks, Hkv, D, bs]
+            cache[blk, :, :, off] = x
+        else:  # shuffled v [num_blocks, Hkv, bs // x, D, x]
+            cache[blk, :, off // p.x, :, off % p.x] = x
 
-    put(p.k_cache, k_rot, p.k_scale)
-    put(p.v_cache, p.v.to(compute_dtype), p.v_scale)
+    put(p.k_cache, k_rot, p.k_scale, True)
+    put(p.v_cache, p.v.to(compute_dtype), p.v_scale, False)
     # contiguous, as the kernel's outputs are (the op's fake promises their strides; q_rot has q's, any order)
     q_out = q_rot.to(p.q.dtype)
     if o.q_fp8_dtype is not None:

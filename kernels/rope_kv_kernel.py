@@ -28,10 +28,20 @@ Tokens are addressed as ``(b, s)``: q, k, v are ``[T, H*D]``, ``[T, H, D]`` (fla
 or ``[B, S, H, D]`` (sequence layout), with any strides (slices of a fused qkv projection work
 without copies).
 
-Cache layouts (``problem.CacheLayout``), all ``[..., Hkv, D]`` with any strides:
-    token     ``[num_slots, Hkv, D]``               row ``slot``                  (SGLang token pool)
-    paged     ``[num_blocks, block_size, Hkv, D]``  row ``slot // bs, slot % bs`` (vLLM flash layout)
-    sequence  ``[B, Hkv, max_seq, D]``              row ``b, :, slot``            (HF StaticCache, gpt-fast)
+Cache layouts (``problem.CacheLayout``), with any strides; element ``(slot, h, d)`` of token ``(b, s)`` at:
+    token     ``[num_slots, Hkv, D]``               ``slot, h, d``                  (SGLang token pool)
+    paged     ``[num_blocks, block_size, Hkv, D]``  ``slot // bs, slot % bs, h, d`` (vLLM flash layout)
+    sequence  ``[B, Hkv, max_seq, D]``              ``b, h, slot, d``               (HF StaticCache, gpt-fast)
+    paged_x, paged_x_shuffled: k and v differ (AMD, aiter's ``flash_layout=False``; x = 16 bytes / element size:
+              8 for bf16/fp16, 16 for fp8/uint8, 4 for fp32; blk = slot // bs, off = slot % bs)
+      k       ``[num_blocks, Hkv, D // x, bs, x]``    ``blk, h, d // x, off, d % x``
+      v       ``[num_blocks, Hkv, D, bs]``            ``blk, h, d, off``                (paged_x; vLLM non-flash v)
+      v       ``[num_blocks, Hkv, bs // x, D, x]``    ``blk, h, off // x, d, off % x``  (paged_x_shuffled)
+One address formula covers them all (the kernel's signature): a cache's strides, and for the 5-D layouts a split
+of the feature index (k: ``KC_D_SPLIT = x``, ``kc_sd_hi`` the stride of ``d // x``, ``kc_sd`` of ``d % x``) or of
+the slot's offset in its block (shuffled v: ``VC_SLOT_SPLIT = x``, ``vc_sslot_hi`` and ``vc_sslot``), addressed as
+``(i // x) * s_hi + (i % x) * s`` (``_split_offset``); the splits (``KC_SLOT_SPLIT``, ``KC_D_SPLIT``,
+``VC_SLOT_SPLIT``, ``VC_D_SPLIT``) and the ``*_hi`` strides are None for the other layouts: no division there.
 
 The slot of token ``(b, s)`` is ``slot_mapping[s]`` (``[T]`` for flat layouts, the ``cache_position``
 ``[S]`` for the sequence layout), optionally sent through a second table (``slot = swa_table[slot]``,
@@ -257,6 +267,16 @@ def _offset(b, s, h, sb, ss, SH: tl.constexpr):
 
 
 @triton.jit
+def _split_offset(i, SPLIT: tl.constexpr, s_hi: tl.constexpr, s: tl.constexpr):
+    """i * s, or for a split index (SPLIT not None) (i // SPLIT) * s_hi + (i % SPLIT) * s (the 5-D layouts)."""
+    if SPLIT is None:
+        off = i * s
+    else:
+        off = (i // SPLIT) * s_hi + (i % SPLIT) * s
+    return off
+
+
+@triton.jit
 def _token_rows(pid, BLOCK_R: tl.constexpr, N_HEADS: tl.constexpr, T, B: tl.constexpr):
     """Rows pid*BLOCK_R.. of the (token, head) grid: their (b, s, h) and mask (index math only)."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -302,10 +322,15 @@ def _rope_kv_store_kernel(
     # q [B, S, HQ, D]; k, v [B, S, HKV, D]; q_out [B, S, HQ, D]; k_out [B, S, HKV, D] or None.
     # Element (b, s, h, d) of tensor x sits at b*x_sb + s*x_ss + h*x_sh + d*x_sd.
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr,
-    # caches: element (b, slot, h, d) at b*sb + (slot // CACHE_BLOCK_SIZE)*sblk + (slot % CACHE_BLOCK_SIZE)*sslot
-    #         + h*sh + d*sd; sblk: the stride between blocks, sslot: between the slots of one block (token:
-    #         sblk = stride(0), sslot = 0; paged: sblk = stride(0), sslot = stride(1); sequence: sb = stride(0),
-    #         sblk = stride(2), sslot = 0)
+    # caches (parameters kc_* and KC_* of k_cache, vc_* and VC_* of v_cache):
+    #         element (b, slot, h, d) at b*sb + blk*sblk + split(off, SLOT_SPLIT, sslot_hi, sslot) + h*sh
+    #         + split(d, D_SPLIT, sd_hi, sd), blk = slot // CACHE_BLOCK_SIZE, off = slot % CACHE_BLOCK_SIZE, where
+    #         split(i, X, s_hi, s) = (i // X)*s_hi + (i % X)*s, or i*s when X is None; sblk: the stride between
+    #         blocks, sslot: between the slots of one block (token: sblk = stride(0), sslot = 0; paged:
+    #         sblk = stride(0), sslot = stride(1); sequence: sb = stride(0), sblk = stride(2), sslot = 0; paged_x k
+    #         [nb, Hkv, D // x, bs, x]: sblk, sh, sd_hi, sslot, sd = stride(0..4), D_SPLIT = x; paged_x v
+    #         [nb, Hkv, D, bs]: sblk, sh, sd, sslot = stride(0..3); shuffled v [nb, Hkv, bs // x, D, x]: sblk, sh,
+    #         sslot_hi, sd, sslot = stride(0..4), SLOT_SPLIT = x; the splits and *_hi are None for other layouts)
     k_cache_ptr, v_cache_ptr,
     # or, for caches that are views of larger buffers (one stacked buffer for every layer), the buffers and the
     # views' element offsets in them; v_cache_ptr None: v's view is of k's buffer. None offsets: the caches.
@@ -329,6 +354,8 @@ def _rope_kv_store_kernel(
     ko_ss: tl.constexpr, ko_sh: tl.constexpr, ko_sd: tl.constexpr,
     kc_sb: tl.constexpr, kc_sblk: tl.constexpr, kc_sslot: tl.constexpr, kc_sh: tl.constexpr, kc_sd: tl.constexpr,
     vc_sb: tl.constexpr, vc_sblk: tl.constexpr, vc_sslot: tl.constexpr, vc_sh: tl.constexpr, vc_sd: tl.constexpr,
+    kc_sslot_hi: tl.constexpr, kc_sd_hi: tl.constexpr, vc_sslot_hi: tl.constexpr, vc_sd_hi: tl.constexpr,
+    KC_SLOT_SPLIT: tl.constexpr, KC_D_SPLIT: tl.constexpr, VC_SLOT_SPLIT: tl.constexpr, VC_D_SPLIT: tl.constexpr,
     slot_ss: tl.constexpr, pos_ss: tl.constexpr,
     cos_sr: tl.constexpr, cos_sd: tl.constexpr, sin_sr: tl.constexpr, sin_sd: tl.constexpr,  # row: table row or token
     B: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
@@ -433,8 +460,8 @@ def _rope_kv_store_kernel(
         slot = tl.minimum(tl.maximum(slot, 0), N_SLOTS - 1)
         blk = slot // CACHE_BLOCK_SIZE
         off = slot - blk * CACHE_BLOCK_SIZE
-        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + off * kc_sslot
-        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + off * vc_sslot
+        kc_row = _offset(b, blk, h, kc_sb, kc_sblk, kc_sh) + _split_offset(off, KC_SLOT_SPLIT, kc_sslot_hi, kc_sslot)
+        vc_row = _offset(b, blk, h, vc_sb, vc_sblk, vc_sh) + _split_offset(off, VC_SLOT_SPLIT, vc_sslot_hi, vc_sslot)
         kc_base = k_cache_ptr
         if kc_off is not None:
             kc_base += kc_off
@@ -467,10 +494,10 @@ def _rope_kv_store_kernel(
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
-        tl.store(kc_base + kc_row[:, None] + (e1 * kc_sd)[None, :],
+        tl.store(kc_base + kc_row[:, None] + _split_offset(e1, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                  _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
                               CLAMP_LO, CLAMP_HI), mask=sm)
-        tl.store(kc_base + kc_row[:, None] + (e2 * kc_sd)[None, :],
+        tl.store(kc_base + kc_row[:, None] + _split_offset(e2, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                  _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
                               CLAMP_LO, CLAMP_HI), mask=sm)
         if k_out_ptr is not None:
@@ -479,14 +506,14 @@ def _rope_kv_store_kernel(
             tl.store(k_out_ptr + ko_row[:, None] + (e1 * ko_sd)[None, :], _to(o1, ko_ty), mask=m)
             tl.store(k_out_ptr + ko_row[:, None] + (e2 * ko_sd)[None, :], _to(o2, ko_ty), mask=m)
         if ROT < D:
-            tl.store(kc_base + kc_row[:, None] + (tail * kc_sd)[None, :],
+            tl.store(kc_base + kc_row[:, None] + _split_offset(tail, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                      _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
                                   FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
                      mask=tm & store[:, None])
             if k_out_ptr is not None:
                 tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
 
-        tl.store(vc_base + vc_row[:, None] + (d * vc_sd)[None, :],
+        tl.store(vc_base + vc_row[:, None] + _split_offset(d, VC_D_SPLIT, vc_sd_hi, vc_sd)[None, :],
                  _cache_value(v, v_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
                               SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
         if CHECK_SLOTS:  # last: its barrier does not hold up the stores (a bad slot's row was not stored)

@@ -131,6 +131,8 @@ BAD_VALUES = [
     ("layouts", {"token", "ragged"}, ValueError, "layouts: 'ragged' is not a CacheLayout (expected one of 'token', 'paged', 'sequence')"),
     ("layouts", [3], TypeError, "layouts: expected CacheLayout values ('token', 'paged', 'sequence'), got 3 (int)"),
     ("layouts", [b"token"], TypeError, "layouts: expected CacheLayout values ('token', 'paged', 'sequence'), got b'token' (bytes)"),
+    # the op's 5-D layouts: no store the pass matches has them
+    ("layouts", ["token", "paged_x"], ValueError, "layouts: 'paged_x' is not a CacheLayout this option takes (expected one of 'token', 'paged', 'sequence')"),
     ("styles", 42, TypeError, "styles must be a collection of RopeStyle values ('neox', 'gptj'), got 42 (int)"),
     ("styles", {"rotate"}, ValueError, "styles: 'rotate' is not a RopeStyle (expected one of 'neox', 'gptj')"),
     ("styles", [None], TypeError, "styles: expected RopeStyle values ('neox', 'gptj'), got None (NoneType)"),

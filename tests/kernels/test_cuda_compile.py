@@ -6,7 +6,8 @@ Triton compiles for CUDA targets without a GPU, so this runs in CI. A subprocess
 patched to record the launch, specialises the arguments as a launch would (``test_hip_compile._specialise``)
 and compiles each distinct specialisation for ``GPUTarget("cuda", 90, 32)``, through ptxas; every fourth case
 also with the index checks the graph pass emits (``check_slots``/``check_positions``), compiled with assertions
-as Inductor compiles the kernel it launches on CUDA.
+as Inductor compiles the kernel it launches on CUDA. The grid holds the token, paged and sequence layouts; the
+5-D ``paged_x`` layouts are compiled in ``test_hip_compile``'s configurations of them.
 
 A configuration once failed to compile on the GPU machine's Triton (3.6: ``TritonGPURemoveLayoutConversions``
 mis-assigned the layouts of the store mask; memcheck case 103) while the GPU tests and the memcheck smoke run
@@ -74,23 +75,33 @@ def compile_grid(third: bool = False) -> dict:
     # with assertions as Inductor compiles its launches on CUDA (``debug``, no overflow checks)
     runs = [(seed, case, False) for seed, case in enumerate(cases)]  # the seeds the memcheck script gives them
     runs += [(seed, case, True) for seed, case in enumerate(cases) if seed % 4 == 0]
+    def compile_once(name: str, fn, arguments: dict, options: dict) -> None:
+        signature, constexprs, attrs = _specialise(fn, arguments)
+        key = repr((sorted(signature.items()), sorted((k, repr(v)) for k, v in constexprs.items()),
+                    sorted(attrs.items()), sorted(options.items())))
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(*TARGET), options=options)
+        except Exception as e:  # noqa: BLE001 (every failure is reported, with its case)
+            lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [repr(e)]
+            failures.append((name, lines[0][:400]))
+
     for seed, case, checked in runs:
         if seed not in kept:
             continue
         fn, arguments, options = _record(case, seed, checked)
         if checked:
             options = dict(options, debug=True, sanitize_overflow=False)
-        signature, constexprs, attrs = _specialise(fn, arguments)
-        key = repr((sorted(signature.items()), sorted((k, repr(v)) for k, v in constexprs.items()),
-                    sorted(attrs.items()), sorted(options.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(*TARGET), options=options)
-        except Exception as e:  # noqa: BLE001 (every failure is reported, with its case)
-            lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines() or [repr(e)]
-            failures.append((f"case {seed + 1}{' (checked)' if checked else ''}: {case.describe()}", lines[0][:400]))
+        compile_once(f"case {seed + 1}{' (checked)' if checked else ''}: {case.describe()}", fn, arguments, options)
+    # the 5-D layouts (paged_x*), which the memcheck grid does not hold: test_hip_compile's configurations of them
+    from fx_fusion.kernels import rope_kv_cache as rkc
+    from tests.kernels.test_hip_compile import CONFIGS, _make_args, record_launch
+
+    for cfg in (c for c in CONFIGS if c.layout.startswith("paged_x")):
+        p, q_out, k_out = _make_args(cfg)
+        compile_once(f"test_hip_compile configuration {cfg.name}", *record_launch(lambda: rkc.launch(p, q_out, k_out)))
     return {"triton": triton.__version__, "cases": len(kept), "configs": len(seen), "failures": failures}
 
 

@@ -66,6 +66,9 @@ CONFIGS = (
     Config(layout="sequence", rot=64, return_k=True, table="hf", fp8=True),
     Config(T=1),
     Config(D=64, fp8=True, table="hf", T=1),
+    # AMD's 5-D layouts (k [blocks, Hkv, D // x, bs, x]): the 4-D v in bf16 (x = 8), the shuffled v in fp8 (x = 16)
+    Config(layout="paged_x", is_neox=False, rot=64, table="hf"),
+    Config(layout="paged_x_shuffled", fp8=True, return_k=True),
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -90,10 +93,14 @@ def _make_args(cfg: Config):
         qkv = torch.randn(n_tok, (Hq + 2 * Hkv) * cfg.D, dtype=dt)
         q, k, v = qkv.split([Hq * cfg.D, Hkv * cfg.D, Hkv * cfg.D], dim=-1)
     rows = S + 16
-    shape = {"token": (n_tok + 16, Hkv, cfg.D), "paged": ((n_tok + 16 + 15) // 16, 16, Hkv, cfg.D),
-             "sequence": (batch, Hkv, rows, cfg.D)}[cfg.layout]
+    blocks, x = (n_tok + 16 + 15) // 16, 16 if cfg.fp8 else 8  # x: 16 bytes of the cache's elements
+    shape = {"token": (n_tok + 16, Hkv, cfg.D), "paged": (blocks, 16, Hkv, cfg.D),
+             "sequence": (batch, Hkv, rows, cfg.D), "paged_x": (blocks, Hkv, cfg.D // x, 16, x),
+             "paged_x_shuffled": (blocks, Hkv, cfg.D // x, 16, x)}[cfg.layout]
+    v_shape = {"paged_x": (blocks, Hkv, cfg.D, 16), "paged_x_shuffled": (blocks, Hkv, 16 // x, cfg.D, x)}.get(
+        cfg.layout, shape)
     cache_dt = torch.float8_e4m3fn if cfg.fp8 else dt
-    k_cache, v_cache = (torch.zeros(shape, dtype=cache_dt) for _ in range(2))
+    k_cache, v_cache = (torch.zeros(s, dtype=cache_dt) for s in (shape, v_shape))
     slots = torch.arange(S if sequence else n_tok, dtype=torch.int64)
     if cfg.table == "packed":
         cos, sin = torch.randn(4096, rot // 2), torch.randn(4096, rot // 2)

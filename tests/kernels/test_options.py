@@ -80,8 +80,9 @@ def test_values_are_normalised():
 
 BAD_OPTIONS = {
     # id: (keyword arguments, exception, match: the field's name first)
-    "layout-unknown": (dict(layout="blocked"), ValueError, r"^layout must be one of \['token', 'paged', 'sequence'\], "
-                                                           r"got 'blocked'"),
+    "layout-unknown": (dict(layout="blocked"), ValueError,
+                       r"^layout must be one of \['token', 'paged', 'sequence', 'paged_x', 'paged_x_shuffled'\], "
+                       r"got 'blocked'"),
     "layout-int": (dict(layout=3), ValueError, r"^layout\b"),
     "is_neox-str": (dict(is_neox="no"), TypeError, r"^is_neox must be a bool, got 'no' \(str\)"),
     "validate-none": (dict(validate=None), TypeError, r"^validate must be a bool"),
