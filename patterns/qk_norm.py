@@ -49,7 +49,7 @@ class NormMatch:
 
     out: Node  # the node holding the normalised tensor, in x's dtype (what the views lead to)
     x: Node  # the tensor normalised (model dtype, before any upcast)
-    weight: Node | None  # the [D] weight node, or None (no weight)
+    weight: Node | None  # the [D] weight, a graph input (placeholder or get_attr), or None (no weight)
     eps: float
     offset: float  # 0.0: y * w ; 1.0: Gemma's y * (1 + w)
     round_before_weight: bool  # y is rounded to x's dtype before the weight multiply
@@ -105,8 +105,10 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple]:
         views.append(n)
         n = n.args[0]
     views.reverse()
+    if not shape_of(n):
+        raise NotNorm(f"{n.name} is a 0-d tensor, not a normalised one")
+    d = shape_of(n)[-1]
     for i, v in enumerate(views):
-        d = shape_of(n)[-1]
         if _keeps_last(v, d):
             continue
         src_last, head = shape_of(v.args[0])[-1], shape_of(rope_x)[-1]
@@ -131,6 +133,8 @@ def _normalised(y: Node) -> tuple[Node, float]:
             raise NotNorm(f"eps is a tensor ({s.name} adds {eps}), not a number the kernel can take")
         if not isinstance(eps, (int, float)):
             raise NotNorm(f"eps is {eps!r} ({type(eps).__name__}), not a Python number")
+        if s.kwargs.get("alpha", 1) != 1:
+            raise NotNorm(f"{s.name} adds eps times {s.kwargs['alpha']}")
     elif _call(s, *_MAXIMA):
         raise NotNorm(f"{s.name}: {s.target} of the mean square and eps, not mean + eps")
     elif _call(s, aten.mean.dim):
@@ -168,7 +172,7 @@ def _weight(e, d) -> tuple[Node, float]:
     if not isinstance(e, Node):
         raise NotNorm(f"the norm is multiplied by the number {e}, not by a weight tensor")
     offset, e = 0.0, _upcast_source(e)
-    if _call(e, *_ADDS) and not isinstance(e.args[1], Node):
+    if _call(e, *_ADDS) and not isinstance(e.args[1], Node) and e.kwargs.get("alpha", 1) == 1:
         if _dtype(e) != _FP32:
             raise NotNorm(f"the offset is added to the weight in {_dtype(e)} ({e.name}: w + {e.args[1]} is "
                           "rounded), the kernel adds it in fp32")
@@ -176,6 +180,8 @@ def _weight(e, d) -> tuple[Node, float]:
     if _call(e, *_CASTS):
         raise NotNorm(f"the weight is rounded from {_dtype(e.args[0])} to {_dtype(e)} ({e.name}) before the "
                       "multiply; the kernel reads the weight as it is")
+    if e.op not in ("placeholder", "get_attr"):
+        raise NotNorm(f"the weight {e.name} is computed in the graph ({e.target}), not a graph input")
     shape = shape_of(e)
     if len(shape) != 1 or not sizes_equal(shape[0], d):
         raise NotNorm(f"the weight {e.name} has shape {list(shape)}, not [{d}] (one value per feature)")
@@ -185,6 +191,8 @@ def _weight(e, d) -> tuple[Node, float]:
 def match_qk_norm(rope_x: Node) -> NormMatch:
     """Check that ``rope_x`` is, through views keeping the last dim, an RMSNorm over that dim that the fused
     kernel reproduces; raise ``NotNorm`` with the reason otherwise."""
+    if not isinstance(rope_x, Node) or not shape_of(rope_x):
+        raise NotNorm(f"{rope_x} is not a tensor with a feature dim")
     out, views = _views_to(rope_x)
     top, final = out, None
     if _call(top, *_CASTS):

@@ -383,3 +383,118 @@ def test_not_norm(fn, args, reason):
 def test_not_a_norm_at_all():
     with pytest.raises(NotNorm, match="not an RMSNorm's result"):
         match_qk_norm(output_node(trace(lambda x: x.exp().transpose(0, 1), torch.randn(S, H, D))))
+
+
+def test_weight_computed_in_the_graph():
+    """The weight must be a graph input (a parameter): one row of a stacked [L, D] weight is refused."""
+
+    def fn(x, stacked):
+        return hf_rms_norm(x, stacked[1])
+
+    args = (torch.randn(S, H, D, dtype=torch.bfloat16), torch.randn(3, D, dtype=torch.bfloat16))
+    with pytest.raises(NotNorm, match="computed in the graph"):
+        match_qk_norm(output_node(trace(fn, *args)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Real post-grad graphs: the norm behind the RoPE that match_rope finds
+# ------------------------------------------------------------------------------------------------
+
+
+class CaptureRopeX(torch._inductor.custom_graph_pass.CustomGraphPass):
+    """A post-grad pass that only looks: for each RoPE it is pointed at, the norm behind the rotated tensor."""
+
+    def __init__(self, roots):
+        self.roots, self.results = roots, []
+
+    def __call__(self, graph):
+        for root in self.roots(graph):
+            x = match_rope(root).x
+            try:
+                self.results.append(match_qk_norm(x))
+            except NotNorm as e:
+                self.results.append(e)
+
+    def uuid(self):
+        return "test_qk_norm.CaptureRopeX"
+
+
+def compile_and_capture(fn, args, roots, dynamic_dims=()):
+    """Compile ``fn`` on ``args`` with ``dynamic_dims`` ((arg, dim) pairs) marked dynamic; the captured results."""
+    capture = CaptureRopeX(roots)
+    torch._dynamo.reset()
+    for i, dim in dynamic_dims:
+        torch._dynamo.mark_dynamic(args[i], dim)
+    try:
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, post_grad_custom_post_pass=capture):
+            torch.compile(fn)(*args)
+    finally:
+        torch._dynamo.reset()
+    return capture.results
+
+
+def graph_outputs(graph):
+    (out,) = graph.find_nodes(op="output")
+    return list(out.args[0])
+
+
+def rope_after(norm):
+    """k = norm(k).transpose(1, 2), then HF's NeoX RoPE with the fp32 tables cast to k's dtype."""
+
+    def fn(k, w, cos, sin):
+        k = norm(k, w).transpose(1, 2)
+        cos, sin = cos.to(k.dtype).unsqueeze(1), sin.to(k.dtype).unsqueeze(1)
+        return k * cos + torch.cat((-k[..., D // 2:], k[..., : D // 2]), dim=-1) * sin
+
+    return fn
+
+
+@pytest.mark.parametrize("name, dtype, dynamic", [
+    ("hf", torch.bfloat16, False),
+    ("hf", torch.float16, True),
+    ("gemma3", torch.bfloat16, False),
+    ("F.rms_norm", torch.bfloat16, False),
+    ("vllm_gemma", torch.float32, False),
+])
+def test_post_grad_graph_behind_a_rope(name, dtype, dynamic):
+    norm, offset, rounds = SPELLINGS[name]
+    args = (torch.randn(B, S, H, D, dtype=dtype), 1.0 + 0.1 * torch.randn(D, dtype=dtype), torch.randn(B, S, D),
+            torch.randn(B, S, D))
+    tokens = ((0, 1), (2, 1), (3, 1)) if dynamic else ()  # the sequence dim of k, cos and sin
+    (m,) = compile_and_capture(rope_after(lambda x, w: norm(x, w)), args, graph_outputs, tokens)
+    assert isinstance(m, NormMatch), m
+    assert (m.x.op, m.weight.op) == ("placeholder", "placeholder")
+    assert (m.offset, m.round_before_weight, m.weight_dtype) == (offset, rounds and dtype != torch.float32, dtype)
+    assert m.eps == pytest.approx(1e-6, rel=1e-6)
+    assert [v.target for v in m.views] == [torch.ops.aten.permute.default]
+    assert any(not isinstance(s, int) for s in m.x.meta["val"].shape) == dynamic
+
+
+def test_post_grad_graph_olmo2_full_width():
+    def norm(x, w):  # x: [B, S, H*D] projected, normalised over H*D, then split into heads
+        h = x.float()
+        return (w * _norm_fp32(h)).to(x.dtype).view(B, S, H, D)
+
+    args = (torch.randn(B, S, H * D, dtype=torch.bfloat16), torch.randn(H * D), torch.randn(B, S, D),
+            torch.randn(B, S, D))
+    (m,) = compile_and_capture(rope_after(norm), args, graph_outputs)
+    assert isinstance(m, NotNorm) and "full-width norm" in str(m), m
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_post_grad_graph_of_the_hf_qk_norm_block(dtype):
+    """tests/attention_blocks.py's HF block with Qwen3's q/k norm: the norm behind the stored k's RoPE."""
+    from fx_fusion.patterns.kv_store import match_store, walk_views
+    from tests.attention_blocks import make_block, prefill_inputs
+
+    def stored_k(graph):
+        st = match_store(next(iter(graph.find_nodes(op="call_function", target=torch.ops.aten.index_put.default))))
+        return [walk_views(st.value, st.value_roles)[0]]
+
+    block = make_block("hf", qk_norm=True, dtype=dtype)
+    (m,) = compile_and_capture(block, prefill_inputs(block), stored_k)
+    assert isinstance(m, NormMatch), m
+    assert m.weight.op == "placeholder" and m.weight_dtype == dtype and m.offset == 0.0
+    assert m.round_before_weight == (dtype != torch.float32)
+    assert m.eps == block.k_norm.variance_epsilon
+    assert m.out.meta["val"].shape[-1] == block.head_dim
