@@ -92,7 +92,8 @@ def _unround(n):
 
 def _keeps_last(v: Node, d) -> bool:
     """The view ``v`` keeps the last dim of its input, of size ``d``, as its own last dim."""
-    if not shape_of(v) or (v.target is aten.permute.default and v.args[1][-1] % len(shape_of(v)) != len(shape_of(v)) - 1):
+    rank = len(shape_of(v))
+    if not rank or (v.target is aten.permute.default and v.args[1][-1] % rank != rank - 1):
         return False
     return sizes_equal(shape_of(v.args[0])[-1], d) and sizes_equal(shape_of(v)[-1], d)
 
@@ -118,7 +119,8 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple]:
             raise NotNorm(f"normalised over H*D = {src_last} features before the head split by {v.name} "
                           f"(full-width norm, not fused: the kernel normalises each head's {head})")
         raise NotNorm(f"{v.name} ({v.target}) between the norm and the RoPE moves the normalised features "
-                      f"({list(shape_of(v.args[0]))} -> {list(shape_of(v))}); only views keeping the last dim are followed")
+                      f"({list(shape_of(v.args[0]))} -> {list(shape_of(v))}); only views keeping the last dim "
+                      "are followed")
     return n, tuple(views)
 
 
@@ -145,9 +147,9 @@ def _normalised(y: Node) -> tuple[Node, float]:
         raise NotNorm(f"{mean} is not a mean (the norm's mean square)")
     sq = mean.args[0]
     rank = len(shape_of(sq))
-    dims = [d % rank for d in mean.args[1]]
-    if dims != [rank - 1]:
-        raise NotNorm(f"mean over dims {list(mean.args[1])} of a rank-{rank} tensor, not the last dim only")
+    dims = list(mean.args[1] or ())  # None or []: every dim
+    if [d % rank for d in dims] != [rank - 1]:
+        raise NotNorm(f"mean over dims {dims or 'all'} of a rank-{rank} tensor, not the last dim only")
     if not (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)):
         raise NotNorm(f"{mean.name} drops the reduced dim (no keepdim)")
     if _call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:

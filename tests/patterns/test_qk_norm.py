@@ -256,9 +256,39 @@ def test_views_that_keep_the_features(views):
     check_match(fn, (x, torch.randn(D, dtype=torch.bfloat16)), weight=True, round_before_weight=True, n_views=n)
 
 
+def square_first_then_rsqrt(x, w):
+    h = x.float()
+    return (torch.rsqrt(1e-6 + (h * h).mean(-1, keepdim=True)) * h * (1 + w.float())).to(x.dtype)
+
+
+def square_method(x, w):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + 1e-6)).type_as(x)
+
+
+def two_upcasts_of_x(x, w):  # the square and the product each upcast x on their own
+    return w * (x.float() * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def no_eps(x, w):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@pytest.mark.parametrize("fn, offset, rounds, eps", [
+    (square_first_then_rsqrt, 1.0, False, 1e-6),
+    (square_method, 0.0, True, 1e-6),
+    (two_upcasts_of_x, 0.0, True, 1e-6),
+    (no_eps, 0.0, True, 0.0),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_other_spellings_of_the_same_maths(fn, offset, rounds, eps):
+    args = (torch.randn(S, H, D, dtype=torch.bfloat16), 1.0 + 0.1 * torch.randn(D, dtype=torch.bfloat16))
+    check_match(fn, args, weight=True, offset=offset, round_before_weight=rounds, eps=eps)
+
+
 def test_the_description_is_specific():
     """Where the graph rounds matters: HF's bf16 norm rebuilt without its rounding before the weight, or
-    Gemma's with it, is off by more than the reduction order allows."""
+    Gemma's with it, is off by more than the reduction order allows; so is Gemma's without its offset."""
     import dataclasses
 
     for norm in (hf_rms_norm, gemma3_rms_norm):
@@ -267,9 +297,11 @@ def test_the_description_is_specific():
         gm = trace(fn, *args)
         m = match_qk_norm(output_node(gm))
         values = node_values(gm, *args)
-        wrong = dataclasses.replace(m, round_before_weight=not m.round_before_weight)
-        with pytest.raises(AssertionError):
-            assert_within_one_ulp(rebuild(wrong, values), values[output_node(gm)])
+        assert_within_one_ulp(rebuild(m, values), values[output_node(gm)])
+        for wrong in (dataclasses.replace(m, round_before_weight=not m.round_before_weight),
+                      dataclasses.replace(m, offset=1.0 - m.offset)):
+            with pytest.raises(AssertionError):
+                assert_within_one_ulp(rebuild(wrong, values), values[output_node(gm)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +339,15 @@ def max_instead_of_add(x, w):
 def eps_tensor(x, w, eps):
     h = x.float()
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def eps_with_alpha(x, w):  # mean + 2 * eps
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add(1e-6, alpha=2))).to(x.dtype)
+
+
+def offset_with_alpha(x, w):  # w + 3 * 1.0
+    return (_norm_fp32(x.float()) * w.float().add(1.0, alpha=3)).to(x.dtype)
 
 
 def olmo2_full_width(x, w):  # x: [B, S, H*D], w: [H*D]; OLMo 2 normalises q and k before the head split
@@ -360,6 +401,8 @@ NEGATIVES = [
     (mean_over_heads_and_features, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "not the last dim only"),
     (max_instead_of_add, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "not mean \\+ eps"),
     (eps_tensor, (torch.randn(S, H, D, **bf), torch.randn(D, **bf), torch.tensor(1e-6)), "eps is a tensor"),
+    (eps_with_alpha, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "adds eps times 2"),
+    (offset_with_alpha, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "computed in the graph"),
     (olmo2_full_width, (torch.randn(B, S, H * D, **bf), torch.randn(H * D)), "full-width norm"),
     (features_reordered, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "moves the normalised features"),
     (features_transposed, (torch.randn(S, H, D, D, **bf), torch.randn(D, **bf)), "moves the normalised features"),
@@ -498,3 +541,16 @@ def test_post_grad_graph_of_the_hf_qk_norm_block(dtype):
     assert m.round_before_weight == (dtype != torch.float32)
     assert m.eps == block.k_norm.variance_epsilon
     assert m.out.meta["val"].shape[-1] == block.head_dim
+
+
+def test_mean_over_every_dim():
+    """``mean(dim=None)`` of the squares (one value for the whole tensor) is not a norm per row."""
+
+    def fn(x, w):
+        h = x.float()
+        ms = torch.ops.aten.mean.dim(h.pow(2), None, True)
+        return w * (h * torch.rsqrt(ms + 1e-6)).to(x.dtype)
+
+    args = (torch.randn(S, H, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16))
+    with pytest.raises(NotNorm, match="mean over dims all"):
+        match_qk_norm(output_node(trace(fn, *args)))
