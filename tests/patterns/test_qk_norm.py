@@ -554,3 +554,46 @@ def test_mean_over_every_dim():
     args = (torch.randn(S, H, D, dtype=torch.bfloat16), torch.randn(D, dtype=torch.bfloat16))
     with pytest.raises(NotNorm, match="mean over dims all"):
         match_qk_norm(output_node(trace(fn, *args)))
+
+
+HF_FAMILIES = {  # transformers' own attention code, one layer, bf16: (config class, model class, expected)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(offset=0.0, round_before_weight=True, n_views=1)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(offset=1.0, round_before_weight=False, n_views=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "full-width norm"),
+}
+
+
+@pytest.mark.full  # three model compiles (about 20 s each on two cores)
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_models(family):
+    """The norm behind the stored k's RoPE in transformers' Qwen3 and Gemma 3 (per head, after or before the
+    transpose), and OLMo 2's norm over the whole projection, refused with its reason."""
+    transformers = pytest.importorskip("transformers")
+    from fx_fusion.patterns.kv_store import match_store, walk_views
+
+    config_cls, model_cls, expected = HF_FAMILIES[family]
+    sizes = dict(vocab_size=128, num_hidden_layers=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                 pad_token_id=0, attn_implementation="sdpa", hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if family != "olmo2":
+        sizes["head_dim"] = 16
+    config = getattr(transformers, config_cls)(**sizes)
+    model = getattr(transformers, model_cls)(config).to(torch.bfloat16).eval()
+    cache = transformers.StaticCache(config=config, max_cache_len=16)
+    cache.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=torch.bfloat16, device="cpu")
+
+    def stored_ropes(graph):
+        roots = []
+        for n in graph.find_nodes(op="call_function", target=torch.ops.aten.index_put.default):
+            st = match_store(n)
+            roots.append(walk_views(st.value, st.value_roles)[0])
+        return roots[:1]  # the k store (the v store holds no RoPE)
+
+    (m,) = compile_and_capture(lambda ids: model(input_ids=ids, past_key_values=cache, use_cache=True).logits,
+                               (torch.randint(1, 128, (1, 5)),), stored_ropes)
+    if isinstance(expected, str):
+        assert isinstance(m, NotNorm) and expected in str(m), m
+        return
+    assert isinstance(m, NormMatch), m
+    assert m.weight.op == "placeholder" and m.weight_dtype == torch.bfloat16 and m.eps == 1e-6
+    assert (m.offset, m.round_before_weight, len(m.views)) == tuple(expected.values())
