@@ -275,7 +275,12 @@ def no_eps(x, w):
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True))).to(x.dtype)
 
 
+def rms_norm_fp32_weight(x, w):  # the weight upcast for F.rms_norm (torch 2.11 and 2.13 take the composite path)
+    return F.rms_norm(x, (x.shape[-1],), w.float(), 1e-6)
+
+
 @pytest.mark.parametrize("fn, offset, rounds, eps", [
+    (rms_norm_fp32_weight, 0.0, False, 1e-6),
     (square_first_then_rsqrt, 1.0, False, 1e-6),
     (square_method, 0.0, True, 1e-6),
     (two_upcasts_of_x, 0.0, True, 1e-6),
