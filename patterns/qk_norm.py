@@ -50,7 +50,7 @@ class NormMatch:
     out: Node  # the node holding the normalised tensor, in x's dtype (what the views lead to)
     x: Node  # the tensor normalised (model dtype, before any upcast)
     weight: Node | None  # the [D] weight, a graph input (placeholder or get_attr), or None (no weight)
-    eps: float
+    eps: float  # as the graph adds it to the fp32 mean (1e-6, or float32(1e-6) from F.rms_norm's C++ path: one fp32)
     offset: float  # 0.0: y * w ; 1.0: Gemma's y * (1 + w)
     round_before_weight: bool  # y is rounded to x's dtype before the weight multiply
     weight_dtype: torch.dtype | None  # the dtype of the weight's values (upcasts to fp32 are exact), None: no weight

@@ -309,6 +309,15 @@ def test_the_description_is_specific():
                 assert_within_one_ulp(rebuild(wrong, values), values[output_node(gm)])
 
 
+def test_what_the_matcher_follows():
+    """The views and casts are the table's (``fx_utils.OP_ROLES``), as the store matcher walks them."""
+    from fx_fusion.patterns import kv_store, qk_norm, quant
+
+    assert qk_norm._VIEWS == kv_store._WALKED
+    assert qk_norm._CASTS == quant._CONVERT == {torch.ops.prims.convert_element_type.default,
+                                                torch.ops.aten._to_copy.default}
+
+
 # ------------------------------------------------------------------------------------------------
 # What is refused, and why
 # ------------------------------------------------------------------------------------------------
