@@ -1,0 +1,240 @@
+"""QK-norm: the RMSNorm per head that Qwen3, Gemma 3 and OLMo 2 apply to q and k before the RoPE.
+
+Before (functional post-grad graph; ``x`` in the model dtype, ``x.float()`` absent in fp32 models)::
+
+    xf = prims.convert_element_type(x, fp32)
+    y  = aten.mul.Tensor(xf, aten.rsqrt(aten.add(aten.mean.dim(aten.pow(xf, 2), [-1], True), eps)))
+    y  = prims.convert_element_type(y, x.dtype)      # optional: rounded before the weight (HF Llama/Qwen3)
+    y  = aten.mul.Tensor(y, w | w.float() + offset)   # optional: the weight, [D] (Gemma: offset 1.0)
+    out = prims.convert_element_type(y, x.dtype)     # the result in x's dtype
+    rope_x = permute / reshape / unsqueeze (out)      # D stays the last dim, unsplit
+
+After: a ``NormMatch`` naming x, the weight, eps and offset, and where the graph rounds to x's dtype, which
+the fused kernel reproduces per row of D features in fp32::
+
+    y = x * rsqrt(sum(x^2) / D + eps); [y = round(y)]; [y = y * (w + offset)]; out = round(y)
+
+Only graphs that round where this formula rounds are accepted (a bf16 * bf16 product is the fp32 product
+rounded once, as the fp32 product of two bf16 values is exact); the order of the mean's sum is free. Any other
+graph raises ``NotNorm`` with the reason, recorded for the report: a norm computed in bf16, a weight rounded
+before the multiply, a tensor eps, ``max(var, eps)``, a bias, a mean over other dims, a full-width norm over
+H*D split into heads afterwards (OLMo 2), a view between the norm and the RoPE that moves features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from fx_fusion.kernels.problem import MODEL_DTYPES
+from fx_fusion.patterns.fx_utils import RESHAPES, OpRole, ops_with, shape_of, sizes_equal, within
+
+aten = torch.ops.aten
+_FP32 = torch.float32
+_VIEWS = ops_with(OpRole.RESHAPE, OpRole.UNIT_DIM, OpRole.PERMUTE, OpRole.ALIAS, OpRole.CLONE)
+_CASTS = ops_with(OpRole.CAST)
+_ADDS = (aten.add.Tensor, aten.add.Scalar)
+_MAXIMA = (aten.maximum.default, aten.clamp_min.default, aten.clamp.default)
+
+
+class NotNorm(Exception):
+    """The tensor a RoPE rotates is not an RMSNorm the fused kernel reproduces; the message says why."""
+
+
+@dataclass(frozen=True)
+class NormMatch:
+    """``out`` holds ``RMSNorm(x)`` over the last dim, as the kernel computes it (see the module docstring)."""
+
+    out: Node  # the node holding the normalised tensor, in x's dtype (what the views lead to)
+    x: Node  # the tensor normalised (model dtype, before any upcast)
+    weight: Node | None  # the [D] weight, a graph input (placeholder or get_attr), or None (no weight)
+    eps: float  # as the graph adds it to the fp32 mean (1e-6, or float32(1e-6) from F.rms_norm's C++ path: one fp32)
+    offset: float  # 0.0: y * w ; 1.0: Gemma's y * (1 + w)
+    round_before_weight: bool  # y is rounded to x's dtype before the weight multiply
+    weight_dtype: torch.dtype | None  # the dtype of the weight's values (upcasts to fp32 are exact), None: no weight
+    views: tuple = ()  # the view nodes from ``out`` to the RoPE's x, in order
+
+
+def _dtype(n: Node) -> torch.dtype:
+    return n.meta["val"].dtype
+
+
+def _call(n, *targets) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in targets
+
+
+def _upcast_source(n: Node) -> Node:
+    """``n`` without its exact casts (to the same dtype, or from bf16/fp16 to fp32)."""
+    while _call(n, *_CASTS) and (_dtype(n) == _dtype(n.args[0])
+                                 or (_dtype(n) == _FP32 and _dtype(n.args[0]) in (torch.bfloat16, torch.float16))):
+        n = n.args[0]
+    return n
+
+
+def _is_normalised(n) -> bool:
+    """``n`` is a product with an rsqrt operand (the normalised value, checked in full by ``_normalised``)."""
+    return _call(n, aten.mul.Tensor) and any(_call(a, aten.rsqrt.default) for a in n.args)
+
+
+def _near_rsqrt(n: Node, depth: int) -> bool:
+    """An rsqrt at most ``depth`` steps above ``n`` (to tell a norm that does not match from no norm at all)."""
+    return any(_call(m, aten.rsqrt.default) for m in [n, *within([n], depth, lambda m: m.all_input_nodes)])
+
+
+def _unround(n):
+    """``(n, None)``, or ``(source, cast)`` when ``n`` is a cast of a normalised value."""
+    if _call(n, *_CASTS) and _is_normalised(n.args[0]):
+        return n.args[0], n
+    return n, None
+
+
+def _keeps_last(v: Node, d) -> bool:
+    """The view ``v`` keeps the last dim of its input, of size ``d``, as its own last dim."""
+    rank = len(shape_of(v))
+    if not rank or (v.target is aten.permute.default and v.args[1][-1] % rank != rank - 1):
+        return False
+    return sizes_equal(shape_of(v.args[0])[-1], d) and sizes_equal(shape_of(v)[-1], d)
+
+
+def _views_to(rope_x: Node) -> tuple[Node, tuple]:
+    """The node below the views in front of ``rope_x``, and those views in graph order; each must keep the last
+    dim (the features) as the last dim, of one size."""
+    views, n = [], rope_x
+    while _call(n, *_VIEWS):
+        views.append(n)
+        n = n.args[0]
+    views.reverse()
+    if not shape_of(n):
+        raise NotNorm(f"{n.name} is a 0-d tensor, not a normalised one")
+    d = shape_of(n)[-1]
+    for i, v in enumerate(views):
+        if _keeps_last(v, d):
+            continue
+        src_last, head = shape_of(v.args[0])[-1], shape_of(rope_x)[-1]
+        split = (v.target in RESHAPES and isinstance(src_last, int) and isinstance(head, int) and src_last > head
+                 and src_last % head == 0 and sizes_equal(shape_of(v)[-1], head))
+        if split and all(_keeps_last(w, head) for w in views[i + 1:]) and _near_rsqrt(n, 8):
+            raise NotNorm(f"normalised over H*D = {src_last} features before the head split by {v.name} "
+                          f"(full-width norm, not fused: the kernel normalises each head's {head})")
+        raise NotNorm(f"{v.name} ({v.target}) between the norm and the RoPE moves the normalised features "
+                      f"({list(shape_of(v.args[0]))} -> {list(shape_of(v))}); only views keeping the last dim "
+                      "are followed")
+    return n, tuple(views)
+
+
+def _normalised(y: Node) -> tuple[Node, float]:
+    """``y = xf * rsqrt(mean(xf^2, -1, keepdim) + eps)`` with ``xf`` x upcast to fp32: returns (x, eps)."""
+    r = next(a for a in y.args if _call(a, aten.rsqrt.default))
+    xf = y.args[1] if y.args[0] is r else y.args[0]
+    s = r.args[0]
+    if _call(s, *_ADDS):
+        mean, eps = s.args[0], s.args[1]
+        if isinstance(eps, Node):
+            raise NotNorm(f"eps is a tensor ({s.name} adds {eps}), not a number the kernel can take")
+        if not isinstance(eps, (int, float)):
+            raise NotNorm(f"eps is {eps!r} ({type(eps).__name__}), not a Python number")
+        if s.kwargs.get("alpha", 1) != 1:
+            raise NotNorm(f"{s.name} adds eps times {s.kwargs['alpha']}")
+    elif _call(s, *_MAXIMA):
+        raise NotNorm(f"{s.name}: {s.target} of the mean square and eps, not mean + eps")
+    elif _call(s, aten.mean.dim):
+        mean, eps = s, 0.0
+    else:
+        raise NotNorm(f"rsqrt of {s} ({getattr(s, 'target', None)}), not of mean(x^2) + eps")
+    if not _call(mean, aten.mean.dim):
+        raise NotNorm(f"{mean} is not a mean (the norm's mean square)")
+    sq = mean.args[0]
+    rank = len(shape_of(sq))
+    dims = list(mean.args[1] or ())  # None or []: every dim
+    if [d % rank for d in dims] != [rank - 1]:
+        raise NotNorm(f"mean over dims {dims or 'all'} of a rank-{rank} tensor, not the last dim only")
+    if not (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)):
+        raise NotNorm(f"{mean.name} drops the reduced dim (no keepdim)")
+    if _call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+        xf2 = sq.args[0]
+    elif _call(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
+        xf2 = sq.args[0]
+    else:
+        raise NotNorm(f"the mean is of {sq} ({getattr(sq, 'target', None)}), not of x^2")
+    x = _upcast_source(xf)
+    if not isinstance(xf2, Node) or (xf2 is not xf and _upcast_source(xf2) is not x):
+        raise NotNorm(f"the mean square is of {xf2}, the product of {xf}: not one tensor")
+    for n in (xf, xf2, mean, y):
+        if _dtype(n) != _FP32:
+            raise NotNorm(f"the norm is computed in {_dtype(n)} ({n.name}), not fp32")
+    if _dtype(x) not in MODEL_DTYPES:
+        raise NotNorm(f"the normalised tensor {x.name} is {_dtype(x)}, not one of {MODEL_DTYPES}")
+    return x, float(eps)
+
+
+def _weight(e, d) -> tuple[Node, float]:
+    """The weight operand of the multiply: ``w`` or ``w + offset``, w upcast exactly: returns (w, offset)."""
+    if not isinstance(e, Node):
+        raise NotNorm(f"the norm is multiplied by the number {e}, not by a weight tensor")
+    offset, e = 0.0, _upcast_source(e)
+    if _call(e, *_ADDS) and not isinstance(e.args[1], Node) and e.kwargs.get("alpha", 1) == 1:
+        if _dtype(e) != _FP32:
+            raise NotNorm(f"the offset is added to the weight in {_dtype(e)} ({e.name}: w + {e.args[1]} is "
+                          "rounded), the kernel adds it in fp32")
+        offset, e = float(e.args[1]), _upcast_source(e.args[0])
+    if _call(e, *_CASTS):
+        raise NotNorm(f"the weight is rounded from {_dtype(e.args[0])} to {_dtype(e)} ({e.name}) before the "
+                      "multiply; the kernel reads the weight as it is")
+    if e.op not in ("placeholder", "get_attr"):
+        raise NotNorm(f"the weight {e.name} is computed in the graph ({e.target}), not a graph input")
+    shape = shape_of(e)
+    if len(shape) != 1 or not sizes_equal(shape[0], d):
+        raise NotNorm(f"the weight {e.name} has shape {list(shape)}, not [{d}] (one value per feature)")
+    return e, offset
+
+
+def match_qk_norm(rope_x: Node) -> NormMatch:
+    """Check that ``rope_x`` is, through views keeping the last dim, an RMSNorm over that dim that the fused
+    kernel reproduces; raise ``NotNorm`` with the reason otherwise."""
+    if not isinstance(rope_x, Node) or not shape_of(rope_x):
+        raise NotNorm(f"{rope_x} is not a tensor with a feature dim")
+    out, views = _views_to(rope_x)
+    top, final = out, None
+    if _call(top, *_CASTS):
+        top, final = top.args[0], top
+    for n in (out, top):
+        if _call(n, aten.add.Tensor, aten.sub.Tensor) and all(isinstance(a, Node) for a in n.args) \
+                and any(_near_rsqrt(a, 3) for a in n.args):
+            raise NotNorm(f"a bias is added after the norm ({n.name}: {n.target})")
+    if _is_normalised(top):
+        y, wmul, rounded, wexpr = top, None, None, None
+    elif _call(top, aten.mul.Tensor):
+        for a, b in (top.args, top.args[::-1]):
+            y, rounded = _unround(a)
+            if _is_normalised(y):
+                wmul, wexpr = top, b
+                break
+        else:
+            raise NotNorm(f"{top.name}: no operand of the multiply is x * rsqrt(mean(x^2) + eps)")
+    else:
+        raise NotNorm(f"{out.name} ({out.target}) is not an RMSNorm's result")
+    x, eps = _normalised(y)
+    xdt, d = _dtype(x), shape_of(y)[-1]
+    for cast in (rounded, final):
+        if cast is not None and not (_dtype(cast.args[0]) == _FP32 and _dtype(cast) == xdt):
+            raise NotNorm(f"{cast.name} casts {_dtype(cast.args[0])} to {_dtype(cast)}; the kernel rounds fp32 "
+                          f"to x's dtype {xdt} only")
+    weight = weight_dtype = None
+    offset = 0.0
+    if wmul is not None:
+        weight, offset = _weight(wexpr, d)
+        weight_dtype = _dtype(weight)
+        # in x's dtype only as a product of two x's dtype values (exact in fp32, rounded once); else in fp32
+        low_ok = rounded is not None and _dtype(_upcast_source(wexpr)) == xdt and offset == 0.0
+        if _dtype(wmul) != _FP32 and not (_dtype(wmul) == xdt and low_ok):
+            raise NotNorm(f"the weight multiply {wmul.name} is in {_dtype(wmul)}, not in fp32 or as a product of "
+                          f"two {xdt} values")
+        if _dtype(wmul) != _FP32 and final is not None:
+            raise NotNorm(f"{final.name} casts the {_dtype(wmul)} product again")
+    if _dtype(out) != xdt:
+        raise NotNorm(f"the normalised tensor {out.name} is {_dtype(out)}, x is {xdt}: the result is not rounded "
+                      "back to x's dtype")
+    return NormMatch(out=out, x=x, weight=weight, eps=eps, offset=offset, round_before_weight=rounded is not None,
+                     weight_dtype=weight_dtype, views=views)
