@@ -3,6 +3,8 @@ write-backs restricted to the caches; a splice that fails leaves the graph as it
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -266,31 +268,57 @@ def test_inputs_sharing_storage_otherwise_trace_again(mode, stats):
     assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (2, 0)
 
 
-def test_symbolic_sizes_run_every_op_again(mode, stats):
-    from fx_fusion.patterns.splice import fresh_nodes
+def add_through_op(x, out, y):
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
+    return auto_functionalized(torch.ops.fx_fusion_tests.scale_into.default, x=x + y, out=out)
+
+
+def written(vals) -> list:
+    """The sizes as their nodes hold them (expressions before the shape environment's replacements)."""
+    def one(size):
+        return str(size.node._expr) if isinstance(size, torch.SymInt) else size
+    return [tuple(map(one, (*v.shape, *v.stride()))) for v in vals]
+
+
+def test_symbolic_sizes_written_alike_get_new_tensors(mode, stats):
     graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
-    c = graph.placeholder("c")
-    c.meta["val"] = a.meta["val"].clone()
-    b.meta["val"] = a.meta["val"].clone()
-    d = graph.placeholder("d")
-    d.meta["val"] = a.meta["val"].clone()
+    c, d, cache1, cache2 = (graph.placeholder(name) for name in ("c", "d", "cache1", "cache2"))
+    for n in (b, c, d, cache1, cache2):
+        n.meta["val"] = a.meta["val"].clone()  # one symbol for the token count, as a decode graph's later layers
     FAKE_RUNS.clear()
     tracer = Tracer(mode)
+    traced = tracer.trace(add_through_op, [a, cache1, b])
+    assert tracer.trace(add_through_op, [c, cache2, d]) is traced and len(FAKE_RUNS) == 1
+    out = next(n for n in traced.gm.graph.nodes if n.target is operator.getitem and n.args[1] == 0)
+    assert isinstance(out.meta["val"].shape[0], torch.SymInt) and written([out.meta["val"]]) == written([a.meta["val"]])
+
+
+def test_a_run_that_proves_symbols_equal_is_run_again(mode, stats):
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    # a decode graph's first layer: two symbols until the trace proves them equal; later layers: one symbol
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    later = [[graph.placeholder(f"{name}{i}") for name in ("x", "out", "y")] for i in range(2)]
+    FAKE_RUNS.clear()
+    tracer = Tracer(mode)
+    cache = graph.placeholder("cache")
+    cache.meta["val"] = a.meta["val"].clone()
+    traced = tracer.trace(add_through_op, [a, cache, b])
+    for nodes in later:
+        for n in nodes:
+            n.meta["val"] = b.meta["val"].clone()
+    # the trace's values predate the equality it proved: the next site runs the op again, the one after need not
+    tracer.trace(add_through_op, later[0])
+    assert len(FAKE_RUNS) == 2
+    tracer.trace(add_through_op, later[1])
+    assert len(FAKE_RUNS) == 2 and stats["replacement_traces_shared"] == 2
+    vals = [n.meta["val"] for n in later[1]]
+    mine = aliasing(vals, traced.gm)
+    sizes = [written([v for v in n.meta["val"] if v is not None]) if isinstance(n.meta["val"], tuple)
+             else written([n.meta["val"]]) for n in traced.gm.graph.nodes if n.op == "call_function"]
     with mode:
-        cache = torch.zeros(4, 3)
-    nodes = []
-    for name in ("cache1", "cache2"):
-        n = graph.placeholder(name)
-        n.meta["val"] = cache.clone()
-        nodes.append(n)
-
-    def op(x, out, y):
-        from torch._higher_order_ops.auto_functionalize import auto_functionalized
-
-        return auto_functionalized(torch.ops.fx_fusion_tests.scale_into.default, x=x + y, out=out)
-
-    traced = tracer.trace(op, [a, nodes[0], b])
-    assert fresh_nodes(traced.gm) is None  # the token count is symbolic
-    tracer.trace(op, [c, nodes[1], d])
-    assert len(FAKE_RUNS) == 2 and stats["replacement_traces_shared"] == 1
+        FakeTensorProp(traced.gm, mode).propagate_dont_convert_inputs(*vals)
+    assert mine == aliasing(vals, traced.gm)
+    assert sizes == [written([v for v in n.meta["val"] if v is not None]) if isinstance(n.meta["val"], tuple)
+                     else written([n.meta["val"]]) for n in traced.gm.graph.nodes if n.op == "call_function"]
