@@ -3,8 +3,9 @@
 Compiles a decode step (the token count symbolic) and a static prefill with ``backend="fx_fusion"`` (FX graph and
 AOT caches off), and prints per graph the pass's time and share of the first call (compile plus one run), the
 traced replacements made and shared, and the time of each stage: canonicalisation, finding sites, planning,
-tracing (``make_fx``), re-running a shared trace on a site's own fake values, splicing; and, beside the pass,
-Inductor's analyses of the kernel (TTIR generations, in the pass's traces and in Inductor's lowering).
+tracing (``make_fx``), re-running a shared trace on a site's own fake values, splicing; the garbage collector's
+time inside the pass; and, beside the pass, Inductor's analyses of the kernel (TTIR generations, in the pass's
+traces and in Inductor's lowering).
 
     python benchmarks/bench_pass.py --model a --layers 8
 """
@@ -60,6 +61,40 @@ from torch._higher_order_ops import triton_kernel_wrap  # noqa: E402
 
 _time(triton_kernel_wrap, "generate_ttir", "kernel TTIR (Inductor's analysis, all calls)")
 
+# Python's cyclic garbage collector while the pass runs: a full collection of the compile's heap (hundreds of
+# thousands of objects at full depth) lands in whichever stage allocates when it is due
+import gc  # noqa: E402
+
+import fx_fusion.fusion_pass as fusion_pass  # noqa: E402
+
+GC = {"in_pass": False, "start": 0.0}
+
+
+def _gc_callback(phase: str, info: dict) -> None:
+    if not GC["in_pass"]:
+        return
+    if phase == "start":
+        GC["start"] = time.perf_counter()
+    else:
+        STAGES["gc (inside the stages above)"] += time.perf_counter() - GC["start"]
+        CALLS["gc (inside the stages above)"] += 1
+        CALLS["gc full collections"] += info["generation"] == 2
+
+
+gc.callbacks.append(_gc_callback)
+_pass_call = fusion_pass.RopeKVFusionPass.__call__
+
+
+def _in_pass(self, graph):
+    GC["in_pass"] = True
+    try:
+        return _pass_call(self, graph)
+    finally:
+        GC["in_pass"] = False
+
+
+fusion_pass.RopeKVFusionPass.__call__ = _in_pass
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,6 +125,7 @@ def main() -> int:
               f"{stats['replacement_traces']}, shared {stats['replacement_traces_shared']}")
         for label, seconds in STAGES.items():
             print(f"  {label:16s} {seconds * 1e3:7.0f} ms  ({CALLS[label]} calls)")
+        print(f"  (of the gc collections, {CALLS['gc full collections']} full)")
     return 0
 
 

@@ -306,9 +306,12 @@ def _pair_q(k_root: Node, k: RopeMatch, state: GraphState) -> tuple[Node, RopeMa
     found = [(cand, m) for cand, m in state.ropes_of_leaf[key]
              if cand is not k_root and cand not in state.k_roots and cand not in state.used
              and (m.style, m.rotary_dim, m.cos, m.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and m.x is not k.x]
-    # keep the outermost node of each q RoPE (e.g. the cast back after an fp32 RoPE)
-    outer = [(c, m) for c, m in found if not any(u is not c and m2.x is m.x and c in u.all_input_nodes
-                                                 for u, m2 in found)]
+    # keep the outermost node of each q RoPE (e.g. the cast back after an fp32 RoPE): compared within the RoPEs
+    # of one x only (one pass over the candidates, not one per candidate)
+    of_x: dict[Node, list[Node]] = {}
+    for u, m2 in found:
+        of_x.setdefault(m2.x, []).append(u)
+    outer = [(c, m) for c, m in found if not any(u is not c and c in u.all_input_nodes for u in of_x[m.x])]
     if not outer:
         raise Unfusable("no RoPE of q with the same cos/sin in this graph")
     return min(outer, key=lambda cm: abs(state.order[cm[0]] - state.order[k_root]))

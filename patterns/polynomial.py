@@ -11,6 +11,7 @@ the evaluator and ``match_rope`` raise for a subgraph that is not a RoPE the fus
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 
 from fx_fusion.patterns.fx_utils import is_one
@@ -51,9 +52,13 @@ def poly_mul(p: Poly, q: Poly) -> Poly:
     out: Poly = {}
     for m1, k1 in p.items():
         for m2, k2 in q.items():
-            m = tuple(sorted(m1 + m2))
-            if len(m) > 2:
+            if len(m1) + len(m2) > 2:
                 raise NotRope("products of more than two factors")
+            if len(m1) == 1 and len(m2) == 1:  # the common case (x times a table), sorted without a sort
+                a, b = m1[0], m2[0]
+                m = (a, b) if a <= b else (b, a)
+            else:
+                m = tuple(sorted(m1 + m2))
             out[m] = out.get(m, 0.0) + k1 * k2
     return {m: k for m, k in out.items() if k != 0.0}
 
@@ -83,29 +88,24 @@ def combine(a: Value, b: Value, fn) -> Value:
         else:
             prefix.append(sa)
             embed.append(xa | xb)
-    feats = []
-    for idx in _ndindex(trail):
-        fa = _flat([i if a.trail[d] > 1 else 0 for d, i in enumerate(idx)], a.trail)
-        fb = _flat([i if b.trail[d] > 1 else 0 for d, i in enumerate(idx)], b.trail)
-        feats.append(fn(a.feats[fa], b.feats[fb]))
+    if a.trail == b.trail and len(a.feats) == len(b.feats) == math.prod(a.trail):  # nothing to broadcast
+        feats = [fn(p, q) for p, q in zip(a.feats, b.feats)]
+    else:
+        feats = [fn(a.feats[fa], b.feats[fb]) for fa, fb in zip(_broadcast(trail, a.trail), _broadcast(trail, b.trail))]
     return Value(tuple(prefix), tuple(embed), tuple(trail), feats)
 
 
 def broadcast_features(v: Value, trail: tuple) -> Value:
     """Expand size-1 feature dims of ``v`` to ``trail`` (each feature repeated, as ``expand`` does)."""
-    feats = [v.feats[_flat([i if v.trail[d] > 1 else 0 for d, i in enumerate(idx)], v.trail)]
-             for idx in _ndindex(trail)]
+    feats = [v.feats[f] for f in _broadcast(trail, v.trail)]
     return replace(v, trail=tuple(trail), feats=feats)
 
 
 def take(v: Value, dim: int, index: list[int], squeeze: bool = False) -> Value:
     trail = list(v.trail)
     trail[dim] = len(index)
-    feats = []
-    for idx in _ndindex(trail):
-        src = list(idx)
-        src[dim] = index[idx[dim]]
-        feats.append(v.feats[_flat(src, v.trail)])
+    coords = [list(index) if d == dim else range(size) for d, size in enumerate(trail)]
+    feats = [v.feats[f] for f in _flat_all(coords, v.trail)]
     if squeeze:
         del trail[dim]
     return replace(v, trail=tuple(trail), feats=feats)
@@ -143,3 +143,18 @@ def _flat(idx, shape) -> int:
     for i, s in zip(idx, shape):
         f = f * s + i
     return f
+
+
+def _flat_all(coords: list, shape) -> list[int]:
+    """``_flat(idx, shape)`` for every ``idx`` of ``coords[0] x coords[1] x ...`` (one sequence of indices per dim), in
+    row-major order: all the flat indices at once."""
+    flat = [0]
+    for values, size in zip(coords, shape):
+        flat = [f * size + i for f in flat for i in values]
+    return flat
+
+
+def _broadcast(trail, src_trail) -> list[int]:
+    """For each feature of ``trail`` (row-major), the flat feature of ``src_trail`` that broadcasts to it (a size-1 dim
+    of ``src_trail`` reads index 0)."""
+    return _flat_all([range(size) if src > 1 else [0] * size for size, src in zip(trail, src_trail)], src_trail)

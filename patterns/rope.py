@@ -178,7 +178,7 @@ def _check_unscaled_products(v: Value, x: int) -> None:
     a scaled RoPE result) rounds differently from the scaled table the op would read (``x * (cos * s)``)."""
     for p in v.feats:
         for m, k in p.items():
-            if len(m) == 2 and any(lid == x for lid, _ in m) and k not in (1.0, -1.0):
+            if k not in (1.0, -1.0) and len(m) == 2 and (m[0][0] == x or m[1][0] == x):
                 raise NotRope(f"the products of the rotated tensor and the tables are scaled by {abs(k):g} after "
                               "the multiply ((x * cos) * s rounds differently from x * (cos * s)); the fused op "
                               "multiplies by the tables as it reads them")
@@ -243,14 +243,13 @@ def _terms(p: Poly, x: int, own: int, other: int, other_sign: float) -> tuple[Sy
         raise NotRope(f"feature {own} is not a two-term rotation")
     c = s = None
     for m, k in p.items():
-        rest = [sym for sym in m if sym[0] != x]
-        xs = [sym for sym in m if sym[0] == x]
-        if len(m) != 2 or len(xs) != 1 or len(rest) != 1:
+        if len(m) != 2 or (m[0][0] == x) == (m[1][0] == x):
             raise NotRope(f"feature {own} is not x times a table")
-        if xs[0][1] == own and k == 1.0:
-            c = rest[0]
-        elif xs[0][1] == other and k == other_sign:
-            s = rest[0]
+        xs, rest = (m[0], m[1]) if m[0][0] == x else (m[1], m[0])  # x's symbol, the table's
+        if xs[1] == own and k == 1.0:
+            c = rest
+        elif xs[1] == other and k == other_sign:
+            s = rest
     if c is None or s is None:
         raise NotRope(f"feature {own} has the wrong signs or partners for a rotation")
     return c, s

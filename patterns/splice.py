@@ -13,7 +13,9 @@ copies the new cache values back. So:
                    graph's token counts of the input and of the slots, distinct until the first layer's trace
                    checks them); a site with the same signature reuses the trace with its fake values computed
                    afresh from its own inputs (two sites sharing fake values would read as aliases to
-                   Inductor's re-inplacing)
+                   Inductor's re-inplacing): views are taken again of the site's own tensors, and a node whose
+                   values are tensors of their own (the fused op's outputs) gets new tensors of the same metadata
+                   without running its op again (``fresh_nodes``)
     write_backs    the trace's writes into its inputs, checked to be the caches only
     splice         the trace's nodes copied into the graph, bound to the site's input nodes
 """
@@ -21,6 +23,7 @@ copies the new cache values back. So:
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +43,11 @@ class Traced:
 
     gm: torch.fx.GraphModule
     write_backs: set
+    # the nodes a site sharing the trace may get new tensors for (``fresh_nodes``); None: every node runs again
+    fresh: frozenset | None = None
+    # (the inputs as written, the shape environment's state) of the run whose fake values ``gm`` holds; None when
+    # that run changed the shape environment (its values may predate what it proved)
+    last_run: tuple | None = None
 
 
 class Tracer:
@@ -64,14 +72,16 @@ class Tracer:
             raise found
         if found is not None:
             try:
-                self._propagate(found.gm, vals)
+                self._propagate(found, vals)
                 counters["fx_fusion"]["replacement_traces_shared"] += 1
                 return found
             except Exception as e:  # noqa: BLE001 (a trace that does not replay is traced afresh)
                 log.debug("a shared trace did not replay (%s: %s); tracing again", type(e).__name__, e)
         try:
+            before = _env_state(self.mode)
             gm = self._make_fx(fn, vals, static)
-            traced = self._traces[key] = Traced(gm, write_backs(gm, written))
+            traced = self._traces[key] = Traced(gm, write_backs(gm, written), fresh_nodes(gm, self.mode))
+            traced.last_run = _run_state(vals, before, self.mode)
         except NotTraceable as e:
             self._traces[key] = e
             raise
@@ -93,17 +103,149 @@ class Tracer:
         with self.mode:
             return make_fx(traced, tracing_mode="real")(*vals)
 
-    def _propagate(self, gm: torch.fx.GraphModule, vals: list) -> None:
-        """Fresh fake values for every node of ``gm`` from ``vals`` (the trace's ops run again, on fake tensors)."""
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    def _propagate(self, traced: Traced, vals: list) -> None:
+        """Fresh fake values for every node of the trace from ``vals``: the trace's ops run again on fake tensors,
+        but for the nodes ``fresh_nodes`` names, which get new tensors of the metadata they had when the last run
+        was an equal one (``_run_state``: the same inputs, sizes written alike, in an unchanged shape environment:
+        the ops would make the same metadata again)."""
+        before = _env_state(self.mode)
+        if traced.fresh is not None and traced.last_run is not None and traced.last_run == _run_state(
+                vals, before, self.mode):
+            _run_again(traced.gm, traced.fresh, vals, self.mode)
+        else:
+            from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-        with self.mode:
-            FakeTensorProp(gm, self.mode).propagate_dont_convert_inputs(*vals)
+            with self.mode:
+                FakeTensorProp(traced.gm, self.mode).propagate_dont_convert_inputs(*vals)
+        traced.last_run = _run_state(vals, before, self.mode)
+
+
+def _env_state(mode) -> tuple | None:
+    """What the shape environment knows, as counts that grow with it (guards, replacements, ranges, ...); None where
+    this torch keeps no version of it (sizes that are not static then never skip an op)."""
+    env = mode.shape_env
+    if env is None:
+        return ()
+    try:
+        return (env._version_counter, len(env.guards), len(env.axioms), len(env.replacements), len(env.var_to_range),
+                sum(map(len, env.deferred_runtime_asserts.values())))
+    except AttributeError:
+        return None
+
+
+def _run_state(vals: list, before: tuple | None, mode) -> tuple | None:
+    """A run's inputs as written (each size's own expression, before the shape environment's replacements: the ops
+    carry it into their outputs) and the shape environment's state, when the run left it as it was (else None).
+
+    Two runs with equal states compute equal metadata. Sizes that are all static need no shape environment."""
+    after = _env_state(mode)
+    if after != before:
+        return None
+    written = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            written.append(tuple(map(_written, (*v.shape, *v.stride(), v.storage_offset()))))
+    if all(isinstance(s, int) for sizes in written for s in sizes):
+        return tuple(written), "static"
+    if after is None or any(s is None for sizes in written for s in sizes):
+        return None
+    return tuple(written), after
+
+
+def _written(size):
+    """A size as its node holds it (the expression it was made with), or the int."""
+    if isinstance(size, torch.SymInt):
+        return getattr(size.node, "_expr", None)
+    return size
+
+
+def fresh_nodes(gm: torch.fx.GraphModule, mode) -> frozenset[Node] | None:
+    """The calls of ``gm`` whose values are tensors of their own, read from the fake values of its trace: every
+    tensor they return has a storage no placeholder and no earlier node holds and that no other of their tensors
+    shares, is no view, and is what ``torch.empty_strided`` makes of its sizes and strides (offset 0, no spare
+    bytes). Run again on inputs of equal metadata and storage sharing (``_signature``) and sizes written alike
+    (``_run_state``), the same calls make such tensors again: another site gets new ones of the same metadata
+    instead of running the op (the fused op's fake implementation, with its checks, is most of a run). Every other
+    node runs again: views are taken of the site's own tensors, so what aliases what is the site's own, as
+    Inductor's re-inplacing reads it.
+
+    None where the trace holds anything but placeholders, calls and the output, or binds data-dependent sizes."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    seen: set = set()
+    fresh = set()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        if n.op not in ("placeholder", "call_function") or "unbacked_bindings" in n.meta:
+            return None
+        leaves: list = []
+        torch.fx.node.map_aggregate(n.meta.get("val"), leaves.append)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+        if (n.op == "call_function" and n.target is not operator.getitem and tensors
+                and all(x is None or isinstance(x, torch.Tensor) for x in leaves)
+                and all(_made_afresh(t, mode) for t in tensors)
+                and len(set(storages)) == len(storages) and seen.isdisjoint(storages)):
+            fresh.add(n)
+        seen.update(storages)
+    return frozenset(fresh)
+
+
+def _made_afresh(t: torch.Tensor, mode) -> bool:
+    """Whether ``torch.empty_strided(t.shape, t.stride())`` makes a tensor like ``t`` (a fake tensor, no view, no
+    constant, no grad, offset 0, a storage of as many bytes), compared without shape guards."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from fx_fusion.patterns.fx_utils import sizes_equal
+
+    if type(t) is not FakeTensor or t.layout is not torch.strided or t._is_view() or t.constant is not None:
+        return False
+    offset = t.storage_offset()
+    if t.requires_grad or not isinstance(offset, int) or offset != 0:
+        return False
+    with mode:
+        made = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return sizes_equal(made.untyped_storage().nbytes(), t.untyped_storage().nbytes())
+
+
+def _run_again(gm: torch.fx.GraphModule, fresh: frozenset, vals: list, mode) -> None:
+    """Each call of ``gm`` run on the fake values ``vals`` (as ``FakeTensorProp`` runs it, with the values it records),
+    but the nodes in ``fresh``, which get new tensors of the sizes and strides their last values had."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import py_sym_types, snapshot_fake
+
+    def new_like(x):
+        if isinstance(x, torch.Tensor):
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        return x
+
+    def recorded(x):  # FakeTensorProp's record of a value
+        if isinstance(x, FakeTensor):
+            return snapshot_fake(x)
+        if isinstance(x, torch.Tensor):
+            return snapshot_fake(mode.from_tensor(x, static_shapes=True))
+        return x if isinstance(x, (*py_sym_types, int, float, bool)) else None
+
+    env: dict[Node, object] = dict(zip(gm.graph.find_nodes(op="placeholder"), vals, strict=True))
+    with mode:
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            if n in fresh:
+                value = torch.fx.node.map_aggregate(n.meta["val"], new_like)
+            else:
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                value = n.target(*args, **kwargs)
+            env[n] = value
+            meta = torch.fx.node.map_aggregate(value, recorded)
+            if meta is not None:
+                n.meta["val"] = meta
 
 
 def _signature(inputs: list) -> tuple:
     """What a trace depends on in its inputs: metadata (sizes and strides as expressions in the graph's symbols),
-    and which inputs are the same node."""
+    which inputs are the same node, and which share a storage."""
     def describe(n: Node | None):
         if n is None:
             return None
@@ -112,7 +254,14 @@ def _signature(inputs: list) -> tuple:
             return ("value", str(v))
         return (v.dtype, v.device, tuple(map(_expr, v.shape)), tuple(map(_expr, v.stride())),
                 _expr(v.storage_offset()), v.requires_grad)
-    return tuple(describe(n) for n in inputs), tuple(inputs.index(n) for n in inputs)
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    storages = [StorageWeakRef(n.meta["val"].untyped_storage())
+                if n is not None and isinstance(n.meta["val"], torch.Tensor) else None for n in inputs]
+    # which inputs share a storage (q, k and v split from one projection): the op's checks read it
+    shared = tuple(None if st is None else storages.index(st) for st in storages)
+    return tuple(describe(n) for n in inputs), tuple(inputs.index(n) for n in inputs), shared
 
 
 def _expr(size) -> str:

@@ -323,6 +323,32 @@ def test_symbolic_constexpr_is_not_traceable(device, traced_kernels):
         trace(module, case_args(device, kw, T=7), return_k, "symbolic")
 
 
+@pytest.mark.parametrize("case", TRACE_CASES.values(), ids=TRACE_CASES.keys())
+def test_another_site_of_a_shared_launch_gets_what_fake_tensor_prop_gives(device, traced_kernels, ttir_analysis,
+                                                                            case):
+    """The graph pass shares one traced launch between sites (``patterns/splice.py``): another site's values are the
+    launch's outputs made anew (not run again) and views of its own tensors, with the metadata and the aliasing that
+    running every node again (``FakeTensorProp``) gives."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from fx_fusion.patterns.splice import _run_again, fresh_nodes
+    from tests.patterns.test_splice import aliasing
+
+    module, _ = traced_kernels
+    kw, return_k = case
+    gm = trace(module, case_args(device, kw, T=5), return_k, "fake")
+    mode = detect_fake_mode([n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")])
+    fresh = fresh_nodes(gm, mode)
+    assert kernel_nodes(gm)[0] in fresh  # the launch's written tensors: copies of their own
+    vals = [mode.from_tensor(x) for x in case_args(device, kw, T=5).values() if isinstance(x, torch.Tensor)]
+    _run_again(gm, fresh, vals, mode)
+    made = aliasing(vals, gm)
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    assert made == aliasing(vals, gm)
+
+
 # --------------------------------------------------------------------------------------------------
 # The public op inside compiled code
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ write-backs restricted to the caches; a splice that fails leaves the graph as it
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -157,3 +159,166 @@ def test_a_failed_splice_leaves_the_graph_as_it_was(mode):
     with pytest.raises(RuntimeError, match="no fake value"):
         splice(graph, traced.gm, [a, b], None)
     assert [n.name for n in graph.nodes] == before
+
+
+# --------------------------------------------------------------------------------------------------
+# A shared trace's fake values for another site: views of the site's own tensors, new tensors for what the
+# trace's ops make afresh (their fake implementations are not run again), what FakeTensorProp would record
+# --------------------------------------------------------------------------------------------------
+
+FAKE_RUNS = []
+
+
+@torch.library.custom_op("fx_fusion_tests::scale_into", mutates_args=("out",))
+def scale_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``2 x`` into ``out`` and returns ``x + 1`` (the fused op's shape: a fresh output, a written cache)."""
+    out.copy_(x * 2)
+    return x + 1
+
+
+@scale_into.register_fake
+def _(x, out):
+    FAKE_RUNS.append(x)
+    return torch.empty_like(x)
+
+
+def through_op(x, cache, table):
+    """Views of the inputs, a functionalized op (a fresh output and a fresh cache), views of its outputs."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    rows = table[:, :3]
+    y, new_cache = auto_functionalized(torch.ops.fx_fusion_tests.scale_into.default, x=x * rows, out=cache)
+    return y.view(-1), new_cache, y.t(), x.unsqueeze(0)
+
+
+def aliasing(vals: list, gm) -> list:
+    """Per node of ``gm`` (placeholders bound to ``vals``): the metadata of each tensor it holds and the first
+    position (input or node, in order) whose value shares its storage."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    owners, out = [], []
+    values = [*vals, *(n.meta["val"] for n in gm.graph.nodes if n.op == "call_function")]
+    for v in values:
+        leaves = []
+        torch.fx.node.map_aggregate(v, leaves.append)
+        row = []
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                row.append(t)
+                continue
+            ref = StorageWeakRef(t.untyped_storage())
+            if ref not in owners:
+                owners.append(ref)
+            row.append((t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t._is_view(), owners.index(ref)))
+        out.append(row)
+    return out
+
+
+def site_values(mode):
+    with mode:
+        return [torch.randn(4, 3), torch.zeros(4, 3), torch.randn(4, 5)]
+
+
+def test_a_shared_trace_records_what_fake_tensor_prop_records(mode, stats):
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    graph = Graph()
+    tracer = Tracer(mode)
+    sites = []
+    for i in range(3):
+        nodes = [graph.placeholder(f"s{i}_{name}") for name in ("x", "cache", "table")]
+        for n, v in zip(nodes, site_values(mode)):
+            n.meta["val"] = v
+        sites.append(nodes)
+    FAKE_RUNS.clear()
+    traced = tracer.trace(through_op, sites[0])
+    first = {n: n.meta["val"] for n in traced.gm.graph.nodes if n.op != "output"}
+    assert tracer.trace(through_op, sites[1]) is traced and len(FAKE_RUNS) == 1  # the op's fake impl: once
+    vals = [n.meta["val"] for n in sites[1]]
+    shared = aliasing(vals, traced.gm)
+    mine = {n: n.meta["val"] for n in traced.gm.graph.nodes if n.op == "call_function"}
+    with mode:
+        FakeTensorProp(traced.gm, mode).propagate_dont_convert_inputs(*vals)
+    assert shared == aliasing(vals, traced.gm)
+    # nothing of the first site's is reused, and the views are of this site's own tensors
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storages(v):
+        leaves = []
+        torch.fx.node.map_aggregate(v, leaves.append)
+        return {StorageWeakRef(t.untyped_storage()) for t in leaves if isinstance(t, torch.Tensor)}
+
+    before = set().union(*(storages(v) for v in first.values()), *(storages(n.meta["val"]) for n in sites[0]))
+    assert all(storages(v).isdisjoint(before) for v in mine.values())
+    view_of_x = next(n for n in traced.gm.graph.nodes if n.target is torch.ops.aten.unsqueeze.default)
+    assert storages(mine[view_of_x]) == storages(vals[0])
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (1, 1)
+
+
+def test_inputs_sharing_storage_otherwise_trace_again(mode, stats):
+    graph = Graph()
+    a, b, c, d = (graph.placeholder(name) for name in "abcd")
+    with mode:
+        a.meta["val"], b.meta["val"] = torch.randn(4, 3), torch.randn(4, 3)
+        base = torch.randn(4, 3)
+        c.meta["val"], d.meta["val"] = base[:], base[:]  # one storage, the metadata of a and b
+    tracer = Tracer(mode)
+    tracer.trace(add_sin, [a, b], scale=1.0)
+    tracer.trace(add_sin, [c, d], scale=1.0)
+    assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (2, 0)
+
+
+def add_through_op(x, out, y):
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    return auto_functionalized(torch.ops.fx_fusion_tests.scale_into.default, x=x + y, out=out)
+
+
+def written(vals) -> list:
+    """The sizes as their nodes hold them (expressions before the shape environment's replacements)."""
+    def one(size):
+        return str(size.node._expr) if isinstance(size, torch.SymInt) else size
+    return [tuple(map(one, (*v.shape, *v.stride()))) for v in vals]
+
+
+def test_symbolic_sizes_written_alike_get_new_tensors(mode, stats):
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    c, d, cache1, cache2 = (graph.placeholder(name) for name in ("c", "d", "cache1", "cache2"))
+    for n in (b, c, d, cache1, cache2):
+        n.meta["val"] = a.meta["val"].clone()  # one symbol for the token count, as a decode graph's later layers
+    FAKE_RUNS.clear()
+    tracer = Tracer(mode)
+    traced = tracer.trace(add_through_op, [a, cache1, b])
+    assert tracer.trace(add_through_op, [c, cache2, d]) is traced and len(FAKE_RUNS) == 1
+    out = next(n for n in traced.gm.graph.nodes if n.target is operator.getitem and n.args[1] == 0)
+    assert isinstance(out.meta["val"].shape[0], torch.SymInt) and written([out.meta["val"]]) == written([a.meta["val"]])
+
+
+def test_a_run_that_proves_symbols_equal_is_run_again(mode, stats):
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    # a decode graph's first layer: two symbols until the trace proves them equal; later layers: one symbol
+    graph, (a, b) = graph_with(mode, (4, 3), (4, 3), symbolic=True)
+    later = [[graph.placeholder(f"{name}{i}") for name in ("x", "out", "y")] for i in range(2)]
+    FAKE_RUNS.clear()
+    tracer = Tracer(mode)
+    cache = graph.placeholder("cache")
+    cache.meta["val"] = a.meta["val"].clone()
+    traced = tracer.trace(add_through_op, [a, cache, b])
+    for nodes in later:
+        for n in nodes:
+            n.meta["val"] = b.meta["val"].clone()
+    # the trace's values predate the equality it proved: the next site runs the op again, the one after need not
+    tracer.trace(add_through_op, later[0])
+    assert len(FAKE_RUNS) == 2
+    tracer.trace(add_through_op, later[1])
+    assert len(FAKE_RUNS) == 2 and stats["replacement_traces_shared"] == 2
+    vals = [n.meta["val"] for n in later[1]]
+    mine = aliasing(vals, traced.gm)
+    sizes = [written([v for v in n.meta["val"] if v is not None]) if isinstance(n.meta["val"], tuple)
+             else written([n.meta["val"]]) for n in traced.gm.graph.nodes if n.op == "call_function"]
+    with mode:
+        FakeTensorProp(traced.gm, mode).propagate_dont_convert_inputs(*vals)
+    assert mine == aliasing(vals, traced.gm)
+    assert sizes == [written([v for v in n.meta["val"] if v is not None]) if isinstance(n.meta["val"], tuple)
+                     else written([n.meta["val"]]) for n in traced.gm.graph.nodes if n.op == "call_function"]
