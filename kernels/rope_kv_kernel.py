@@ -119,13 +119,20 @@ def _rope_pairs(
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
 def _rms_scale(x1, x2, xt, D: tl.constexpr, EPS: tl.constexpr):
     """Per row: 1 / sqrt(mean(x^2) + EPS) over the head's D features (pairs x1, x2 [BLOCK_R, BLOCK_HALF] and the
     tail xt [BLOCK_R, BLOCK_TAIL], or None; masked values 0), in fp32, sqrt and division correctly rounded (as
     eager's rsqrt on CPU). The sum's order is the kernel's own (eager's differs at the level of fp32 rounding)."""
-    ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+    # tl.reduce with a combine of our own, not tl.sum: Triton's library @jit functions run in its interpreter only
+    # when TRITON_INTERPRET was set before Triton was imported (a process that imported Inductor first fails)
+    ss = tl.reduce(x1 * x1, 1, _add) + tl.reduce(x2 * x2, 1, _add)
     if xt is not None:
-        ss += tl.sum(xt * xt, 1)
+        ss += tl.reduce(xt * xt, 1, _add)
     return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, D) + EPS))
 
 

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.graph import GraphLowering
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Triton's own @jit functions (tl.sum, ...) are made interpretable only when the variable is set before Triton is
-# imported: Inductor imports Triton, so it comes after.
-from torch._inductor.graph import GraphLowering  # noqa: E402
 # Floating-point contraction (a * b + c as one FMA) in kernels Triton compiles (the GPU, and the sm_90 / gfx9
 # compile tests): on, as every Triton up to 3.9 does by default and as the GPU results in README's "Exactness"
 # were measured. Triton 3.10 turns the default off; pinned here so the tests see one behaviour. The interpreter
