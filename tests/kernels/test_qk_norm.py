@@ -32,11 +32,11 @@ def gemma3_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 STYLES = {"qwen3": dict(norm_round=True, norm_offset=0.0), "gemma3": dict(norm_round=False, norm_offset=1.0)}
 
 
-def norm_args(dtype, *, D=64, rot=None, is_neox=True, layout="token", weight=True, which="qk", seed_scale=1.0):
-    args = make_args("cpu", T=7, Hq=4, Hkv=2, D=D, rot=rot, layout=layout, dtype=dtype, qkv="3d", is_neox=is_neox)
+def norm_args(device, dtype, *, D=64, rot=None, is_neox=True, layout="token", weight=True, seed_scale=1.0):
+    args = make_args(device, T=7, Hq=4, Hkv=2, D=D, rot=rot, layout=layout, dtype=dtype, qkv="3d", is_neox=is_neox)
     for x in ("q", "k"):
         args[x] = args[x] * seed_scale  # rows far from unit RMS: the norm has something to do
-    weights = {x: (torch.randn(D, dtype=dtype) * 0.5 + 1.0 if weight else None) for x in ("q", "k")}
+    weights = {x: (torch.randn(D, dtype=dtype, device=device) * 0.5 + 1.0 if weight else None) for x in ("q", "k")}
     return args, weights
 
 
@@ -44,24 +44,24 @@ def norm_args(dtype, *, D=64, rot=None, is_neox=True, layout="token", weight=Tru
 @pytest.mark.parametrize("style", list(STYLES))
 @pytest.mark.parametrize("rot,is_neox", [(None, True), (32, True), (None, False)], ids=["neox", "partial", "gptj"])
 @pytest.mark.parametrize("layout", ["token", "paged"])
-def test_norm_against_the_reference(dtype, style, rot, is_neox, layout):
-    args, w = norm_args(dtype, rot=rot, is_neox=is_neox, layout=layout, seed_scale=3.0)
+def test_norm_against_the_reference(device, dtype, style, rot, is_neox, layout):
+    args, w = norm_args(device, dtype, rot=rot, is_neox=is_neox, layout=layout, seed_scale=3.0)
     run_and_check(dict(args, q_norm=True, k_norm=True, q_norm_weight=w["q"], k_norm_weight=w["k"], norm_eps=1e-6,
                        **STYLES[style]))
 
 
 @pytest.mark.parametrize("which", ["q", "k"])
-def test_one_side_normalised_without_weight(which):
-    args, _ = norm_args(torch.bfloat16, weight=False, seed_scale=5.0)
+def test_one_side_normalised_without_weight(device, which):
+    args, _ = norm_args(device, torch.bfloat16, weight=False, seed_scale=5.0)
     run_and_check(dict(args, **{f"{which}_norm": True}, norm_eps=1e-5, norm_round=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("style", list(STYLES))
-def test_norm_is_the_models_norm(dtype, style):
+def test_norm_is_the_models_norm(device, dtype, style):
     """The fused norm + RoPE + store equals the model's RMSNorm in eager torch followed by the op without it."""
     eps = 1e-6
-    args, w = norm_args(dtype, rot=32, seed_scale=3.0)
+    args, w = norm_args(device, dtype, rot=32, seed_scale=3.0)
     model_norm = qwen3_norm if style == "qwen3" else gemma3_norm
     q_n, k_n = model_norm(args["q"], w["q"], eps), model_norm(args["k"], w["k"], eps)
     assert q_n.dtype == dtype
@@ -87,13 +87,13 @@ def test_norm_is_the_models_norm(dtype, style):
         **common)[0])
 
 
-def test_bad_norm_arguments_name_the_argument_and_write_nothing():
-    args, w = norm_args(torch.bfloat16)
+def test_bad_norm_arguments_name_the_argument_and_write_nothing(device):
+    args, w = norm_args(device, torch.bfloat16)
     before = (as_bytes(args["k_cache"]).clone(), as_bytes(args["v_cache"]).clone())
     cases = [
         (dict(q_norm_weight=w["q"]), ValueError, r"q_norm_weight is given but q_norm is False"),
         (dict(k_norm=True, k_norm_weight=w["k"][:32]), ValueError, r"k_norm_weight must be a contiguous \[64\]"),
-        (dict(q_norm=True, q_norm_weight=torch.randn(128, dtype=torch.bfloat16)[::2]), ValueError,
+        (dict(q_norm=True, q_norm_weight=torch.randn(128, dtype=torch.bfloat16, device=device)[::2]), ValueError,
          r"q_norm_weight must be a contiguous"),
         (dict(q_norm=True, q_norm_weight=w["q"].to(torch.int32)), TypeError, r"q_norm_weight must have dtype"),
         (dict(q_norm=True, norm_eps=float("nan")), ValueError, r"norm_eps must be a finite number"),
