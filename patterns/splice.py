@@ -259,8 +259,13 @@ def _signature(inputs: list) -> tuple:
 
     storages = [StorageWeakRef(n.meta["val"].untyped_storage())
                 if n is not None and isinstance(n.meta["val"], torch.Tensor) else None for n in inputs]
-    # which inputs share a storage (q, k and v split from one projection): the op's checks read it
-    shared = tuple(None if st is None else storages.index(st) for st in storages)
+    # which inputs share a storage (q, k and v split from one projection): the op's checks read it. (A dict: a
+    # StorageWeakRef compared with None raises, so no list.index over a list holding both.)
+    first: dict = {}
+    for i, st in enumerate(storages):
+        if st is not None:
+            first.setdefault(st, i)
+    shared = tuple(None if st is None else first[st] for st in storages)
     return tuple(describe(n) for n in inputs), tuple(inputs.index(n) for n in inputs), shared
 
 

@@ -322,3 +322,16 @@ def test_a_run_that_proves_symbols_equal_is_run_again(mode, stats):
     assert mine == aliasing(vals, traced.gm)
     assert sizes == [written([v for v in n.meta["val"] if v is not None]) if isinstance(n.meta["val"], tuple)
                      else written([n.meta["val"]]) for n in traced.gm.graph.nodes if n.op == "call_function"]
+
+
+def test_signature_of_inputs_with_an_absent_one_before_tensors():
+    """An absent input (None: a v cache that is a view of k's buffer) before tensor inputs: the signature still
+    says which inputs share a storage (a StorageWeakRef compared with None raised, on the GPU's stacked caches)."""
+    from fx_fusion.patterns.splice import _signature
+
+    graph = torch.fx.Graph()
+    a, b, c = (graph.placeholder(name) for name in "abc")
+    base = torch.randn(8, 4)
+    a.meta["val"], b.meta["val"], c.meta["val"] = base[:4], base[4:], torch.randn(3)
+    _, _, shared = _signature([None, a, b, c])
+    assert shared == (None, 1, 1, 3)
