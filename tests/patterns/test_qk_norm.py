@@ -22,6 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, match_qk_norm
 from fx_fusion.patterns.rope import match_rope
+from tests.patterns.test_rope import node_values, output_node
 
 B, S, H, D = 2, 3, 4, 16
 F32_EPS = torch.finfo(torch.float32).eps
@@ -36,24 +37,6 @@ def trace(fn, *args) -> torch.fx.GraphModule:
     ``add_`` of eps; the post-grad graph is functional)."""
     gm = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
     return make_fx(torch.func.functionalize(gm), tracing_mode="fake")(*args)
-
-
-def output_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
-    (out,) = gm.graph.find_nodes(op="output")
-    return out.args[0]
-
-
-def node_values(gm: torch.fx.GraphModule, *args) -> dict[torch.fx.Node, torch.Tensor]:
-    """Run the graph on real inputs and keep every node's value."""
-    values = {}
-
-    class Keep(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Keep(gm).run(*args)
-    return values
 
 
 def rebuild(m: NormMatch, values) -> torch.Tensor:
