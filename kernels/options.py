@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 import typing
 
 import torch
@@ -122,7 +123,7 @@ class RopeKVOptions:
             value = getattr(self, name)
             # no math.isfinite: Dynamo, tracing the wrapper inside a compiled function, refuses it
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or abs(value) > _FLOAT_MAX or value != value:
+            if not number or abs(value) > sys.float_info.max or value != value:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.norm_eps < 0:
@@ -153,7 +154,6 @@ def _clamp_pair(clamp, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-_FLOAT_MAX = 1.7976931348623157e308
 FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(RopeKVOptions)  # name -> type, in field order
 _BOOL_FIELDS = tuple(name for name, hint in FIELD_TYPES.items() if hint is bool)
 
