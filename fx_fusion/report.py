@@ -110,7 +110,8 @@ def report_graph(sites: list[Site]) -> GraphReport:
         state = "fused" if s.fused else "left out by the config" if s.disabled else "NOT fused"
         log.info("fx_fusion: graph %s site %d/%d %s: %s %s/%s rot=%s tokens=%s at %s%s", report.compile_id or "-",
                  i + 1, len(sites), state, s.layer or "-", s.layout or "-", s.style or "-", s.rotary_dim,
-                 s.num_tokens or "-", shorten_source(s.source, 100), "" if s.fused else f": {s.reason}",
+                 s.num_tokens or "-", shorten_source(s.source, 100),
+                 f"; {'; '.join(s.notes)}" if s.fused and s.notes else "" if s.fused else f": {s.reason}",
                  extra={"fx_fusion_site": s})  # the Site itself, for a handler that wants more than text
     log.log(logging.WARNING if report.unfused else logging.INFO, "%s", report.summary())
     return report

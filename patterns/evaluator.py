@@ -28,6 +28,7 @@ from torch.fx import Node
 from fx_fusion.patterns.fx_utils import RESHAPES, OpRole, is_one, ops_with, sizes_equal, within
 from fx_fusion.patterns.polynomial import (NotRope, Value, broadcast_features, combine, concat, poly_add, poly_mul,
                                            scaled, take)
+from fx_fusion.patterns.qk_norm import computes_a_norm
 
 aten = torch.ops.aten
 
@@ -263,6 +264,8 @@ def _mul(s: Step) -> Value | None:
             return scaled(v, factor)
         return None  # a scale we cannot carry as a coefficient: the product is a leaf
     if isinstance(a, Node) and isinstance(b, Node):
+        if computes_a_norm(s.node):  # a QK-norm: its result is the tensor rotated, a leaf
+            return None
         return combine(s.operand(a), s.operand(b), poly_mul)
     return None
 
@@ -294,7 +297,10 @@ def _add(s: Step) -> Value | None:
     if not (isinstance(a, Node) and isinstance(b, Node) and _is_number(alpha) and alpha == 1):
         return None
     sign = 1.0 if s.node.target is aten.add.Tensor else -1.0
-    return combine(s.operand(a), s.operand(b), lambda p, q: poly_add(p, q, sign))
+    va, vb = s.operand(a), s.operand(b)
+    if _is_selection(va) and _is_selection(vb):
+        return None  # a sum of two tensors (a norm's bias, a residual) is the tensor rotated: a leaf
+    return combine(va, vb, lambda p, q: poly_add(p, q, sign))
 
 
 # ---- handlers: views and selections ------------------------------------------------------------

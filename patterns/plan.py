@@ -6,7 +6,6 @@ that one fused op computes exactly what the graph does (``Plan``, or ``Unfusable
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -16,14 +15,14 @@ from torch.fx import Node
 
 from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast
 from fx_fusion.patterns.find import GraphState, KStore
-from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
+from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
+from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, find_qk_norm
 from fx_fusion.patterns.quant import NotQuant, Quant, fp8_cast_of, peel_fp8
 from fx_fusion.patterns.rope import RopeMatch, TableRef
 from fx_fusion.patterns.site import Disabled, FusionOptions, Unfusable
 from fx_fusion.patterns.store import Origin, Store
 
-log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
 _GATHER = CallFunction(aten.index.Tensor, KeywordArg("table"), KeywordArg("indices"))
 
@@ -42,6 +41,16 @@ class TableSource:
     node: Node
     positions: Node | None
     roles: tuple
+
+
+@dataclass(frozen=True)
+class FusedNorm:
+    """A QK-norm the op applies: it reads the norm's input ``match.x`` instead of the RoPE's x, reshaped to
+    ``reshape`` first where that is not None (-1: the one symbolic size), its dims then labelled ``roles``."""
+
+    match: NormMatch
+    roles: tuple
+    reshape: tuple | None = None
 
 
 @dataclass
@@ -66,6 +75,9 @@ class Plan:
     q_quant: Quant | None = None  # fp8 q: how the rotated q is quantised, and the cast that the op's q_out replaces
     q_fp8: Node | None = None
     q_fp8_views: tuple = ()  # the reshapes of the rotated q before its quantisation (replayed on the op's q_out)
+    q_norm: FusedNorm | None = None  # QK-norm of q / k folded into the op
+    k_norm: FusedNorm | None = None
+    notes: tuple = ()  # what of the site stays outside the op, and why (reported with the fused site)
 
     @property
     def layout(self) -> CacheLayout:
@@ -115,7 +127,8 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     q_heads, k_heads = shape_of(q_root)[head], shape_of(root)[head]
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
-    q_quant, q_fp8, q_fp8_views = _fp8_q(q_root, cache_val.device)
+    notes = []
+    q_quant, q_fp8, q_fp8_views = _fp8_q(q_root, cache_val.device, notes)
     scales = [qt.scale for qt in (k_quant, v_quant, q_quant) if qt is not None and isinstance(qt.scale, Node)]
     devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)
                if n is not None}
@@ -131,10 +144,12 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
     if k_quant is not None:
         _check_quant_device(k_quant, cache_val.device)
+    q_norm, k_norm = _fused_norms((q_root, q), (root, rope), roles, cache_val.device, state, notes)
     plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens,
-                k_quant, v_quant, q_quant, q_fp8, q_fp8_views)
+                k_quant, v_quant, q_quant, q_fp8, q_fp8_views, q_norm, k_norm, tuple(notes))
+    norms = [x for n in (q_norm, k_norm) if n is not None for x in (n.match.x, n.match.weight) if x is not None]
     _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store), *scales,
-                          *(src.positions for src in (cos, sin) if src.positions is not None)])
+                          *(src.positions for src in (cos, sin) if src.positions is not None), *norms])
     return plan
 
 
@@ -215,10 +230,10 @@ def _check_quant_device(quant: Quant, device: torch.device, what: str = "k") -> 
                             "tensor or a multiply by the reciprocal fuses")
 
 
-def _fp8_q(q_root: Node, device: torch.device) -> tuple[Quant | None, Node | None, tuple]:
+def _fp8_q(q_root: Node, device: torch.device, notes: list) -> tuple[Quant | None, Node | None, tuple]:
     """fp8 q: when the rotated q's only users quantise it to fp8 in a way the op reproduces, (how, the cast the op's
     q_out replaces, the reshapes before it); else (None, None, ()), and the quantisation stays a kernel of its own
-    (said in the log)."""
+    (said in ``notes``)."""
     found = fp8_cast_of(q_root)
     if found is None:
         return None, None, ()
@@ -229,8 +244,7 @@ def _fp8_q(q_root: Node, device: torch.device) -> tuple[Quant | None, Node | Non
             raise NotQuant(f"{cast.name} quantises {x.name}, not the rotated q", x)
         _check_quant_device(quant, device, "q")
     except (NotQuant, Unfusable) as e:
-        log.info("%s: q's fp8 quantisation is not fused into the RoPE (%s); it stays a kernel of its own",
-                 cast.name, e)
+        notes.append(f"q's fp8 quantisation {cast.name} stays a kernel of its own: {e}")
         return None, None, ()
     return quant, cast, views
 
@@ -350,3 +364,88 @@ def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
             if u not in seen:
                 seen.add(u)
                 frontier.append(u)
+
+
+def x_roles(m: RopeMatch, roles) -> tuple:
+    """Roles of the dims of the rotated tensor (its prefix dims follow the root's, its last is FEATURE)."""
+    return tuple(roles[d] if d is not None else None for d in m.x_dims) + (Role.FEATURE,)
+
+
+def _fused_norms(q: tuple[Node, RopeMatch], k: tuple[Node, RopeMatch], roles, device, state: GraphState,
+                 notes: list) -> tuple[FusedNorm | None, FusedNorm | None]:
+    """The QK-norms of q and k the op can apply before its RoPE (``patterns/qk_norm.py``). A norm it cannot take
+    stays a kernel of its own, said in ``notes``; the RoPE and the store still fuse."""
+    fused = {}
+    for what, (root, rope) in (("q", q), ("k", k)):
+        try:
+            m = find_qk_norm(rope.x)
+            if m is not None:
+                fused[what] = _fused_norm(m, rope, roles, root, device, state)
+        except NotNorm as e:
+            notes.append(f"{what}'s QK-norm stays a kernel of its own: {e}")
+    if len(fused) == 2:
+        a, b = (_norm_constants(fused[w].match) for w in ("q", "k"))
+        if a != b:
+            notes.append(f"q's and k's QK-norms stay kernels of their own: the op takes one eps, offset and rounding, "
+                         f"q's are {a}, k's {b}")
+            return None, None
+    return fused.get("q"), fused.get("k")
+
+
+def _norm_constants(m: NormMatch) -> tuple:
+    return m.eps, m.offset, m.round_before_weight
+
+
+def _fused_norm(m: NormMatch, rope: RopeMatch, roles, root: Node, device, state: GraphState) -> FusedNorm:
+    """How the op reads the norm's input in place of the RoPE's x; ``NotNorm`` where the norm cannot move into
+    the op."""
+    x = m.x.meta["val"]
+    if x.dim() != len(shape_of(m.out)) or not all(map(sizes_equal, x.shape, shape_of(m.out))):
+        raise NotNorm(f"{m.x.name} {list(x.shape)} is broadcast by the norm to {list(shape_of(m.out))}")
+    # the views from the norm to the RoPE, labelled back from the RoPE's x as far as they can be; the rest must be
+    # reshapes (SGLang's [T*H, D] norm), which the op's input replays as one
+    src, norm_roles, _ = walk_views(rope.x, x_roles(rope, roles))
+    reshape = None
+    if src is not m.out:
+        head = m.views[:m.views.index(src) + 1] if src in m.views else ()
+        sizes = shape_of(src)
+        if not head or any(v.target not in RESHAPES for v in head) or sum(not isinstance(s, int) for s in sizes) > 1:
+            raise NotNorm(f"the views from {m.out.name} to the RoPE's input {rope.x.name} cannot be followed back")
+        reshape = tuple(s if isinstance(s, int) else -1 for s in sizes)
+    w = m.weight.meta["val"] if m.weight is not None else None
+    if w is not None and (not w.is_contiguous() or w.device != device):
+        raise NotNorm(f"the weight {m.weight.name} is not a contiguous tensor on {device}")
+    # the op replaces the norm's nodes: nothing else may read them (it would then be computed twice, and the
+    # other reader would see the graph's norm where the cache holds the op's)
+    body = _norm_nodes(m)
+    rope_body = _ancestors_after(root, rope.x, state)
+    for n in body:
+        other = next((u for u in n.users if u not in body and u not in rope_body), None)
+        if other is not None:
+            raise NotNorm(f"{other.name} also reads {n.name}, a value of the norm")
+    return FusedNorm(m, norm_roles, reshape)
+
+
+def _norm_nodes(m: NormMatch) -> set:
+    """The nodes that compute the norm from its input and weight, up to the RoPE's input."""
+    body, stack = set(m.views), [m.out]
+    while stack:
+        n = stack.pop()
+        if n in body or n is m.x or n is m.weight or n.op != "call_function":
+            continue
+        body.add(n)
+        stack.extend(n.all_input_nodes)
+    return body
+
+
+def _ancestors_after(root: Node, x: Node, state: GraphState) -> set:
+    """The nodes between ``x`` and ``root``: the ancestors of ``root`` that come after ``x`` in the graph."""
+    first = state.order[x]
+    seen, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n in seen or state.order.get(n, first) <= first:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen

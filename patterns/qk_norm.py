@@ -78,6 +78,12 @@ def _is_normalised(n) -> bool:
     return _call(n, aten.mul.Tensor) and any(_call(a, aten.rsqrt.default) for a in n.args)
 
 
+def computes_a_norm(n: Node) -> bool:
+    """``n`` is a normalised value (``x * rsqrt(...)``) or multiplies one (rounded or not) by a weight: its result
+    is the tensor a RoPE after the norm rotates, never a factor of the RoPE."""
+    return _is_normalised(n) or (_call(n, aten.mul.Tensor) and any(_is_normalised(_unround(a)[0]) for a in n.args))
+
+
 def _near_rsqrt(n: Node, depth: int) -> bool:
     """An rsqrt at most ``depth`` steps above ``n`` (to tell a norm that does not match from no norm at all)."""
     return any(_call(m, aten.rsqrt.default) for m in [n, *within([n], depth, lambda m: m.all_input_nodes)])
@@ -109,8 +115,19 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple]:
     if not shape_of(n):
         raise NotNorm(f"{n.name} is a 0-d tensor, not a normalised one")
     d = shape_of(n)[-1]
-    for i, v in enumerate(views):
+    i = 0
+    while i < len(views):
+        v = views[i]
         if _keeps_last(v, d):
+            i += 1
+            continue
+        # a run of reshapes (row-major) from [..., d] to [..., d] keeps every row of d features whole, whatever it
+        # regroups in between (SGLang's ``q.reshape(-1, D)`` -> norm -> ``view(T, H*D)`` -> ``view(T, H, D)``)
+        j = i
+        while j < len(views) and views[j].target in RESHAPES:
+            j += 1
+        if j > i + 1 and sizes_equal(shape_of(v.args[0])[-1], d) and sizes_equal(shape_of(views[j - 1])[-1], d):
+            i = j
             continue
         src_last, head = shape_of(v.args[0])[-1], shape_of(rope_x)[-1]
         split = (v.target in RESHAPES and isinstance(src_last, int) and isinstance(head, int) and src_last > head
@@ -188,6 +205,26 @@ def _weight(e, d) -> tuple[Node, float]:
     if len(shape) != 1 or not sizes_equal(shape[0], d):
         raise NotNorm(f"the weight {e.name} has shape {list(shape)}, not [{d}] (one value per feature)")
     return e, offset
+
+
+_NORM_TAIL = (*_CASTS, aten.mul.Tensor, *_ADDS, aten.sub.Tensor)
+
+
+def find_qk_norm(rope_x: Node) -> NormMatch | None:
+    """The norm in front of ``rope_x`` (``match_qk_norm``), or None where there is none: no rsqrt within the few
+    casts, products and sums a norm ends with, behind the views. ``NotNorm`` for a norm the kernel does not
+    reproduce (the caller reports it). A projection (a matmul) ends the search: the layer's input norm is not
+    the RoPE's."""
+    n = rope_x
+    while _call(n, *_VIEWS):
+        n = n.args[0]
+    frontier, seen = [n], {n}
+    for _ in range(6):
+        if any(_call(m, aten.rsqrt.default) for m in frontier):
+            return match_qk_norm(rope_x)
+        frontier = [a for m in frontier if _call(m, *_NORM_TAIL, aten.rsqrt.default) for a in m.all_input_nodes
+                    if a not in seen and not seen.add(a)]
+    return None
 
 
 def match_qk_norm(rope_x: Node) -> NormMatch:

@@ -14,7 +14,7 @@ import torch
 from fx_fusion.kernels.functional import rope_kv_store_functional
 from fx_fusion.kernels.options import CacheLayout, RopeKVOptions
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of
-from fx_fusion.patterns.plan import TOKEN_MAJOR, TOKEN_ROLES, Plan, TableSource
+from fx_fusion.patterns.plan import TOKEN_MAJOR, TOKEN_ROLES, FusedNorm, Plan, TableSource, x_roles
 from fx_fusion.patterns.quant import scale_rounding
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle, TableRef
 from fx_fusion.patterns.store import Origin, Store
@@ -38,7 +38,7 @@ class ReplacementSpec:
     it determines the traced replacement, so sites with equal specs and input metadata share one trace."""
 
     options: RopeKVOptions  # the op's non-tensor arguments
-    q_roles: tuple  # roles of the dims of q, k, v as they enter the op's replacement
+    q_roles: tuple  # roles of the dims of q, k, v as they enter the op's replacement (after the reshapes below)
     k_roles: tuple
     v_roles: tuple
     out_roles: tuple  # roles of the RoPE outputs' dims (what q_out and k_out are viewed back to)
@@ -52,6 +52,9 @@ class ReplacementSpec:
     # caches that are views of buffers: ``(op, args)`` of each view from the buffer down (see kernels/functional.py)
     k_views: tuple | None = None
     v_views: tuple | None = None
+    # a QK-norm's [T*H, D] input reshaped to the RoPE's x (``FusedNorm.reshape``), for q and k; None: as it is
+    q_reshape: tuple | None = None
+    k_reshape: tuple | None = None
 
 
 def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
@@ -60,7 +63,8 @@ def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
     quants = (p.k_quant, p.v_quant, p.q_quant)
     views = Origin.VIEW in (st.origin, v_st.origin)
     return ReplacementSpec(
-        options=_options(p, validate), q_roles=_x_roles(p.q, p.roles), k_roles=_x_roles(p.k, p.roles),
+        options=_options(p, validate), q_roles=_input_roles(p.q, p.q_norm, p.roles),
+        k_roles=_input_roles(p.k, p.k_norm, p.roles),
         v_roles=p.v_roles, out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
         sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim),
         k_store_shape=tuple(shape_of(st.cache_view)) if st.cache_view is not None else None,
@@ -69,7 +73,9 @@ def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
         scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None for qt in quants),
         scale_roundings=tuple(scale_rounding(qt, st.cache.meta["val"].device) if qt is not None else None
                               for qt in quants),
-        k_views=_view_ops(st) if views else None, v_views=_view_ops(v_st) if views else None)
+        k_views=_view_ops(st) if views else None, v_views=_view_ops(v_st) if views else None,
+        q_reshape=p.q_norm.reshape if p.q_norm is not None else None,
+        k_reshape=p.k_norm.reshape if p.k_norm is not None else None)
 
 
 def _options(p: Plan, validate: bool) -> RopeKVOptions:
@@ -77,14 +83,18 @@ def _options(p: Plan, validate: bool) -> RopeKVOptions:
     does, and one out of range fails the call as eager's store would (``check_slots``); not for slots the pass made
     with a past-the-cache marker (a window copy, an engine's skipped index). Positions are always the graph's."""
     st, quant, qq = p.k_store, p.k_quant, p.q_quant
-    fp8 = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None, quant_dtype=quant.quant_dtype,
+    extra = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None, quant_dtype=quant.quant_dtype,
                                         scale_mul=quant.scale_mul, clamp=quant.clamp)
     if qq is not None:
-        fp8.update(q_fp8_dtype=qq.fp8, q_quant_dtype=qq.quant_dtype, q_scale_mul=qq.scale_mul, q_clamp=qq.clamp)
+        extra.update(q_fp8_dtype=qq.fp8, q_quant_dtype=qq.quant_dtype, q_scale_mul=qq.scale_mul, q_clamp=qq.clamp)
+    norm = p.q_norm or p.k_norm
+    if norm is not None:  # q's and k's constants agree (plan._fused_norms)
+        extra.update(q_norm=p.q_norm is not None, k_norm=p.k_norm is not None, norm_eps=norm.match.eps,
+                   norm_offset=norm.match.offset, norm_round=norm.match.round_before_weight)
     return RopeKVOptions(
         is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim, layout=p.layout, return_k=p.return_k,
         validate=validate, negative_wraps=True, table_dtype=p.k.cos.leaf.round_to,
-        check_slots=st.window is None and st.engine_slots is None, check_positions=True, **fp8)
+        check_slots=st.window is None and st.engine_slots is None, check_positions=True, **extra)
 
 
 def _view_ops(store: Store) -> tuple:
@@ -94,8 +104,8 @@ def _view_ops(store: Store) -> tuple:
     return tuple((v.target, tuple(v.args[1:])) for v in store.views)
 
 
-def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, q_scale=None, *,
-                spec: ReplacementSpec, kernel: bool):
+def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=None, v_scale=None, q_scale=None,
+                q_norm_weight=None, k_norm_weight=None, *, spec: ReplacementSpec, kernel: bool):
     """What replaces a site, as plain torch: views to token-major, one fused op, views back. ``kernel``: the op's
     form (``kernels.functional.routes``); ``k_cache``/``v_cache`` are the buffers when ``spec`` has views.
 
@@ -106,6 +116,7 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     wanted = TOKEN_MAJOR[layout]
     if spec.v_heads is not None:
         v = v.unflatten(-1, spec.v_heads)
+    q, k = (x if shape is None else x.reshape(shape) for x, shape in ((q, spec.q_reshape), (k, spec.k_reshape)))
     q, k, v = (_to_token_major(x, roles, wanted) for x, roles in
                ((q, spec.q_roles), (k, spec.k_roles), (v, spec.v_roles)))
     tokens = {r: s for r, s in zip(wanted, q.shape) if r in TOKEN_ROLES}
@@ -114,7 +125,7 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
     k_scale, v_scale, q_scale = _scales(spec, (k_scale, v_scale, q_scale), q.device)
     q_out, k_out, k_new, v_new = rope_kv_store_functional(
         q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale, v_scale, q_scale, spec.options, kernel=kernel,
-        k_views=spec.k_views, v_views=spec.v_views)
+        k_views=spec.k_views, v_views=spec.v_views, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     q_rot = _from_token_major(q_out, wanted, spec.out_roles)
     k_rot = _from_token_major(k_out, wanted, spec.out_roles) if spec.options.return_k else None
     if spec.k_store_shape is not None:
@@ -197,9 +208,9 @@ def _broadcast_tokens(x: torch.Tensor, roles, tokens: dict) -> torch.Tensor:
     return x.expand(sizes) if any(s != -1 for s in sizes) else x
 
 
-def _x_roles(m: RopeMatch, roles) -> tuple:
-    """Roles of the dims of the rotated tensor (its prefix dims follow the root's, its last is FEATURE)."""
-    return tuple(roles[d] if d is not None else None for d in m.x_dims) + (Role.FEATURE,)
+def _input_roles(m: RopeMatch, norm: FusedNorm | None, roles) -> tuple:
+    """Roles of the dims of what the op reads for q or k: the RoPE's input, or the input of the norm before it."""
+    return norm.roles if norm is not None else x_roles(m, roles)
 
 
 def _table_view(ref: TableRef, src: TableSource, rotary_dim: int) -> TableView:

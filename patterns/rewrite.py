@@ -39,8 +39,10 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None
               for qt in (p.k_quant, p.v_quant, p.q_quant)]
-    inputs = [p.q.x, p.k.x, p.v_src, k_buf, v_buf, _slots(graph, st, tracer.mode), p.cos.node, p.sin.node,
-              p.cos.positions, *scales]
+    q_x, k_x = (norm.match.x if norm is not None else rope.x for norm, rope in ((p.q_norm, p.q), (p.k_norm, p.k)))
+    weights = [norm.match.weight if norm is not None else None for norm in (p.q_norm, p.k_norm)]
+    inputs = [q_x, k_x, p.v_src, k_buf, v_buf, _slots(graph, st, tracer.mode), p.cos.node, p.sin.node,
+              p.cos.positions, *scales, *weights]
     traced = _trace(tracer, spec, inputs, st)
     position = {n: i for i, n in enumerate(graph.nodes)}
     last_input = max((n for n in inputs if n is not None), key=position.get)

@@ -63,7 +63,10 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 plan = can_fuse(k, state)
                 site.num_tokens = str(plan.num_tokens) if plan.num_tokens is not None else "dynamic"
                 site.nodes = {"q_rope": plan.q_root.name, "k_rope": plan.k_root.name,
-                              "k_store": plan.k_store.node.name, "v_store": plan.v_store.node.name}
+                              "k_store": plan.k_store.node.name, "v_store": plan.v_store.node.name,
+                              **{f"{w}_norm": n.match.out.name for w, n in (("q", plan.q_norm), ("k", plan.k_norm))
+                                 if n is not None}}
+                site.notes = list(plan.notes)
                 should_fuse(plan, options)
                 tracer = tracer or Tracer(_fake_mode(graph))
                 rewrite(graph, plan, options, tracer)

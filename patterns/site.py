@@ -41,6 +41,7 @@ class Site:
     num_tokens: str | None = None
     nodes: dict = field(default_factory=dict)  # role -> node name (before) / new node name (after)
     layer: str | None = None  # module path of the store (``model.layers.3.self_attn``), set by the pass
+    notes: list = field(default_factory=list)  # what of a fused site stays outside the op, and why
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

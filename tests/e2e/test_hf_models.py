@@ -240,3 +240,59 @@ def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(prefill, tmp_pa
     assert any("new_keys[:, :, index] = key_states" in s for s in sources), sources
     if prefill > 4:
         assert any("self.keys.copy_(full_key_states[:, :, -self.max_cache_len :, :])" in s for s in sources), sources
+
+
+# QK-norm before the RoPE: per head (Qwen3: w * round(norm); Gemma 3: norm * (1 + w) in fp32, with sliding-window
+# layers), and OLMo 2's full-width norm over the whole q / k projection before the head split
+QK_NORM = {
+    "qwen3": FAMILIES["qwen3"],
+    "gemma3": Family(lambda: transformers.Gemma3TextConfig(
+        **GQA, **COMMON, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16), lambda c: transformers.Gemma3ForCausalLM(c)),
+    "olmo2": Family(lambda: transformers.Olmo2Config(**GQA, **COMMON), lambda c: transformers.Olmo2ForCausalLM(c)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(QK_NORM))
+def test_qk_norm_models_fuse_the_norm_with_the_rope(name, dtype, tmp_path):
+    """Qwen3 and Gemma 3 (tiny, random weights): every layer's q and k norms are applied by the fused op
+    (the site names the norms it took, and no rsqrt is left in the graph); OLMo 2's full-width norm is not the
+    op's, so its layers fuse the RoPE and the store and say why the norm stays. Logits and poisoned caches equal
+    to eager over a prefill and a decode step."""
+    spec = QK_NORM[name]
+    config = spec.config()
+    model = spec.model(config).to(dtype).eval()
+    steps = [torch.randint(1, 128, (1, n)) for n in (5, 1)]
+
+    def cache():
+        c = transformers.StaticCache(config=config, max_cache_len=16)
+        c.early_initialization(batch_size=1, num_heads=2, head_dim=16, dtype=dtype, device="cpu")
+        g = torch.Generator().manual_seed(1)
+        for layer in c.layers:
+            for t in (layer.keys, layer.values):
+                t.copy_(torch.randn(t.shape, generator=g))
+        return c
+
+    ref_cache, fused_cache = cache(), cache()
+    expected = run_steps(model, ref_cache, steps)
+    actual = run_steps(fx_fusion.compile(model.forward, dump_dir=str(tmp_path)), fused_cache, steps)
+    # bf16: the op sums the norm's squares in its own order, so a normalised value may differ from eager's by one
+    # ulp, up to 2^-5 for |values| in [4, 8), which the RoPE passes on to a smaller rotated value
+    tol = dict(atol=5e-2, rtol=2e-2) if dtype == torch.bfloat16 else TOL
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.float(), e.float(), **tol, msg=lambda m: f"step {i} logits: {m}")
+    for layer, ref_layer in zip(fused_cache.layers, ref_cache.layers):
+        torch.testing.assert_close(layer.keys.float(), ref_layer.keys.float(), **tol)
+        torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), **tol)
+    for report in assert_every_layer_fused(tmp_path, graphs=2):
+        for site in report["sites"]:
+            if name == "olmo2":
+                assert "q_norm" not in site["nodes"] and "k_norm" not in site["nodes"], site
+                assert any("full-width norm" in note for note in site["notes"]), site["notes"]
+            else:
+                assert {"q_norm", "k_norm"} <= set(site["nodes"]) and not site["notes"], site
+        if name != "olmo2":
+            before, after = ((tmp_path / f"{report['graph']}.{when}.py").read_text().count("aten.rsqrt.default(")
+                             for when in ("before", "after"))
+            assert before == after + 2 * LAYERS, (before, after)  # the q and k norms went, the others stay

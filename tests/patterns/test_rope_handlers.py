@@ -143,9 +143,19 @@ def test_products_of_three_factors_are_refused():
 @pytest.mark.parametrize("target, sign", [(aten.add.Tensor, 1.0), (aten.sub.Tensor, -1.0)])
 def test_add_and_sub(target, sign):
     g = Graph()
+    x, y, c = g.input("x", 3, 2), g.input("y", 3, 2), g.input("c", 3, 2)
+    v, ev = run_handler(g.op(target, g.op(aten.mul.Tensor, x, c), g.op(aten.mul.Tensor, y, c)))
+    got = [{frozenset(m): c for m, c in p.items()} for p in features(ev, v)]
+    assert got == [{frozenset({("c", i), ("x", i)}): 1.0, frozenset({("c", i), ("y", i)}): sign} for i in range(2)]
+
+
+@pytest.mark.parametrize("target", [aten.add.Tensor, aten.sub.Tensor])
+def test_a_sum_of_two_tensors_is_a_leaf(target):
+    """No RoPE adds plain tensors (it adds products with cos and sin): the sum is the tensor rotated (a residual,
+    a norm's bias), not two tensors rotated alike."""
+    g = Graph()
     x, y = g.input("x", 3, 2), g.input("y", 3, 2)
-    v, ev = run_handler(g.op(target, x, y))
-    assert features(ev, v) == [{(("x", i),): 1.0, (("y", i),): sign} for i in range(2)]
+    assert run_handler(g.op(target, x, y))[0] is None
 
 
 def test_add_with_alpha_or_a_scalar_is_not_evaluated():
