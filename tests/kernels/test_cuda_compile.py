@@ -17,13 +17,21 @@ GPU machine's version there).
 
 CI compiles a third of the grid (``-m slow``: all of it).
 
+QK-norm and fp8 q, which the grid does not hold either: ``test_hip_compile.NORM_CONFIGS`` compiled for sm_90 with the
+installed Triton, each checked for no spills and no stack frame (local memory) in ``ptxas -v``'s report; its
+registers give the occupancy (``sm90_occupancy``). A ``-k`` selection compiles only the selected configurations.
+
     python tests/kernels/test_cuda_compile.py            # compile the grid, print failures (no pytest)
+    python tests/kernels/test_cuda_compile.py --configs --table   # NORM_CONFIGS' registers, spills, occupancy
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +39,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+
+from tests.kernels.test_hip_compile import NORM_CONFIGS, selected_configs  # noqa: E402
+
 TARGET = ("cuda", 90, 32)
 
 
@@ -105,6 +118,77 @@ def compile_grid(third: bool = False) -> dict:
     return {"triton": triton.__version__, "cases": len(kept), "configs": len(seen), "failures": failures}
 
 
+def sm90_occupancy(regs: int, num_warps: int, shared: int = 0) -> int:
+    """Resident warps per SM on sm_90 (at most 64) of a kernel using ``regs`` registers per thread, as the CUDA
+    occupancy calculator counts them: 64K registers per SM, allocated per warp in units of 256 (``regs * 32`` rounded
+    up to 256), whole blocks of ``num_warps`` warps, at most 32 blocks and 64 warps per SM, and 228 KiB of shared
+    memory per SM with 1 KiB reserved per block."""
+    per_warp = -(-regs * 32 // 256) * 256
+    blocks = min(65536 // per_warp // num_warps, 32, 64 // num_warps)
+    if shared:
+        blocks = min(blocks, 228 * 1024 // (shared + 1024))
+    return blocks * num_warps
+
+
+def _ptxas_stats(log: str) -> dict:
+    """Registers, stack frame and spill bytes from ``ptxas -v``'s report of the kernel."""
+    used = re.search(r"Used (\d+) registers", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if used is None or frame is None:
+        raise RuntimeError(f"no register or stack frame report in ptxas' output:\n{log}")
+    return dict(regs=int(used.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
+                spill_loads=int(frame.group(3)))
+
+
+def compile_configurations(names=None) -> dict:
+    """{config name: ptxas' registers, stack and spill bytes, shared memory, warps, occupancy and the compile's wall
+    time} for ``test_hip_compile.NORM_CONFIGS`` (those named in ``names``; None: all), launched as on an NVIDIA GPU:
+    the launcher records the fp8 casts' codes of a CUDA device (on CPU tensors it would give the CPU's)."""
+    import time
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fx_fusion.kernels import launch as launch_module
+    from fx_fusion.kernels import rope_kv_cache as rkc
+    from tests.kernels.test_hip_compile import _make_args, _specialise, record_launch
+
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed
+    triton.knobs.compilation.always_compile = True  # (a cached kernel would skip ptxas)
+    eager_fp8_cast = launch_module.eager_fp8_cast
+    out = {}
+    for cfg in (c for c in NORM_CONFIGS if names is None or c.name in names):
+        p, q_out, k_out = _make_args(cfg)
+        launch_module.eager_fp8_cast = lambda device, dtype: eager_fp8_cast(torch.device("cuda"), dtype)
+        try:
+            fn, arguments, options = record_launch(lambda: rkc.launch(p, q_out, k_out))
+        finally:
+            launch_module.eager_fp8_cast = eager_fp8_cast
+        log = io.StringIO()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, *_specialise(fn, arguments)), target=GPUTarget(*TARGET),
+                                      options=options)
+        seconds = time.perf_counter() - start
+        stats = _ptxas_stats(log.getvalue())
+        warps = compiled.metadata.num_warps
+        out[cfg.name] = stats | dict(shared=compiled.metadata.shared, num_warps=warps, seconds=seconds,
+                                     occupancy=sm90_occupancy(stats["regs"], warps, compiled.metadata.shared))
+    return out
+
+
+def markdown_table(stats: dict) -> str:
+    lines = ["| config | registers | stack frame | spill stores / loads | shared | warps | warps per SM (of 64) "
+             "| compile s |", "|---|---|---|---|---|---|---|---|"]
+    for cfg in NORM_CONFIGS:
+        if (s := stats.get(cfg.name)) is not None:
+            lines.append(f"| {cfg.name} | {s['regs']} | {s['stack']} | {s['spill_stores']} / {s['spill_loads']} | "
+                         f"{s['shared']} | {s['num_warps']} | {s['occupancy']} | {s['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def _tritons() -> list[str | None]:
     """None (the installed Triton), then each folder of ``FX_FUSION_EXTRA_TRITON`` holding a ``triton``."""
     extra = [p for p in os.environ.get("FX_FUSION_EXTRA_TRITON", "").split(os.pathsep) if p]
@@ -152,11 +236,59 @@ def test_memcheck_grid_compiles_for_sm90(tmp_path, third):
     assert not failures, "\n".join(failures)
 
 
+@pytest.fixture(scope="module")
+def sm90_stats(tmp_path_factory, request) -> dict:
+    from tests.kernels.test_hip_compile import unavailable_reason
+
+    reason = unavailable_reason("nvidia")
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("sm90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
+    out = tmp / "stats.pkl"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--configs", "--pickle", str(out),
+                           *(selected_configs(request) or ())], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling for sm_90 failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return pickle.loads(out.read_bytes())
+
+
+@pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=[c.name for c in NORM_CONFIGS])
+def test_no_spills_no_local_memory_sm90(sm90_stats, cfg):
+    s = sm90_stats[cfg.name]
+    print(f"{cfg.name} sm_90: {s}")
+    assert s["spill_stores"] == 0 and s["spill_loads"] == 0, s
+    assert s["stack"] == 0, s
+    assert 0 < s["regs"] <= 255 and s["occupancy"] > 0, s
+
+
+def test_sm90_occupancy():
+    """The calculator's counts: 32 registers fill the SM, 48 leave 10 blocks of 4 warps, 255 one block; shared
+    memory limits the blocks too."""
+    assert sm90_occupancy(32, 4) == 64
+    assert sm90_occupancy(40, 4) == 48  # 1280 registers a warp: 51 warps, 12 blocks
+    assert sm90_occupancy(48, 4) == 40
+    assert sm90_occupancy(255, 4) == 8
+    assert sm90_occupancy(32, 4, shared=56 * 1024) == 16  # 228 KiB / 57 KiB: 4 blocks
+    assert sm90_occupancy(16, 1) == 32  # 32 blocks at most
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the kernel must be a JITFunction")
     os.environ["TRITON_INTERPRET"] = "0"  # the memcheck script sets it to 1 on machines without a GPU
     sys.path.insert(0, str(ROOT))
+    if "--configs" in sys.argv:  # --configs (--table | --pickle OUT) [configuration names]
+        args = [a for a in sys.argv[1:] if a != "--configs"]
+        if args[:1] == ["--table"]:
+            print(markdown_table(compile_configurations(args[1:] or None)))
+        elif args[:1] == ["--pickle"] and len(args) >= 2:
+            Path(args[1]).write_bytes(pickle.dumps(compile_configurations(args[2:] or None)))
+        else:
+            sys.exit(f"usage: {sys.argv[0]} --configs (--table | --pickle OUT) [names]")
+        sys.exit(0)
     third = "--third" in sys.argv
     args = [a for a in sys.argv[1:] if a != "--third"]
     result = compile_grid(third)

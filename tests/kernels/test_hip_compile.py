@@ -12,7 +12,7 @@ AMDGCN assembly's metadata.
 
 ``python tests/kernels/test_hip_compile.py --table`` prints a markdown table of NumVgprs, NumSgprs,
 ScratchSize and Occupancy per configuration and target, with and without the launcher's
-``waves_per_eu``.
+``waves_per_eu``, and each compile's wall time. A ``-k`` selection compiles only the selected configurations.
 """
 
 from __future__ import annotations
@@ -42,12 +42,26 @@ class Config:
     return_k: bool = False
     D: int = 128
     T: int = 4096  # large enough for the launcher's largest tiles
+    # QK-norm (each head's RMSNorm before the RoPE), its weights (or none), Gemma's weight offset, Qwen3's rounding
+    q_norm: bool = False
+    k_norm: bool = False
+    norm_weight: bool = True
+    norm_offset: float = 0.0
+    norm_round: bool = False
+    q_fp8: bool = False  # q_out in float8_e4m3fn (with a q_scale)
 
     @property
     def name(self) -> str:
         parts = ["neox" if self.is_neox else "gptj", f"D{self.D}", f"rot{self.rot}" if self.rot else "full",
                  self.layout, "fp8" if self.fp8 else "bf16", self.table, "k" if self.return_k else "nok",
                  f"T{self.T}"]
+        if self.q_norm or self.k_norm:
+            parts.append(("q" if self.q_norm else "") + ("k" if self.k_norm else "") + "norm"
+                         + ("" if self.norm_weight else "-nowt")
+                         + (f"-off{self.norm_offset:g}" if self.norm_offset else "")
+                         + ("-round" if self.norm_round else ""))
+        if self.q_fp8:
+            parts.append("fp8q")
         return "-".join(parts)
 
 
@@ -70,6 +84,24 @@ CONFIGS = (
     Config(layout="paged_x", is_neox=False, rot=64, table="hf"),
     Config(layout="paged_x_shuffled", fp8=True, return_k=True),
 )
+
+# QK-norm and fp8 q, compiled here and (all of them) for sm_90 in test_cuda_compile: Qwen3 (weights, the normalised
+# value rounded to bf16), Gemma 3 (1 + w, no rounding; head dims 128 and 256), the norm with partial rotary (the
+# tail features normalised too), without weights, and what a Qwen3 fp8 deployment launches (fp8 q and cache).
+QWEN3 = dict(q_norm=True, k_norm=True, norm_round=True)
+GEMMA3 = dict(q_norm=True, k_norm=True, norm_offset=1.0)
+NORM_CONFIGS = (
+    Config(**QWEN3),
+    Config(**GEMMA3),
+    Config(**GEMMA3, D=256),
+    Config(**QWEN3, rot=64),
+    Config(**QWEN3, norm_weight=False),
+    Config(**QWEN3, fp8=True, q_fp8=True),
+    Config(q_fp8=True),
+)
+# fp8 q is refused on HIP (``eager_fp8_cast``: eager's cast there is not measured), so the AMD targets compile the
+# configurations without it
+CONFIGS += tuple(c for c in NORM_CONFIGS if not c.q_fp8)
 
 # --------------------------------------------------------------------------------------------------
 # Subprocess side: record the launch, compile it for each target
@@ -109,9 +141,13 @@ def _make_args(cfg: Config):
         cos, sin = (torch.randn(batch, S, rot) if sequence else torch.randn(n_tok, rot) for _ in range(2))
         positions = None
     scales = (torch.ones(1), torch.ones(1)) if cfg.fp8 else (None, None)
-    p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales,
-                is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout)
-    q_out = torch.empty_like(q)
+    q_scale = torch.full((1,), 0.05) if cfg.q_fp8 else None
+    weights = (torch.randn(cfg.D, dtype=dt) if norm and cfg.norm_weight else None for norm in (cfg.q_norm, cfg.k_norm))
+    norm = dict(q_norm=cfg.q_norm, k_norm=cfg.k_norm, norm_offset=cfg.norm_offset, norm_round=cfg.norm_round)
+    p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales, q_scale, *weights,
+                is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout,
+                q_fp8_dtype=torch.float8_e4m3fn if cfg.q_fp8 else None, **norm)
+    q_out = torch.empty_like(q, dtype=p.q_out_dtype)
     k_out = torch.empty_like(k) if cfg.return_k else None
     return p, q_out, k_out
 
@@ -192,14 +228,17 @@ def _amdgcn_stats(asm: str) -> dict:
                 vgpr_spills=field(r"\.vgpr_spill_count:\s*(\d+)"), sgpr_spills=field(r"\.sgpr_spill_count:\s*(\d+)"))
 
 
-def _compile_all() -> dict:
-    """{(config name, arch, with waves_per_eu): stats, "options": {config name: HIP launch options}}."""
+def _compile_all(names=None) -> dict:
+    """{(config name, arch, with waves_per_eu): stats, "options": {config name: HIP launch options}}, for the
+    configurations named in ``names`` (None: all). The stats hold the compile's wall time ("seconds")."""
+    import time
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     out: dict = {"options": {}}
-    for cfg in CONFIGS:
+    for cfg in (c for c in CONFIGS if names is None or c.name in names):
         fn, arguments, options = _record_launch(cfg)
         signature, constexprs, attrs = _specialise(fn, arguments)
         out["options"][cfg.name] = options
@@ -208,8 +247,10 @@ def _compile_all() -> dict:
             for with_waves in variants:
                 opts = {n: v for n, v in options.items() if with_waves or n != "waves_per_eu"}
                 src = ASTSource(fn, signature, constexprs, attrs)
+                start = time.perf_counter()
                 compiled = triton.compile(src, target=GPUTarget("hip", arch, 64), options=opts)
-                out[(cfg.name, arch, with_waves)] = _amdgcn_stats(compiled.asm["amdgcn"])
+                seconds = time.perf_counter() - start
+                out[(cfg.name, arch, with_waves)] = _amdgcn_stats(compiled.asm["amdgcn"]) | dict(seconds=seconds)
     return out
 
 
@@ -232,24 +273,32 @@ def unavailable_reason(backend: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_subprocess(tmp: Path) -> dict:
+def selected_configs(request) -> list[str] | None:
+    """Names of the configurations (the ``cfg`` parameter) of the session's tests in the requesting module, so that
+    a ``-k`` selection compiles only its own; None (all) where none is selected."""
+    params = (getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+              if getattr(item, "module", None) is request.module)
+    return sorted({p["cfg"].name for p in params if "cfg" in p}) or None
+
+
+def _run_subprocess(tmp: Path, names: list[str] | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     root = Path(__file__).resolve().parents[2]
     out = tmp / "stats.pkl"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--pickle", str(out)], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--pickle", str(out), *(names or ())],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"compiling for HIP failed:\n{proc.stdout}\n{proc.stderr}")
     return pickle.loads(out.read_bytes())
 
 
 @pytest.fixture(scope="module")
-def stats(tmp_path_factory) -> dict:
+def stats(tmp_path_factory, request) -> dict:
     reason = unavailable_reason("amd")
     if reason:
         pytest.skip(reason)
-    return _run_subprocess(tmp_path_factory.mktemp("hip"))
+    return _run_subprocess(tmp_path_factory.mktemp("hip"), selected_configs(request))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -270,8 +319,8 @@ def test_launcher_options_reach_the_compiler(stats):
 
 def markdown_table(stats: dict) -> str:
     lines = ["| config | arch | launch options | NumVgprs | NumSgprs | ScratchSize | Occupancy | spills (v/s) "
-             "| without waves_per_eu: NumVgprs / Occupancy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| without waves_per_eu: NumVgprs / Occupancy | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in CONFIGS:
         options = stats["options"][cfg.name]
         for arch in ARCHS:
@@ -280,15 +329,15 @@ def markdown_table(stats: dict) -> str:
             other = f"{plain['vgprs']} / {plain['occupancy']}" if plain else "(not set)"
             opts = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
             lines.append(f"| {cfg.name} | {arch} | {opts} | {s['vgprs']} | {s['sgprs']} | {s['scratch']} | "
-                         f"{s['occupancy']} | {s['vgpr_spills']}/{s['sgpr_spills']} | {other} |")
+                         f"{s['occupancy']} | {s['vgpr_spills']}/{s['sgpr_spills']} | {other} | {s['seconds']:.1f} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if "TRITON_INTERPRET" in os.environ:
         sys.exit("run without TRITON_INTERPRET: the kernel must be a JITFunction")
-    if len(sys.argv) == 3 and sys.argv[1] == "--pickle":
-        Path(sys.argv[2]).write_bytes(pickle.dumps(_compile_all()))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--pickle":  # then the configurations' names, or none: all
+        Path(sys.argv[2]).write_bytes(pickle.dumps(_compile_all(sys.argv[3:] or None)))
     elif sys.argv[1:] == ["--table"]:
         reason = unavailable_reason("amd")
         if reason:
