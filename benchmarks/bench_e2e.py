@@ -12,6 +12,16 @@ uint8 pool: ``k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8)``, at
 written rows dequantised at one e4m3 step (rtol 2**-3; see FP8_ROW_RTOL). Its fused-site count is reported,
 not required.
 
+Model f (``--models f``): a decoder shaped like Qwen3-8B (32 q / 8 kv heads, head_dim 128, hidden 4096, SwiGLU
+intermediate 12288, rope base 1e6, 36 layers, no qkv bias), written as models a, b, c plus Qwen3's QK-norm: each
+q and k head normalised by HF's ``Qwen3RMSNorm`` (fp32, rounded to bf16, times a weight random around 1; eps
+1e-6) between the split and the RoPE, on the heads as rows ``[T * H, D]`` as SGLang's Qwen3 applies it
+(``q.reshape(-1, head_dim)``, the norm, ``view(q.shape)``). Checked and counted as models a, b, c. Which fusion
+it measures depends on the pass: today's fuses the RoPE + store and leaves the norm to Inductor ("RoPE-only
+fusion"); a pass that emits the norm in the fused op measures "norm fused". For both against the same stock, run the same command on both
+versions of the pass (the stock side is the same code), or, if the pass gets a ``FusionConfig`` field that turns
+the norm's fusion off, once with ``--fx-options FIELD=False``.
+
 Model d (``--models d``): Hugging Face ``GptOssForCausalLM`` at gpt-oss-20b sizes (64 q / 8 kv heads, head_dim
 64, hidden 2880, 32 experts top-4, sliding window 128 on alternate layers, YaRN rope scaling from
 ``GptOssConfig``'s defaults), random bf16 weights built on the device (nothing downloaded), embedding and LM
@@ -39,7 +49,7 @@ untouched, and the fx_fusion side must have fused one RoPE + KV-store site per l
 compiled (``counters["fx_fusion"]``; models a-fp8 and d: reported only). The reasons the pass gave for
 sites it did not fuse are listed after the compile table.
 
-Shapes (models a, b, c, a-fp8): decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and
+Shapes (models a, b, c, a-fp8, f): decode compiles one graph for batch 1 (Dynamo specialises size-1 dims) and
 one for all batches >= 2 (``mark_dynamic`` on the token dim; CUDA graphs are still recorded per batch size,
 and each timed step replays one with the same shapes); prefill compiles one graph for both token counts.
 ``--static-shapes`` compiles one graph per shape instead (slower to compile). The FX graph and AOT
@@ -49,13 +59,21 @@ autograd caches are off, so each side really compiles.
     python benchmarks/bench_e2e.py --models c --layers 16   # fewer layers (printed)
     python benchmarks/bench_e2e.py --models d --layers d=8  # HF gpt-oss-20b, 8 of 24 layers (the default)
     python benchmarks/bench_e2e.py --models a-fp8 --layers 12  # fp8 KV pool
+    python benchmarks/bench_e2e.py --models f --layers 8 --decode-batches 1 64 --prefill-tokens 2048  # Qwen3 QK-norm
+    python benchmarks/bench_e2e.py --models f --fx-options min_tokens=2  # options= of the fx_fusion side
     python benchmarks/bench_e2e.py --decode-mode default     # decode without CUDA graphs (host cost counts)
     python benchmarks/bench_e2e.py --smoke                  # 2 layers, tiny hidden size, CPU; no timing claims
+    python benchmarks/bench_e2e.py --smoke --models f       # the same for model f
+
+``--fx-options KEY=VALUE ...``: ``options=`` of the fx_fusion side's compile (``FusionConfig`` fields and Inductor
+config, as ``backend="fx_fusion"`` takes them; values read as Python literals, else as strings), in every mode
+(``torch.compile`` refuses ``mode`` with ``options``: the side then compiles with ``make_backend``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import dataclasses
 import inspect
@@ -97,6 +115,7 @@ class Spec:
     bias: bool  # qkv and o projections with bias (gpt-oss) or without (Llama)
     smoke_heads: tuple[int, int]  # (q, kv) heads of the --smoke version: the Triton interpreter is slow
     fp8_cache: bool = False  # pools of float8_e4m3fn bytes in uint8 tensors, per-tensor scales (SGLang's fp8 KV)
+    qk_norm: bool = False  # RMSNorm of each q and k head before the RoPE, as HF's Qwen3Attention (Qwen3RMSNorm)
 
     def smoke(self) -> "Spec":
         return dataclasses.replace(self, n_q=self.smoke_heads[0], n_kv=self.smoke_heads[1], hidden=SMOKE_HIDDEN,
@@ -107,10 +126,12 @@ SPECS = {
     "a": Spec("a", "gpt-oss-120b TP-8 shard", 8, 1, 64, 2880, 2880, 36, 150000.0, True, (8, 1)),
     "b": Spec("b", "gpt-oss-20b", 64, 8, 64, 2880, 2880, 24, 150000.0, True, (16, 2)),
     "c": Spec("c", "Llama-3-8B", 32, 8, 128, 4096, 14336, 32, 500000.0, False, (8, 2)),
+    "f": Spec("f", "Qwen3-8B", 32, 8, 128, 4096, 12288, 36, 1000000.0, False, (8, 2), qk_norm=True),
 }
 SPECS["a-fp8"] = dataclasses.replace(SPECS["a"], key="a-fp8", name="gpt-oss-120b TP-8 shard, fp8 KV cache",
                                      fp8_cache=True)
 SMOKE_HIDDEN, SMOKE_INTERMEDIATE, SMOKE_LAYERS = 128, 256, 2
+QK_NORM_EPS = 1e-6  # Qwen3's rms_norm_eps
 
 # (atol, rtol): bf16 results of two compiled programs that round at different points
 OUT_TOL = (6e-2, 5e-2)
@@ -168,6 +189,23 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class Qwen3RMSNorm(nn.Module):
+    """HF ``Qwen3RMSNorm`` as written there (the QK-norm of model f); the weight random around 1, as trained
+    QK-norm weights are far from ones (and a weight of ones would hide a missing multiply)."""
+
+    def __init__(self, dim: int, dtype, device, eps: float = QK_NORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, device=device).mul(0.1).add(1.0).to(dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
 class Attention(nn.Module):
     """qkv Linear -> split -> RoPE -> store k, v in the pool -> SDPA over the pool -> o Linear.
 
@@ -189,6 +227,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.bias, dtype=dtype, device=device)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=spec.bias, dtype=dtype, device=device)
         self.rotary = rotary
+        self.qk_norm = spec.qk_norm
+        if self.qk_norm:
+            self.q_norm = Qwen3RMSNorm(self.d, dtype, device)
+            self.k_norm = Qwen3RMSNorm(self.d, dtype, device)
         self.fp8 = spec.fp8_cache
         shape = (num_slots, self.n_kv, self.d)
         pool_dtype = torch.uint8 if self.fp8 else dtype
@@ -200,6 +242,9 @@ class Attention(nn.Module):
 
     def forward(self, positions, hidden, loc, mask):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:  # SGLang's Qwen3Attention._apply_qk_norm: each head a row [T * H, D]
+            q = self.q_norm(q.reshape(-1, self.d)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.d)).view(k.shape)
         q, k = self.rotary(positions, q, k)
         # RadixAttention -> token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
         k, v = k.view(-1, self.n_kv, self.d), v.view(-1, self.n_kv, self.d)
@@ -519,6 +564,7 @@ class Settings:
     max_pos: int
     static_shapes: bool
     smoke: bool
+    fx_options: dict = dataclasses.field(default_factory=dict)  # --fx-options: the fx_fusion side's options=
     hf_decode_batches: list[int] = dataclasses.field(default_factory=lambda: list(HF_BATCHES))  # model d
     hf_prefill_tokens: list[int] = dataclasses.field(default_factory=lambda: list(HF_PREFILL))
 
@@ -536,6 +582,32 @@ def sdpa_backend(spec: Spec, s: Settings, batch: int, tq: int, kv_len: int) -> t
     except Exception as e:  # an older or newer signature: repeat the kv heads, which always works
         return False, f"unknown ({type(e).__name__})"
     return name != "MATH" or s.device.type != "cuda", name
+
+
+def fx_backend(s: Settings):
+    """The fx_fusion side's backend: ``"fx_fusion"``, or with ``--fx-options`` the same backend made by ``make_backend``
+    with those options (``torch.compile`` refuses ``mode`` together with ``options``)."""
+    if not s.fx_options:
+        return "fx_fusion"
+    from fx_fusion.backend import make_backend
+    from fx_fusion.config import FusionConfig, split_options
+
+    ours, inductor = split_options(s.fx_options)
+    return make_backend(FusionConfig(**ours), inductor)
+
+
+def parse_fx_options(values: list[str]) -> dict:
+    """``--fx-options KEY=VALUE ...``: each value a Python literal (``False``, ``2``, ``'x'``), else a string."""
+    out = {}
+    for item in values or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--fx-options: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 def decode_kv_len(past: int) -> int:
@@ -596,7 +668,7 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
         dynamic = False if s.static_shapes else None
         mode = s.decode_mode
         fns = {"stock": torch.compile(model, mode=mode, fullgraph=True, dynamic=dynamic),
-               "fx_fusion": torch.compile(model, backend="fx_fusion", mode=mode, fullgraph=True, dynamic=dynamic)}
+               "fx_fusion": torch.compile(model, backend=fx_backend(s), mode=mode, fullgraph=True, dynamic=dynamic)}
         logs = {name: CompileLog() for name in fns}
         per_graph = {name: [] for name in fns}
         for batch in s.decode_batches:
@@ -622,7 +694,7 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
 
         # ---- prefill ----------------------------------------------------------------------------
         fns = {"stock": torch.compile(model, fullgraph=True, dynamic=dynamic),
-               "fx_fusion": torch.compile(model, backend="fx_fusion", fullgraph=True, dynamic=dynamic)}
+               "fx_fusion": torch.compile(model, backend=fx_backend(s), fullgraph=True, dynamic=dynamic)}
         logs = {name: CompileLog() for name in fns}
         per_graph = {name: [] for name in fns}
         for tokens in s.prefill_tokens:
@@ -811,7 +883,7 @@ def run_hf_gpt_oss(layers: int, s: Settings, rows: dict, compile_rows: list, log
         # ---- decode: one cache per batch size, rewound to --past cached tokens before every step ---------
         mode = s.decode_mode
         compiled = {"stock": torch.compile(model, mode=mode, fullgraph=True, dynamic=False),
-                    "fx_fusion": torch.compile(model, backend="fx_fusion", mode=mode, fullgraph=True,
+                    "fx_fusion": torch.compile(model, backend=fx_backend(s), mode=mode, fullgraph=True,
                                                dynamic=False)}
         logs = {name: CompileLog() for name in compiled}
         per_graph = {name: [] for name in compiled}
@@ -827,7 +899,7 @@ def run_hf_gpt_oss(layers: int, s: Settings, rows: dict, compile_rows: list, log
 
         # ---- prefill: one batch-1 cache, rewound to empty before every step ------------------------------
         compiled = {"stock": torch.compile(model, fullgraph=True, dynamic=False),
-                    "fx_fusion": torch.compile(model, backend="fx_fusion", fullgraph=True, dynamic=False)}
+                    "fx_fusion": torch.compile(model, backend=fx_backend(s), fullgraph=True, dynamic=False)}
         logs = {name: CompileLog() for name in compiled}
         per_graph = {name: [] for name in compiled}
         state = HFState(transformers, model, 1, max(s.hf_prefill_tokens), s.device)
@@ -943,7 +1015,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--models", nargs="+", default=["a", "b", "c"], choices=MODELS,
                     help="a: gpt-oss-120b TP-8 shard, b: gpt-oss-20b, c: Llama-3-8B (the default three); "
-                         "a-fp8: model a with an fp8 KV pool; d: Hugging Face GptOssForCausalLM at gpt-oss-20b "
+                         "a-fp8: model a with an fp8 KV pool; f: Qwen3-8B (QK-norm); "
+                         "d: Hugging Face GptOssForCausalLM at gpt-oss-20b "
                          f"sizes ({HF_DEFAULT_LAYERS} of {HF_LAYERS} layers unless --layers d=N)")
     ap.add_argument("--layers", nargs="+", metavar="[MODEL=]N", help="fewer layers: N for all, or e.g. c=16")
     ap.add_argument("--decode-batches", nargs="+", type=int,
@@ -957,6 +1030,8 @@ def main() -> int:
     ap.add_argument("--decode-mode", choices=["reduce-overhead", "default"],
                     help="decode with CUDA graphs (reduce-overhead, the default on a GPU) or without (default)")
     ap.add_argument("--smoke", action="store_true", help="2 layers, tiny hidden size, few steps (CPU ok)")
+    ap.add_argument("--fx-options", nargs="+", metavar="KEY=VALUE",
+                    help="options= of the fx_fusion side (FusionConfig fields, Inductor config), e.g. min_tokens=2")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -971,6 +1046,7 @@ def main() -> int:
         steps=args.steps or (2 if smoke else 120), warmup=1 if smoke else 10, blocks=2 if smoke else 4,
         prefill_steps=args.prefill_steps or (1 if smoke else 40),
         max_pos=1024 if smoke else 131072, static_shapes=args.static_shapes, smoke=smoke,
+        fx_options=parse_fx_options(args.fx_options),
         hf_decode_batches=args.decode_batches or (HF_SMOKE_BATCHES if smoke else HF_BATCHES),
         hf_prefill_tokens=args.prefill_tokens or (HF_SMOKE_PREFILL if smoke else HF_PREFILL))
     layers = parse_layers(args.layers, args.models)
@@ -994,10 +1070,13 @@ def main() -> int:
         f"- dtype bf16; random weights; decode past length {s.past}; shapes: "
         + ("one static graph per shape" if s.static_shapes else
            "decode: batch 1 static + one graph with a dynamic batch for batch >= 2, prefill: one dynamic graph")
-        + " (models a, b, c, a-fp8; model d: one static graph per shape)",
-        "- cache: token-indexed pool (SGLang style) for models a, b, c (a-fp8: fp8 bytes in a uint8 pool); "
+        + " (models a, b, c, a-fp8, f; model d: one static graph per shape)",
+        "- cache: token-indexed pool (SGLang style) for models a, b, c, f (a-fp8: fp8 bytes in a uint8 pool; f: "
+        "Qwen3's QK-norm before the RoPE); "
         "no embedding / LM head. Model d: HF's own StaticCache, embedding and LM head (last token), static shapes",
     ]
+    if s.fx_options:
+        header.append(f"- fx_fusion side compiled with options={s.fx_options!r}")
     if smoke:
         header.append(f"- SMOKE: {SMOKE_LAYERS} layers, hidden {SMOKE_HIDDEN}, intermediate {SMOKE_INTERMEDIATE}, "
                       "fewer heads (same head_dim)"
