@@ -497,7 +497,11 @@ def op_then_fp8_q(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_sc
 
 
 def op_fp8_q(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_scale, n_q, n_kv, d):
-    """The op emitting fp8 q: the same quantisation in the same launch."""
+    """The op emitting fp8 q: the same quantisation in the same launch. It divides by the scale it is given; eager
+    CUDA reads a 0-d CUDA scale rounded to the quotient's dtype (``patterns/quant.py::scale_rounding``), so the
+    scale is handed over as eager reads it, as the pass does."""
+    if q_scale.is_cuda:
+        q_scale = q_scale.to(q.dtype)
     return rope_kv_store(q, k, v, k_cache, v_cache, loc, cos_sin_cache=cos_sin_cache, positions=positions,
                          q_fp8_dtype=FP8_Q, q_scale=q_scale, q_clamp=(-FP8_Q_MAX, FP8_Q_MAX))[0]
 

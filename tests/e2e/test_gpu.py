@@ -438,3 +438,38 @@ def test_out_of_range_fails_as_stock(what):
         assert "in range: ok" in done.stdout, (backend, out[-3000:])
         assert done.returncode != 0 and "no error" not in done.stdout, (backend, out[-3000:])
         assert "device-side assert" in out or "Assertion" in out, (backend, out[-3000:])
+
+
+# ------------------------------------------------------------------------------------------------
+# QK-norm in the launch
+# ------------------------------------------------------------------------------------------------
+
+QK_NORM_CASES = [
+    pytest.param("vllm-qwen3", BF16, id="vllm-qwen3-bf16"),
+    pytest.param("sglang-qwen3", BF16, id="sglang-qwen3-bf16"),
+    pytest.param("gemma3", BF16, id="gemma3-bf16"),
+    pytest.param("vllm-qwen3", torch.float32, id="vllm-qwen3-fp32"),
+]
+
+
+@pytest.mark.parametrize("form, dtype", QK_NORM_CASES)
+def test_qk_norm_is_applied_by_the_launch(form, dtype, codes):
+    """Qwen3 / Gemma 3 token-pool blocks (``tests/patterns/test_qk_norm_fusion.py``) on the GPU: one direct
+    launch per graph applies both norms, the RoPE and the store (no norm kernel is left: no ``libdevice.rsqrt``
+    in the code), outputs and caches equal to eager (bf16: a normalised value may be one step from eager's)."""
+    from tests.patterns.test_qk_norm_fusion import NORM_CACHE_TOL, QKNormBlock
+
+    block = QKNormBlock(form=form, dtype=dtype, num_heads=8, num_kv_heads=2, head_dim=128).eval().to(DEVICE)
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
+    before = snapshot()
+    steps = [make_inputs(block, 5, past=0), make_inputs(block, 1, past=5), make_inputs(block, 1, past=6)]
+    for i, inputs in enumerate(steps):
+        inputs = to_device(inputs)
+        assert_close(compiled(*inputs), eager(*inputs), OUTPUT_TOL, f"step {i} output")
+        for name, ref in caches(eager).items():
+            assert_close(caches(block)[name], ref, NORM_CACHE_TOL, f"step {i} buffer {name}")
+    assert_every_graph_fused(delta(before))
+    assert codes and all(direct_launches(code) == 1 and "torch.ops.fx_fusion" not in code
+                         and "libdevice.rsqrt" not in code for code in codes), \
+        "a norm kernel is left, or the fused kernel is not launched once per graph"
