@@ -403,7 +403,11 @@ MANY_TOKENS = {
 }
 
 
-@pytest.mark.parametrize("case", MANY_TOKENS.values(), ids=MANY_TOKENS.keys())
+QUICK_MANY = "token-8-8-d64-gptj-fused3d"  # the quick tier keeps the smallest
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=i, marks=() if i == QUICK_MANY else pytest.mark.full)
+                                  for i, c in MANY_TOKENS.items()])
 def test_many_tokens(device, case):
     """T = 333 (many programs, partial last block) with the default launch configuration.
 
@@ -773,7 +777,7 @@ def test_caches_written_through_their_buffers(device, layout, buffers):
 
 
 @pytest.mark.parametrize("config", [
-    dict(BLOCK_RQ=1, BLOCK_RKV=1),
+    pytest.param(dict(BLOCK_RQ=1, BLOCK_RKV=1), marks=pytest.mark.full),  # one row a program: slow to interpret
     dict(BLOCK_RQ=2, BLOCK_RKV=8),
     dict(BLOCK_RQ=128, BLOCK_RKV=64, num_warps=8),
 ], ids=["1-1", "2-8", "128-64"])

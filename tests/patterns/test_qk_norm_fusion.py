@@ -104,11 +104,13 @@ def run(block, records, codes_of=None):
     return records
 
 
-FORMS = ["vllm-qwen3", "sglang-qwen3", "gemma3", "no-weight"]
+FULL = pytest.mark.full  # the quick tier keeps one case of each kind
+CASES = [pytest.param(form, dtype, id=f"{form}-{name}", marks=() if (form, name) == ("vllm-qwen3", "fp32") else FULL)
+         for form in ("vllm-qwen3", "sglang-qwen3", "gemma3", "no-weight")
+         for dtype, name in ((torch.float32, "fp32"), (BF16, "bf16"))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form, dtype", CASES)
 def test_qk_norms_fuse_into_the_op(form, dtype, records, codes, inference):
     block = QKNormBlock(form=form, dtype=dtype, num_heads=4, num_kv_heads=2, head_dim=16).eval()
     run(block, records)
@@ -119,6 +121,7 @@ def test_qk_norms_fuse_into_the_op(form, dtype, records, codes, inference):
     assert not any("rsqrt" in code for code in codes), "a norm is left outside the op"
 
 
+@FULL
 def test_partial_rotary_normalises_the_whole_head(records, codes, inference):
     """The norm covers all D features; the RoPE only the first rot_dim: the op normalises the tail too."""
     block = QKNormBlock(form="vllm-qwen3", rot_dim=8, style="gptj").eval()
@@ -128,7 +131,7 @@ def test_partial_rotary_normalises_the_whole_head(records, codes, inference):
 
 
 @pytest.mark.parametrize("form, who, why", [
-    ("bias", "q's", "a bias is added after the norm"),
+    pytest.param("bias", "q's", "a bias is added after the norm", marks=FULL),
     ("read-k-norm", "k's", "also reads"),
 ], ids=["bias", "read-k-norm"])
 def test_a_norm_the_op_cannot_take_stays_and_is_reported(form, who, why, records, codes, inference):
@@ -143,6 +146,7 @@ def test_a_norm_the_op_cannot_take_stays_and_is_reported(form, who, why, records
             assert "q_norm" in site.nodes and "k_norm" not in site.nodes, site.nodes
 
 
+@FULL
 def test_q_and_k_norms_with_different_eps_stay_outside(records, codes, inference):
     """The op takes one eps for both norms: with two, neither moves in (the RoPE and the store still fuse)."""
     block = QKNormBlock(form="vllm-qwen3").eval()

@@ -200,24 +200,27 @@ def check_fused(records: list[GraphRecord], codes: list[str], caches, sites_per_
 # ------------------------------------------------------------------------------------------------
 
 BF16 = torch.bfloat16
+FULL = pytest.mark.full  # the quick tier keeps one case per form and the QK-norm one
 FORM_CASES = [
     pytest.param("sglang", dict(style="neox"), id="sglang-neox"),
-    pytest.param("sglang", dict(style="gptj", use_reshape=True), id="sglang-gptj"),
-    pytest.param("sglang", dict(rot_dim=8), id="sglang-partial"),
-    pytest.param("sglang", dict(dtype=BF16, upcast=True), id="sglang-bf16-upcast"),
-    pytest.param("vllm", dict(style="neox"), id="vllm-neox"),
-    pytest.param("vllm", dict(style="gptj", rot_dim=8), id="vllm-gptj-partial"),
+    pytest.param("sglang", dict(style="gptj", use_reshape=True), id="sglang-gptj", marks=FULL),
+    pytest.param("sglang", dict(rot_dim=8), id="sglang-partial", marks=FULL),
+    pytest.param("sglang", dict(dtype=BF16, upcast=True), id="sglang-bf16-upcast", marks=FULL),
+    pytest.param("vllm", dict(style="neox"), id="vllm-neox", marks=FULL),
+    pytest.param("vllm", dict(style="gptj", rot_dim=8), id="vllm-gptj-partial", marks=FULL),
     pytest.param("vllm", dict(flat_store=True), id="vllm-flat-store"),
-    pytest.param("vllm", dict(flat_store=True, style="gptj", dtype=BF16, upcast=True), id="vllm-flat-gptj-bf16"),
+    pytest.param("vllm", dict(flat_store=True, style="gptj", dtype=BF16, upcast=True), id="vllm-flat-gptj-bf16",
+                 marks=FULL),
     pytest.param("hf", dict(cache_update="index_copy", style="neox"), id="hf-index_copy-neox"),
-    pytest.param("hf", dict(cache_update="index_copy", style="gptj"), id="hf-index_copy-gptj"),
-    pytest.param("hf", dict(cache_update="setitem", style="neox"), id="hf-setitem-neox"),
-    pytest.param("hf", dict(cache_update="setitem", style="gptj", freqs_via_matmul=True), id="hf-setitem-gptj"),
+    pytest.param("hf", dict(cache_update="index_copy", style="gptj"), id="hf-index_copy-gptj", marks=FULL),
+    pytest.param("hf", dict(cache_update="setitem", style="neox"), id="hf-setitem-neox", marks=FULL),
+    pytest.param("hf", dict(cache_update="setitem", style="gptj", freqs_via_matmul=True), id="hf-setitem-gptj",
+                 marks=FULL),
     pytest.param("hf", dict(qk_norm=True), id="hf-qk_norm"),
-    pytest.param("hf", dict(rot_dim=8), id="hf-partial"),
-    pytest.param("hf", dict(dtype=BF16, upcast=True, cache_update="setitem"), id="hf-bf16-upcast"),
-    pytest.param("hf", dict(cache_index="counter"), id="hf-cache_position-counter"),
-    pytest.param("gptfast", {}, id="gptfast"),
+    pytest.param("hf", dict(rot_dim=8), id="hf-partial", marks=FULL),
+    pytest.param("hf", dict(dtype=BF16, upcast=True, cache_update="setitem"), id="hf-bf16-upcast", marks=FULL),
+    pytest.param("hf", dict(cache_index="counter"), id="hf-cache_position-counter", marks=FULL),
+    pytest.param("gptfast", {}, id="gptfast", marks=FULL),
     pytest.param("gptfast", dict(dtype=BF16), id="gptfast-bf16"),
 ]
 
