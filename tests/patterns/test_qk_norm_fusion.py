@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.attention_blocks import SGLangBlock, decode_inputs, prefill_inputs, token_pool_rotary
+from tests.attention_blocks import SGLangBlock, decode_inputs, make_inputs, prefill_inputs, token_pool_rotary
 from tests.patterns.test_rope_kv_store import (
     CACHE_TOL, OUTPUT_TOL, assert_close, assert_same_state, check_fused, compile_with, inference, records)
 
@@ -161,3 +161,23 @@ def test_q_and_k_norms_with_different_eps_stay_outside(records, codes, inference
     for rec in records:
         (site,) = rec.fused
         assert "q_norm" not in site.nodes and any("one eps" in n for n in site.notes), site.notes
+
+
+@FULL
+@pytest.mark.parametrize("form", ["sglang-qwen3", "vllm-qwen3"])
+def test_a_dynamic_token_count_keeps_the_norms_in_the_op(form, records, codes, inference):
+    """``mark_dynamic`` on the token dim: SGLang's ``[T*H, D]`` rows are reshaped to ``[-1, H, D]`` for the op (one
+    symbolic size); both norms fused in every graph (the dynamic one included), equal to eager at three token
+    counts."""
+    block = QKNormBlock(form=form, dtype=BF16).eval()
+    eager = copy.deepcopy(block)
+    compiled = compile_with(block)
+    for i, (t, past) in enumerate(((5, 0), (3, 5), (7, 8))):
+        inputs = make_inputs(block, t, past=past)
+        for x in inputs[:3]:
+            torch._dynamo.mark_dynamic(x, 0)
+        assert_close(compiled(*inputs), eager(*inputs), OUTPUT_TOL, f"step {i} output")
+        assert_same_state(block, eager, f"step {i}", NORM_CACHE_TOL)
+    assert records and any(rec.fused[0].num_tokens == "dynamic" for rec in records)
+    for rec in records:
+        assert {"q_norm", "k_norm"} <= set(rec.fused[0].nodes), rec.fused[0].notes
