@@ -44,8 +44,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
     inputs = [q_x, k_x, p.v_src, k_buf, v_buf, _slots(graph, st, tracer.mode), p.cos.node, p.sin.node,
               p.cos.positions, *scales, *weights]
     traced = _trace(tracer, spec, inputs, st)
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    last_input = max((n for n in inputs if n is not None), key=position.get)
+    last_input = max(n for n in inputs if n is not None)  # nodes compare by their place in the graph
     with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
         new_nodes, outputs = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"), traced.write_backs)
     try:
@@ -180,8 +179,7 @@ def _run_slots(graph: Graph, st: Store, mode) -> Node:
                                                        else start})
     computed = [n for n in (start, length) if isinstance(n, Node) and n.op != "placeholder"]
     if computed:
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        where = max(computed, key=order.get).next
+        where = max(computed).next  # the last of them in the graph
     else:
         where = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(where):

@@ -82,7 +82,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 from torch._inductor.pattern_matcher import stable_topological_sort
 
                 stable_topological_sort(graph)
-            graph.eliminate_dead_code()  # lints the graph first
+            eliminate_dead_code(graph)
         return sites
     finally:
         rewrites.restore()
@@ -102,6 +102,29 @@ def _in_topological_order(graph: Graph) -> bool:
             return False
         seen.add(n)
     return True
+
+
+def eliminate_dead_code(graph: Graph) -> bool:
+    """``graph.eliminate_dead_code()`` (which lints the graph first), with the same result for less: it asks whether
+    a node is impure (the op's schema, its registered effects: far more than counting users) of every node, this
+    only of nodes without users (a node with users is never removed), and once per ``OpOverload`` (whose answer
+    does not depend on the call's arguments)."""
+    import torch._inductor.config
+    from torch._guards import TracingContext
+
+    impure_random = torch._inductor.config.fallback_random if TracingContext.try_get() else True  # as it decides
+    of_op: dict = {}
+
+    def impure(n) -> bool:
+        if n.users:
+            return True
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            return n.is_impure(impure_random)
+        if n.target not in of_op:
+            of_op[n.target] = n.is_impure(impure_random)
+        return of_op[n.target]
+
+    return graph.eliminate_dead_code(impure)
 
 
 def _fake_mode(graph: Graph):
