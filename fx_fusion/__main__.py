@@ -3,7 +3,7 @@
 A dump directory (``options={"dump_dir": DIR}``, see ``fx_fusion/dump.py``) holds one
 ``graph_NNN.report.json`` per compiled graph. This command prints one row per site (graph, cache layout,
 RoPE style, rotary dim, token count, fused or not, the layer's module path, the model source line, the reason
-when not fused) and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
+when not fused, or what of a fused site stays outside the op) and the totals. With ``--draw``, also a picture of each site before (and, when fused, after) the pass
 in ``DIR/pictures`` (see ``fx_fusion/draw.py``), whose paths it prints. Exit code 0, or 2 when DIR holds
 no reports, a report or graph file is malformed, links outside DIR, or no picture can be drawn.
 """
@@ -43,6 +43,7 @@ SITE_FIELDS = MappingProxyType({
     "num_tokens": ((str, int, type(None)), "a string, an integer or null"),
     "nodes": ((dict,), "an object of node names"),
     "layer": _OPTIONAL_STRING,
+    "notes": ((list,), "a list of strings"),
 })
 """The JSON types of a site's fields (``patterns.Site.as_dict``); ``fused`` is required, the rest optional."""
 
@@ -131,9 +132,15 @@ def site_rows(reports: list[dict], source_width: int = 60) -> list[tuple[str, ..
                 "yes" if site.get("fused") else "no",
                 str(site.get("layer") or "-"),
                 shorten_source(site.get("source"), source_width),
-                "" if site.get("fused") else str(site.get("reason") or "-"),
+                _notes(site) if site.get("fused") else str(site.get("reason") or "-"),
             ))
     return rows
+
+
+def _notes(site: dict) -> str:
+    """What of a fused site stays outside the op (a QK-norm, fp8 q), or nothing."""
+    notes = [str(n) for n in site.get("notes") or ()]
+    return f"note: {'; '.join(notes)}" if notes else ""
 
 
 def format_table(reports: list[dict], source_width: int = 60) -> str:

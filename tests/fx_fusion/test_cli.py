@@ -38,6 +38,7 @@ BAD_REPORTS = [
     ({"sites": [site(disabled=None)]}, "site 0: disabled must be true or false, got null"),
     ({"sites": [site(nodes=["a"])]}, "site 0: nodes must be an object of node names, got an array"),
     ({"sites": [site(nodes={"k_store": 4})]}, "site 0: nodes must map roles to node names (strings), got 'k_store': 4"),
+    ({"sites": [site(notes="the norm")]}, 'site 0: notes must be a list of strings, got "the norm"'),
     ({"graph": 7, "sites": []}, "graph must be a string, got 7"),
     ({"sites": {}}, "expected an object with a 'sites' list, got an object"),
     ([], "expected an object with a 'sites' list, got an array"),
@@ -64,6 +65,15 @@ def test_good_report_with_optional_fields_left_out(tmp_path, capsys):
     (tmp_path / "graph_000.report.json").write_text(json.dumps({"sites": [{"fused": False, "num_tokens": 3}]}))
     assert main(["inspect", str(tmp_path)]) == 0
     assert "graphs: 1  sites: 1  fused: 0  not fused: 1" in capsys.readouterr().out
+
+
+def test_a_fused_sites_notes_are_in_the_table(tmp_path, capsys):
+    """What of a fused site stays outside the op (here a QK-norm) is said where an unfused site gives its reason."""
+    note = "k's QK-norm stays a kernel of its own: mul_9 also reads convert_element_type_3, a value of the norm"
+    (tmp_path / "graph_000.report.json").write_text(json.dumps({"sites": [site(notes=[note]), site()]}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: k's QK-norm stays a kernel of its own") == 1, out
 
 
 def test_non_utf8_report_names_the_file(tmp_path, capsys):
