@@ -129,7 +129,11 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", OPCHECK_CASES.values(), ids=OPCHECK_CASES.keys())
+QUICK_OPCHECK = ("token-fp16-packed", "token-fp8-scales-swa")  # the other layouts in the full suite
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=i, marks=() if i in QUICK_OPCHECK else pytest.mark.full)
+                                  for i, c in OPCHECK_CASES.items()])
 def test_opcheck(device, case):
     """opcheck's default test_utils (all four) on representative samples.
 

@@ -42,8 +42,9 @@ def norm_args(device, dtype, *, D=64, rot=None, is_neox=True, layout="token", we
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("style", list(STYLES))
-@pytest.mark.parametrize("rot,is_neox", [(None, True), (32, True), (None, False)], ids=["neox", "partial", "gptj"])
-@pytest.mark.parametrize("layout", ["token", pytest.param("paged", marks=pytest.mark.full)])  # quick: token only
+@pytest.mark.parametrize("rot,is_neox", [(None, True), (32, True), pytest.param(None, False, marks=pytest.mark.full)],
+                         ids=["neox", "partial", "gptj"])  # quick: NeoX, whole and partial, on the token layout
+@pytest.mark.parametrize("layout", ["token", pytest.param("paged", marks=pytest.mark.full)])
 def test_norm_against_the_reference(device, dtype, style, rot, is_neox, layout):
     args, w = norm_args(device, dtype, rot=rot, is_neox=is_neox, layout=layout, seed_scale=3.0)
     run_and_check(dict(args, q_norm=True, k_norm=True, q_norm_weight=w["q"], k_norm_weight=w["k"], norm_eps=1e-6,

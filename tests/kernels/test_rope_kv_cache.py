@@ -779,7 +779,7 @@ def test_caches_written_through_their_buffers(device, layout, buffers):
 @pytest.mark.parametrize("config", [
     pytest.param(dict(BLOCK_RQ=1, BLOCK_RKV=1), marks=pytest.mark.full),  # one row a program: slow to interpret
     dict(BLOCK_RQ=2, BLOCK_RKV=8),
-    dict(BLOCK_RQ=128, BLOCK_RKV=64, num_warps=8),
+    pytest.param(dict(BLOCK_RQ=128, BLOCK_RKV=64, num_warps=8), marks=pytest.mark.full),
 ], ids=["1-1", "2-8", "128-64"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_any_block_size(device, layout, config):

@@ -261,7 +261,7 @@ class TwoLayers(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("form", ["sglang", "hf"])
+@pytest.mark.parametrize("form", ["sglang", pytest.param("hf", marks=FULL)])
 def test_two_layers_fuse_two_sites(form, records, codes, inference):
     model = TwoLayers(form)
     eager = copy.deepcopy(model)
@@ -298,7 +298,7 @@ def test_two_layers_with_a_dynamic_token_count_share_one_trace(records, codes, i
     assert (stats["replacement_traces"], stats["replacement_traces_shared"]) == (1, 1)
 
 
-@pytest.mark.parametrize("form, how", [("sglang", "mark_dynamic"), ("hf", "mark_dynamic"),
+@pytest.mark.parametrize("form, how", [("sglang", "mark_dynamic"), pytest.param("hf", "mark_dynamic", marks=FULL),
                                        ("hf", "dynamic=True")])
 def test_dynamic_token_count_compiles_once_and_fuses(form, how, records, codes, inference):
     """T = 3, 5, 7 with a symbolic token count: one graph, fused, eager-equal every time."""
@@ -511,7 +511,8 @@ def test_graph_already_calling_the_fused_op_is_left_alone(records, codes, infere
 
 
 @pytest.mark.parametrize("config, kw, reason", [
-    (FusionConfig(layouts={"paged", "sequence"}, on_unfusable="raise"), {}, "layout 'token' disabled by config"),
+    pytest.param(FusionConfig(layouts={"paged", "sequence"}, on_unfusable="raise"), {},
+                 "layout 'token' disabled by config", marks=FULL),
     (FusionConfig(styles={"neox"}, on_unfusable="raise"), dict(style="gptj"), "style 'gptj' disabled by config"),
 ], ids=["layout", "style"])
 def test_disabled_by_config_is_not_fused_and_does_not_raise(config, kw, reason, records, codes, inference):
