@@ -4,14 +4,39 @@
 ``@triton.jit`` decorator runs), so it is set here, at collection time, when no CUDA device exists.
 """
 
+import importlib
+import importlib.util
 import os
 import random
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from torch._inductor.graph import GraphLowering
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_installed(name: str) -> None:
+    """Import the installed top-level package ``name``, not the repository's folder of that name.
+
+    The repository's ``kernels/`` folder (installed as ``fx_fusion.kernels``) has the name of the PyPI package
+    ``kernels``, which transformers 5.x depends on and imports; with the repository root on ``sys.path`` (``python
+    -m pytest`` puts it there, and the tests import ``tests.*``), ``import kernels`` would find the folder. Importing
+    the installed package first, with the root off the path, puts it in ``sys.modules`` for everyone after.
+    """
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+    try:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed("kernels")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
