@@ -61,39 +61,8 @@ from torch._higher_order_ops import triton_kernel_wrap  # noqa: E402
 
 _time(triton_kernel_wrap, "generate_ttir", "kernel TTIR (Inductor's analysis, all calls)")
 
-# Python's cyclic garbage collector while the pass runs: a full collection of the compile's heap (hundreds of
-# thousands of objects at full depth) lands in whichever stage allocates when it is due
-import gc  # noqa: E402
-
-import fx_fusion.fusion_pass as fusion_pass  # noqa: E402
-
-GC = {"in_pass": False, "start": 0.0}
-
-
-def _gc_callback(phase: str, info: dict) -> None:
-    if not GC["in_pass"]:
-        return
-    if phase == "start":
-        GC["start"] = time.perf_counter()
-    else:
-        STAGES["gc (inside the stages above)"] += time.perf_counter() - GC["start"]
-        CALLS["gc (inside the stages above)"] += 1
-        CALLS["gc full collections"] += info["generation"] == 2
-
-
-gc.callbacks.append(_gc_callback)
-_pass_call = fusion_pass.RopeKVFusionPass.__call__
-
-
-def _in_pass(self, graph):
-    GC["in_pass"] = True
-    try:
-        return _pass_call(self, graph)
-    finally:
-        GC["in_pass"] = False
-
-
-fusion_pass.RopeKVFusionPass.__call__ = _in_pass
+# Python's cyclic garbage collector while the pass runs (a full collection lands in whichever stage allocates
+# when it is due): be.PassGC, installed in main()
 
 
 def main() -> int:
@@ -102,6 +71,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    be.PassGC.install()
     spec = be.SPECS[args.model]
     hidden, inter = (spec.hidden, spec.intermediate) if dev == "cuda" else (256, 256)
     model = be.Decoder(spec, args.layers, hidden, inter, 4096, 4096, True, torch.bfloat16, dev).eval()
@@ -112,6 +82,8 @@ def main() -> int:
         counters.clear()
         STAGES.clear()
         CALLS.clear()
+        be.PassGC.seconds = be.PassGC.full_seconds = 0.0
+        be.PassGC.calls = be.PassGC.full = 0
         if mode == "decode":
             be.mark_token_dim_dynamic(inputs, True)
         fn = torch.compile(model, backend="fx_fusion", fullgraph=True)
@@ -125,7 +97,8 @@ def main() -> int:
               f"{stats['replacement_traces']}, shared {stats['replacement_traces_shared']}")
         for label, seconds in STAGES.items():
             print(f"  {label:16s} {seconds * 1e3:7.0f} ms  ({CALLS[label]} calls)")
-        print(f"  (of the gc collections, {CALLS['gc full collections']} full)")
+        print(f"  gc (inside the stages above) {be.PassGC.seconds * 1e3:7.0f} ms  ({be.PassGC.calls} calls, "
+              f"{be.PassGC.full} full: {be.PassGC.full_seconds * 1e3:.0f} ms)")
     return 0
 
 
