@@ -75,7 +75,13 @@ def _assertions(p: RopeKVProblem) -> dict:
     """Launch options that compile the kernel's index checks in where they are asked for: on CUDA, assertions on
     (``debug``) without Triton's overflow checks, as Inductor compiles its own kernels (and ours when it launches
     them). HIP: none, as Inductor on HIP; CPU: ``ops`` checks on the host."""
-    if (p.options.check_slots or p.options.check_positions) and p.q.is_cuda and torch.version.hip is None:
+    return assertion_options(p.options, p.q)
+
+
+def assertion_options(options, x: torch.Tensor) -> dict:
+    """``_assertions`` for a kernel with the options ``options`` (``check_slots``, ``check_positions``) launched on
+    ``x``'s device."""
+    if (options.check_slots or options.check_positions) and x.is_cuda and torch.version.hip is None:
         return dict(debug=True, sanitize_overflow=False)
     return {}
 

@@ -164,26 +164,33 @@ def _launch_traceable(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_traceable(p, p.options.return_k)
 
 
-def _break_down_when_compiled(mode, op, types, args, kwargs):
-    """Under AOTAutograd's functionalization: launch through ``wrap_triton`` where Inductor can own the launch."""
-    bound = _bind(args, kwargs)
-    q = bound["q"]
-    # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
-    # its base in place, where the functional launch would clone the view and scatter it back
-    traceable = (
-        isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not interpreted()
-        and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
-        and not any(isinstance(c, torch.Tensor) and c._is_view() for c in (bound["k_cache"], bound["v_cache"]))
-    )
-    if traceable:
-        try:
-            with mode:
-                return _launch_traceable(**bound)
-        except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
-            pass
-    return mode.__torch_dispatch__(op, types, args, kwargs)
+def break_down_when_compiled(signature: inspect.Signature, first: str, cache_names: tuple[str, ...],
+                             launch_traceable_fn):
+    """An op's FunctionalTensorMode handler: under AOTAutograd's functionalization, launch through ``wrap_triton``
+    (``launch_traceable_fn(**arguments)``) where Inductor can own the launch: tensors on CUDA (``first``: the
+    argument whose device decides), no ``validate``, no interpreter, no cache (``cache_names``) that is a view."""
+
+    def handler(mode, op, types, args, kwargs):
+        bound = bind(signature, args, kwargs)
+        x = bound[first]
+        # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
+        # its base in place, where the functional launch would clone the view and scatter it back
+        traceable = (
+            isinstance(x, torch.Tensor) and x.device.type == "cuda" and not bound["validate"] and not interpreted()
+            and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
+            and not any(isinstance(bound[c], torch.Tensor) and bound[c]._is_view() for c in cache_names)
+        )
+        if traceable:
+            try:
+                with mode:
+                    return launch_traceable_fn(**bound)
+            except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
+                pass
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return handler
 
 
+_break_down_when_compiled = break_down_when_compiled(_SIGNATURE, "q", ("k_cache", "v_cache"), _launch_traceable)
 rope_kv_store_op.register_torch_dispatch(FunctionalTensorMode, _break_down_when_compiled)
 
 

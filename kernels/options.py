@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import sys
 import typing
 
@@ -152,12 +151,12 @@ def _normalise(options) -> None:
     """Normalise and check, in place (a frozen dataclass), the fields of ``options`` that its class has, each by
     what its value says on its own; shared by ``RopeKVOptions`` and ``MlaOptions`` (a field of the same name means
     the same in both)."""
-    fields = field_types(type(options))
+    names, bools = _FIELD_NAMES[type(options)], _BOOL_FIELDS[type(options)]  # (plain lookups: Dynamo traces this)
 
     def has(name: str) -> bool:
-        return name in fields
+        return name in names
 
-    for name in (n for n, hint in fields.items() if hint is bool):
+    for name in bools:
         value = getattr(options, name)
         if value is not True and value is not False:
             if not (isinstance(value, int) and value in (0, 1)):
@@ -214,10 +213,14 @@ def _clamp_pair(clamp, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-@functools.cache
+_FIELD_TYPES = {cls: typing.get_type_hints(cls) for cls in (RopeKVOptions, MlaOptions)}
+_FIELD_NAMES = {cls: tuple(types) for cls, types in _FIELD_TYPES.items()}
+_BOOL_FIELDS = {cls: tuple(name for name, hint in types.items() if hint is bool) for cls, types in _FIELD_TYPES.items()}
+
+
 def field_types(cls) -> dict[str, typing.Any]:
     """An options dataclass's fields: name -> type, in field order."""
-    return typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
 
 
 FIELD_TYPES: dict[str, typing.Any] = field_types(RopeKVOptions)  # name -> type, in field order
