@@ -75,7 +75,13 @@ def _assertions(p: RopeKVProblem) -> dict:
     """Launch options that compile the kernel's index checks in where they are asked for: on CUDA, assertions on
     (``debug``) without Triton's overflow checks, as Inductor compiles its own kernels (and ours when it launches
     them). HIP: none, as Inductor on HIP; CPU: ``ops`` checks on the host."""
-    if (p.options.check_slots or p.options.check_positions) and p.q.is_cuda and torch.version.hip is None:
+    return assertion_options(p.options, p.q)
+
+
+def assertion_options(options, x: torch.Tensor) -> dict:
+    """``_assertions`` for a kernel with the options ``options`` (``check_slots``, ``check_positions``) launched on
+    ``x``'s device."""
+    if (options.check_slots or options.check_positions) and x.is_cuda and torch.version.hip is None:
         return dict(debug=True, sanitize_overflow=False)
     return {}
 
@@ -175,16 +181,23 @@ def _fp8_store_arguments(p: RopeKVProblem) -> dict:
     cache of a format whose bits the kernel computes stores ``clamp(x / scale, -max, max)`` from the fp32
     value, rounded to nearest even, NaN kept, through the same code (so the interpreter and every GPU agree);
     ``float8_e4m3fnuz`` (HIP) is cast by Triton (FP8_CAST 0)."""
+    return fp8_store_arguments(p.options, p.q.device, p.k.dtype, p.k_cache.dtype, p.stored_dtype)
+
+
+def fp8_store_arguments(o, device: torch.device, model_dtype: torch.dtype, cache_dtype: torch.dtype,
+                        stored_dtype: torch.dtype) -> dict:
+    """``_fp8_store_arguments`` for a cache of ``cache_dtype`` holding ``stored_dtype`` values (uint8 pools: the
+    fp8 format) written from values of ``model_dtype`` on ``device``, with the options ``o`` (``quant_dtype``,
+    ``scale_mul``, ``clamp``)."""
     plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None)
-    o = p.options
     if o.quant_dtype is not None:
-        return dict(FP8_CAST=eager_fp8_cast(p.q.device, p.stored_dtype),
-                    X_ROUND=_round_code(p.k.dtype), Q_ROUND=_round_code(o.quant_dtype),
+        return dict(FP8_CAST=eager_fp8_cast(device, stored_dtype),
+                    X_ROUND=_round_code(model_dtype), Q_ROUND=_round_code(o.quant_dtype),
                     SCALE_MUL=o.scale_mul, CLAMP_LO=o.clamp[0] if o.clamp is not None else None,
                     CLAMP_HI=o.clamp[1] if o.clamp is not None else None)
-    if p.k_cache.dtype in _SATURATING_FP8_CAST:
-        fmax = torch.finfo(p.k_cache.dtype).max
-        return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[p.k_cache.dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
+    if cache_dtype in _SATURATING_FP8_CAST:
+        fmax = torch.finfo(cache_dtype).max
+        return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[cache_dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
     return plain
 
 

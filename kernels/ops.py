@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from fx_fusion.kernels.launch import NotTraceable, interpreted, launch, launch_traceable
-from fx_fusion.kernels.options import FIELD_TYPES, RopeKVOptions, make_options, op_value
+from fx_fusion.kernels.options import RopeKVOptions, field_types, make_options, op_value
 from fx_fusion.kernels.problem import (CacheLayout, RopeKVProblem, cache_head_dim, check_index_ranges,
                                        check_writable, default_rotary_dim, prepare)
 from fx_fusion.kernels.reference import reference
@@ -61,27 +61,50 @@ _SCHEMA_TYPES = {bool: bool, int: int, float: float, str: str, CacheLayout: str,
                  tuple[float, float]: list[float]}
 
 
-def _schema_type(name: str, hint) -> typing.Any:
-    """The op's parameter annotation for field ``name`` of type ``hint``; ``TypeError`` for a type without one."""
+def _schema_type(owner: str, name: str, hint) -> typing.Any:
+    """The op's parameter annotation for field ``name`` of type ``hint`` (of the options class ``owner``);
+    ``TypeError`` for a type without one."""
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next(a for a in args if a is not type(None)) if optional and len(args) == 2 else hint
     if base not in _SCHEMA_TYPES:
-        raise TypeError(f"RopeKVOptions.{name} has type {hint}, which has no schema type (known: "
+        raise TypeError(f"{owner}.{name} has type {hint}, which has no schema type (known: "
                         f"{', '.join(map(str, _SCHEMA_TYPES))}, each optionally | None)")
     # typing.Optional: the spelling infer_schema's table is keyed on
     return typing.Optional[_SCHEMA_TYPES[base]] if optional else _SCHEMA_TYPES[base]
 
 
+def op_signature(tensors, options_cls, later_tensors=None) -> inspect.Signature:
+    """An op's one signature, from which ``custom_op`` infers its schema: the parameters of ``tensors`` (a function
+    whose signature lists the op's tensor arguments and whose return annotation is the op's), then one argument per
+    field of the options dataclass ``options_cls`` (its default, its type), then the parameters of
+    ``later_tensors`` (tensors added after the options), if given."""
+    fields = field_types(options_cls)
+    return inspect.signature(tensors).replace(parameters=[
+        *inspect.signature(tensors).parameters.values(),
+        *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=op_value(f.default),
+                            annotation=_schema_type(options_cls.__name__, f.name, fields[f.name]))
+          for f in dataclasses.fields(options_cls)),
+        *(inspect.signature(later_tensors).parameters.values() if later_tensors is not None else ()),
+    ])
+
+
+def tensor_names(signature: inspect.Signature, options_cls) -> tuple[str, ...]:
+    """The names of an ``op_signature``'s tensor arguments (every parameter that is not an options field)."""
+    fields = field_types(options_cls)
+    return tuple(name for name in signature.parameters if name not in fields)
+
+
+def bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """An op's arguments by name, defaults applied."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 # the op's one signature: the tensors, then one argument per RopeKVOptions field (its default, its type)
-_SIGNATURE = inspect.signature(_tensor_arguments).replace(parameters=[
-    *inspect.signature(_tensor_arguments).parameters.values(),
-    *(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=op_value(f.default),
-                        annotation=_schema_type(f.name, FIELD_TYPES[f.name]))
-      for f in dataclasses.fields(RopeKVOptions)),
-    *inspect.signature(_later_tensor_arguments).parameters.values(),
-])
-_TENSORS = (*inspect.signature(_tensor_arguments).parameters, *inspect.signature(_later_tensor_arguments).parameters)
+_SIGNATURE = op_signature(_tensor_arguments, RopeKVOptions, _later_tensor_arguments)
+_TENSORS = tensor_names(_SIGNATURE, RopeKVOptions)
 
 
 def _rope_kv_store(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +142,7 @@ def _problem(args: dict) -> RopeKVProblem:
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
-    bound = _SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
+    return bind(_SIGNATURE, args, kwargs)
 
 
 rope_kv_store_op = torch.library.custom_op("fx_fusion::rope_kv_store", _rope_kv_store,
@@ -143,38 +164,45 @@ def _launch_traceable(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_traceable(p, p.options.return_k)
 
 
-def _break_down_when_compiled(mode, op, types, args, kwargs):
-    """Under AOTAutograd's functionalization: launch through ``wrap_triton`` where Inductor can own the launch."""
-    bound = _bind(args, kwargs)
-    q = bound["q"]
-    # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
-    # its base in place, where the functional launch would clone the view and scatter it back
-    traceable = (
-        isinstance(q, torch.Tensor) and q.device.type == "cuda" and not bound["validate"] and not interpreted()
-        and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
-        and not any(isinstance(c, torch.Tensor) and c._is_view() for c in (bound["k_cache"], bound["v_cache"]))
-    )
-    if traceable:
-        try:
-            with mode:
-                return _launch_traceable(**bound)
-        except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
-            pass
-    return mode.__torch_dispatch__(op, types, args, kwargs)
+def break_down_when_compiled(signature: inspect.Signature, first: str, cache_names: tuple[str, ...],
+                             launch_traceable_fn):
+    """An op's FunctionalTensorMode handler: under AOTAutograd's functionalization, launch through ``wrap_triton``
+    (``launch_traceable_fn(**arguments)``) where Inductor can own the launch: tensors on CUDA (``first``: the
+    argument whose device decides), no ``validate``, no interpreter, no cache (``cache_names``) that is a view."""
+
+    def handler(mode, op, types, args, kwargs):
+        bound = bind(signature, args, kwargs)
+        x = bound[first]
+        # a cache that is a view (``kv[0, i]`` of a stacked buffer) stays with the op: auto_functionalized_v2 writes
+        # its base in place, where the functional launch would clone the view and scatter it back
+        traceable = (
+            isinstance(x, torch.Tensor) and x.device.type == "cuda" and not bound["validate"] and not interpreted()
+            and all(t in (torch.Tensor, FunctionalTensor) or issubclass(t, FakeTensor) for t in types)
+            and not any(isinstance(bound[c], torch.Tensor) and bound[c]._is_view() for c in cache_names)
+        )
+        if traceable:
+            try:
+                with mode:
+                    return launch_traceable_fn(**bound)
+            except NotTraceable:  # a symbolic size the kernel takes as a constant: the op stays opaque
+                pass
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return handler
 
 
+_break_down_when_compiled = break_down_when_compiled(_SIGNATURE, "q", ("k_cache", "v_cache"), _launch_traceable)
 rope_kv_store_op.register_torch_dispatch(FunctionalTensorMode, _break_down_when_compiled)
 
 
-def _autograd_checked(generated):
-    """custom_op's autograd kernel, preceded by eager's in-place checks on the caches.
+def _autograd_checked(generated, signature: inspect.Signature, cache_names: tuple[str, ...]):
+    """custom_op's autograd kernel, preceded by eager's in-place checks on the caches (``cache_names``).
 
     Only this layer sees the caller's grad mode: custom_op runs the kernels below it with grad mode off
     whenever an input requires grad. So a leaf cache that requires grad is rejected here, before
     anything is written, as ``cache[slot] = x`` rejects it; everything else goes on to custom_op's
     own autograd kernel (which raises in backward: the op has no formula).
     """
-    caches = [(i, name) for i, name in enumerate(_SIGNATURE.parameters) if name in ("k_cache", "v_cache")]
+    caches = [(i, name) for i, name in enumerate(signature.parameters) if name in cache_names]
 
     def autograd_kernel(keyset, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -185,12 +213,41 @@ def _autograd_checked(generated):
     return autograd_kernel
 
 
-# On the backend autograd keys: a kernel registered there takes precedence over custom_op's, which sits on
-# the Autograd alias key (and which torch < 2.13 does not let Python override).
-for _key in ("AutogradCPU", "AutogradCUDA"):  # CUDA covers HIP
-    rope_kv_store_op._lib.impl(
-        "rope_kv_store", _autograd_checked(make_autograd_impl(rope_kv_store_op._opoverload, rope_kv_store_op)),
-        _key, with_keyset=True)
+def register_autograd_checks(op, name: str, signature: inspect.Signature, cache_names: tuple[str, ...]) -> None:
+    """Install ``_autograd_checked`` for custom op ``op`` (``fx_fusion::name``).
+
+    On the backend autograd keys: a kernel registered there takes precedence over custom_op's, which sits on
+    the Autograd alias key (and which torch < 2.13 does not let Python override)."""
+    for key in ("AutogradCPU", "AutogradCUDA"):  # CUDA covers HIP
+        op._lib.impl(name, _autograd_checked(make_autograd_impl(op._opoverload, op), signature, cache_names),
+                     key, with_keyset=True)
+
+
+register_autograd_checks(rope_kv_store_op, "rope_kv_store", _SIGNATURE, ("k_cache", "v_cache"))
+
+
+def split_rotary_table(cos_sin_cache, cos, sin, positions, rotary_dim: int | None,
+                       rotary_name: str = "rotary_dim") -> tuple:
+    """The public wrappers' rotary table: ``(cos, sin, rotary_dim)`` from either ``cos_sin_cache [max_pos,
+    rotary_dim]`` (cos half then sin half; needs ``positions``; its width is ``rotary_dim``, which a given one must
+    equal) or ``cos``/``sin`` (returned as given). ``rotary_name``: how messages name the expected width."""
+    if cos_sin_cache is not None:
+        if cos is not None or sin is not None:
+            raise ValueError("give either cos_sin_cache or cos/sin, not both")
+        if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2:
+            raise ValueError(f"cos_sin_cache must be a [max_position, rotary_dim] tensor, got "
+                             f"{getattr(cos_sin_cache, 'shape', type(cos_sin_cache).__name__)}")
+        if positions is None:
+            raise ValueError("cos_sin_cache needs positions")
+        width = cos_sin_cache.shape[-1]
+        if width % 2 or (rotary_dim is not None and width != rotary_dim):
+            want = "an even number" if rotary_dim is None else f"{rotary_name}={rotary_dim}"
+            raise ValueError(f"cos_sin_cache has {width} columns, expected {want} (a cos half and a sin half of "
+                             f"rotary_dim / 2 columns each)")
+        return cos_sin_cache[:, : width // 2], cos_sin_cache[:, width // 2:], width
+    if cos is None or sin is None:
+        raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
+    return cos, sin, rotary_dim
 
 
 def rope_kv_store(
@@ -245,23 +302,7 @@ def rope_kv_store(
     opts = make_options(layout=layout, **options)
     if check_bounds:
         opts = dataclasses.replace(opts, check_slots=True, check_positions=True)
-    if cos_sin_cache is not None:
-        if cos is not None or sin is not None:
-            raise ValueError("give either cos_sin_cache or cos/sin, not both")
-        if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2:
-            raise ValueError(f"cos_sin_cache must be a [max_position, rotary_dim] tensor, got "
-                             f"{getattr(cos_sin_cache, 'shape', type(cos_sin_cache).__name__)}")
-        if positions is None:
-            raise ValueError("cos_sin_cache needs positions")
-        width = cos_sin_cache.shape[-1]
-        if width % 2 or (rotary_dim is not None and width != rotary_dim):
-            want = "an even number" if rotary_dim is None else f"rotary_dim={rotary_dim}"
-            raise ValueError(f"cos_sin_cache has {width} columns, expected {want} (a cos half and a sin half of "
-                             f"rotary_dim / 2 columns each)")
-        cos, sin = cos_sin_cache[:, : width // 2], cos_sin_cache[:, width // 2:]
-        rotary_dim = width
-    elif cos is None or sin is None:
-        raise ValueError("give the rotary table as cos_sin_cache (with positions) or as cos and sin")
+    cos, sin, rotary_dim = split_rotary_table(cos_sin_cache, cos, sin, positions, rotary_dim)
     if rotary_dim is None and isinstance(cos, torch.Tensor):
         if isinstance(k_cache, torch.Tensor) and k_cache.dim() > 0:
             rotary_dim = default_rotary_dim(cos, cache_head_dim(k_cache, opts.layout))

@@ -1,4 +1,5 @@
-"""The fused RoPE + KV-cache store's non-tensor options, described once: ``RopeKVOptions``.
+"""The fused ops' non-tensor options, each described once: ``RopeKVOptions`` (``rope_kv_store``) and ``MlaOptions``
+(``mla_rope_store``, the MLA sibling; a field of the same name means the same, and one normaliser checks both).
 
 Everything else derives from this dataclass: the custom op's schema (one argument per field, in field order,
 ``ops``), ``prepare``'s keyword arguments and ``RopeKVProblem.options`` (``problem``), and the public wrapper's
@@ -93,48 +94,106 @@ class RopeKVOptions:
     norm_round: bool = False
 
     def __post_init__(self):
-        for name in _BOOL_FIELDS:
-            value = getattr(self, name)
-            if value is not True and value is not False:
-                if not (isinstance(value, int) and value in (0, 1)):
-                    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-                object.__setattr__(self, name, bool(value))
-        if not isinstance(self.layout, CacheLayout):
-            try:
-                object.__setattr__(self, "layout", CacheLayout(self.layout))
-            except ValueError:
-                raise ValueError(f"layout must be one of {[m.value for m in CacheLayout]}, "
-                                 f"got {self.layout!r}") from None
-        if self.table_dtype not in TABLE_DTYPES:
-            raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {self.table_dtype!r}")
-        if self.fp8_dtype is not None and self.fp8_dtype not in FP8_DTYPES:
-            raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
-                             f"cache holds), got {self.fp8_dtype!r}")
-        if self.quant_dtype is not None and self.quant_dtype not in MODEL_DTYPES:
-            raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
-                             f"got {self.quant_dtype!r}")
-        for name in ("clamp", "q_clamp"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, _clamp_pair(getattr(self, name), name))
-        if self.q_fp8_dtype is not None and self.q_fp8_dtype not in Q_FP8_DTYPES:
-            raise ValueError(f"q_fp8_dtype must be None or one of {[str(d) for d in Q_FP8_DTYPES]}, "
-                             f"got {self.q_fp8_dtype!r}")
-        for name in ("norm_eps", "norm_offset"):
-            value = getattr(self, name)
-            # no math.isfinite: Dynamo, tracing the wrapper inside a compiled function, refuses it
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or abs(value) > sys.float_info.max or value != value:
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.norm_eps < 0:
-            raise ValueError(f"norm_eps must be >= 0, got {self.norm_eps!r}")
-        if self.q_quant_dtype is not None and self.q_quant_dtype not in MODEL_DTYPES:
-            raise ValueError(f"q_quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
-                             f"got {self.q_quant_dtype!r}")
+        _normalise(self)
 
     def op_arguments(self) -> dict:
         """The fields as the op's keyword arguments (an enum as its value, a tuple as a list)."""
         return {f.name: op_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# the layouts an MLA cache may have (one latent "head" of L + R features per slot)
+MLA_LAYOUTS = (CacheLayout.TOKEN, CacheLayout.PAGED)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaOptions:
+    """The MLA op's options (``torch.ops.fx_fusion.mla_rope_store``); the field order is the op's argument order
+    (after the tensors). Each field means what the ``RopeKVOptions`` field of its name means, for the one cache
+    ``kv_cache`` (and ``k_pe`` in place of k); the rotary width is k_pe's, so there is no ``rotary_dim``."""
+
+    # NeoX pairing (feature i with i + R / 2) if True, else GPT-J (feature 2i with 2i + 1)
+    is_neox: bool = True
+    # kv_cache's layout: token [num_slots, (1,) L + R] or paged [num_blocks, block_size, (1,) L + R]
+    layout: CacheLayout = CacheLayout.TOKEN
+    # also return the rotated k_pe (else the op's k_pe_out is empty and the wrapper returns None)
+    return_k: bool = False
+    # check that every slot and position lies inside the cache or table (a device sync)
+    validate: bool = False
+    # negative slots/positions count from the end (as ``cache[slot] = row`` does) instead of skipping
+    negative_wraps: bool = False
+    # cos/sin are rounded to this dtype (bf16 or fp16) before the multiply
+    table_dtype: torch.dtype | None = None
+    # the fp8 format whose bits a uint8 kv_cache holds (with quant_dtype)
+    fp8_dtype: torch.dtype | None = None
+    # eager fp8 stores: the dtype of ``row / k_scale`` (see ``problem.eager_fp8_cast``)
+    quant_dtype: torch.dtype | None = None
+    # eager fp8 stores: ``row * k_scale`` instead of ``row / k_scale``
+    scale_mul: bool = False
+    # eager fp8 stores: (lo, hi) of the model's clamp before the cast
+    clamp: tuple[float, float] | None = None
+    # an out-of-range slot fails the call instead of being skipped
+    check_slots: bool = False
+    # an out-of-range position fails the call instead of being clamped
+    check_positions: bool = False
+
+    def __post_init__(self):
+        _normalise(self)
+        if self.layout not in MLA_LAYOUTS:
+            raise ValueError(f"layout must be one of {[m.value for m in MLA_LAYOUTS]} for the MLA cache, "
+                             f"got {self.layout.value!r}")
+
+    def op_arguments(self) -> dict:
+        """The fields as the op's keyword arguments (an enum as its value, a tuple as a list)."""
+        return {f.name: op_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _normalise(options) -> None:
+    """Normalise and check, in place (a frozen dataclass), the fields of ``options`` that its class has, each by
+    what its value says on its own; shared by ``RopeKVOptions`` and ``MlaOptions`` (a field of the same name means
+    the same in both)."""
+    names, bools = _FIELD_NAMES[type(options)], _BOOL_FIELDS[type(options)]  # (plain lookups: Dynamo traces this)
+
+    def has(name: str) -> bool:
+        return name in names
+
+    for name in bools:
+        value = getattr(options, name)
+        if value is not True and value is not False:
+            if not (isinstance(value, int) and value in (0, 1)):
+                raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+            object.__setattr__(options, name, bool(value))
+    if has("layout") and not isinstance(options.layout, CacheLayout):
+        try:
+            object.__setattr__(options, "layout", CacheLayout(options.layout))
+        except ValueError:
+            raise ValueError(f"layout must be one of {[m.value for m in CacheLayout]}, "
+                             f"got {options.layout!r}") from None
+    if has("table_dtype") and options.table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"table_dtype must be one of {[str(d) for d in TABLE_DTYPES]}, got {options.table_dtype!r}")
+    if has("fp8_dtype") and options.fp8_dtype is not None and options.fp8_dtype not in FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be None or one of {[str(d) for d in FP8_DTYPES]} (the format a uint8 "
+                         f"cache holds), got {options.fp8_dtype!r}")
+    if has("quant_dtype") and options.quant_dtype is not None and options.quant_dtype not in MODEL_DTYPES:
+        raise ValueError(f"quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
+                         f"got {options.quant_dtype!r}")
+    for name in (n for n in ("clamp", "q_clamp") if has(n)):
+        if getattr(options, name) is not None:
+            object.__setattr__(options, name, _clamp_pair(getattr(options, name), name))
+    if has("q_fp8_dtype") and options.q_fp8_dtype is not None and options.q_fp8_dtype not in Q_FP8_DTYPES:
+        raise ValueError(f"q_fp8_dtype must be None or one of {[str(d) for d in Q_FP8_DTYPES]}, "
+                         f"got {options.q_fp8_dtype!r}")
+    for name in (n for n in ("norm_eps", "norm_offset") if has(n)):
+        value = getattr(options, name)
+        # no math.isfinite: Dynamo, tracing the wrapper inside a compiled function, refuses it
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or abs(value) > sys.float_info.max or value != value:
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        object.__setattr__(options, name, float(value))
+    if has("norm_eps") and options.norm_eps < 0:
+        raise ValueError(f"norm_eps must be >= 0, got {options.norm_eps!r}")
+    if has("q_quant_dtype") and options.q_quant_dtype is not None and options.q_quant_dtype not in MODEL_DTYPES:
+        raise ValueError(f"q_quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
+                         f"got {options.q_quant_dtype!r}")
 
 
 def op_value(value):
@@ -154,19 +213,37 @@ def _clamp_pair(clamp, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-FIELD_TYPES: dict[str, typing.Any] = typing.get_type_hints(RopeKVOptions)  # name -> type, in field order
-_BOOL_FIELDS = tuple(name for name, hint in FIELD_TYPES.items() if hint is bool)
+_FIELD_TYPES = {cls: typing.get_type_hints(cls) for cls in (RopeKVOptions, MlaOptions)}
+_FIELD_NAMES = {cls: tuple(types) for cls, types in _FIELD_TYPES.items()}
+_BOOL_FIELDS = {cls: tuple(name for name, hint in types.items() if hint is bool) for cls, types in _FIELD_TYPES.items()}
+
+
+def field_types(cls) -> dict[str, typing.Any]:
+    """An options dataclass's fields: name -> type, in field order."""
+    return _FIELD_TYPES[cls]
+
+
+FIELD_TYPES: dict[str, typing.Any] = field_types(RopeKVOptions)  # name -> type, in field order
 
 
 def make_options(options: RopeKVOptions | None = None, /, **kwargs) -> RopeKVOptions:
     """``options`` (default: the defaults) with the fields named in ``kwargs`` replaced; ``TypeError`` naming an
     unknown name."""
-    unknown = [name for name in kwargs if name not in FIELD_TYPES]
+    return _make(RopeKVOptions, "the fused RoPE + KV-cache store", options, kwargs)
+
+
+def make_mla_options(options: MlaOptions | None = None, /, **kwargs) -> MlaOptions:
+    """``make_options`` for ``MlaOptions``."""
+    return _make(MlaOptions, "the fused MLA RoPE + cache store", options, kwargs)
+
+
+def _make(cls, what: str, options, kwargs: dict):
+    fields = field_types(cls)
+    unknown = [name for name in kwargs if name not in fields]
     if unknown:
-        raise TypeError(f"{unknown[0]!r} is not an option of the fused RoPE + KV-cache store (options: "
-                        f"{', '.join(FIELD_TYPES)})")
+        raise TypeError(f"{unknown[0]!r} is not an option of {what} (options: {', '.join(fields)})")
     if options is None:
-        return RopeKVOptions(**kwargs)
-    if not isinstance(options, RopeKVOptions):
-        raise TypeError(f"options must be a RopeKVOptions or None, got {type(options).__name__}")
+        return cls(**kwargs)
+    if not isinstance(options, cls):
+        raise TypeError(f"options must be a {cls.__name__} or None, got {type(options).__name__}")
     return dataclasses.replace(options, **kwargs) if kwargs else options

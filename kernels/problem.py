@@ -269,18 +269,25 @@ _CACHE_NDIMS = {CacheLayout.TOKEN: (3, 3), CacheLayout.PAGED: (4, 4), CacheLayou
                 CacheLayout.PAGED_X: (5, 4), CacheLayout.PAGED_X_SHUFFLED: (5, 5)}
 
 
+def check_cache_dtype(name: str, cache, ndims: tuple[int, ...], dtype: torch.dtype, dev: torch.device, fp8_dtype,
+                      quant_dtype) -> None:
+    """A cache's type, dims and device, and its dtype: the model's ``dtype``, an fp8 format, or uint8 holding
+    ``fp8_dtype`` bits (which only eager fp8 stores, ``quant_dtype``, write); float8_e4m3fnuz only on HIP."""
+    cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (dtype, *FP8_DTYPES)
+    _expect_tensor(name, cache, dtypes=cache_dtypes, ndims=ndims, device=dev)
+    if fp8_dtype is not None and quant_dtype is None:
+        raise ValueError(f"fp8_dtype ({fp8_dtype}) is given without quant_dtype: uint8 caches are written only "
+                         "by eager fp8 stores")
+    if cache.dtype == torch.float8_e4m3fnuz and dev.type == "cuda" and torch.version.hip is None:
+        raise TypeError(f"{name} is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
+
+
 def _check_caches(k_cache, v_cache, layout: CacheLayout, dtype: torch.dtype, dev: torch.device, fp8_dtype,
                   quant_dtype) -> tuple[int, int, int | None]:
     """Check the caches (and ``fp8_dtype``); returns (kv heads, head_dim, batch of a sequence cache or None)."""
     k_ndim, v_ndim = _CACHE_NDIMS[layout]
-    cache_dtypes = (torch.uint8,) if fp8_dtype is not None else (dtype, *FP8_DTYPES)
-    _expect_tensor("k_cache", k_cache, dtypes=cache_dtypes, ndims=(k_ndim,), device=dev)
+    check_cache_dtype("k_cache", k_cache, (k_ndim,), dtype, dev, fp8_dtype, quant_dtype)
     _expect_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), ndims=(v_ndim,), device=dev)
-    if fp8_dtype is not None and quant_dtype is None:
-        raise ValueError(f"fp8_dtype ({fp8_dtype}) is given without quant_dtype: uint8 caches are written only "
-                         "by eager fp8 stores")
-    if k_cache.dtype == torch.float8_e4m3fnuz and dev.type == "cuda" and torch.version.hip is None:
-        raise TypeError("k_cache is float8_e4m3fnuz, which only HIP (AMD) GPUs store; use float8_e4m3fn on CUDA")
     cache_batch = None
     if layout in X_LAYOUTS:
         n_kv, head_dim = _check_x_caches(k_cache, v_cache, layout)

@@ -28,22 +28,7 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
     store, b_idx, s_sel = _stored_tokens(p)
 
     def put(cache: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None, is_k: bool) -> None:
-        x = x[store]  # [N, H, D]
-        if o.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
-            x = x.to(p.k.dtype).float()
-            if scale is not None:
-                x = x * scale.float().reshape(()) if o.scale_mul else x / scale.float().reshape(())
-            x = x.to(o.quant_dtype)
-            if o.clamp is not None:
-                x = x.float().clamp(*o.clamp).to(o.quant_dtype)
-            x = x.to(p.stored_dtype).view(cache.dtype)
-        else:
-            if scale is not None:
-                x = x / scale.to(compute_dtype)
-            if cache.dtype in FP8_DTYPES:
-                fmax = torch.finfo(cache.dtype).max
-                x = x.clamp(-fmax, fmax)
-            x = x.to(cache.dtype)
+        x = cache_values(x[store], cache.dtype, p.stored_dtype, scale, o, p.k.dtype, compute_dtype)  # [N, H, D]
         blk, off = s_sel // p.block_size, s_sel % p.block_size
         if o.layout is CacheLayout.TOKEN:
             cache[s_sel] = x
@@ -94,20 +79,50 @@ def _fp8_q(q: torch.Tensor, p: RopeKVProblem) -> torch.Tensor:
     return x.to(o.q_fp8_dtype)
 
 
+def cache_values(x: torch.Tensor, cache_dtype: torch.dtype, stored_dtype: torch.dtype, scale: torch.Tensor | None,
+                 o, model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Values ``x`` (in ``compute_dtype``) as a cache of ``cache_dtype`` stores them (``stored_dtype``: the fp8
+    format a uint8 pool holds): with ``o.quant_dtype`` eager's fp8 store from x rounded to ``model_dtype``, else
+    ``saturate(x / scale)`` for fp8 caches and ``x`` rounded for others (``o``: the op's options)."""
+    if o.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
+        x = x.to(model_dtype).float()
+        if scale is not None:
+            x = x * scale.float().reshape(()) if o.scale_mul else x / scale.float().reshape(())
+        x = x.to(o.quant_dtype)
+        if o.clamp is not None:
+            x = x.float().clamp(*o.clamp).to(o.quant_dtype)
+        return x.to(stored_dtype).view(cache_dtype)
+    if scale is not None:
+        x = x / scale.to(compute_dtype)
+    if cache_dtype in FP8_DTYPES:
+        fmax = torch.finfo(cache_dtype).max
+        x = x.clamp(-fmax, fmax)
+    return x.to(cache_dtype)
+
+
 def _rotary_values(p: RopeKVProblem, compute_dtype: torch.dtype) -> tuple:
     """(first, second, c1, c2, s1, s2): the features each pair rotates, and the cos/sin values that multiply
     them, per token as ``[B or 1, S, 1, R']`` tensors in ``compute_dtype``."""
     o = p.options
-    rot, half = o.rotary_dim, o.rotary_dim // 2
+    return rotary_values(p.cos, p.sin, p.positions, o.rotary_dim, o, compute_dtype)
+
+
+def rotary_values(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None, rot: int, o,
+                  compute_dtype: torch.dtype) -> tuple:
+    """``_rotary_values`` of tables ``cos``/``sin`` (``positions`` seen as ``[B or 1, S]``, or None: per-token
+    rows) for ``rot`` rotated features, with the options ``o`` (``is_neox``, ``negative_wraps``,
+    ``table_dtype``)."""
+    half = rot // 2
 
     def table(c: torch.Tensor) -> torch.Tensor:  # -> [B or 1, S, 1, R'] per token
-        if p.positions is not None:
-            pos = p.positions.long()
+        if positions is not None:
+            pos = positions.long()
             pos = torch.where(pos < 0, pos + c.shape[0], pos) if o.negative_wraps else pos
             return c[pos.clamp(0, c.shape[0] - 1)].unsqueeze(2)
         return (c if c.dim() == 3 else c.unsqueeze(0)).unsqueeze(2)
 
-    cos, sin = table(p.cos), table(p.sin)
+    per_element = cos.shape[-1] == rot
+    cos, sin = table(cos), table(sin)
     if o.table_dtype is not None:  # the model's cast of the table before the multiply
         cos, sin = cos.to(o.table_dtype), sin.to(o.table_dtype)
     cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
@@ -116,7 +131,7 @@ def _rotary_values(p: RopeKVProblem, compute_dtype: torch.dtype) -> tuple:
     else:
         first, second = torch.arange(0, rot, 2), torch.arange(1, rot, 2)
     first, second = first.to(cos.device), second.to(cos.device)
-    if p.cos_per_element:
+    if per_element:
         c1, c2, s1, s2 = cos[..., first], cos[..., second], sin[..., first], sin[..., second]
     else:
         c1 = c2 = cos

@@ -17,12 +17,13 @@ GPU machine's version there).
 
 CI compiles a third of the grid (``-m slow``: all of it).
 
-QK-norm and fp8 q, which the grid does not hold either: ``test_hip_compile.NORM_CONFIGS`` compiled for sm_90 with the
-installed Triton, each checked for no spills and no stack frame (local memory) in ``ptxas -v``'s report; its
-registers give the occupancy (``sm90_occupancy``). A ``-k`` selection compiles only the selected configurations.
+QK-norm and fp8 q, which the grid does not hold either, and the MLA kernel: ``test_hip_compile.NORM_CONFIGS`` and
+``MLA_CONFIGS`` compiled for sm_90 with the installed Triton, each checked for no spills and no stack frame (local
+memory) in ``ptxas -v``'s report; its registers give the occupancy (``sm90_occupancy``). A ``-k`` selection compiles
+only the selected configurations.
 
     python tests/kernels/test_cuda_compile.py            # compile the grid, print failures (no pytest)
-    python tests/kernels/test_cuda_compile.py --configs --table   # NORM_CONFIGS' registers, spills, occupancy
+    python tests/kernels/test_cuda_compile.py --configs --table   # SM90_CONFIGS' registers, spills, occupancy
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from tests.kernels.test_hip_compile import NORM_CONFIGS, selected_configs  # noqa: E402
+from tests.kernels.test_hip_compile import MLA_CONFIGS, NORM_CONFIGS, selected_configs  # noqa: E402
+
+# compiled for sm_90 and checked for spills and local memory: QK-norm and fp8 q, and the MLA kernel's configurations
+SM90_CONFIGS = NORM_CONFIGS + MLA_CONFIGS
 
 TARGET = ("cuda", 90, 32)
 
@@ -152,18 +156,17 @@ def compile_configurations(names=None) -> dict:
     from triton.compiler import ASTSource
 
     from fx_fusion.kernels import launch as launch_module
-    from fx_fusion.kernels import rope_kv_cache as rkc
-    from tests.kernels.test_hip_compile import _make_args, _specialise, record_launch
+    from tests.kernels.test_hip_compile import _specialise, launcher, record_launch
 
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed
     triton.knobs.compilation.always_compile = True  # (a cached kernel would skip ptxas)
     eager_fp8_cast = launch_module.eager_fp8_cast
     out = {}
-    for cfg in (c for c in NORM_CONFIGS if names is None or c.name in names):
-        p, q_out, k_out = _make_args(cfg)
+    for cfg in (c for c in SM90_CONFIGS if names is None or c.name in names):
+        launch = launcher(cfg)
         launch_module.eager_fp8_cast = lambda device, dtype: eager_fp8_cast(torch.device("cuda"), dtype)
         try:
-            fn, arguments, options = record_launch(lambda: rkc.launch(p, q_out, k_out))
+            fn, arguments, options = record_launch(launch)
         finally:
             launch_module.eager_fp8_cast = eager_fp8_cast
         log = io.StringIO()
@@ -182,7 +185,7 @@ def compile_configurations(names=None) -> dict:
 def markdown_table(stats: dict) -> str:
     lines = ["| config | registers | stack frame | spill stores / loads | shared | warps | warps per SM (of 64) "
              "| compile s |", "|---|---|---|---|---|---|---|---|"]
-    for cfg in NORM_CONFIGS:
+    for cfg in SM90_CONFIGS:
         if (s := stats.get(cfg.name)) is not None:
             lines.append(f"| {cfg.name} | {s['regs']} | {s['stack']} | {s['spill_stores']} / {s['spill_loads']} | "
                          f"{s['shared']} | {s['num_warps']} | {s['occupancy']} | {s['seconds']:.1f} |")
@@ -255,7 +258,7 @@ def sm90_stats(tmp_path_factory, request) -> dict:
     return pickle.loads(out.read_bytes())
 
 
-@pytest.mark.parametrize("cfg", NORM_CONFIGS, ids=[c.name for c in NORM_CONFIGS])
+@pytest.mark.parametrize("cfg", SM90_CONFIGS, ids=[c.name for c in SM90_CONFIGS])
 def test_no_spills_no_local_memory_sm90(sm90_stats, cfg):
     s = sm90_stats[cfg.name]
     print(f"{cfg.name} sm_90: {s}")

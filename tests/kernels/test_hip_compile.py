@@ -1,4 +1,5 @@
-"""The fused kernel compiles for AMD GPUs (gfx942, gfx950) without register spills or scratch memory.
+"""The fused kernels compile for AMD GPUs (gfx942, gfx950) without register spills or scratch memory (the RoPE + KV
+store kernel's configurations, and the MLA kernel's, ``MLA_CONFIGS``).
 
 Triton wheels compile for AMD targets on any machine, so this runs in CI without an AMD GPU. The
 kernel's signature is not written down here: a subprocess (without ``TRITON_INTERPRET``, so that
@@ -99,9 +100,43 @@ NORM_CONFIGS = (
     Config(**QWEN3, fp8=True, q_fp8=True),
     Config(q_fp8=True),
 )
-# fp8 q is refused on HIP (``eager_fp8_cast``: eager's cast there is not measured), so the AMD targets compile the
-# configurations without it
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaConfig:
+    """One launch of the MLA kernel (``mla_rope_store``; DeepSeek-V3's L = 512, R = 64 by default): q heads, q_nope's
+    width (512: decode with absorbed weights, 128: prefill, 0: none), the cache's layout and dtype ("bf16", "fp8":
+    float8_e4m3fn with a k_scale, "uint8": SGLang's pool of fp8 bits written as eager writes it)."""
+
+    Hq: int = 16
+    LQ: int = 512
+    layout: str = "token"
+    cache: str = "bf16"
+    is_neox: bool = True
+    return_k: bool = False
+    T: int = 4096
+    L: int = 512
+    R: int = 64
+
+    @property
+    def name(self) -> str:
+        return "-".join(["mla", f"hq{self.Hq}", f"lq{self.LQ}", f"L{self.L}", f"R{self.R}", self.layout, self.cache,
+                         "neox" if self.is_neox else "gptj", "k" if self.return_k else "nok", f"T{self.T}"])
+
+
+MLA_CONFIGS = (
+    MlaConfig(),
+    MlaConfig(Hq=128, layout="paged"),
+    MlaConfig(LQ=128, cache="fp8", return_k=True),
+    MlaConfig(Hq=128, layout="paged", cache="fp8", is_neox=False),
+    MlaConfig(Hq=128, LQ=0, T=1),
+    MlaConfig(Hq=128, cache="uint8", return_k=True),
+)
+
+# fp8 q and eager fp8 stores are refused on HIP (``eager_fp8_cast``: eager's cast there is not measured), so the AMD
+# targets compile the configurations without them
 CONFIGS += tuple(c for c in NORM_CONFIGS if not c.q_fp8)
+CONFIGS += tuple(c for c in MLA_CONFIGS if c.cache != "uint8")
 
 # --------------------------------------------------------------------------------------------------
 # Subprocess side: record the launch, compile it for each target
@@ -152,6 +187,45 @@ def _make_args(cfg: Config):
     return p, q_out, k_out
 
 
+def _make_mla_args(cfg: MlaConfig):
+    """(problem, q_out, k_out or None) of an MLA configuration; the tensors' values are never read (only the launch
+    is recorded), so the large ones are left unfilled."""
+    import torch
+
+    from fx_fusion.kernels import mla
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.empty(cfg.T, cfg.Hq, cfg.LQ + cfg.R, dtype=dt)
+    q_nope, q_pe = q.split([cfg.LQ, cfg.R], dim=-1) if cfg.LQ else (None, q)
+    kv_c, k_pe = torch.empty(cfg.T, cfg.L + cfg.R, dtype=dt).split([cfg.L, cfg.R], dim=-1)  # kv_a_proj's split
+    n_slots = cfg.T + 16
+    rows = (n_slots,) if cfg.layout == "token" else ((n_slots + 15) // 16, 16)
+    cache_dt = {"bf16": dt, "fp8": torch.float8_e4m3fn, "uint8": torch.uint8}[cfg.cache]
+    kv_cache = torch.zeros((*rows, 1, cfg.L + cfg.R), dtype=cache_dt)
+    cos, sin = torch.randn(4096, cfg.R // 2), torch.randn(4096, cfg.R // 2)
+    positions = torch.randint(0, 4096, (cfg.T,))
+    k_scale = torch.ones(1) if cfg.cache != "bf16" else None
+    eager = dict(fp8_dtype=torch.float8_e4m3fn, quant_dtype=dt) if cfg.cache == "uint8" else {}
+    p = mla.prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, torch.arange(cfg.T), cos, sin, positions, k_scale,
+                        is_neox=cfg.is_neox, layout=cfg.layout, return_k=cfg.return_k, **eager)
+    q_out, k_out = mla.outputs(p)
+    return p, q_out, (k_out if cfg.return_k else None)
+
+
+def launcher(cfg):
+    """A function that launches ``cfg``'s kernel once (the fused RoPE + KV store's, or the MLA kernel's)."""
+    if isinstance(cfg, MlaConfig):
+        from fx_fusion.kernels import mla
+
+        p, q_out, k_out = _make_mla_args(cfg)
+        return lambda: mla.launch(p, q_out, k_out)
+    from fx_fusion.kernels import rope_kv_cache as rkc
+
+    p, q_out, k_out = _make_args(cfg)
+    return lambda: rkc.launch(p, q_out, k_out)
+
+
 def record_launch(launch):
     """(kernel, bound arguments by name, launch options) of the one @triton.jit launch ``launch()`` makes, with
     ``JITFunction.run`` patched to record it instead of launching."""
@@ -180,15 +254,13 @@ def _record_launch(cfg: Config):
     """``record_launch`` of the launcher's one kernel launch for ``cfg``, as on HIP."""
     import torch
 
-    from fx_fusion.kernels import rope_kv_cache as rkc
-
-    p, q_out, k_out = _make_args(cfg)
+    launch = launcher(cfg)
     saved = torch.version.hip
     # the launcher picks HIP options for HIP builds of torch and GPU tensors: pretend both
     torch.version.hip = "6.0"
     torch.Tensor.is_cuda = property(lambda self: True)
     try:
-        return record_launch(lambda: rkc.launch(p, q_out, k_out))
+        return record_launch(launch)
     finally:
         torch.version.hip = saved
         del torch.Tensor.is_cuda  # back to torch._C.TensorBase's
