@@ -17,6 +17,7 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py --qk-norm            # QK-norm -> RoPE -> store: stock, norm + op, op with norm
     python benchmarks/bench_kernel.py --fp8-q              # RoPE -> fp8 q -> store: stock, op + quantisation, op fp8 q
     python benchmarks/bench_kernel.py --qk-norm --fp8-q --device cpu --tokens 1 8  # CPU: the checks (interpreter)
+    python benchmarks/bench_kernel.py --mla                # DeepSeek-V3 MLA latent store: stock vs the MLA op
 
 ``--compiled`` times what a torch.compile user gets instead of the op alone: one RoPE + KV-store function
 per cache layout (SGLang token pool, vLLM paged cache, Hugging Face sequence cache with per-token cos/sin),
@@ -42,6 +43,13 @@ failed check is marked in its row and makes the exit status 1. The floor counts 
 (fp8: q out at one byte an element). On a machine without CUDA (or ``--device cpu``) the kernel runs in the Triton
 interpreter, there is no replay and no floor, and the host loops run twice each: the checks are the point there,
 the CPU timings say nothing.
+
+``--mla`` (DeepSeek-V3: kv_lora_rank 512, rope 64, GPT-J pairs with an fp32 ``cos_sin_cache``; 16 q heads (TP 8) and
+128 (TP 1); a bf16 pool and SGLang's fp8 pool, float8_e4m3fn bytes in uint8 after ``row / k_scale``) times two
+compiled functions per point, both ways: stock (the absorbed decode's model code: rotate q_pe and k_pe,
+``q = cat([q_nope, q_pe])``, ``pool[loc] = cat([kv_c, k_pe]).view(-1, 1, 576)``) and the MLA op doing it in one
+launch (``mla_rope_store``). Checked first: q out at bf16 tolerance, the pool's written rows likewise (fp8: every
+differing byte within one e4m3 step of stock's).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
 from fx_fusion.kernels import rope_kv_cache as impl  # noqa: E402
-from fx_fusion.kernels import rope_kv_store  # noqa: E402
+from fx_fusion.kernels import mla_rope_store, rope_kv_store  # noqa: E402
 
 MODELS = {"gpt-oss": (64, 8, 64), "llama3-8b": (32, 8, 128), "qwen3-moe": (32, 4, 128)}
 TOKENS = [1, 8, 32, 128, 512, 2048, 8192, 32768]
@@ -178,6 +186,9 @@ def main() -> None:
                     help="RoPE -> fp8 q -> store (same shapes): stock compile, op + quantisation, op with fp8 q")
     ap.add_argument("--norm-models", nargs="+", default=list(QK_MODELS), choices=list(QK_MODELS),
                     help="shapes of --qk-norm and --fp8-q")
+    ap.add_argument("--mla", action="store_true",
+                    help="DeepSeek-V3 MLA: RoPE of q_pe/k_pe -> q cat -> latent pool store; stock vs the MLA op")
+    ap.add_argument("--mla-models", nargs="+", default=list(MLA_MODELS), choices=list(MLA_MODELS))
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu: --qk-norm / --fp8-q checks only (the kernel interpreted when TRITON_INTERPRET=1, "
                          "set when no GPU is present; timings meaningless)")
@@ -185,6 +196,9 @@ def main() -> None:
 
     if args.qk_norm or args.fp8_q:
         norm_and_fp8_tables(args)
+        return
+    if args.mla:
+        mla_table(args)
         return
     if args.device != "cuda":
         ap.error("--device cpu runs only --qk-norm and --fp8-q")
@@ -661,6 +675,124 @@ def _check_sides(table: str, sides: dict, case: tuple) -> tuple[bool, str]:
         oks.append(exact == 0)
         texts.append(f"fused vs eager quantisation of the op's bf16 q: {exact} bytes differ")
     return all(oks), ("ok; " if all(oks) else "FAILED; ") + "; ".join(texts)
+
+
+
+# --mla: DeepSeek-V3's latent cache; model -> q heads of one shard
+MLA_MODELS = {"dsv3-tp8": 16, "dsv3-tp1": 128}
+MLA_L, MLA_R, MLA_NOPE = 512, 64, 128
+MLA_K_SCALE = 0.0123
+MLA_TOL = (2e-2, 2e-2)
+
+
+def mla_rope(x, cos, sin):
+    """DeepSeek's GPT-J rotation of ``x [T, H, R]`` with fp32 ``cos``/``sin`` ``[T, 1, R / 2]``, rounded once."""
+    x1, x2 = x[..., ::2].float(), x[..., 1::2].float()
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2).to(x.dtype)
+
+
+def mla_model(q_nope, q_pe, kv_c, k_pe, pool, loc, positions, cos_sin_cache, k_scale):
+    """The absorbed decode's RoPE, q cat and latent store as SGLang's DeepSeek model writes them."""
+    cos, sin = (c.unsqueeze(-2) for c in cos_sin_cache[positions].chunk(2, dim=-1))
+    q_rot, k_rot = mla_rope(q_pe, cos, sin), mla_rope(k_pe.unsqueeze(1), cos, sin)
+    row = torch.cat([kv_c.unsqueeze(1), k_rot], dim=-1)
+    if k_scale is not None:
+        row = (row / k_scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    pool[loc] = row
+    return torch.cat([q_nope, q_rot], dim=-1)
+
+
+def mla_op(q_nope, q_pe, kv_c, k_pe, pool, loc, positions, cos_sin_cache, k_scale):
+    """The MLA op doing all of it (the fp8 pool: SGLang's bf16 quotient, as ``mla_model`` rounds it)."""
+    fp8 = dict(fp8_dtype=torch.float8_e4m3fn, quant_dtype=torch.bfloat16) if k_scale is not None else {}
+    return mla_rope_store(q_pe, k_pe, kv_c, pool, loc, q_nope=q_nope, cos_sin_cache=cos_sin_cache,
+                          positions=positions, is_neox=False, k_scale=k_scale, **fp8)[0]
+
+
+def mla_case(t: int, n_q: int, fp8: bool, num_slots: int, gen, dev):
+    """Inputs as the absorbed decode has them: q_pe a slice of q's projection, k_pe one of kv_a_proj's."""
+    bf16 = dict(dtype=torch.bfloat16, device=dev)
+    q = torch.randn(t, n_q, MLA_NOPE + MLA_R, generator=gen, **bf16)
+    latent = torch.randn(t, MLA_L + MLA_R, generator=gen, **bf16)
+    q_nope = torch.randn(t, n_q, MLA_L, generator=gen, **bf16)
+    kv_c = torch.randn(t, MLA_L, generator=gen, **bf16)
+    pool = torch.randn(num_slots, 1, MLA_L + MLA_R, generator=gen, **bf16)
+    k_scale = None
+    if fp8:
+        pool = (pool / MLA_K_SCALE).to(torch.float8_e4m3fn).view(torch.uint8)
+        k_scale = torch.tensor(MLA_K_SCALE, dtype=torch.float32, device=dev)
+    loc = torch.randperm(num_slots, generator=gen, device=dev)[:t]
+    positions = torch.randint(0, MAX_POS, (t,), generator=gen, device=dev)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, MLA_R, 2, device=dev, dtype=torch.float32) / MLA_R))
+    freqs = torch.outer(torch.arange(MAX_POS, device=dev, dtype=torch.float32), inv_freq)
+    cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    return (q_nope, q[..., MLA_NOPE:], kv_c, latent[:, MLA_L:], pool, loc, positions, cos_sin_cache, k_scale)
+
+
+def mla_min_bytes(t: int, n_q: int, fp8: bool) -> int:
+    """Reads: q_nope, q_pe, kv_c, k_pe, one fp32 table row and two int64 indices per token; writes: q out, the rows."""
+    reads = 2 * t * (n_q * (MLA_L + MLA_R) + MLA_L + MLA_R) + 4 * t * MLA_R + 2 * 8 * t
+    writes = 2 * t * n_q * (MLA_L + MLA_R) + t * (MLA_L + MLA_R) * (1 if fp8 else 2)
+    return reads + writes
+
+
+def _mla_check(sides: dict, case: tuple) -> tuple[bool, str]:
+    """Both sides once from the same pool: q out at ``MLA_TOL``, the written rows likewise (fp8: dequantised, each
+    differing byte within one e4m3 step)."""
+    pool, loc, k_scale = case[4], case[5], case[8]
+    start = pool.clone()
+    got = {}
+    for name, f in sides.items():
+        pool.copy_(start)
+        got[name] = (f(*case).clone(), pool.clone())
+    (q_s, pool_s), (q_f, pool_f) = got["stock"], got["fused"]
+    ok = torch.allclose(q_f.float(), q_s.float(), atol=MLA_TOL[0], rtol=MLA_TOL[1])
+    untouched = torch.ones(pool.shape[0], dtype=torch.bool, device=pool.device)
+    untouched[loc] = False
+    ok &= torch.equal(pool_f[untouched], start[untouched])
+    if k_scale is None:
+        ok &= torch.allclose(pool_f.float(), pool_s.float(), atol=MLA_TOL[0], rtol=MLA_TOL[1])
+        return ok, f"{'ok' if ok else 'FAILED'}; q max diff {(q_f.float() - q_s.float()).abs().max().item():.3g}"
+    a, b = (p.view(torch.float8_e4m3fn).float() for p in (pool_f, pool_s))
+    differ = int((pool_f != pool_s).sum())
+    ok &= bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * FP8_Q_STEP + 2.0 ** -9).all())
+    return ok, f"{'ok' if ok else 'FAILED'}; {differ} pool bytes differ from stock"
+
+
+def mla_table(args) -> None:
+    """``--mla``: per model, pool dtype and T, stock and the MLA op: replay medians, host loops, checks."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("\n## --mla: DeepSeek-V3 MLA (L 512, R 64, GPT-J pairs): RoPE of q_pe/k_pe -> q cat -> latent pool at "
+          "random slots; times in us")
+    print("| model | pool | T | stock replay | fused replay | floor | fused % of floor | fused / stock | stock host/call "
+          "| fused host/call | fused / stock host | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failed = []
+    num_slots = max(4096, 2 * max(args.tokens))
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), _recompile_limit(64):
+        for name, fp8 in itertools.product(args.mla_models, (False, True)):
+            n_q = MLA_MODELS[name]
+            torch._dynamo.reset()
+            sides = {"stock": torch.compile(mla_model), "fused": torch.compile(mla_op)}
+            for t in args.tokens:
+                case = mla_case(t, n_q, fp8, num_slots, gen, dev)
+                ok, detail = _mla_check(sides, case)
+                if not ok:
+                    failed.append(f"mla {name} fp8={fp8} T={t}")
+                replay = [1e3 * do_bench_cudagraph(lambda: f(*case), rep=args.rep, return_mode="median")
+                          for f in sides.values()]
+                host = list(host_loop_us(sides, case, args.host_calls, args.host_rounds).values())
+                floor_us = 1e6 * mla_min_bytes(t, n_q, fp8) / bw
+                print(f"| {name} | {'fp8' if fp8 else 'bf16'} | {t} | {replay[0]:.2f} | {replay[1]:.2f} | "
+                      f"{floor_us:.2f} | {100 * floor_us / replay[1]:.0f} | {replay[1] / replay[0]:.2f} | "
+                      f"{host[0]:.1f} | {host[1]:.1f} | {host[1] / host[0]:.2f} | {detail} |", flush=True)
+    if failed:
+        print(f"FAILED checks: {', '.join(failed)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
