@@ -159,7 +159,7 @@ CASES = {
     "strided-cache-paged": dict(layout="paged", strided_cache=True, return_k=True),
     # padding (-1) and out-of-range slots skipped; slots 3 -> 4 -> 7 -> 8 cross blocks of 4
     "paged-padding-across-blocks": dict(layout="paged", T=7, slots=[3, -1, 4, 7, 8, 99, -5]),
-    "token-negative-wraps": dict(T=4, slots=[-1, 2, -24, 23], negative_wraps=True),
+    "token-negative-wraps": dict(T=4, slots=[-1, 2, -24, 21], negative_wraps=True),  # rows 23, 2, 0, 21: distinct
     "T0": dict(T=0, return_k=True),
     "T1-lq-ne-l": dict(T=1, L=40, LQ=12),
     "fp8-cache-saturating": dict(cache_dtype=torch.float8_e4m3fn, k_scale=0.01, layout="paged"),
