@@ -49,10 +49,12 @@ def _mla_rope_store_kernel(
     cos_ptr, sin_ptr,                # tables [N_POSITIONS, R'] (with positions) or per-token [T, R']
     k_scale_ptr,                     # one fp32, bf16 or fp16 value, or None
     T,                               # tokens
-    # Run-time strides: the inputs' token strides (views the caller made, e.g. of a projection's output).
-    qpe_ss, qnope_ss, kpe_ss, kvc_ss,
+    # Run-time strides: the inputs' token strides (views the caller made, e.g. of a projection's output) and q's
+    # head strides (a view's strides can be symbolic under torch.compile; the absorbed q_nope, a permute of a bmm's
+    # [HQ, T, LQ] output, has a head stride of T * LQ).
+    qpe_ss, qnope_ss, kpe_ss, kvc_ss, qpe_sh, qnope_sh,
     # Every other stride and size is fixed for a compiled graph: constexprs.
-    qpe_sh: tl.constexpr, qpe_sd: tl.constexpr, qnope_sh: tl.constexpr, qnope_sd: tl.constexpr,
+    qpe_sd: tl.constexpr, qnope_sd: tl.constexpr,
     qo_ss: tl.constexpr, qo_sh: tl.constexpr, qo_sd: tl.constexpr,
     kpe_sd: tl.constexpr, kvc_sd: tl.constexpr, ko_ss: tl.constexpr, ko_sd: tl.constexpr,
     kc_sblk: tl.constexpr, kc_sslot: tl.constexpr, kc_sd: tl.constexpr,
