@@ -10,6 +10,9 @@ One file per layer, imported by the rest of the package directly:
     reference.py       the float reference in plain torch
     ops.py             the custom op; functional.py: the op and its launch in functional form, for the graph pass
 
+The MLA sibling op (``mla_rope_store``) has its own: mla_kernel.py (kernel), mla.py (checks, launch, reference),
+mla_op.py (the op).
+
 This module re-exports their public names under the names they always had here (tests and
 ``benchmarks/bench_kernel.py`` use them; the benchmark's ``--baseline`` loads an older single-file copy of
 this module by path and calls the same names).

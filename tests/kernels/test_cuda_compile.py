@@ -18,8 +18,9 @@ GPU machine's version there).
 CI compiles a third of the grid (``-m slow``: all of it).
 
 QK-norm and fp8 q, which the grid does not hold either, and the MLA kernel: ``test_hip_compile.NORM_CONFIGS`` and
-``MLA_CONFIGS`` compiled for sm_90 with the installed Triton, each checked for no spills and no stack frame (local memory) in ``ptxas -v``'s report; its
-registers give the occupancy (``sm90_occupancy``). A ``-k`` selection compiles only the selected configurations.
+``MLA_CONFIGS`` compiled for sm_90 with the installed Triton, each checked for no spills and no stack frame (local
+memory) in ``ptxas -v``'s report; its registers give the occupancy (``sm90_occupancy``). A ``-k`` selection compiles
+only the selected configurations.
 
     python tests/kernels/test_cuda_compile.py            # compile the grid, print failures (no pytest)
     python tests/kernels/test_cuda_compile.py --configs --table   # SM90_CONFIGS' registers, spills, occupancy
