@@ -19,6 +19,7 @@ from torch.fx import Graph, Node
 from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
+from fx_fusion.patterns.mla_store import MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
@@ -57,6 +58,7 @@ class GraphState:
     quant_errors: dict = field(default_factory=dict)  # store node -> why its fp8 store cannot be reproduced
     # (cos leaf, rank, head_dim, dtype) -> the RoPE outputs reading that leaf (one walk per leaf: layers may share it)
     ropes_of_leaf: dict = field(default_factory=dict)
+    mla: list[MlaStore] = field(default_factory=list)  # MLA latent-pool row stores (``MlaStore``, see patterns/mla_store.py)
 
 
 def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
@@ -74,7 +76,7 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
             continue
         if k is not None:
             ks.append(k)
-    state.k_roots = {k.root for k in ks}
+    state.k_roots = {k.root for k in ks} | {m.k_root for m in state.mla}
     return ks, state, sites
 
 
@@ -139,8 +141,22 @@ def _classify(st: Store, state: GraphState, sites: list[Site]) -> KStore | None:
     root, roles, chain = walk_views(st.value, st.value_roles)
     rope = ropes.match(root)
     if rope is not None:
+        if (why := halves_reason(st)) is not None:  # an MLA row written in two halves
+            sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=why))
+            return None
         return KStore(st, root, roles, chain, rope)
+    try:
+        mla = match_mla_store(st, quant, ropes.match)
+    except NotMla as e:
+        sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=str(e)))
+        return None
+    if mla is not None:  # planned by patterns/mla_rewrite.py
+        state.mla.append(mla)
+        return None
     state.v_candidates.append(st)  # a v store, or a store of something that is not rotated
+    if (why := latent_buffer_reason(root, ropes.match)) is not None:
+        sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=why))
+        return None
     # one report entry per store that looks like a RoPE's (a v store, a raw view, gets none)
     if (_below_views_and_casts(root).target in _ARITHMETIC
             and not all(isinstance(s, int) for s in shape_of(root)[-1:])):
