@@ -146,7 +146,7 @@ def _classify(st: Store, state: GraphState, sites: list[Site]) -> KStore | None:
             return None
         return KStore(st, root, roles, chain, rope)
     try:
-        mla = match_mla_store(st, quant, ropes.match)
+        mla = match_mla_store(st, quant, ropes)
     except NotMla as e:
         sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=str(e)))
         return None
@@ -243,6 +243,10 @@ class RopeFinder:
                 self._memo[node] = None
                 self._why_not[node] = str(e)
         return self._memo[node]
+
+    def why_not(self, node: Node) -> str | None:
+        """``match_rope``'s reason why ``node`` is not a RoPE (None for a RoPE)."""
+        return None if self.match(node) is not None else self._why_not[node]
 
     def near_miss(self, node: Node) -> str | None:
         """Why ``node`` is not a RoPE the op computes, if it looks like one (products of tensors); else None."""

@@ -24,6 +24,7 @@ import torch
 from torch.fx import Node
 
 from fx_fusion.kernels.problem import CacheLayout
+from fx_fusion.patterns.evaluator import products_below
 from fx_fusion.patterns.fx_utils import RESHAPES, is_one, shape_of, within
 from fx_fusion.patterns.kv_store import walk_views
 from fx_fusion.patterns.quant import Quant
@@ -76,10 +77,10 @@ def row_cat(root: Node) -> bool:
     return dim % root.meta["val"].dim() == root.meta["val"].dim() - 1
 
 
-def match_mla_store(st: Store, quant: Quant | None, match_rope) -> MlaStore | None:
+def match_mla_store(st: Store, quant: Quant | None, ropes) -> MlaStore | None:
     """The store ``st`` (already seen below its fp8 quantisation) as an MLA row store; None when its value is not a
-    last-dim cat ending in a RoPE output (``match_rope(node)``: the graph's memoised matcher). ``NotMla`` with the
-    reason for a row store the fused op cannot take."""
+    last-dim cat ending in a RoPE output (``ropes``: the graph's ``find.RopeFinder``). ``NotMla`` with the reason for
+    a row store the fused op cannot take, or whose last part looks like a RoPE but is not one the op computes."""
     if not is_mla_pool(st) or st.flat_value:
         return None
     root, _, chain = walk_views(st.value, st.value_roles)
@@ -89,9 +90,15 @@ def match_mla_store(st: Store, quant: Quant | None, match_rope) -> MlaStore | No
     if not parts or not isinstance(parts[-1], Node):
         return None
     k_root, _, k_chain = walk_views(parts[-1], (None,) * len(shape_of(parts[-1])))
-    rope = match_rope(k_root)
+    rope = ropes.match(k_root)
     if rope is None:
-        return None
+        why = ropes.near_miss(k_root)
+        if why is None and products_below(k_root, ropes.max_depth):  # e.g. products rounded before the sum
+            why = ropes.why_not(k_root)
+        if why is None:
+            return None
+        raise NotMla(f"the MLA row {root.name} ends in a RoPE-like value that is not a RoPE the fused op computes "
+                     f"({k_root.name}: {why})")
     if len(parts) != 2 or not isinstance(parts[0], Node):
         raise NotMla(f"the MLA row {root.name} concatenates {len(parts)} parts; the fused op writes [kv_c | k_pe]")
     if st.origin is Origin.VIEW:
@@ -110,8 +117,11 @@ def halves_reason(st: Store) -> str | None:
     if last.target is not aten.slice.Tensor or rank < 2 or (last.args[1] if len(last.args) > 1 else 0) % rank != (
             rank - 1) or not is_one(shape_of(base)[-2]):
         return None
+    pool = st.base
+    while pool.op == "call_function" and pool.target is aten.slice_scatter.default:  # the other half's result
+        pool = pool.args[0]
     return (f"MLA latent store written in two halves ({st.node.name} writes features {_bounds(last)} of each row of "
-            f"{st.base.name}): not matched yet")
+            f"{pool.name}): not matched yet")
 
 
 def _bounds(view: Node) -> str:
