@@ -19,7 +19,8 @@ from torch.fx import Graph, Node
 from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
-from fx_fusion.patterns.mla_store import MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store
+from fx_fusion.patterns.mla_store import (MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store,
+                                          two_caches_reason)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
@@ -77,6 +78,11 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
         if k is not None:
             ks.append(k)
     state.k_roots = {k.root for k in ks} | {m.k_root for m in state.mla}
+    by_name = {st.node.name: st for st in stores}
+    for site in sites:  # an MLA latent and rotated k_pe in two caches: say so first
+        st = by_name.get(site.store)
+        if st is not None and not site.fused and (why := two_caches_reason(st, state.v_candidates)) is not None:
+            site.reason = f"{why} ({site.reason})" if site.reason else why
     return ks, state, sites
 
 
