@@ -104,8 +104,8 @@ def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:
 
 
 def is_fused_node(n: Node) -> bool:
-    """Whether ``n`` is what a fused site became: the op or the MLA op (``auto_functionalized`` or direct), or the launch
-    of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
+    """Whether ``n`` is what a fused site became: the op or the MLA op (``auto_functionalized`` or direct), or the
+    launch of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
     if n.op != "call_function":
         return False
     if n.target in (FUSED_OP, MLA_OP) or (n.args and n.args[0] in (FUSED_OP, MLA_OP)):

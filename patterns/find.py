@@ -59,7 +59,7 @@ class GraphState:
     quant_errors: dict = field(default_factory=dict)  # store node -> why its fp8 store cannot be reproduced
     # (cos leaf, rank, head_dim, dtype) -> the RoPE outputs reading that leaf (one walk per leaf: layers may share it)
     ropes_of_leaf: dict = field(default_factory=dict)
-    mla: list[MlaStore] = field(default_factory=list)  # MLA latent-pool row stores (``MlaStore``, see patterns/mla_store.py)
+    mla: list[MlaStore] = field(default_factory=list)  # MLA latent-pool row stores (patterns/mla_store.py)
 
 
 def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
