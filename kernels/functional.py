@@ -23,12 +23,14 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch.fx import Node
 
 from fx_fusion.kernels.launch import NotTraceable, launch_traceable
-from fx_fusion.kernels.options import RopeKVOptions
+from fx_fusion.kernels.options import MlaOptions, RopeKVOptions
 from fx_fusion.kernels.problem import prepare
 from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
 
 FUSED_OP = torch.ops.fx_fusion.rope_kv_store.default
-__all__ = ["FUSED_OP", "NotTraceable", "is_fused_node", "rope_kv_store_functional", "routes"]
+MLA_OP = torch.ops.fx_fusion.mla_rope_store.default  # registered by fx_fusion.kernels.mla_op (the package imports it)
+__all__ = ["FUSED_OP", "MLA_OP", "NotTraceable", "is_fused_node", "mla_rope_store_functional",
+           "rope_kv_store_functional", "routes"]
 
 
 def routes(device: torch.device, validate: bool) -> tuple[bool, ...]:
@@ -85,6 +87,16 @@ def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions,
     return q_out, k_out, k_buffer, v_base
 
 
+def mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale,
+                              options: MlaOptions):
+    """``torch.ops.fx_fusion.mla_rope_store`` functionalized (``auto_functionalized``): ``(q_out, k_pe_out, new
+    kv_cache)``. Only the op's form so far: on CUDA it is dispatched at run time (the ``wrap_triton`` launch form,
+    as ``rope_kv_store_functional``'s ``kernel=True``, is not written yet)."""
+    return auto_functionalized(MLA_OP, q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, kv_cache=kv_cache,
+                               slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, k_scale=k_scale,
+                               **options.op_arguments())
+
+
 def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:
     for op, args in views or ():
         x = op(x, *args)
@@ -92,11 +104,11 @@ def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:
 
 
 def is_fused_node(n: Node) -> bool:
-    """Whether ``n`` is what a fused site became: the op (``auto_functionalized`` or direct), or the launch
-    of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
+    """Whether ``n`` is what a fused site became: the op or the MLA op (``auto_functionalized`` or direct), or the
+    launch of its kernel (``triton_kernel_wrapper_functional``/``_mutation`` on CUDA)."""
     if n.op != "call_function":
         return False
-    if n.target is FUSED_OP or (n.args and n.args[0] is FUSED_OP):
+    if n.target in (FUSED_OP, MLA_OP) or (n.args and n.args[0] in (FUSED_OP, MLA_OP)):
         return True
     if "triton_kernel_wrapper" not in getattr(n.target, "__name__", ""):
         return False

@@ -19,6 +19,8 @@ from torch.fx import Graph, Node
 from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
+from fx_fusion.patterns.mla_store import (MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store,
+                                          two_caches_reason)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
@@ -57,6 +59,7 @@ class GraphState:
     quant_errors: dict = field(default_factory=dict)  # store node -> why its fp8 store cannot be reproduced
     # (cos leaf, rank, head_dim, dtype) -> the RoPE outputs reading that leaf (one walk per leaf: layers may share it)
     ropes_of_leaf: dict = field(default_factory=dict)
+    mla: list[MlaStore] = field(default_factory=list)  # MLA latent-pool row stores (patterns/mla_store.py)
 
 
 def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
@@ -74,7 +77,12 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
             continue
         if k is not None:
             ks.append(k)
-    state.k_roots = {k.root for k in ks}
+    state.k_roots = {k.root for k in ks} | {m.k_root for m in state.mla}
+    by_name = {st.node.name: st for st in stores}
+    for site in sites:  # an MLA latent and rotated k_pe in two caches: say so first
+        st = by_name.get(site.store)
+        if st is not None and not site.fused and (why := two_caches_reason(st, state.v_candidates)) is not None:
+            site.reason = f"{why} ({site.reason})" if site.reason else why
     return ks, state, sites
 
 
@@ -139,8 +147,22 @@ def _classify(st: Store, state: GraphState, sites: list[Site]) -> KStore | None:
     root, roles, chain = walk_views(st.value, st.value_roles)
     rope = ropes.match(root)
     if rope is not None:
+        if (why := halves_reason(st)) is not None:  # an MLA row written in two halves
+            sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=why))
+            return None
         return KStore(st, root, roles, chain, rope)
+    try:
+        mla = match_mla_store(st, quant, ropes)
+    except NotMla as e:
+        sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=str(e)))
+        return None
+    if mla is not None:  # planned by patterns/mla_rewrite.py
+        state.mla.append(mla)
+        return None
     state.v_candidates.append(st)  # a v store, or a store of something that is not rotated
+    if (why := latent_buffer_reason(root, ropes.match)) is not None:
+        sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=why))
+        return None
     # one report entry per store that looks like a RoPE's (a v store, a raw view, gets none)
     if (_below_views_and_casts(root).target in _ARITHMETIC
             and not all(isinstance(s, int) for s in shape_of(root)[-1:])):
@@ -227,6 +249,10 @@ class RopeFinder:
                 self._memo[node] = None
                 self._why_not[node] = str(e)
         return self._memo[node]
+
+    def why_not(self, node: Node) -> str | None:
+        """``match_rope``'s reason why ``node`` is not a RoPE (None for a RoPE)."""
+        return None if self.match(node) is not None else self._why_not[node]
 
     def near_miss(self, node: Node) -> str | None:
         """Why ``node`` is not a RoPE the op computes, if it looks like one (products of tensors); else None."""

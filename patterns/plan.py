@@ -17,6 +17,7 @@ from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast
 from fx_fusion.patterns.find import GraphState, KStore
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
+from fx_fusion.patterns.mla_store import two_caches_reason
 from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, find_qk_norm
 from fx_fusion.patterns.quant import NotQuant, Quant, fp8_cast_of, peel_fp8
 from fx_fusion.patterns.rope import RopeMatch, TableRef
@@ -294,7 +295,8 @@ def _pair_v(st: Store, state: GraphState) -> Store:
             and tuple(shape_of(v.cache)) == tuple(shape_of(st.cache))
             and v.cache.meta["val"].dtype == st.cache.meta["val"].dtype]
     if not same:
-        raise Unfusable("no matching v store (same slots, same cache shape) in this graph")
+        raise Unfusable(two_caches_reason(st, state.v_candidates)
+                        or "no matching v store (same slots, same cache shape) in this graph")
     return min(same, key=lambda v: abs(state.order[v.node] - state.order[st.node]))
 
 

@@ -41,6 +41,7 @@ from fx_fusion.kernels.functional import FUSED_OP, is_fused_node
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.find import KStore, find_sites
+from fx_fusion.patterns.mla_rewrite import can_fuse_mla, mla_site, rewrite_mla, should_fuse_mla
 from fx_fusion.patterns.plan import can_fuse, should_fuse
 from fx_fusion.patterns.rewrite import rewrite
 from fx_fusion.patterns.site import Disabled, FusionOptions, Site, Unfusable, internal_error, source_line
@@ -76,6 +77,24 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 site.reason, site.disabled = str(e), isinstance(e, Disabled)
             except Exception as err:  # noqa: BLE001 (a bug in the pass must not fail the compile)
                 site.reason = internal_error(k.store.node, err).reason
+        for m in state.mla:  # MLA latent-pool rows (patterns/mla_rewrite.py)
+            site = mla_site(m)
+            sites.append(site)
+            try:
+                plan = can_fuse_mla(m, state)
+                site.num_tokens = str(plan.num_tokens) if plan.num_tokens is not None else "dynamic"
+                site.nodes = {"q_rope": plan.q_root.name, "k_rope": m.k_root.name, "row": m.row.name,
+                              "kv_store": m.store.node.name}
+                site.notes = list(plan.notes)
+                should_fuse_mla(plan, options)
+                tracer = tracer or Tracer(_fake_mode(graph))
+                rewrite_mla(graph, plan, options, tracer)
+                state.used.add(plan.q_root)
+                site.fused = True
+            except Unfusable as e:
+                site.reason, site.disabled = str(e), isinstance(e, Disabled)
+            except Exception as err:  # noqa: BLE001
+                site.reason = internal_error(m.store.node, err).reason
         rewrites.restore()
         if any(s.fused for s in sites):
             if not _in_topological_order(graph):  # sorted already, the sort would move nothing

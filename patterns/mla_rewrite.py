@@ -1,0 +1,304 @@
+"""An MLA latent-pool site (``mla_store.MlaStore``) planned and replaced by one ``fx_fusion.mla_rope_store``.
+
+Before (functional post-grad graph; see ``mla_store.py`` for the store)::
+
+    q_rot = rope(q_pe, cos, sin)                       # q_pe [T, Hq, R]; users: the q cat, or anything
+    q     = aten.cat([q_nope_part, q_rot], -1)         # optional: [T, Hq, LQ + R] (absorbed or prefill q)
+    k_rot = rope(k_pe, cos, sin)                       # users: the row cat (and, prefill, the per-head k expand)
+    new   = aten.index_put(kv_pool, [loc], views(quant(aten.cat([kv_c, views(k_rot)], -1))))
+    aten.copy_(kv_pool, new)
+
+After::
+
+    q_out, k_out, new = auto_functionalized(fx_fusion.mla_rope_store, q_pe=q_pe, q_nope=q_nope_part | None,
+                                            k_pe=k_pe, kv_c=kv_c, kv_cache=kv_pool, slot_mapping=loc, cos=.., ..)
+    q -> q_out (or q_rot -> q_out without the q cat);  k_rot -> k_out when it has other users;  new -> new
+    aten.copy_(kv_pool, new)                           # the graph's own epilogue, unchanged
+
+``can_fuse_mla`` checks exactness (``Unfusable`` with the reason) as ``plan.can_fuse`` does for the k/v op: one
+dtype for q_pe, k_pe, kv_c and the RoPE outputs (the op rounds an fp32 result once, as the matched RoPE does;
+``rope.match_rope`` refuses other roundings), the pool in that dtype or quantised to fp8 as ``quant.py`` reads it,
+q's RoPE with k's tables; ``should_fuse_mla`` asks the options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+
+from fx_fusion.kernels.functional import mla_rope_store_functional
+from fx_fusion.kernels.options import MlaOptions
+from fx_fusion.kernels.problem import MODEL_DTYPES
+from fx_fusion.patterns.find import GraphState
+from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
+from fx_fusion.patterns.mla_store import MlaStore, row_cat
+from fx_fusion.patterns.plan import TableSource, _check_quant_device, _table_source
+from fx_fusion.patterns.quant import scale_rounding
+from fx_fusion.patterns.replacement import _convert
+from fx_fusion.patterns.rope import RopeMatch, RopeStyle
+from fx_fusion.patterns.site import Disabled, FusionOptions, Site, Unfusable, source_line
+from fx_fusion.patterns.splice import Tracer, splice
+
+aten = torch.ops.aten
+
+
+@dataclass
+class MlaPlan:
+    """Everything the rewrite of one MLA site needs, checked exact by ``can_fuse_mla``."""
+
+    site: MlaStore
+    q_root: Node  # q's RoPE output
+    q: RopeMatch
+    q_cat: Node | None  # ``cat([q_nope_part, q_root], -1)``, replaced by q_out (None: q_root is)
+    return_k: bool
+    cos: TableSource
+    sin: TableSource
+    num_tokens: int | None  # None when symbolic
+    notes: tuple = ()
+
+    @property
+    def q_nope(self) -> Node | None:
+        return self.q_cat.args[0][0] if self.q_cat is not None else None
+
+
+@dataclass(frozen=True)
+class MlaSpec:
+    """The static part of the replacement (traces are shared between sites with equal specs and inputs)."""
+
+    options: MlaOptions
+    cos: tuple  # (offset, stride, count, per-token dims to squeeze or None for a gathered table)
+    sin: tuple
+    k_out_shape: tuple | None  # k_rot's shape (-1: a symbolic size) when the op's k_pe_out is viewed to it
+    store_shape: tuple | None  # the index_put's shape when it writes a view of the pool
+    scale_value: float | None  # a Python-number scale
+    scale_rounding: torch.dtype | None
+
+
+def mla_site(m: MlaStore) -> Site:
+    return Site(store=m.store.node.name, source=source_line(m.store.node), layout=m.store.layout.value,
+                style=m.rope.style.value, rotary_dim=m.rotary_dim, head_dim=shape_of(m.store.cache)[-1],
+                notes=["MLA latent-pool row [kv_c | rope(k_pe)]: torch.ops.fx_fusion.mla_rope_store"])
+
+
+def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
+    """The plan of an exact rewrite of the MLA site ``m``, or ``Unfusable`` with the reason."""
+    st, rope, k_root = m.store, m.rope, m.k_root
+    dtype = k_root.meta["val"].dtype
+    if dtype not in MODEL_DTYPES:
+        raise Unfusable(f"the rotated k_pe is {dtype}, not a model dtype")
+    if rope.x.meta["val"].dtype != dtype:
+        raise Unfusable(f"k_pe's RoPE changes dtype ({rope.x.meta['val'].dtype} -> {dtype})")
+    if rope.rotary_dim != rope.head_dim:
+        raise Unfusable(f"k_pe's RoPE rotates {rope.rotary_dim} of its {rope.head_dim} features; the MLA op rotates "
+                        "all of k_pe")
+    k_x = shape_of(rope.x)
+    if not _one_head(k_x) or not _one_head(shape_of(k_root)):
+        raise Unfusable(f"k_pe {tuple(k_x)} / its RoPE output {tuple(shape_of(k_root))} is not [T, R] or [T, 1, R]")
+    kv_c, latent = m.kv_c, m.latent_dim
+    if kv_c.meta["val"].dtype != dtype:
+        raise Unfusable(f"kv_c is {kv_c.meta['val'].dtype} but the rotated k_pe is {dtype}")
+    if not _one_head(shape_of(kv_c)) or len(shape_of(kv_c)) != len(shape_of(m.row)):
+        raise Unfusable(f"kv_c {tuple(shape_of(kv_c))} is not one row of L features per token")
+    tokens = k_x[0]
+    if not sizes_equal(shape_of(kv_c)[0], tokens):
+        raise Unfusable(f"kv_c has {shape_of(kv_c)[0]} tokens, k_pe {tokens}")
+    width = shape_of(st.cache)[-1]
+    if not (isinstance(latent, int) and width == latent + rope.rotary_dim):
+        raise Unfusable(f"the pool rows have {width} features, not L + R = {latent} + {rope.rotary_dim}")
+    cache_dtype = st.cache.meta["val"].dtype
+    if m.quant is None and cache_dtype != dtype:
+        raise Unfusable(f"the row is {dtype} but the pool is {cache_dtype} (and not quantised to fp8 as the op can)")
+    if m.quant is not None:
+        _check_quant_device(m.quant, st.cache.meta["val"].device)
+    q_root, q = _pair_q(m, state)
+    if q.x.meta["val"].dtype != dtype or q_root.meta["val"].dtype != dtype:
+        raise Unfusable(f"q_pe is rotated in {q.x.meta['val'].dtype} -> {q_root.meta['val'].dtype}, k_pe in {dtype}")
+    q_shape = shape_of(q.x)
+    if len(q_shape) != 3 or q.x_dims != (0, 1) or not sizes_equal(q_shape[0], tokens) or not all(
+            map(sizes_equal, q_shape, shape_of(q_root))):
+        raise Unfusable(f"q_pe {tuple(q_shape)} and its RoPE output are not [T, Hq, R] with k_pe's T")
+    roles = (Role.TOKEN,) + (Role.HEAD,) * (len(shape_of(k_root)) - 2)
+    cos, sin = (_mla_table(ref, roles, name) for ref, name in ((rope.cos, "cos"), (rope.sin, "sin")))
+    if cos.positions is not sin.positions:
+        raise Unfusable("cos and sin are indexed by different positions")
+    q_cat = _q_cat(q_root)
+    chain = set(m.k_chain) | {m.row}
+    return_k = any(u not in chain for n in [k_root, *m.k_chain] for u in n.users)
+    devices = {n.meta["val"].device for n in (q.x, rope.x, kv_c, st.cache, st.slots, cos.node, sin.node)}
+    if len(devices) != 1:
+        raise Unfusable(f"tensors on several devices: {sorted(map(str, devices))}")
+    notes = ["MLA latent-pool row [kv_c | rope(k_pe)]: torch.ops.fx_fusion.mla_rope_store"]
+    if q_cat is None:
+        notes.append(f"q's cat with q_nope stays outside the op ({q_root.name} has users other than one "
+                     "cat([q_nope, q_rot], -1))")
+    if any(u not in m.chain and u is not st.node for n in [m.row, *m.chain] for u in n.users):
+        notes.append(f"the row {m.row.name} is also read elsewhere: the graph keeps computing it")
+    num_tokens = tokens if isinstance(tokens, int) else None
+    plan = MlaPlan(m, q_root, q, q_cat, return_k, cos, sin, num_tokens, tuple(notes))
+    _check_acyclic(plan)
+    return plan
+
+
+def should_fuse_mla(plan: MlaPlan, options: FusionOptions) -> None:
+    """``Disabled`` where the options turn this (exact) site off: layout, style, token thresholds."""
+    layout = plan.site.store.layout
+    if layout not in options.layouts:
+        raise Disabled(f"layout {layout.value!r} disabled by config")
+    if plan.q.style not in options.styles:
+        raise Disabled(f"RoPE style {plan.q.style.value!r} disabled by config")
+    n = plan.num_tokens
+    if n is not None and (n < options.min_tokens or (options.max_tokens is not None and n > options.max_tokens)):
+        raise Disabled(f"{n} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
+
+
+def _one_head(shape: tuple) -> bool:
+    return len(shape) == 2 or (len(shape) == 3 and is_one(shape[1]))
+
+
+def _pair_q(m: MlaStore, state: GraphState) -> tuple[Node, RopeMatch]:
+    """q_pe's RoPE: the same tables, style and width as k_pe's, another input, outermost node, nearest to k's."""
+    k = m.rope
+    found = []
+    for cand in within([k.cos.leaf.node], state.ropes.max_depth, lambda n: n.users):
+        val = cand.meta.get("val")
+        if (not isinstance(val, torch.Tensor) or val.dim() != 3 or cand not in state.order or cand is m.k_root
+                or cand in state.k_roots or cand in state.used or not isinstance(val.shape[-1], int)
+                or val.shape[-1] != k.head_dim):
+            continue
+        r = state.ropes.match(cand)
+        if r is not None and (r.style, r.rotary_dim, r.cos, r.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and (
+                r.x is not k.x):
+            found.append((cand, r))
+    inner = {c for c, r in found for u in c.users if any(u is c2 for c2, _ in found)}
+    outer = [(c, r) for c, r in found if c not in inner]
+    if not outer:
+        raise Unfusable("no RoPE of q_pe with k_pe's cos/sin in this graph")
+    return min(outer, key=lambda cr: abs(state.order[cr[0]] - state.order[m.k_root]))
+
+
+def _q_cat(q_root: Node) -> Node | None:
+    """``cat([q_nope_part, q_root], -1)`` when that is q_root's only user, q_nope_part a ``[T, Hq, LQ]`` tensor of
+    q's dtype; else None."""
+    if len(q_root.users) != 1:
+        return None
+    cat = next(iter(q_root.users))
+    if not row_cat(cat) or len(cat.args[0]) != 2 or cat.args[0][1] is not q_root:
+        return None
+    nope = cat.args[0][0]
+    if not isinstance(nope, Node) or nope.meta["val"].dtype != q_root.meta["val"].dtype:
+        return None
+    ns, qs = shape_of(nope), shape_of(q_root)
+    if len(ns) != 3 or not all(map(sizes_equal, ns[:2], qs[:2])):
+        return None
+    return cat
+
+
+def _mla_table(ref, roles: tuple, name: str) -> TableSource:
+    src = _table_source(ref, roles, name)
+    if src.positions is not None:
+        if len(shape_of(src.positions)) != 1 or len(shape_of(src.node)) != 2:
+            raise Unfusable(f"{name} is gathered from {tuple(shape_of(src.node))} by positions "
+                            f"{tuple(shape_of(src.positions))}, not a [P, W] table by [T] positions")
+    elif [r for r in src.roles if r is not None] != [Role.TOKEN, Role.FEATURE]:
+        raise Unfusable(f"{name} is not a [tokens, features] tensor")
+    return src
+
+
+def _check_acyclic(plan: MlaPlan) -> None:
+    """The op's inputs must not depend on anything it replaces."""
+    m = plan.site
+    inputs = {plan.q.x, plan.q_nope, m.rope.x, m.kv_c, m.store.cache, m.store.slots, plan.cos.node, plan.sin.node,
+              plan.cos.positions} - {None}
+    if m.quant is not None and isinstance(m.quant.scale, Node):
+        inputs.add(m.quant.scale)
+    replaced = {plan.q_root, m.k_root, m.store.node}
+    seen, frontier = set(replaced), list(replaced)
+    while frontier:
+        for u in frontier.pop().users:
+            if u in inputs:
+                raise Unfusable(f"{u.name} is both an input of the fused op and computed from the site")
+            if u not in seen:
+                seen.add(u)
+                frontier.append(u)
+
+
+# ---- the replacement -----------------------------------------------------------------------------
+
+
+def mla_spec(plan: MlaPlan, validate: bool) -> MlaSpec:
+    m, quant = plan.site, plan.site.quant
+    extra = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None,
+                                        quant_dtype=quant.quant_dtype, scale_mul=quant.scale_mul, clamp=quant.clamp)
+    options = MlaOptions(is_neox=m.rope.style is RopeStyle.NEOX, layout=m.store.layout, return_k=plan.return_k,
+                         validate=validate, negative_wraps=True, table_dtype=m.rope.cos.leaf.round_to,
+                         check_slots=True, check_positions=True, **extra)
+    device = m.store.cache.meta["val"].device
+
+    def table(ref, src: TableSource) -> tuple:
+        count = m.rotary_dim if ref.per_element else m.rotary_dim // 2
+        squeeze = None if src.positions is not None else tuple(i for i, r in enumerate(src.roles) if r is None)
+        return ref.offset, ref.stride, count, squeeze
+
+    k_shape = shape_of(m.k_root)
+    return MlaSpec(
+        options=options, cos=table(m.rope.cos, plan.cos), sin=table(m.rope.sin, plan.sin),
+        k_out_shape=tuple(s if isinstance(s, int) else -1 for s in k_shape) if plan.return_k else None,
+        store_shape=tuple(shape_of(m.store.cache_view)) if m.store.cache_view is not None else None,
+        scale_value=quant.scale if quant is not None and isinstance(quant.scale, float) else None,
+        scale_rounding=scale_rounding(quant, device) if quant is not None else None)
+
+
+def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions, k_scale=None, *, spec: MlaSpec):
+    """What replaces an MLA site, as plain torch: ``(q_out, k_rot or None, the pool's new value)``."""
+    cos, sin = _table(cos, spec.cos), _table(sin, spec.sin)
+    if spec.scale_value is not None:
+        k_scale = torch.full((1,), spec.scale_value, dtype=torch.float32, device=q_pe.device)
+    elif k_scale is not None:
+        k_scale = _convert(k_scale, spec.scale_rounding)
+    q_out, k_out, new = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
+                                                  k_scale, spec.options)
+    k_rot = k_out.reshape(spec.k_out_shape) if spec.k_out_shape is not None else None
+    if spec.store_shape is not None:
+        new = new.reshape(spec.store_shape)
+    return q_out, k_rot, new
+
+
+def _table(x: torch.Tensor, view: tuple) -> torch.Tensor:
+    offset, stride, count, squeeze = view
+    if squeeze:
+        x = x.squeeze(squeeze)
+    return x[..., offset:offset + stride * (count - 1) + 1:stride]
+
+
+def rewrite_mla(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tracer) -> None:
+    """Replace the MLA site by the op (new nodes first; on a failure they are erased and the graph is as it was)."""
+    m = plan.site
+    st = m.store
+    scale = m.quant.scale if m.quant is not None and isinstance(m.quant.scale, Node) else None
+    inputs = [plan.q.x, plan.q_nope, m.rope.x, m.kv_c, st.cache, st.slots, plan.cos.node, plan.sin.node,
+              plan.cos.positions, scale]
+    traced = tracer.trace(mla_replacement, inputs, written=(4,), spec=mla_spec(plan, options.validate))
+    last_input = max(n for n in inputs if n is not None)
+    with graph.inserting_before(last_input.next):
+        new_nodes, (q_out, k_rot, new) = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"),
+                                                traced.write_backs)
+    olds = [(q_out, plan.q_cat if plan.q_cat is not None else plan.q_root),
+            (k_rot, m.k_root if plan.return_k else None), (new, st.result)]
+    for n_new, old in olds:
+        if old is not None and not (isinstance(n_new, Node) and _same_meta(n_new.meta["val"], old.meta["val"])):
+            for n in reversed(new_nodes):
+                graph.erase_node(n)
+            raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
+    for n_new, old in olds:
+        if old is not None:
+            old.replace_all_uses_with(n_new)
+    for n in dict.fromkeys((st.result, st.node)):
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.dim() == b.dim() and all(map(sizes_equal, a.shape, b.shape))
+

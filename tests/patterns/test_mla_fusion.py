@@ -1,0 +1,292 @@
+"""The MLA latent-pool fusion end to end: SGLang-style ``MLABlock``s (``tests/mla_models.py``) compiled with the
+fx_fusion backend, a prefill then two decode steps, against an eager copy of the block.
+
+Positive cases: every compiled graph holds one ``auto_functionalized(fx_fusion.mla_rope_store)`` per layer and no
+RoPE left of q_pe or k_pe (GPT-J's rotate is the only ``neg`` of the block), nor the row cat (nor the absorbed q
+cat, where it is the rotated q_pe's only user); the report says fused; the outputs match eager (the dtype's
+tolerance); the pools, whole, match eager's: the rotated k_pe features bit for bit (the op rounds as eager does at
+each step the graph rounds: one fp32 -> bf16 rounding of the RoPE, the bf16 quotient before an fp8 cast; not for the
+all-bf16 base rotary, which Inductor computes in fp32 too), the latent features within the cache tolerance of the
+existing pass tests (they come from the graph's RMSNorm, which plain Inductor also reduces in another order than
+eager); the rows written match the float64 reference; the rows never written keep their random start values.
+
+Negative cases: the two-half store, the in-place latent buffer and a RoPE whose products are rounded to bf16 before
+the sum (explicit casts the op would not reproduce) are reported with their reason and left as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+import fx_fusion
+import fx_fusion.backend as fx_backend
+from fx_fusion import FusionConfig, RopeKVFusionPass
+from fx_fusion.kernels.functional import MLA_OP
+from tests.mla_models import FP8, MLABlock, make_mla_block, mla_steps, reference_rows, rotate_gptj
+
+aten = torch.ops.aten
+BF16 = torch.bfloat16
+FULL = pytest.mark.full
+RAISE = FusionConfig(on_unfusable="raise")
+OUTPUT_TOL = {torch.float32: (1e-5, 1e-4), BF16: (6e-2, 5e-2)}
+CACHE_TOL = {torch.float32: (1e-5, 1e-5), BF16: (1e-2, 1.6e-2)}  # tests/patterns/test_rope_kv_store.py's
+REFERENCE_TOL = {torch.float32: (2e-5, 1e-5), BF16: (3e-2, 2e-2)}  # the pool's rows against float64
+LATENT = 32 + 8  # SMALL: L + R
+
+
+@dataclasses.dataclass
+class Record:
+    sites: list
+    mla_nodes: int
+    negs: int  # aten.neg nodes left (GPT-J's rotate: one per RoPE)
+    row_cats: int  # last-dim cats L + R wide (the pool row, the absorbed q)
+
+
+@pytest.fixture
+def records(monkeypatch) -> list[Record]:
+    out: list[Record] = []
+
+    class RecordingPass(RopeKVFusionPass):
+        def __call__(self, graph):
+            super().__call__(graph)
+            calls = [n for n in graph.nodes if n.op == "call_function"]
+            out.append(Record(
+                self.last_sites,
+                sum(n.target in (auto_functionalized, auto_functionalized_v2) and n.args[0] is MLA_OP for n in calls),
+                sum(n.target is aten.neg.default for n in calls),
+                sum(n.target is aten.cat.default and n.meta["val"].shape[-1] == LATENT for n in calls)))
+
+    monkeypatch.setattr(fx_backend, "RopeKVFusionPass", RecordingPass)
+    return out
+
+
+@pytest.fixture
+def inference():
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+class TwoLayers(nn.Module):
+    """Two MLA blocks, each with its own pool, both on the step's hidden states (so that each pool is bitwise
+    eager's: a second layer fed the first's output would see its last-bit differences)."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList([make_mla_block(seed=i, **kw) for i in range(2)])
+
+    def forward(self, positions, hidden, loc, kv_loc):
+        out, q = self.layers[0](positions, hidden, loc, kv_loc)
+        out2, q2 = self.layers[1](positions, hidden, loc, kv_loc)
+        return out + out2, q, q2
+
+
+def _pools(model: nn.Module) -> list[torch.Tensor]:
+    return [b for n, b in model.named_buffers() if n.endswith("kv_pool")]
+
+
+def _blocks(model: nn.Module) -> list[MLABlock]:
+    return [m for m in model.modules() if isinstance(m, MLABlock)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (FP8,) else t
+
+
+def _compare_pools(pool: torch.Tensor, eager: torch.Tensor, block, rope_exact: bool, what: str) -> None:
+    """The whole pool against eager's: the rotated k_pe features (the op's arithmetic) bitwise where ``rope_exact``,
+    the latent features (the graph's RMSNorm, which Inductor reduces in another order than eager: plain Inductor's
+    pools differ from eager's there too) within the dtype's cache tolerance, as the existing pass tests compare."""
+    latent = block.shape.kv_lora_rank
+    a, e = pool, eager
+    if block.fp8 is not None:
+        a, e = (x.view(FP8).to(torch.float32) for x in (a, e))  # fp8 grid steps are exact in fp32
+    if rope_exact:
+        assert torch.equal(_bits(pool[..., latent:]), _bits(eager[..., latent:])), f"{what}: k_pe part differs"
+    atol, rtol = CACHE_TOL[block.dtype] if block.fp8 is None else (2.0 ** -9, 0.125)  # fp8: one grid step at most
+    torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{what}: pool against eager's: {m}")
+
+
+def run_and_compare(model: nn.Module, config: FusionConfig = RAISE, steps=None, rope_exact: bool = True,
+                    **compile_kw) -> list:
+    """Run the steps compiled and eagerly; compare outputs, the whole pools, the written rows against float64, the
+    untouched rows against their start. Returns the steps run."""
+    block = _blocks(model)[0]
+    eager = copy.deepcopy(model)
+    start = [p.clone() for p in _pools(model)]
+    compiled = torch.compile(model, backend=fx_fusion.make_backend(config), **compile_kw)
+    steps = steps if steps is not None else mla_steps(block)
+    written = set()
+    for i, args in enumerate(steps):
+        out, expected = compiled(*args), eager(*args)
+        for a, e in zip(out, expected):
+            atol, rtol = OUTPUT_TOL[e.dtype]
+            torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"step {i} output: {m}")
+        for p, pe in zip(_pools(model), _pools(eager)):
+            _compare_pools(p, pe, block, rope_exact, f"step {i}")
+        written |= set(args[2].tolist())
+        for b in _blocks(model) if block.fp8 is None else ():  # the rows just written, against float64
+            atol, rtol = REFERENCE_TOL[block.dtype]
+            torch.testing.assert_close(b.kv_pool[args[2], 0].double(), reference_rows(b, args[0], args[1]),
+                                       atol=atol, rtol=rtol, msg=lambda m: f"step {i} rows against float64: {m}")
+    untouched = [r for r in range(start[0].shape[0]) if r not in written]
+    assert untouched, "every row was written: nothing shows a store to a wrong row"
+    for p, s in zip(_pools(model), start):
+        assert torch.equal(_bits(p[untouched]), _bits(s[untouched])), "a row never written changed"
+    return steps
+
+
+def check_fused(records: list[Record], layers: int = 1, q_cat: bool = True) -> None:
+    assert records, "the fusion pass never ran"
+    for i, rec in enumerate(records):
+        assert len(rec.sites) == layers and all(s.fused for s in rec.sites), (
+            f"graph {i}: {[(s.store, s.reason) for s in rec.sites]}")
+        assert rec.mla_nodes == layers, f"graph {i}: {rec.mla_nodes} mla_rope_store calls"
+        assert rec.negs == 0, f"graph {i}: {rec.negs} RoPE rotations left"
+        assert rec.row_cats == 0 if q_cat else rec.row_cats == layers, f"graph {i}: {rec.row_cats} row/q cats left"
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused forms
+# ------------------------------------------------------------------------------------------------
+
+ABSORB_CASES = [
+    pytest.param(dict(store="cat_view"), id="A-cat_view-fp32"),
+    pytest.param(dict(store="cat_view", dtype=BF16), id="A-cat_view-bf16", marks=FULL),
+    pytest.param(dict(store="cat_view", k_pe_layout="2d"), id="B-kpe2d-fp32", marks=FULL),
+    pytest.param(dict(store="cat_view", k_pe_layout="2d", dtype=BF16), id="B-kpe2d-bf16", marks=FULL),
+    pytest.param(dict(store="view_cat", dtype=BF16), id="C-view_cat-bf16"),
+    pytest.param(dict(store="view_cat"), id="C-view_cat-fp32", marks=FULL),
+    pytest.param(dict(store="cat_view", rotary="base", k_pe_layout="2d"), id="F-base-fp32", marks=FULL),
+    pytest.param(dict(store="view_cat", rotary="base"), id="G-base-fp32", marks=FULL),
+    # every op of this RoPE is bf16: Inductor computes the chain in fp32 and rounds once, as the op does (eager
+    # rounds after each op: the k_pe part is compared with the bf16 tolerance, as plain Inductor's would be)
+    pytest.param(dict(store="view_cat", rotary="base", dtype=BF16), id="G-base-bf16", marks=FULL),
+]
+
+
+@pytest.mark.parametrize("kw", ABSORB_CASES)
+def test_absorbed_decode_forms_fuse_and_match_eager(kw, records, inference):
+    run_and_compare(make_mla_block(**kw), rope_exact=not (kw.get("rotary") == "base" and kw.get("dtype") == BF16))
+    check_fused(records)
+    notes = records[0].sites[0].notes
+    assert not any("q's cat" in n for n in notes), notes  # the absorbed q cat is the op's q_out
+
+
+def test_two_layers_fuse_one_call_each(records, inference):
+    run_and_compare(TwoLayers(store="view_cat"))
+    check_fused(records, layers=2)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(BF16, id="bf16", marks=FULL)])
+def test_prefill_form_fuses_with_the_rotated_k_pe_returned(dtype, records, inference):
+    """Form K: the rotated k_pe also feeds the per-head k (expand + cat), so the op returns it; q's cat per head is
+    the op's q_out (q_nope: the split's first part)."""
+    block = make_mla_block(path="prefill", store="view_cat", dtype=dtype)
+    steps = [mla_steps(block, prefill=n, decode=())[0] for n in (5, 3, 3)]  # fresh prompts, as the fixture's
+    for i, s in enumerate(steps):  # ... each at other rows
+        steps[i] = (s[0], s[1], (s[2] + 7 * i) % block.kv_pool.shape[0], s[3])
+    run_and_compare(block, steps=steps)
+    assert records
+    for rec in records:
+        assert [s.fused for s in rec.sites] == [True] and rec.mla_nodes == 1 and rec.negs == 0, rec.sites
+        assert "k_rope" in rec.sites[0].nodes
+
+
+@pytest.mark.parametrize("kw", [
+    pytest.param(dict(fp8="float8"), id="H-float8-python-scale-fp32"),
+    pytest.param(dict(fp8="float8", dtype=BF16), id="H-float8-python-scale-bf16", marks=FULL),
+    pytest.param(dict(fp8="uint8", scale_tensor=True, dtype=BF16), id="I-uint8-0d-scale-bf16"),
+    pytest.param(dict(fp8="uint8", scale_tensor=True), id="I-uint8-0d-scale-fp32", marks=FULL),
+])
+def test_fp8_pools_fuse_byte_exact(kw, records, inference):
+    run_and_compare(make_mla_block(store="view_cat", **kw))
+    check_fused(records)
+
+
+def test_q_with_another_user_keeps_its_cat(records, inference):
+    """The rotated q_pe read by more than the q cat: q_out is rope(q_pe) alone and the cat stays."""
+
+    class QTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = make_mla_block(store="view_cat")
+
+        def forward(self, positions, hidden, loc, kv_loc):
+            b, s = self.block, self.block.shape
+            t = hidden.shape[0]
+            q = b.q_proj(hidden).view(t, s.heads, s.qk_head_dim)
+            q_nope, q_pe = q.split([s.qk_nope_dim, s.rope_dim], dim=-1)
+            kv_c, k_pe = b.kv_a_proj(hidden).split([s.kv_lora_rank, s.rope_dim], dim=-1)
+            kv_c = b.kv_a_layernorm(kv_c)
+            q_pe, k_pe = b._rotary(positions, q_pe, k_pe.unsqueeze(1))
+            b._store(loc, None, kv_c, k_pe)
+            out, q_att = b._absorbed_attention(q_nope, q_pe, kv_loc)
+            return out, q_att, q_pe * 2
+
+    model = QTwice()
+    run_and_compare(model, steps=mla_steps(model.block))
+    check_fused(records, q_cat=False)
+    assert any("q's cat" in n for n in records[0].sites[0].notes), records[0].sites[0].notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Reported, not fused
+# ------------------------------------------------------------------------------------------------
+
+NOT_FUSED = [
+    pytest.param(dict(store="halves"), "MLA latent store written in two halves", id="D-halves"),
+    pytest.param(dict(store="latent"), "MLA latent row assembled in place in a buffer", id="E-latent"),
+    pytest.param(dict(store="halves", fp8="uint8", k_scale=None), "MLA latent store written in two halves",
+                 id="J-uint8-halves", marks=FULL),
+    pytest.param(dict(path="prefill", prefill_qk="slice_assign", store="latent"),
+                 "MLA latent row assembled in place in a buffer", id="L-prefill-latent", marks=FULL),
+    pytest.param(None, "not a RoPE the fused op computes", id="bf16-products-rounded-before-the-sum"),
+]
+
+
+class ProductsRoundedBlock(MLABlock):
+    """The scaling rotary with each product rounded to bf16 before the sum (``(x * cos).to(bf16) + ...``): explicit
+    casts, which Inductor keeps; the op rounds the fp32 sum once, so fusing would change the rows."""
+
+    def _rotary(self, positions, q_pe, k_pe):
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        cos = cos.repeat_interleave(2, dim=-1).unsqueeze(-2)
+        sin = sin.repeat_interleave(2, dim=-1).unsqueeze(-2)
+        return [(x * cos).to(x.dtype) + (rotate_gptj(x) * sin).to(x.dtype) for x in (q_pe, k_pe)]
+
+
+def _products_rounded_block() -> MLABlock:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ProductsRoundedBlock(store="view_cat", dtype=BF16).eval()
+
+
+@pytest.mark.parametrize("kw, reason", NOT_FUSED)
+def test_unmatched_forms_are_reported_not_fused(kw, reason, records, inference):
+    block = make_mla_block(**kw) if kw is not None else _products_rounded_block()
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig()))
+    args = mla_steps(block, decode=())[0]
+    for a, e in zip(compiled(*args), eager(*args)):
+        torch.testing.assert_close(a, e, atol=OUTPUT_TOL[e.dtype][0], rtol=OUTPUT_TOL[e.dtype][1])
+    assert len(records) == 1
+    rec = records[0]
+    assert rec.mla_nodes == 0
+    assert len(rec.sites) == 1 and not rec.sites[0].fused and not rec.sites[0].disabled, rec.sites
+    assert reason in rec.sites[0].reason, rec.sites[0].reason
+
+
+def test_unfused_mla_site_raises_with_on_unfusable_raise(inference):
+    block = make_mla_block(store="halves")
+    compiled = torch.compile(block, backend=fx_fusion.make_backend(RAISE))
+    with pytest.raises(Exception, match="two halves"):
+        compiled(*mla_steps(block, decode=())[0])
