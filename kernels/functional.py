@@ -1,6 +1,7 @@
 """The fused op as functional code for a graph pass to trace: the one way from a pass to the kernel.
 
-``rope_kv_store_functional`` returns ``(q_out, k_out, new k buffer, new v buffer)`` in one of two forms:
+``rope_kv_store_functional`` returns ``(q_out, k_out, new k buffer, new v buffer)`` in one of two forms (and
+``mla_rope_store_functional``, the MLA op's, ``(q_out, k_pe_out, new kv_cache)``):
 
     kernel=True   the kernel's launch through ``wrap_triton`` (``launch.launch_traceable``: the same breakdown
                   AOTAutograd does for the op, see ``ops.py``), functionalized. The traced graph holds
@@ -23,6 +24,9 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch.fx import Node
 
 from fx_fusion.kernels.launch import NotTraceable, launch_traceable
+from fx_fusion.kernels.mla import launch_traceable as mla_launch_traceable
+from fx_fusion.kernels.mla import prepare_mla
+from fx_fusion.kernels.mla_kernel import _mla_rope_store_kernel
 from fx_fusion.kernels.options import MlaOptions, RopeKVOptions
 from fx_fusion.kernels.problem import prepare
 from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
@@ -88,13 +92,23 @@ def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions,
 
 
 def mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale,
-                              options: MlaOptions):
-    """``torch.ops.fx_fusion.mla_rope_store`` functionalized (``auto_functionalized``): ``(q_out, k_pe_out, new
-    kv_cache)``. Only the op's form so far: on CUDA it is dispatched at run time (the ``wrap_triton`` launch form,
-    as ``rope_kv_store_functional``'s ``kernel=True``, is not written yet)."""
+                              options: MlaOptions, *, kernel: bool):
+    """``torch.ops.fx_fusion.mla_rope_store`` in functional form: ``(q_out, k_pe_out, new kv_cache)``, as the
+    kernel's traced launch (``kernel=True``) or the op (``auto_functionalized``); see the module docstring."""
+    if kernel:
+        return torch.func.functionalize(_mla_kernel, remove="mutations")(
+            q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, options=options)
     return auto_functionalized(MLA_OP, q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, kv_cache=kv_cache,
                                slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, k_scale=k_scale,
                                **options.op_arguments())
+
+
+def _mla_kernel(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, *,
+                options: MlaOptions):
+    """The MLA launch, writing the cache in place."""
+    p = prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, options=options)
+    q_out, k_out = mla_launch_traceable(p)
+    return q_out, k_out, kv_cache
 
 
 def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:
@@ -115,6 +129,6 @@ def is_fused_node(n: Node) -> bool:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     kernel = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-    while kernel is not None and kernel is not _rope_kv_store_kernel:
+    while kernel is not None and kernel not in (_rope_kv_store_kernel, _mla_rope_store_kernel):
         kernel = getattr(kernel, "fn", None)  # an Autotuner holds the JITFunction
     return kernel is not None

@@ -12,6 +12,7 @@ After::
 
     q_out, k_out, new = auto_functionalized(fx_fusion.mla_rope_store, q_pe=q_pe, q_nope=q_nope_part | None,
                                             k_pe=k_pe, kv_c=kv_c, kv_cache=kv_pool, slot_mapping=loc, cos=.., ..)
+                                           # on CUDA: the kernel's traced launch (triton_kernel_wrapper_functional)
     q -> q_out (or q_rot -> q_out without the q cat);  k_rot -> k_out when it has other users;  new -> new
     aten.copy_(kv_pool, new)                           # the graph's own epilogue, unchanged
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.functional import mla_rope_store_functional
+from fx_fusion.kernels.functional import NotTraceable, mla_rope_store_functional, routes
 from fx_fusion.kernels.options import MlaOptions
 from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
@@ -250,15 +251,17 @@ def mla_spec(plan: MlaPlan, validate: bool) -> MlaSpec:
         scale_rounding=scale_rounding(quant, device) if quant is not None else None)
 
 
-def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions, k_scale=None, *, spec: MlaSpec):
-    """What replaces an MLA site, as plain torch: ``(q_out, k_rot or None, the pool's new value)``."""
+def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions, k_scale=None, *, spec: MlaSpec,
+                    kernel: bool):
+    """What replaces an MLA site, as plain torch: ``(q_out, k_rot or None, the pool's new value)``; ``kernel``: the
+    kernel's launch or the op (``kernels.functional.routes``)."""
     cos, sin = _table(cos, spec.cos), _table(sin, spec.sin)
     if spec.scale_value is not None:
         k_scale = torch.full((1,), spec.scale_value, dtype=torch.float32, device=q_pe.device)
     elif k_scale is not None:
         k_scale = _convert(k_scale, spec.scale_rounding)
     q_out, k_out, new = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
-                                                  k_scale, spec.options)
+                                                  k_scale, spec.options, kernel=kernel)
     k_rot = k_out.reshape(spec.k_out_shape) if spec.k_out_shape is not None else None
     if spec.store_shape is not None:
         new = new.reshape(spec.store_shape)
@@ -279,7 +282,15 @@ def rewrite_mla(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tra
     scale = m.quant.scale if m.quant is not None and isinstance(m.quant.scale, Node) else None
     inputs = [plan.q.x, plan.q_nope, m.rope.x, m.kv_c, st.cache, st.slots, plan.cos.node, plan.sin.node,
               plan.cos.positions, scale]
-    traced = tracer.trace(mla_replacement, inputs, written=(4,), spec=mla_spec(plan, options.validate))
+    spec = mla_spec(plan, options.validate)
+    kernels = routes(st.cache.meta["val"].device, options.validate)
+    for kernel in kernels:
+        try:
+            traced = tracer.trace(mla_replacement, inputs, written=(4,), spec=spec, kernel=kernel)
+            break
+        except NotTraceable:  # a symbolic size the kernel takes as a constant: the op instead
+            if kernel is kernels[-1]:
+                raise
     last_input = max(n for n in inputs if n is not None)
     with graph.inserting_before(last_input.next):
         new_nodes, (q_out, k_rot, new) = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"),

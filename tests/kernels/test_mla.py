@@ -482,3 +482,49 @@ def test_launch_config_gpu_tiles(monkeypatch):
     assert cfg["BLOCK_RQ"] * 576 <= 4096 and cfg["BLOCK_RKV"] * 576 <= 4096 and cfg["BLOCK_RQ"] >= 2
     small = mla.prepare_mla(**split(make_mla("cpu", T=1, Hq=16, L=512, LQ=512, R=64, n_slots=8))[0])
     assert mla.launch_config(small)["BLOCK_RQ"] == mla.launch_config(small)["BLOCK_RKV"] == 1
+
+
+def test_a_dynamic_token_count_pins_no_constexpr():
+    """Under torch.compile with a dynamic token count every size and stride the kernel takes as a constexpr stays a
+    plain int, for the inputs the absorbed decode passes (q_pe a slice of q's projection, q_nope a permute of the
+    ``[Hq, T, LQ]`` bmm output, whose head stride is T * LQ): the launch traces instead of leaving the op opaque
+    (a symbolic q_pe head stride once did: 370 us a call on the H200's host). Sizes are made symbolic as Dynamo
+    makes a dynamic dimension: T in every input, each its own symbol."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from fx_fusion.kernels.launch import _constexpr_names
+    from fx_fusion.kernels.mla_kernel import _mla_rope_store_kernel
+
+    tensors, options = split(make_mla("cpu", T=6, Hq=4, L=32, LQ=32, R=8))
+    tensors["q_nope"] = torch.randn(4, 6, 32, dtype=torch.bfloat16).transpose(0, 1)  # [T, Hq, LQ], head stride T*LQ
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(name, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        token_dims = {"q_pe": (0,), "q_nope": (0,), "k_pe": (0,), "kv_c": (0,), "slot_mapping": (0,),
+                      "positions": (0,)}.get(name, ())
+        dims = [DimDynamic.DYNAMIC if d in token_dims else DimDynamic.STATIC for d in range(x.dim())]
+        base = x._base if x._base is not None else x
+        if x._base is not None:  # a view: its base's token dim is symbolic too (dim 0 of every base here but
+            # q_nope's, whose base is [Hq, T, LQ])
+            base_dims = [DimDynamic.DYNAMIC if (d == 1 if name == "q_nope" else d == 0) and token_dims
+                         else DimDynamic.STATIC for d in range(base.dim())]
+            context = StatelessSymbolicContext(dynamic_sizes=dims, view_base_context=StatelessSymbolicContext(
+                dynamic_sizes=base_dims))
+        else:
+            context = StatelessSymbolicContext(dynamic_sizes=dims)
+        return mode.from_tensor(x, symbolic_context=context)
+
+    with mode:
+        fakes = {name: fake(name, x) for name, x in tensors.items()}
+        assert isinstance(fakes["q_nope"].stride(1), torch.SymInt) and isinstance(fakes["q_pe"].shape[0],
+                                                                                   torch.SymInt)
+        p = mla.prepare_mla(**fakes, options=MlaOptions(**options))
+        q_out, k_out = mla.outputs(p)
+        grid, arguments = mla.kernel_arguments(p, q_out, None)
+    symbolic = sorted(name for name in _constexpr_names(_mla_rope_store_kernel)
+                      if isinstance(arguments.get(name), torch.SymInt))
+    assert symbolic == [], f"constexprs symbolic under a dynamic token count: {symbolic}"
+    assert isinstance(arguments["T"], torch.SymInt) and isinstance(arguments["qnope_sh"], torch.SymInt)
