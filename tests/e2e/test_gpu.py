@@ -272,11 +272,12 @@ def test_stacked_buffer_written_in_place(layout, codes):
             assert not dims or torch.Size(dims).numel() not in numels, f"a buffer-sized ({shape}) temporary"
 
 
-def direct_launches(code: str) -> int:
-    """Launches of the fused kernel from Inductor's output code (``<name>.run(``; Inductor numbers the name)."""
+def direct_launches(code: str, kernel: str = "_rope_kv_store_kernel") -> int:
+    """Launches of the fused kernel (``kernel``) from Inductor's output code (``<name>.run(``; Inductor numbers the
+    name)."""
     import re
 
-    names = set(re.findall(r"^(\w+) = async_compile\.triton\('_rope_kv_store_kernel'", code, re.M))
+    names = set(re.findall(rf"^(\w+) = async_compile\.triton\('{kernel}'", code, re.M))
     return sum(code.count(f"{name}.run(") for name in names)
 
 
@@ -473,3 +474,51 @@ def test_qk_norm_is_applied_by_the_launch(form, dtype, codes):
     assert codes and all(direct_launches(code) == 1 and "torch.ops.fx_fusion" not in code
                          and "libdevice.rsqrt" not in code for code in codes), \
         "a norm kernel is left, or the fused kernel is not launched once per graph"
+
+
+# ------------------------------------------------------------------------------------------------
+# MLA latent pools
+# ------------------------------------------------------------------------------------------------
+
+MLA_CASES = [
+    pytest.param(dict(), None, id="absorb-bf16"),
+    pytest.param(dict(fp8="uint8", scale_tensor=True), None, id="absorb-uint8-pool"),
+    pytest.param(dict(), "reduce-overhead", id="absorb-bf16-cuda-graphs"),
+    pytest.param(dict(path="prefill", store="view_cat"), None, id="prefill"),
+]
+
+
+@pytest.mark.parametrize("kw, mode", MLA_CASES)
+def test_mla_latent_store_is_launched_by_inductor(kw, mode, codes):
+    """SGLang-style MLA blocks (``tests/mla_models.py``) in bf16 on the GPU, prefill then two decode steps (the
+    second graph with a dynamic token count): every graph launches the MLA kernel once from Inductor's code, with
+    no ``torch.ops.fx_fusion`` call (under CUDA graphs too); outputs and the whole pool as eager's within bf16
+    tolerance (fp8: one e4m3 step of the dequantised values), rows no slot addresses untouched."""
+    from tests.mla_models import make_mla_block, mla_steps
+
+    block = make_mla_block(dtype=BF16, **kw).to(DEVICE)
+    eager = copy.deepcopy(block)
+    start = block.kv_pool.clone()
+    compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")), mode=mode)
+    before = snapshot()
+    steps = mla_steps(block) if kw.get("path") != "prefill" else [mla_steps(block, prefill=n, decode=())[0]
+                                                                     for n in (5, 3)]
+    written = torch.zeros(block.kv_pool.shape[0], dtype=torch.bool, device=DEVICE)
+    for i, args in enumerate(steps):
+        args = to_device(args)
+        if mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+        out, expected = compiled(*args), eager(*args)
+        for got, want in zip(out, expected):
+            assert_close(got.clone(), want, OUTPUT_TOL, f"step {i} output")
+        written[args[2]] = True
+        pool, ref = block.kv_pool, eager.kv_pool
+        if pool.dtype == torch.uint8:
+            pool, ref = (x.view(torch.float8_e4m3fn).float() for x in (pool, ref))
+            assert ((pool - ref).abs() <= ref.abs() * 2.0 ** -3 + 2.0 ** -9).all(), f"step {i} pool"
+        else:
+            assert_close(pool, ref, CACHE_TOL, f"step {i} pool")
+    assert torch.equal(block.kv_pool[~written], start[~written]), "a row no slot addresses was written"
+    assert_every_graph_fused(delta(before))
+    assert codes and all(direct_launches(code, "_mla_rope_store_kernel") == 1 and "torch.ops.fx_fusion" not in code
+                         for code in codes), "the MLA kernel is not launched once per graph by Inductor's code"
