@@ -48,8 +48,8 @@ the CPU timings say nothing.
 128 (TP 1); a bf16 pool and SGLang's fp8 pool, float8_e4m3fn bytes in uint8 after ``row / k_scale``) times two
 compiled functions per point, both ways: stock (the absorbed decode's model code: rotate q_pe and k_pe,
 ``q = cat([q_nope, q_pe])``, ``pool[loc] = cat([kv_c, k_pe]).view(-1, 1, 576)``) and the MLA op doing it in one
-launch (``mla_rope_store``). Checked first (``_mla_check``): the fused side byte-exact against eager, stock at bf16
-tolerance (fp8: every differing byte within one e4m3 step).
+launch (``mla_rope_store``). Checked first (``_mla_check``): the fused side against eager and stock, every differing
+value within one step of the stored format, the differing bytes counted.
 """
 
 from __future__ import annotations
@@ -741,29 +741,33 @@ def mla_min_bytes(t: int, n_q: int, fp8: bool) -> int:
 
 
 def _mla_check(sides: dict, case: tuple) -> tuple[bool, str]:
-    """Both sides and eager ``mla_model`` once from the same pool: untouched rows intact; the fused side's q out
-    and written rows byte-exact against eager's (its rounding: one rounding of the rotation, SGLang's bf16
-    quotient before the fp8 cast); stock's (Inductor keeps fp32 between the steps) at ``MLA_TOL``, fp8 rows
-    within one e4m3 step."""
+    """Both sides and eager ``mla_model`` once from the same pool: untouched rows intact; the fused side against
+    eager (its rounding: one rounding of the fp32 rotation, SGLang's bf16 quotient before the fp8 cast) and stock
+    (Inductor keeps fp32 between the steps), each differing value within one step of the stored format (bf16:
+    2**-8 relative; fp8: one e4m3 step), with the count of differing bytes. A GPU contracts ``x1 * c - x2 * s`` into
+    an FMA where eager rounds both products, so a rotated value near a bf16 rounding boundary may land one step
+    from eager's (the CPU interpreter matches eager bit for bit: ``tests/kernels/test_mla.py``)."""
     pool, loc = case[4], case[5]
     start = pool.clone()
     got = {}
     for name, f in (*sides.items(), ("eager", mla_model)):
         pool.copy_(start)
         got[name] = (f(*case).clone(), pool.clone())
-    (q_s, pool_s), (q_f, pool_f), (q_e, pool_e) = got["stock"], got["fused"], got["eager"]
     untouched = torch.ones(pool.shape[0], dtype=torch.bool, device=pool.device)
     untouched[loc] = False
-    exact = torch.equal(q_f, q_e) and torch.equal(pool_f.view(torch.uint8), pool_e.view(torch.uint8))
-    ok = exact and torch.equal(pool_f[untouched], start[untouched])
-    ok &= torch.allclose(q_f.float(), q_s.float(), atol=MLA_TOL[0], rtol=MLA_TOL[1])
-    if pool.dtype != torch.uint8:
-        ok &= torch.allclose(pool_f.float(), pool_s.float(), atol=MLA_TOL[0], rtol=MLA_TOL[1])
-        return ok, f"{'ok' if ok else 'FAILED'}; byte-exact vs eager: {'yes' if exact else 'NO'}"
-    a, b = (p.view(torch.float8_e4m3fn).float() for p in (pool_f, pool_s))
-    ok &= bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * FP8_Q_STEP + 2.0 ** -9).all())
-    return ok, (f"{'ok' if ok else 'FAILED'}; byte-exact vs eager: {'yes' if exact else 'NO'}; "
-                f"{int((pool_f != pool_s).sum())} pool bytes differ from stock's")
+    ok = torch.equal(got["fused"][1][untouched], start[untouched])
+    texts = []
+    for other in ("eager", "stock"):
+        differ = 0
+        for a, b in zip(got["fused"], got[other]):
+            differ += int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+            if a.dtype == torch.uint8:
+                a, b, step = a.view(torch.float8_e4m3fn).float(), b.view(torch.float8_e4m3fn).float(), FP8_Q_STEP
+            else:
+                a, b, step = a.float(), b.float(), 2.0 ** -8
+            ok &= bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * step + 2.0 ** -9).all())
+        texts.append(f"{differ} bytes differ from {other}'s")
+    return ok, f"{'ok' if ok else 'FAILED'}; " + ", ".join(texts) + " (each value within one step)"
 
 
 def mla_table(args) -> None:

@@ -113,6 +113,10 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
         raise Unfusable(f"the row is {dtype} but the pool is {cache_dtype} (and not quantised to fp8 as the op can)")
     if m.quant is not None:
         _check_quant_device(m.quant, st.cache.meta["val"].device)
+        scale = m.quant.scale
+        if isinstance(scale, Node) and scale.meta["val"].device != st.cache.meta["val"].device:
+            raise Unfusable(f"tensors on several devices: the scale {scale.name} on {scale.meta['val'].device}, "
+                            f"the pool on {st.cache.meta['val'].device}")
     q_root, q = _pair_q(m, state)
     if q.x.meta["val"].dtype != dtype or q_root.meta["val"].dtype != dtype:
         raise Unfusable(f"q_pe is rotated in {q.x.meta['val'].dtype} -> {q_root.meta['val'].dtype}, k_pe in {dtype}")

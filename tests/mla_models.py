@@ -193,10 +193,14 @@ class MLABlock(nn.Module):
             pool = torch.randint(0, 0x7f, (slots, 1, s.latent_dim), dtype=torch.uint8)
             pool = pool if fp8 == "uint8" else pool.view(FP8)
         self.register_buffer("kv_pool", pool)
-        self.k_scale = k_scale
+        self._k_scale = k_scale
         if scale_tensor and k_scale is not None:
             self.register_buffer("k_scale_t", torch.tensor(k_scale, dtype=torch.float32))
-            self.k_scale = self.k_scale_t
+
+    @property
+    def k_scale(self):
+        """The pool's scale: the 0-d fp32 buffer (read here, so that ``.to(device)`` moves it), a float, or None."""
+        return self.k_scale_t if hasattr(self, "k_scale_t") else self._k_scale
 
     # ---- the pieces -------------------------------------------------------------------------------
 

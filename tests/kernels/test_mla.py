@@ -304,6 +304,10 @@ def test_eager_store_byte_exact(device, case):
         pool[loc] = row.view(-1, *pool.shape[1:])
     q_eager = torch.cat([p.q_nope, q_rot], -1) if p.q_nope is not None else q_rot
 
+    if device.type == "cuda" and spelling in ("sglang", "clamp_mul"):
+        # eager CUDA reads a 0-d CUDA scale rounded to the quotient's dtype (``patterns/quant.py::scale_rounding``):
+        # the op is handed that value, as the graph pass hands it
+        tensors = dict(tensors, k_scale=tensors["k_scale"].to(torch.bfloat16))
     q_out, _ = OP(**tensors, **MlaOptions(**opts).op_arguments())
     assert torch.equal(as_bytes(q_out), as_bytes(q_eager))
     assert torch.equal(as_bytes(p.kv_cache), as_bytes(pool))
