@@ -175,7 +175,7 @@ _SATURATING_FP8_CAST = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3}
 
 
 def _fp8_store_arguments(p: RopeKVProblem) -> dict:
-    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO and CLAMP_HI (see ``_eager_fp8``).
+    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI and S_ROUND (see ``_eager_fp8``).
 
     With ``quant_dtype``: eager's quantisation, rounded as eager rounds it on this device. Without it, an fp8
     cache of a format whose bits the kernel computes stores ``clamp(x / scale, -max, max)`` from the fp32
@@ -188,13 +188,14 @@ def fp8_store_arguments(o, device: torch.device, model_dtype: torch.dtype, cache
                         stored_dtype: torch.dtype) -> dict:
     """``_fp8_store_arguments`` for a cache of ``cache_dtype`` holding ``stored_dtype`` values (uint8 pools: the
     fp8 format) written from values of ``model_dtype`` on ``device``, with the options ``o`` (``quant_dtype``,
-    ``scale_mul``, ``clamp``)."""
-    plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None)
+    ``scale_mul``, ``clamp``, ``scale_round``)."""
+    plain = dict(FP8_CAST=0, X_ROUND=0, Q_ROUND=0, SCALE_MUL=False, CLAMP_LO=None, CLAMP_HI=None, S_ROUND=0)
     if o.quant_dtype is not None:
         return dict(FP8_CAST=eager_fp8_cast(device, stored_dtype),
                     X_ROUND=_round_code(model_dtype), Q_ROUND=_round_code(o.quant_dtype),
                     SCALE_MUL=o.scale_mul, CLAMP_LO=o.clamp[0] if o.clamp is not None else None,
-                    CLAMP_HI=o.clamp[1] if o.clamp is not None else None)
+                    CLAMP_HI=o.clamp[1] if o.clamp is not None else None,
+                    S_ROUND=_round_code(o.quant_dtype) if o.scale_round else 0)
     if cache_dtype in _SATURATING_FP8_CAST:
         fmax = torch.finfo(cache_dtype).max
         return plain | dict(FP8_CAST=_SATURATING_FP8_CAST[cache_dtype], CLAMP_LO=-fmax, CLAMP_HI=fmax)
@@ -202,15 +203,18 @@ def fp8_store_arguments(o, device: torch.device, model_dtype: torch.dtype, cache
 
 
 def _fp8_q_arguments(p: RopeKVProblem) -> dict:
-    """The kernel's Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO and Q_CLAMP_HI: fp8 q as eager computes
-    it (``_eager_fp8`` on q's rotated values, in q's dtype), or Q_FP8_CAST 0 for q_out in q's dtype."""
+    """The kernel's Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO, Q_CLAMP_HI and Q_S_ROUND: fp8 q as eager
+    computes it (``_eager_fp8`` on q's rotated values, in q's dtype), or Q_FP8_CAST 0 for q_out in q's dtype."""
     o = p.options
     if o.q_fp8_dtype is None:
-        return dict(Q_FP8_CAST=0, Q_X_ROUND=0, Q_QROUND=0, Q_SCALE_MUL=False, Q_CLAMP_LO=None, Q_CLAMP_HI=None)
+        return dict(Q_FP8_CAST=0, Q_X_ROUND=0, Q_QROUND=0, Q_SCALE_MUL=False, Q_CLAMP_LO=None, Q_CLAMP_HI=None,
+                    Q_S_ROUND=0)
+    quotient = _round_code(o.q_quant_dtype or p.q.dtype)
     return dict(Q_FP8_CAST=eager_fp8_cast(p.q.device, o.q_fp8_dtype), Q_X_ROUND=_round_code(p.q.dtype),
-                Q_QROUND=_round_code(o.q_quant_dtype or p.q.dtype), Q_SCALE_MUL=o.q_scale_mul,
+                Q_QROUND=quotient, Q_SCALE_MUL=o.q_scale_mul,
                 Q_CLAMP_LO=o.q_clamp[0] if o.q_clamp is not None else None,
-                Q_CLAMP_HI=o.q_clamp[1] if o.q_clamp is not None else None)
+                Q_CLAMP_HI=o.q_clamp[1] if o.q_clamp is not None else None,
+                Q_S_ROUND=quotient if o.q_scale_round else 0)
 
 
 def _round_code(dtype: torch.dtype) -> int:

@@ -67,6 +67,7 @@ def _mla_rope_store_kernel(
     # fp8 store; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
     FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
     CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
+    S_ROUND: tl.constexpr,           # the loaded k_scale rounded first: _round's codes (0: as it is)
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     CHECK_SLOTS: tl.constexpr, CHECK_POSITIONS: tl.constexpr,
     ROUND_TABLE: tl.constexpr,       # round cos/sin to 0: nothing, 1: bf16, 2: fp16
@@ -123,7 +124,7 @@ def _mla_rope_store_kernel(
         c = tl.load(kv_c_ptr + (t * kvc_ss)[:, None] + (d * kvc_sd)[None, :], mask=cm, other=0.0).to(tl.float32)
         tl.store(kv_cache_ptr + kc_row[:, None] + (d * kc_sd)[None, :],
                  _cache_value(c, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
-                              CLAMP_LO, CLAMP_HI), mask=cm)
+                              CLAMP_LO, CLAMP_HI, S_ROUND), mask=cm)
 
         i, e1, e2 = _pair_features(BLOCK_HALF, R // 2, IS_NEOX)
         m = mask[:, None] & (i < R // 2)[None, :]
@@ -133,10 +134,10 @@ def _mla_rope_store_kernel(
         sm = m & store[:, None]
         tl.store(kv_cache_ptr + kc_row[:, None] + ((L + e1) * kc_sd)[None, :],
                  _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
-                              CLAMP_LO, CLAMP_HI), mask=sm)
+                              CLAMP_LO, CLAMP_HI, S_ROUND), mask=sm)
         tl.store(kv_cache_ptr + kc_row[:, None] + ((L + e2) * kc_sd)[None, :],
                  _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
-                              CLAMP_LO, CLAMP_HI), mask=sm)
+                              CLAMP_LO, CLAMP_HI, S_ROUND), mask=sm)
         if k_out_ptr is not None:
             ko_ty = k_out_ptr.dtype.element_ty
             tl.store(k_out_ptr + (t * ko_ss)[:, None] + (e1 * ko_sd)[None, :], _to(o1, ko_ty), mask=m)

@@ -8,8 +8,8 @@ sets it. A field's type must map to a schema type (``ops._SCHEMA_TYPES``: bool, 
 torch.dtype, tuple of floats, each optionally ``| None``).
 
 ``__post_init__`` normalises and checks what a field's value says on its own (layout strings to ``CacheLayout``,
-``clamp`` to a tuple of two floats, bools, dtypes out of their sets); checks against the tensors or other options
-are ``prepare``'s.
+``clamp`` to a tuple of two floats, bools, dtypes out of their sets, and an option that needs another one to mean
+anything: ``scale_round`` without ``quant_dtype``); checks against the tensors are ``prepare``'s.
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ class RopeKVOptions:
     norm_eps: float = 1e-6
     norm_offset: float = 0.0
     norm_round: bool = False
+    # eager fp8 stores: k_scale and v_scale are read rounded to ``quant_dtype`` (as eager on CUDA reads a 0-d scale
+    # tensor, ``patterns/quant.py: scale_rounding``), so the caller need not convert them (needs ``quant_dtype``)
+    scale_round: bool = False
+    # fp8 q: q_scale is read rounded to the quotient's dtype (``q_quant_dtype``, or q's dtype); needs ``q_fp8_dtype``
+    q_scale_round: bool = False
 
     def __post_init__(self):
         _normalise(self)
@@ -135,6 +140,8 @@ class MlaOptions:
     check_slots: bool = False
     # an out-of-range position fails the call instead of being clamped
     check_positions: bool = False
+    # eager fp8 stores: k_scale is read rounded to ``quant_dtype`` (needs ``quant_dtype``)
+    scale_round: bool = False
 
     def __post_init__(self):
         _normalise(self)
@@ -194,6 +201,12 @@ def _normalise(options) -> None:
     if has("q_quant_dtype") and options.q_quant_dtype is not None and options.q_quant_dtype not in MODEL_DTYPES:
         raise ValueError(f"q_quant_dtype must be None or one of {[str(d) for d in MODEL_DTYPES]}, "
                          f"got {options.q_quant_dtype!r}")
+    # the scale roundings name the dtype they round to through another field: without it they mean nothing
+    if has("scale_round") and options.scale_round and options.quant_dtype is None:
+        raise ValueError("scale_round is given without quant_dtype (the dtype the scales are rounded to, of an eager "
+                         "fp8 store)")
+    if has("q_scale_round") and options.q_scale_round and options.q_fp8_dtype is None:
+        raise ValueError("q_scale_round is given without q_fp8_dtype (it rounds q_scale, of q's fp8 quantisation)")
 
 
 def op_value(value):

@@ -69,10 +69,11 @@ def _fp8_q(q: torch.Tensor, p: RopeKVProblem) -> torch.Tensor:
     """fp8 q from the rotated q in q's dtype, with eager's own ops and dtypes (the cast follows this device's rule)."""
     o = p.options
     x = q.float()
-    if p.q_scale is not None:
-        scale = p.q_scale.float().reshape(())
-        x = x * scale if o.q_scale_mul else x / scale
     quotient = o.q_quant_dtype or p.q.dtype
+    if p.q_scale is not None:
+        scale = p.q_scale.to(quotient) if o.q_scale_round else p.q_scale  # read as eager on CUDA reads it
+        scale = scale.float().reshape(())
+        x = x * scale if o.q_scale_mul else x / scale
     x = x.to(quotient)
     if o.q_clamp is not None:
         x = x.float().clamp(*o.q_clamp).to(quotient)
@@ -83,11 +84,13 @@ def cache_values(x: torch.Tensor, cache_dtype: torch.dtype, stored_dtype: torch.
                  o, model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
     """Values ``x`` (in ``compute_dtype``) as a cache of ``cache_dtype`` stores them (``stored_dtype``: the fp8
     format a uint8 pool holds): with ``o.quant_dtype`` eager's fp8 store from x rounded to ``model_dtype``, else
-    ``saturate(x / scale)`` for fp8 caches and ``x`` rounded for others (``o``: the op's options)."""
+    ``saturate(x / scale)`` for fp8 caches and ``x`` rounded for others (``o``: the op's options; ``scale_round``:
+    the scale is first rounded to ``quant_dtype``)."""
     if o.quant_dtype is not None:  # eager's own ops, in its dtypes (the cast follows this device's rule)
         x = x.to(model_dtype).float()
         if scale is not None:
-            x = x * scale.float().reshape(()) if o.scale_mul else x / scale.float().reshape(())
+            scale = (scale.to(o.quant_dtype) if o.scale_round else scale).float().reshape(())
+            x = x * scale if o.scale_mul else x / scale
         x = x.to(o.quant_dtype)
         if o.clamp is not None:
             x = x.float().clamp(*o.clamp).to(o.quant_dtype)

@@ -14,15 +14,16 @@ bf16 or fp8 is to nearest even, computed by the kernel itself where Triton's int
 
 With ``quant_dtype`` the fp8 store is instead what eager model code computes (``_eager_fp8``), bit for bit:
 
-    quant(x) = fp8_cast(clamp(round_Q(round_X(x) / scale)))   (or ``* scale`` with ``scale_mul``)
+    quant(x) = fp8_cast(clamp(round_Q(round_X(x) / round_S(scale))))   (or ``* scale`` with ``scale_mul``)
 
-``round_X`` rounds the fp32 result to k's dtype (eager holds the rotated k in it), the division is one
-correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of eager's ``x / scale``),
-``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the overflow rule eager has
-on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself (``_fp8_bits``), so the
-rounding is the same on every target and in the interpreter. Caches may then be ``uint8`` pools holding
-the bits of ``fp8_dtype`` (SGLang's fp8 pools). fp8 q (``q_fp8_dtype``, for fp8 attention) is the same
-function of the rotated q with q's own scale, quotient dtype, clamp and format (``Q_*``).
+``round_X`` rounds the fp32 result to k's dtype (eager holds the rotated k in it), ``round_S`` rounds the
+scale to ``quant_dtype`` with ``scale_round`` (as eager on CUDA reads a 0-d scale tensor; else it is read as it
+is), the division is one correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of
+eager's ``x / scale``), ``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the
+overflow rule eager has on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself
+(``_fp8_bits``), so the rounding is the same on every target and in the interpreter. Caches may then be ``uint8``
+pools holding the bits of ``fp8_dtype`` (SGLang's fp8 pools). fp8 q (``q_fp8_dtype``, for fp8 attention) is the
+same function of the rotated q with q's own scale (``q_scale_round``), quotient dtype, clamp and format (``Q_*``).
 
 Tokens are addressed as ``(b, s)``: q, k, v are ``[T, H*D]``, ``[T, H, D]`` (flat layouts, ``B = 1``)
 or ``[B, S, H, D]`` (sequence layout), with any strides (slices of a fused qkv projection work
@@ -192,38 +193,44 @@ def _quantize(x, scale_ptr, FP8_MAX: tl.constexpr):
 
 @triton.jit
 def _cache_value(x, scale_ptr, ty, FP8_MAX: tl.constexpr, FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr,
-                 Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr):
+                 Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
+                 S_ROUND: tl.constexpr):
     # x (fp32) as the cache of element type ty stores it: quant(x) (_quantize), or eager's fp8 bits
     # (_eager_fp8) reinterpreted as ty (an fp8 type, or uint8 for pools of fp8 bits)
     if FP8_CAST == 0:
         out = _to(_quantize(x, scale_ptr, FP8_MAX), ty)
     else:
-        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
+        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST,
+                         S_ROUND).to(ty, bitcast=True)
     return out
 
 
 @triton.jit
 def _q_value(x, scale_ptr, ty, FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr,
-             SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr):
+             SCALE_MUL: tl.constexpr, CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, S_ROUND: tl.constexpr):
     # x (fp32) as q_out of element type ty holds it: x rounded to ty, or fp8 q (FP8_CAST != 0: eager's bits)
     if FP8_CAST == 0:
         out = _to(x, ty)
     else:
-        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST).to(ty, bitcast=True)
+        out = _eager_fp8(x, scale_ptr, X_ROUND, SCALE_MUL, Q_ROUND, CLAMP_LO, CLAMP_HI, FP8_CAST,
+                         S_ROUND).to(ty, bitcast=True)
     return out
 
 
 @triton.jit
 def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_ROUND: tl.constexpr,
-               CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, FP8_CAST: tl.constexpr):
-    # out = bits of fp8_cast(clamp(round_Q(round_X(x) / scale))) as eager computes them (module docstring);
-    # x fp32, out uint8. div_rn: one correctly rounded division, as eager's (Triton's ``/`` is approximate).
+               CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr, FP8_CAST: tl.constexpr, S_ROUND: tl.constexpr):
+    # out = bits of fp8_cast(clamp(round_Q(round_X(x) / round_S(scale)))) as eager computes them (module
+    # docstring); x fp32, out uint8. S_ROUND (a _round code, 0: none) rounds the loaded scale as eager on CUDA
+    # reads a 0-d scale tensor (to the quotient's dtype). div_rn: one correctly rounded division, as eager's
+    # (Triton's ``/`` is approximate).
     x = _round(x, X_ROUND)
     if scale_ptr is not None:
+        scale = _round(tl.load(scale_ptr).to(tl.float32), S_ROUND)
         if SCALE_MUL:
-            x = x * tl.load(scale_ptr).to(tl.float32)
+            x = x * scale
         else:
-            x = tl.math.div_rn(x, tl.load(scale_ptr).to(tl.float32))
+            x = tl.math.div_rn(x, scale)
     x = _round(x, Q_ROUND)
     if CLAMP_LO is not None:  # NaN stays NaN, as torch.clamp keeps it
         x = tl.where(x != x, x, tl.maximum(x, CLAMP_LO))
@@ -376,6 +383,8 @@ def _rope_kv_store_kernel(
     # the quotient's); Q_FP8_CAST 0: q_out in q's dtype
     Q_FP8_CAST: tl.constexpr, Q_X_ROUND: tl.constexpr, Q_QROUND: tl.constexpr, Q_SCALE_MUL: tl.constexpr,
     Q_CLAMP_LO: tl.constexpr, Q_CLAMP_HI: tl.constexpr,
+    # the loaded k_scale / v_scale (S_ROUND) and q_scale (Q_S_ROUND) rounded first: _round's codes (0: as they are)
+    S_ROUND: tl.constexpr, Q_S_ROUND: tl.constexpr,
     # QK-norm: RMSNorm of each q (Q_NORM) / k (K_NORM) head before the RoPE (_rms_scale, _rms_apply), eps NORM_EPS,
     # weight offset NORM_OFFSET (Gemma's 1 + w), NORM_ROUND: the normalised value rounded to x's dtype before the
     # weight multiply (HF Llama / Qwen3)
@@ -425,14 +434,14 @@ def _rope_kv_store_kernel(
         qout_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :],
                  _q_value(qo1, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
-                          Q_CLAMP_HI), mask=qm)
+                          Q_CLAMP_HI, Q_S_ROUND), mask=qm)
         tl.store(q_out_ptr + qo_row[:, None] + (qe2 * qo_sd)[None, :],
                  _q_value(qo2, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
-                          Q_CLAMP_HI), mask=qm)
+                          Q_CLAMP_HI, Q_S_ROUND), mask=qm)
         if ROT < D:
             if Q_FP8_CAST != 0:
                 qx = _q_value(qx.to(tl.float32), q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL,
-                              Q_CLAMP_LO, Q_CLAMP_HI)
+                              Q_CLAMP_LO, Q_CLAMP_HI, Q_S_ROUND)
             tl.store(q_out_ptr + qo_row[:, None] + (qtail * qo_sd)[None, :], qx, mask=qtm)
         if CHECK_POSITIONS:  # last: its barrier does not hold up the work (a bad position was clamped)
             tl.device_assert(~qbad, "position out of range of the rotary table")
@@ -503,10 +512,10 @@ def _rope_kv_store_kernel(
         sm = m & store[:, None]
         tl.store(kc_base + kc_row[:, None] + _split_offset(e1, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                  _cache_value(o1, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
-                              CLAMP_LO, CLAMP_HI), mask=sm)
+                              CLAMP_LO, CLAMP_HI, S_ROUND), mask=sm)
         tl.store(kc_base + kc_row[:, None] + _split_offset(e2, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                  _cache_value(o2, k_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL,
-                              CLAMP_LO, CLAMP_HI), mask=sm)
+                              CLAMP_LO, CLAMP_HI, S_ROUND), mask=sm)
         if k_out_ptr is not None:
             ko_row = _offset(b, s, h, ko_sb, ko_ss, ko_sh)
             ko_ty = k_out_ptr.dtype.element_ty
@@ -515,13 +524,13 @@ def _rope_kv_store_kernel(
         if ROT < D:
             tl.store(kc_base + kc_row[:, None] + _split_offset(tail, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
                      _cache_value(x.to(tl.float32), k_scale_ptr, kc_ty,
-                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI),
+                                  FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI, S_ROUND),
                      mask=tm & store[:, None])
             if k_out_ptr is not None:
                 tl.store(k_out_ptr + ko_row[:, None] + (tail * ko_sd)[None, :], x, mask=tm)
 
         tl.store(vc_base + vc_row[:, None] + _split_offset(d, VC_D_SPLIT, vc_sd_hi, vc_sd)[None, :],
                  _cache_value(v, v_scale_ptr, kc_ty, FP8_MAX, FP8_CAST, X_ROUND, Q_ROUND,
-                              SCALE_MUL, CLAMP_LO, CLAMP_HI), mask=vm & store[:, None])
+                              SCALE_MUL, CLAMP_LO, CLAMP_HI, S_ROUND), mask=vm & store[:, None])
         if CHECK_SLOTS:  # last: its barrier does not hold up the stores (a bad slot's row was not stored)
             tl.device_assert(~bad, "slot out of range of swa_table or the cache")
