@@ -37,7 +37,6 @@ from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, wit
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
 from fx_fusion.patterns.plan import TableSource, _check_quant_device, _table_source
 from fx_fusion.patterns.quant import scale_rounding
-from fx_fusion.patterns.replacement import _convert
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle
 from fx_fusion.patterns.site import Disabled, FusionOptions, Site, Unfusable, source_line
 from fx_fusion.patterns.splice import Tracer, splice
@@ -74,7 +73,6 @@ class MlaSpec:
     k_out_shape: tuple | None  # k_rot's shape (-1: a symbolic size) when the op's k_pe_out is viewed to it
     store_shape: tuple | None  # the index_put's shape when it writes a view of the pool
     scale_value: float | None  # a Python-number scale
-    scale_rounding: torch.dtype | None
 
 
 def mla_site(m: MlaStore) -> Site:
@@ -234,12 +232,15 @@ def _check_acyclic(plan: MlaPlan) -> None:
 
 def mla_spec(plan: MlaPlan, validate: bool) -> MlaSpec:
     m, quant = plan.site, plan.site.quant
+    device = m.store.cache.meta["val"].device
+    # where eager reads the scale tensor rounded to the quotient's dtype, the op rounds it as it loads it
+    # (``scale_round``): the graph passes it as it is (a conversion would be a kernel of its own, launched before)
     extra = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None,
-                                        quant_dtype=quant.quant_dtype, scale_mul=quant.scale_mul, clamp=quant.clamp)
+                                        quant_dtype=quant.quant_dtype, scale_mul=quant.scale_mul, clamp=quant.clamp,
+                                        scale_round=scale_rounding(quant, device) is not None)
     options = MlaOptions(is_neox=m.rope.style is RopeStyle.NEOX, layout=m.store.layout, return_k=plan.return_k,
                          validate=validate, negative_wraps=True, table_dtype=m.rope.cos.leaf.round_to,
                          check_slots=True, check_positions=True, **extra)
-    device = m.store.cache.meta["val"].device
 
     def table(ref, src: TableSource) -> tuple:
         count = m.rotary_dim if ref.per_element else m.rotary_dim // 2
@@ -251,8 +252,7 @@ def mla_spec(plan: MlaPlan, validate: bool) -> MlaSpec:
         options=options, cos=table(m.rope.cos, plan.cos), sin=table(m.rope.sin, plan.sin),
         k_out_shape=tuple(s if isinstance(s, int) else -1 for s in k_shape) if plan.return_k else None,
         store_shape=tuple(shape_of(m.store.cache_view)) if m.store.cache_view is not None else None,
-        scale_value=quant.scale if quant is not None and isinstance(quant.scale, float) else None,
-        scale_rounding=scale_rounding(quant, device) if quant is not None else None)
+        scale_value=quant.scale if quant is not None and isinstance(quant.scale, float) else None)
 
 
 def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions, k_scale=None, *, spec: MlaSpec,
@@ -262,8 +262,6 @@ def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, position
     cos, sin = _table(cos, spec.cos), _table(sin, spec.sin)
     if spec.scale_value is not None:
         k_scale = torch.full((1,), spec.scale_value, dtype=torch.float32, device=q_pe.device)
-    elif k_scale is not None:
-        k_scale = _convert(k_scale, spec.scale_rounding)
     q_out, k_out, new = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
                                                   k_scale, spec.options, kernel=kernel)
     k_rot = k_out.reshape(spec.k_out_shape) if spec.k_out_shape is not None else None

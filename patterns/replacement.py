@@ -48,7 +48,9 @@ class ReplacementSpec:
     v_store_shape: tuple | None
     v_heads: tuple | None = None  # (Hkv, D): v arrives as an engine's [T, Hkv*D] rows
     scale_values: tuple = (None, None, None)  # k's, v's and q's scales where the graph has them as Python numbers
-    scale_roundings: tuple = (None, None, None)  # the dtype eager rounds each scale tensor to (quant.scale_rounding)
+    # the dtype the graph converts each scale tensor to before the op (where eager rounds it, ``quant.scale_rounding``,
+    # and the op's ``scale_round`` / ``q_scale_round`` cannot: ``_scale_reads``)
+    scale_roundings: tuple = (None, None, None)
     # caches that are views of buffers: ``(op, args)`` of each view from the buffer down (see kernels/functional.py)
     k_views: tuple | None = None
     v_views: tuple | None = None
@@ -62,8 +64,9 @@ def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
     st, v_st = p.k_store, p.v_store
     quants = (p.k_quant, p.v_quant, p.q_quant)
     views = Origin.VIEW in (st.origin, v_st.origin)
+    scale_round, q_scale_round, roundings = _scale_reads(quants, st.cache.meta["val"].device)
     return ReplacementSpec(
-        options=_options(p, validate), q_roles=_input_roles(p.q, p.q_norm, p.roles),
+        options=_options(p, validate, scale_round, q_scale_round), q_roles=_input_roles(p.q, p.q_norm, p.roles),
         k_roles=_input_roles(p.k, p.k_norm, p.roles),
         v_roles=p.v_roles, out_roles=p.roles, cos=_table_view(p.k.cos, p.cos, p.k.rotary_dim),
         sin=_table_view(p.k.sin, p.sin, p.k.rotary_dim),
@@ -71,22 +74,40 @@ def replacement_spec(p: Plan, validate: bool) -> ReplacementSpec:
         v_store_shape=tuple(shape_of(v_st.cache_view)) if v_st.cache_view is not None else None,
         v_heads=tuple(shape_of(v_st.cache)[1:]) if v_st.flat_value else None,
         scale_values=tuple(qt.scale if qt is not None and isinstance(qt.scale, float) else None for qt in quants),
-        scale_roundings=tuple(scale_rounding(qt, st.cache.meta["val"].device) if qt is not None else None
-                              for qt in quants),
+        scale_roundings=roundings,
         k_views=_view_ops(st) if views else None, v_views=_view_ops(v_st) if views else None,
         q_reshape=p.q_norm.reshape if p.q_norm is not None else None,
         k_reshape=p.k_norm.reshape if p.k_norm is not None else None)
 
 
-def _options(p: Plan, validate: bool) -> RopeKVOptions:
+def _scale_reads(quants: tuple, device: torch.device) -> tuple[bool, bool, tuple]:
+    """``(scale_round, q_scale_round, roundings)``: how the op reads k's, v's and q's scales as eager does (``quants``:
+    their ``Quant`` or None). Where eager rounds a scale tensor to the quotient's dtype (``quant.scale_rounding``)
+    the op rounds it as it loads it (the options), so the graph passes the scale as it is: a conversion in the graph
+    is a kernel of its own per scale, launched before the op. ``roundings``: the conversions left to the graph."""
+    reads = [scale_rounding(qt, device) if qt is not None else None for qt in quants]
+    # k and v share scale_round: it is set where every scale of theirs (a tensor or a Python number, which the op
+    # gets as an fp32 tensor and must read as it is) is read rounded to the one quotient dtype they share
+    scaled = [r for qt, r in zip(quants[:2], reads[:2]) if qt is not None and qt.scale is not None]
+    scale_round = quants[0] is not None and bool(scaled) and None not in scaled
+    q_scale_round = reads[2] is not None
+    # k and v disagree (one scale rounded, the other not: ``s * k`` and ``v * s`` on CPU, or a Python-number scale
+    # beside a tensor): only then does the graph still convert the rounded one, as eager reads it
+    roundings = (None, None, None) if scale_round else (*reads[:2], None)
+    return scale_round, q_scale_round, roundings
+
+
+def _options(p: Plan, validate: bool, scale_round: bool = False, q_scale_round: bool = False) -> RopeKVOptions:
     """The op's options for the site: slots and positions count from the end when negative, as the graph's indexing
     does, and one out of range fails the call as eager's store would (``check_slots``); not for slots the pass made
-    with a past-the-cache marker (a window copy, an engine's skipped index). Positions are always the graph's."""
+    with a past-the-cache marker (a window copy, an engine's skipped index). Positions are always the graph's. The
+    scales are read as eager reads them (``_scale_reads``)."""
     st, quant, qq = p.k_store, p.k_quant, p.q_quant
     extra = {} if quant is None else dict(fp8_dtype=quant.fp8 if quant.uint8 else None, quant_dtype=quant.quant_dtype,
-                                        scale_mul=quant.scale_mul, clamp=quant.clamp)
+                                        scale_mul=quant.scale_mul, clamp=quant.clamp, scale_round=scale_round)
     if qq is not None:
-        extra.update(q_fp8_dtype=qq.fp8, q_quant_dtype=qq.quant_dtype, q_scale_mul=qq.scale_mul, q_clamp=qq.clamp)
+        extra.update(q_fp8_dtype=qq.fp8, q_quant_dtype=qq.quant_dtype, q_scale_mul=qq.scale_mul, q_clamp=qq.clamp,
+                     q_scale_round=q_scale_round)
     norm = p.q_norm or p.k_norm
     if norm is not None:  # q's and k's constants agree (plan._fused_norms)
         extra.update(q_norm=p.q_norm is not None, k_norm=p.k_norm is not None, norm_eps=norm.match.eps,
@@ -137,8 +158,9 @@ def replacement(q, k, v, k_cache, v_cache, slots, cos, sin, positions, k_scale=N
 
 def _scales(spec: ReplacementSpec, scales: tuple, device) -> tuple:
     """The scales the op reads. A scale the graph holds as a Python number: the fp32 value eager computes with; a
-    scale tensor: the value eager reads, in the dtype it is read in (rounded to the quotient's dtype first where
-    eager rounds it: a bf16 tensor the op reads exactly; Inductor would drop a round trip back to fp32)."""
+    scale tensor: as it is, which the op reads rounded where eager rounds it (``scale_round``), or, where the op's
+    options cannot say so (``_scale_reads``), converted to the quotient's dtype here (a bf16 tensor the op reads
+    exactly; Inductor would drop a round trip back to fp32)."""
     return tuple(torch.full((1,), value, dtype=torch.float32, device=device) if value is not None
                  else None if scale is None else _convert(scale, rounding)
                  for scale, value, rounding in zip(scales, spec.scale_values, spec.scale_roundings))
