@@ -264,8 +264,8 @@ def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, position
         k_scale = torch.full((1,), spec.scale_value, dtype=torch.float32, device=q_pe.device)
     elif k_scale is not None:
         k_scale = _convert(k_scale, spec.scale_rounding)
-    q_out, k_out, new = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
-                                                  k_scale, spec.options, kernel=kernel)
+    q_out, k_out, new, _ = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
+                                                     k_scale, spec.options, kernel=kernel)
     k_rot = k_out.reshape(spec.k_out_shape) if spec.k_out_shape is not None else None
     if spec.store_shape is not None:
         new = new.reshape(spec.store_shape)
