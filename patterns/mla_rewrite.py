@@ -432,7 +432,8 @@ def rewrite_two_caches(graph: Graph, plan: MlaPlan, options: FusionOptions, trac
                       check_slots=True, check_positions=True, deinterleave=rope.deinterleave)
     spec = TwoCachesSpec(opts, plan.roles, x_roles(rope, m.roles[:-1]),
                          tuple(m.roles) if plan.return_k else None, tuple(st.value_roles),
-                         _table_view(rope.cos, plan.cos, rope.rotary_dim), _table_view(rope.sin, plan.sin, rope.rotary_dim))
+                         _table_view(rope.cos, plan.cos, rope.rotary_dim),
+                         _table_view(rope.sin, plan.sin, rope.rotary_dim))
     kernels = routes(st.cache.meta["val"].device, options.validate)
     for kernel in kernels:
         try:
@@ -443,8 +444,8 @@ def rewrite_two_caches(graph: Graph, plan: MlaPlan, options: FusionOptions, trac
                 raise
     last_input = max(n for n in inputs if n is not None)
     with graph.inserting_before(last_input.next):
-        new_nodes, (q_out, k_rot, new_kv, new_kp) = splice(graph, traced.gm, inputs, kst.node.meta.get("stack_trace"),
-                                                           traced.write_backs)
+        new_nodes, (q_out, k_rot, new_kv, new_kp) = splice(
+            graph, traced.gm, inputs, kst.node.meta.get("stack_trace"), traced.write_backs)
     olds = [(q_out, plan.q_cat if plan.q_cat is not None else plan.q_root),
             (k_rot, m.k_root if plan.return_k else None), (new_kv, st.result), (new_kp, kst.result)]
     for n_new, old in olds:
