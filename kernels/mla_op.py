@@ -1,8 +1,8 @@
 """``torch.ops.fx_fusion.mla_rope_store``: the MLA sibling of ``rope_kv_store`` (``ops``), and its public wrapper.
 
 The op mutates only ``kv_cache`` (and ``k_pe_cache`` when given); q_out (``[T, Hq, LQ + R]``: q_nope then the
-rotated q_pe) and, when asked, the rotated k_pe come back as fresh tensors. Implementations, as ``rope_kv_store``'s: the Triton kernel on CUDA (and on
-CPU through the interpreter with ``TRITON_INTERPRET=1``), otherwise on CPU the float reference in fp32; a fake
+rotated q_pe) and, when asked, the rotated k_pe come back as fresh tensors. Implementations, as
+``rope_kv_store``'s: the Triton kernel on CUDA (and on CPU through the interpreter with ``TRITON_INTERPRET=1``), otherwise on CPU the float reference in fp32; a fake
 implementation with the same checks; under torch.compile on CUDA (``validate=False``) the breakdown into the
 kernel's ``wrap_triton`` launch, elsewhere the op stays opaque.
 
