@@ -1,7 +1,7 @@
 """The fused op as functional code for a graph pass to trace: the one way from a pass to the kernel.
 
 ``rope_kv_store_functional`` returns ``(q_out, k_out, new k buffer, new v buffer)`` in one of two forms (and
-``mla_rope_store_functional``, the MLA op's, ``(q_out, k_pe_out, new kv_cache)``):
+``mla_rope_store_functional``, the MLA op's, ``(q_out, k_pe_out, new kv_cache, new k_pe_cache or None)``):
 
     kernel=True   the kernel's launch through ``wrap_triton`` (``launch.launch_traceable``: the same breakdown
                   AOTAutograd does for the op, see ``ops.py``), functionalized. The traced graph holds
@@ -92,23 +92,27 @@ def _op_on_views(q, k, v, k_buffer, v_buffer, slot_mapping, cos, sin, positions,
 
 
 def mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale,
-                              options: MlaOptions, *, kernel: bool):
-    """``torch.ops.fx_fusion.mla_rope_store`` in functional form: ``(q_out, k_pe_out, new kv_cache)``, as the
-    kernel's traced launch (``kernel=True``) or the op (``auto_functionalized``); see the module docstring."""
+                              options: MlaOptions, *, kernel: bool, k_pe_cache=None):
+    """``torch.ops.fx_fusion.mla_rope_store`` in functional form: ``(q_out, k_pe_out, new kv_cache, new k_pe_cache
+    or None)``, as the kernel's traced launch (``kernel=True``) or the op (``auto_functionalized``); see the module
+    docstring."""
     if kernel:
         return torch.func.functionalize(_mla_kernel, remove="mutations")(
-            q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, options=options)
-    return auto_functionalized(MLA_OP, q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, kv_cache=kv_cache,
-                               slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, k_scale=k_scale,
-                               **options.op_arguments())
+            q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, k_pe_cache,
+            options=options)
+    out = auto_functionalized(MLA_OP, q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, kv_cache=kv_cache,
+                              slot_mapping=slot_mapping, cos=cos, sin=sin, positions=positions, k_scale=k_scale,
+                              k_pe_cache=k_pe_cache, **options.op_arguments())
+    return out[0], out[1], out[2], (out[3] if k_pe_cache is not None else None)
 
 
-def _mla_kernel(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, *,
+def _mla_kernel(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, k_pe_cache, *,
                 options: MlaOptions):
-    """The MLA launch, writing the cache in place."""
-    p = prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, options=options)
+    """The MLA launch, writing the cache(s) in place."""
+    p = prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions, k_scale, k_pe_cache,
+                    options=options)
     q_out, k_out = mla_launch_traceable(p)
-    return q_out, k_out, kv_cache
+    return q_out, k_out, kv_cache, k_pe_cache
 
 
 def _replay(x: torch.Tensor, views: tuple | None) -> torch.Tensor:

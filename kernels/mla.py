@@ -29,27 +29,43 @@ analysis_cache.install(_mla_rope_store_kernel)
 
 @dataclass(frozen=True)
 class MlaProblem:
-    """Validated arguments: k_pe and kv_c seen as ``[T, R]`` / ``[T, L]``, the cache as rows without its head axis."""
+    """Validated arguments: k_pe and kv_c seen as ``[T, R]`` / ``[T, L]`` (sequence layout: ``[B, S, R]`` /
+    ``[B, S, L]``), the caches as rows without their head axis."""
 
-    q_pe: torch.Tensor  # [T, HQ, R]
-    q_nope: torch.Tensor | None  # [T, HQ, LQ]
-    k_pe: torch.Tensor  # seen as [T, R]
-    kv_c: torch.Tensor  # seen as [T, L]
+    q_pe: torch.Tensor  # [T, HQ, R] (sequence: [B, S, HQ, R])
+    q_nope: torch.Tensor | None  # [T, HQ, LQ] (sequence: [B, S, HQ, LQ])
+    k_pe: torch.Tensor  # seen as [T, R] (sequence: [B, S, R])
+    kv_c: torch.Tensor  # seen as [T, L] (sequence: [B, S, L])
     kv_cache: torch.Tensor  # as given
-    cache_rows: torch.Tensor  # kv_cache seen as [num_slots, L + R] or [num_blocks, block_size, L + R]
-    slot_mapping: torch.Tensor  # seen as [1, T]
+    cache_rows: torch.Tensor  # kv_cache seen as [num_slots, W], [num_blocks, block_size, W] or [B, S_max, W]
+    slot_mapping: torch.Tensor  # seen as [1, T] (sequence: [1, S], the cache_position)
     cos: torch.Tensor
     sin: torch.Tensor
-    positions: torch.Tensor | None  # seen as [1, T]
+    positions: torch.Tensor | None  # seen as [B or 1, S]
     k_scale: torch.Tensor | None
     options: MlaOptions
     k_pe_shape: torch.Size  # as given, for k_pe_out
+    k_pe_cache: torch.Tensor | None = None  # as given (None: the rotated k_pe goes to kv_cache's last R features)
+    k_pe_rows: torch.Tensor | None = None  # k_pe_cache seen as rows, as cache_rows
 
     swa_table = None  # (no sliding-window table: ``problem.check_index_ranges`` reads it)
 
     @property
+    def sequence(self) -> bool:
+        return self.options.layout is CacheLayout.SEQUENCE
+
+    @property
+    def batch(self) -> int:
+        return self.q_pe.shape[0] if self.sequence else 1
+
+    @property
     def num_tokens(self) -> int:
-        return self.q_pe.shape[0]
+        """B * S (T for the flat layouts)."""
+        return self.q_pe.shape[0] * self.q_pe.shape[1] if self.sequence else self.q_pe.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q_pe.shape[-2]
 
     @property
     def rotary_dim(self) -> int:
@@ -67,7 +83,7 @@ class MlaProblem:
 
     @property
     def q_out_shape(self) -> tuple:
-        return (*self.q_pe.shape[:2], self.q_nope_dim + self.rotary_dim)
+        return (*self.q_pe.shape[:-1], self.q_nope_dim + self.rotary_dim)
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -76,7 +92,9 @@ class MlaProblem:
 
     @property
     def num_slots(self) -> int:
-        """Valid slots are ``0 <= slot < num_slots``."""
+        """Valid slots are ``0 <= slot < num_slots`` (sequence layout: per batch row)."""
+        if self.sequence:
+            return self.cache_rows.shape[1]
         return self.cache_rows.shape[0] * self.block_size
 
     @property
@@ -87,67 +105,112 @@ class MlaProblem:
     def cos_per_element(self) -> bool:
         return self.cos.shape[-1] == self.rotary_dim
 
+    def bs(self, x: torch.Tensor) -> torch.Tensor:
+        """A token-major tensor of this problem seen as ``[B, S, ...]`` (flat layouts: ``[1, T, ...]``)."""
+        return x if self.sequence else x.unsqueeze(0)
 
-# kv_cache's dims per layout: without, then with the head axis of 1
-_CACHE_NDIMS = {CacheLayout.TOKEN: (2, 3), CacheLayout.PAGED: (3, 4)}
+
+# kv_cache's dims per layout: without, then with the head axis of 1 (sequence: always [B, 1, S_max, W])
+_CACHE_NDIMS = {CacheLayout.TOKEN: (2, 3), CacheLayout.PAGED: (3, 4), CacheLayout.SEQUENCE: (4, 4)}
 
 
-def _single_head(name: str, x: torch.Tensor, what: str) -> torch.Tensor:
-    """``[T, F]``, or ``[T, 1, F]`` seen as ``[T, F]``."""
-    if x.dim() == 3:
-        if x.shape[1] != 1:
-            raise ValueError(f"{name} must be [T, {what}] or [T, 1, {what}] (one head), got shape {tuple(x.shape)}")
-        return x.squeeze(1)
+def _single_head(name: str, x: torch.Tensor, what: str, sequence: bool) -> torch.Tensor:
+    """``[T, F]``, or ``[T, 1, F]`` seen as ``[T, F]`` (sequence layout: ``[B, S, (1,) F]`` as ``[B, S, F]``)."""
+    if x.dim() == 3 + sequence:
+        if x.shape[-2] != 1:
+            lead = "B, S" if sequence else "T"
+            raise ValueError(f"{name} must be [{lead}, {what}] or [{lead}, 1, {what}] (one head), got shape "
+                             f"{tuple(x.shape)}")
+        return x.squeeze(-2)
     return x
 
 
-def prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions=None, k_scale=None, *,
-                options: MlaOptions | None = None, **kwargs) -> MlaProblem:
+def _cache_rows(name: str, cache: torch.Tensor, layout: CacheLayout, width: int, what: str) -> torch.Tensor:
+    """``cache`` (dtype and dims checked) without its head axis of 1, its rows ``width`` wide."""
+    rows = cache
+    if layout is CacheLayout.SEQUENCE:
+        if cache.shape[1] != 1:
+            raise ValueError(f"{name} has {cache.shape[1]} heads (shape {tuple(cache.shape)}, [B, 1, S_max, W]), "
+                             "expected 1: MLA caches hold one latent row per slot")
+        rows = cache.squeeze(1)
+    elif cache.dim() == _CACHE_NDIMS[layout][1]:
+        if cache.shape[-2] != 1:
+            raise ValueError(f"{name} has {cache.shape[-2]} heads (shape {tuple(cache.shape)}), expected 1: "
+                             "MLA caches hold one latent row per slot")
+        rows = cache.squeeze(-2)
+    if rows.shape[-1] != width:
+        raise ValueError(f"{name} has rows of {rows.shape[-1]} features (shape {tuple(cache.shape)}), expected "
+                         f"{what}")
+    return rows
+
+
+def prepare_mla(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin, positions=None, k_scale=None,
+                k_pe_cache=None, *, options: MlaOptions | None = None, **kwargs) -> MlaProblem:
     """Check every argument (no device sync) and describe the problem; see ``problem.prepare``, whose rules these
     are. The options are ``options`` with the ``MlaOptions`` fields named in ``kwargs`` replaced."""
     o = make_mla_options(options, **kwargs)
-    _expect_tensor("q_pe", q_pe, dtypes=MODEL_DTYPES, ndims=(3,))
+    seq_layout = o.layout is CacheLayout.SEQUENCE
+    if o.deinterleave and o.is_neox:
+        raise ValueError("deinterleave=True rotates GPT-J pairs (2i, 2i + 1) and writes them as halves; it needs "
+                         "is_neox=False")
+    lead = "B, S" if seq_layout else "T"
+    _expect_tensor("q_pe", q_pe, dtypes=MODEL_DTYPES, ndims=(3 + seq_layout,))
     dev, dtype = q_pe.device, q_pe.dtype
-    n_tok, heads, rot = q_pe.shape
+    heads, rot = q_pe.shape[-2:]
+    tokens = tuple(q_pe.shape[:-2])  # (T,) or (B, S)
+    n_tok = " x ".join(map(str, tokens))
     if heads == 0 or rot < 2 or rot % 2:
-        raise ValueError(f"q_pe must be [T, Hq, R] with at least one head and an even R >= 2 (the rope features), "
-                         f"got shape {tuple(q_pe.shape)}")
+        raise ValueError(f"q_pe must be [{lead}, Hq, R] with at least one head and an even R >= 2 (the rope "
+                         f"features), got shape {tuple(q_pe.shape)}")
     if q_nope is not None:
-        _expect_tensor("q_nope", q_nope, dtypes=(dtype,), ndims=(3,), device=dev)
-        if q_nope.shape[:2] != q_pe.shape[:2] or q_nope.shape[2] == 0:
-            raise ValueError(f"q_nope must be [T, Hq, LQ] = [{n_tok}, {heads}, LQ >= 1] (q_pe's tokens and heads), "
-                             f"got shape {tuple(q_nope.shape)}")
-    _expect_tensor("k_pe", k_pe, dtypes=(dtype,), ndims=(2, 3), device=dev)
-    _expect_tensor("kv_c", kv_c, dtypes=(dtype,), ndims=(2, 3), device=dev)
-    k2, c2 = _single_head("k_pe", k_pe, "R"), _single_head("kv_c", kv_c, "L")
-    if k2.shape != (n_tok, rot):
-        raise ValueError(f"k_pe must have {n_tok} tokens of R = {rot} features (q_pe's), got shape {tuple(k_pe.shape)}")
-    if c2.shape[0] != n_tok or c2.shape[1] == 0:
+        _expect_tensor("q_nope", q_nope, dtypes=(dtype,), ndims=(3 + seq_layout,), device=dev)
+        if q_nope.shape[:-1] != q_pe.shape[:-1] or q_nope.shape[-1] == 0:
+            raise ValueError(f"q_nope must be [{lead}, Hq, LQ] = [{n_tok}, {heads}, LQ >= 1] "
+                             f"(q_pe's tokens and heads), got shape {tuple(q_nope.shape)}")
+    _expect_tensor("k_pe", k_pe, dtypes=(dtype,), ndims=(2 + seq_layout, 3 + seq_layout), device=dev)
+    _expect_tensor("kv_c", kv_c, dtypes=(dtype,), ndims=(2 + seq_layout, 3 + seq_layout), device=dev)
+    k2, c2 = (_single_head("k_pe", k_pe, "R", seq_layout), _single_head("kv_c", kv_c, "L", seq_layout))
+    if k2.shape != (*tokens, rot):
+        raise ValueError(f"k_pe must have {n_tok} tokens of R = {rot} features (q_pe's), got shape "
+                         f"{tuple(k_pe.shape)}")
+    if tuple(c2.shape[:-1]) != tokens or c2.shape[-1] == 0:
         raise ValueError(f"kv_c must have {n_tok} tokens (q_pe's) of L >= 1 features, got shape {tuple(kv_c.shape)}")
-    latent = c2.shape[1]
+    latent = c2.shape[-1]
 
     ndims = _CACHE_NDIMS[o.layout]
     check_cache_dtype("kv_cache", kv_cache, ndims, dtype, dev, o.fp8_dtype, o.quant_dtype)
-    rows = kv_cache
-    if kv_cache.dim() == ndims[1]:
-        if kv_cache.shape[-2] != 1:
-            raise ValueError(f"kv_cache has {kv_cache.shape[-2]} heads (shape {tuple(kv_cache.shape)}), expected 1: "
-                             "MLA caches hold one latent row per slot")
-        rows = kv_cache.squeeze(-2)
-    if rows.shape[-1] != latent + rot:
-        raise ValueError(f"kv_cache has rows of {rows.shape[-1]} features (shape {tuple(kv_cache.shape)}), expected "
-                         f"L + R = {latent} + {rot} = {latent + rot} (kv_c's, then k_pe's)")
+    kp_rows = None
+    if k_pe_cache is None:
+        rows = _cache_rows("kv_cache", kv_cache, o.layout, latent + rot,
+                           f"L + R = {latent} + {rot} = {latent + rot} (kv_c's, then k_pe's)")
+    else:
+        rows = _cache_rows("kv_cache", kv_cache, o.layout, latent, f"L = {latent} (kv_c's; k_pe_cache holds k_pe)")
+        _expect_tensor("k_pe_cache", k_pe_cache, dtypes=(kv_cache.dtype,), ndims=ndims, device=dev)
+        kp_rows = _cache_rows("k_pe_cache", k_pe_cache, o.layout, rot, f"R = {rot} (k_pe's)")
+        if kp_rows.shape[:-1] != rows.shape[:-1]:
+            raise ValueError(f"k_pe_cache has {tuple(kp_rows.shape[:-1])} slots (shape {tuple(k_pe_cache.shape)}), "
+                             f"but kv_cache has {tuple(rows.shape[:-1])} (shape {tuple(kv_cache.shape)}): one slot "
+                             "of each per token")
+    if seq_layout and rows.shape[0] != tokens[0]:
+        raise ValueError(f"kv_cache has batch {rows.shape[0]} (shape {tuple(kv_cache.shape)}), but q_pe has batch "
+                         f"{tokens[0]}")
 
     _expect_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, device=dev)
-    slots = _as_bs("slot_mapping", slot_mapping, 1, n_tok, per_batch=False)
-    _, pos2 = _check_rotary(cos, sin, positions, rot, rot, 1, n_tok, dev)
+    batch, seq = (tokens if seq_layout else (1, tokens[0]))
+    slots = _as_bs("slot_mapping", slot_mapping, 1, seq, per_batch=False)
+    _, pos2 = _check_rotary(cos, sin, positions, rot, rot, batch, seq, dev)
     _check_scales(k_scale, None, kv_cache.dtype, o.fp8_dtype, dev)
     _check_eager_fp8(dev, o.fp8_dtype or kv_cache.dtype, o.quant_dtype, o.scale_mul, o.clamp)
     inputs = dict(q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, slot_mapping=slot_mapping, cos=cos, sin=sin,
                   positions=positions, k_scale=k_scale)
-    _check_no_overlap({name: x for name, x in inputs.items() if x is not None}, {"kv_cache": kv_cache})
-    check_writable("kv_cache", kv_cache)
-    return MlaProblem(q_pe, q_nope, k2, c2, kv_cache, rows, slots, cos, sin, pos2, k_scale, o, k_pe.shape)
+    caches = {"kv_cache": kv_cache} | ({"k_pe_cache": k_pe_cache} if k_pe_cache is not None else {})
+    _check_no_overlap({name: x for name, x in inputs.items() if x is not None}, caches)
+    if k_pe_cache is not None:
+        _check_no_overlap({"k_pe_cache": k_pe_cache}, {"kv_cache": kv_cache})
+    for name, cache in caches.items():
+        check_writable(name, cache)
+    return MlaProblem(q_pe, q_nope, k2, c2, kv_cache, rows, slots, cos, sin, pos2, k_scale, o, k_pe.shape,
+                      k_pe_cache, kp_rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +238,7 @@ def launch_config(p: MlaProblem) -> dict:
     block_rkv = triton.next_power_of_2(max(1, budget // kv_width))
     n_tok = p.num_tokens
     if budget == 2048 and isinstance(n_tok, int):
-        while block_rq > 1 and n_tok * p.q_pe.shape[1] // block_rq < 512:
+        while block_rq > 1 and n_tok * p.num_heads // block_rq < 512:
             block_rq //= 2
         while block_rkv > 1 and n_tok // block_rkv < 512:
             block_rkv //= 2
@@ -186,39 +249,65 @@ def launch_config(p: MlaProblem) -> dict:
     return cfg
 
 
+def _cache_strides(p: MlaProblem, rows: torch.Tensor | None) -> tuple:
+    """``(sb, sblk, sslot, sd)`` of cache rows for the kernel's address formula (see its signature)."""
+    if rows is None:
+        return None, None, None, None
+    layout = p.options.layout
+    if layout is CacheLayout.SEQUENCE:
+        return rows.stride(0), rows.stride(1), 0, rows.stride(2)
+    if layout is CacheLayout.PAGED:
+        return None, rows.stride(0), rows.stride(1), rows.stride(2)
+    return None, rows.stride(0), 0, rows.stride(1)
+
+
 def kernel_arguments(p: MlaProblem, q_out: torch.Tensor, k_out: torch.Tensor | None, **config) -> tuple[tuple, dict]:
     """``(grid, keyword arguments)`` of one launch; ``config`` overrides ``launch_config(p)``. Run-time values: the
-    tensors (absent ones None), the token count and the inputs' token strides; everything else is a constexpr."""
+    tensors (absent ones None), the token count, the batch strides and the inputs' token strides; everything else
+    is a constexpr."""
     o = p.options
-    ko = k_out.reshape(p.num_tokens, p.rotary_dim) if k_out is not None else None
-    rows, paged = p.cache_rows, o.layout is CacheLayout.PAGED
+    q4, qo4, k3, c3 = p.bs(p.q_pe), p.bs(q_out), p.bs(p.k_pe), p.bs(p.kv_c)
+    qn = p.bs(p.q_nope) if p.q_nope is not None else None
+    ko = k_out.reshape(*k3.shape) if k_out is not None else None
     fp8 = p.kv_cache.dtype in FP8_DTYPES
     cfg = launch_config(p) | config
-    qn = p.q_nope
+    batched = p.batch > 1
+
+    def sb(x):  # a batch stride, None where the batch index is always 0 or the tensor is broadcast over it
+        return x.stride(0) if x is not None and batched and x.shape[0] > 1 else None
+
+    kc_sb, kc_sblk, kc_sslot, kc_sd = _cache_strides(p, p.cache_rows)
+    kp_sb, kp_sblk, kp_sslot, kp_sd = _cache_strides(p, p.k_pe_rows)
+    per_token = p.positions is None
+    cos3 = p.cos if not per_token or p.cos.dim() == 3 else p.cos.unsqueeze(0)
+    sin3 = p.sin if not per_token or p.sin.dim() == 3 else p.sin.unsqueeze(0)
     args = dict(
-        q_pe_ptr=p.q_pe, q_nope_ptr=qn, q_out_ptr=q_out, k_pe_ptr=p.k_pe, kv_c_ptr=p.kv_c, k_out_ptr=ko,
-        kv_cache_ptr=p.kv_cache, slot_ptr=p.slot_mapping, pos_ptr=p.positions, cos_ptr=p.cos, sin_ptr=p.sin,
-        k_scale_ptr=p.k_scale, T=p.num_tokens,
-        qpe_ss=p.q_pe.stride(0), qnope_ss=qn.stride(0) if qn is not None else None,
-        kpe_ss=p.k_pe.stride(0), kvc_ss=p.kv_c.stride(0),
-        qpe_sh=p.q_pe.stride(1), qpe_sd=p.q_pe.stride(2),
-        qnope_sh=qn.stride(1) if qn is not None else None, qnope_sd=qn.stride(2) if qn is not None else None,
-        qo_ss=q_out.stride(0), qo_sh=q_out.stride(1), qo_sd=q_out.stride(2),
-        kpe_sd=p.k_pe.stride(1), kvc_sd=p.kv_c.stride(1),
-        ko_ss=ko.stride(0) if ko is not None else None, ko_sd=ko.stride(1) if ko is not None else None,
-        kc_sblk=rows.stride(0), kc_sslot=rows.stride(1) if paged else 0, kc_sd=rows.stride(-1),
+        q_pe_ptr=p.q_pe, q_nope_ptr=p.q_nope, q_out_ptr=q_out, k_pe_ptr=p.k_pe, kv_c_ptr=p.kv_c, k_out_ptr=ko,
+        kv_cache_ptr=p.kv_cache, k_pe_cache_ptr=p.k_pe_cache, slot_ptr=p.slot_mapping, pos_ptr=p.positions,
+        cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, T=p.num_tokens,
+        qpe_sb=sb(q4), qnope_sb=sb(qn), qo_sb=sb(qo4), kpe_sb=sb(k3), kvc_sb=sb(c3), ko_sb=sb(ko),
+        kc_sb=kc_sb if batched else None, kp_sb=kp_sb if batched else None, pos_sb=sb(p.positions),
+        cos_sb=sb(cos3) if per_token else None, sin_sb=sb(sin3) if per_token else None,
+        qpe_ss=q4.stride(1), qnope_ss=qn.stride(1) if qn is not None else None,
+        kpe_ss=k3.stride(1), kvc_ss=c3.stride(1),
+        qpe_sh=q4.stride(2), qpe_sd=q4.stride(3),
+        qnope_sh=qn.stride(2) if qn is not None else None, qnope_sd=qn.stride(3) if qn is not None else None,
+        qo_ss=qo4.stride(1), qo_sh=qo4.stride(2), qo_sd=qo4.stride(3),
+        kpe_sd=k3.stride(2), kvc_sd=c3.stride(2),
+        ko_ss=ko.stride(1) if ko is not None else None, ko_sd=ko.stride(2) if ko is not None else None,
+        kc_sblk=kc_sblk, kc_sslot=kc_sslot, kc_sd=kc_sd, kp_sblk=kp_sblk, kp_sslot=kp_sslot, kp_sd=kp_sd,
         slot_ss=p.slot_mapping.stride(1), pos_ss=p.positions.stride(1) if p.positions is not None else None,
         cos_sr=p.cos.stride(-2), cos_sd=p.cos.stride(-1), sin_sr=p.sin.stride(-2), sin_sd=p.sin.stride(-1),
-        HQ=p.q_pe.shape[1], LQ=p.q_nope_dim, L=p.latent_dim, R=p.rotary_dim,
+        B=p.batch, HQ=p.num_heads, LQ=p.q_nope_dim, L=p.latent_dim, R=p.rotary_dim,
         N_SLOTS=p.num_slots, N_POSITIONS=p.cos.shape[0] if p.positions is not None else None,
         CACHE_BLOCK_SIZE=p.block_size, FP8_MAX=torch.finfo(p.kv_cache.dtype).max if fp8 else None,
         **fp8_store_arguments(o, p.q_pe.device, p.q_pe.dtype, p.kv_cache.dtype, p.stored_dtype),
         IS_NEOX=o.is_neox, COS_PER_ELEMENT=p.cos_per_element, NEGATIVE_WRAPS=o.negative_wraps,
-        CHECK_SLOTS=o.check_slots, CHECK_POSITIONS=o.check_positions,
+        DEINTERLEAVE=o.deinterleave, CHECK_SLOTS=o.check_slots, CHECK_POSITIONS=o.check_positions,
         ROUND_TABLE=TABLE_DTYPES.index(o.table_dtype),
         **cfg,
     )
-    n_q_programs = triton.cdiv(p.num_tokens * p.q_pe.shape[1], cfg["BLOCK_RQ"])
+    n_q_programs = triton.cdiv(p.num_tokens * p.num_heads, cfg["BLOCK_RQ"])
     n_kv_programs = triton.cdiv(p.num_tokens, cfg["BLOCK_RKV"])
     return (n_q_programs + n_kv_programs,), args
 
@@ -259,41 +348,61 @@ def launch_traceable(p: MlaProblem) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(p: MlaProblem, compute_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel's contract in plain torch, computed in ``compute_dtype``: writes the cache, returns ``(q_out,
+    """The kernel's contract in plain torch, computed in ``compute_dtype``: writes the cache(s), returns ``(q_out,
     k_pe_out or None)`` (None unless ``return_k``)."""
     o = p.options
     first, second, c1, c2, s1, s2 = rotary_values(p.cos, p.sin, p.positions, p.rotary_dim, o, compute_dtype)
-    c1, c2, s1, s2 = (c[0] for c in (c1, c2, s1, s2))  # [T, 1, R']
+    # c1.. [B or 1, S, 1, R']
 
-    def rope(x: torch.Tensor) -> torch.Tensor:  # [T, H, R]
+    def rope(x: torch.Tensor) -> torch.Tensor:  # [B, S, H, R]
         out = x.to(compute_dtype, copy=True)
         x1, x2 = out[..., first].clone(), out[..., second].clone()
         out[..., first] = x1 * c1 - x2 * s1
         out[..., second] = x2 * c2 + x1 * s2
+        if o.deinterleave:  # pair i written at (i, i + R/2)
+            out = torch.cat([out[..., first], out[..., second]], dim=-1)
         return out
 
-    q_rot = rope(p.q_pe)
-    k_rot = rope(p.k_pe[:, None])[:, 0]  # [T, R]
+    q_rot = rope(p.bs(p.q_pe))  # [B, S, HQ, R]
+    k_rot = rope(p.bs(p.k_pe)[:, :, None])[:, :, 0]  # [B, S, R]
     slots = p.slot_mapping[0].long()
     if o.negative_wraps:
         slots = torch.where(slots < 0, slots + p.num_slots, slots)
     store = (slots >= 0) & (slots < p.num_slots)
-    row = torch.cat([p.kv_c.to(compute_dtype), k_rot], dim=-1)[store]
-    values = cache_values(row, p.kv_cache.dtype, p.stored_dtype, p.k_scale, o, p.q_pe.dtype, compute_dtype)
     sel = slots[store]
-    if o.layout is CacheLayout.PAGED:
-        p.cache_rows[sel // p.block_size, sel % p.block_size] = values
+
+    def write(rows: torch.Tensor, x: torch.Tensor) -> None:  # x [B, S, W] in compute_dtype
+        values = cache_values(x[:, store], p.kv_cache.dtype, p.stored_dtype, p.k_scale, o, p.q_pe.dtype,
+                              compute_dtype)
+        if o.layout is CacheLayout.SEQUENCE:
+            rows[:, sel] = values
+        elif o.layout is CacheLayout.PAGED:
+            rows[sel // p.block_size, sel % p.block_size] = values[0]
+        else:
+            rows[sel] = values[0]
+
+    kv_c = p.bs(p.kv_c).to(compute_dtype)
+    if p.k_pe_cache is None:
+        write(p.cache_rows, torch.cat([kv_c, k_rot], dim=-1))
     else:
-        p.cache_rows[sel] = values
+        write(p.cache_rows, kv_c)
+        write(p.k_pe_rows, k_rot)
     q_out = q_rot.to(p.q_pe.dtype)
     if p.q_nope is not None:
-        q_out = torch.cat([p.q_nope, q_out], dim=-1)
+        q_out = torch.cat([p.bs(p.q_nope), q_out], dim=-1)
+    q_out = q_out.reshape(p.q_out_shape)
     k_out = k_rot.to(p.k_pe.dtype).reshape(p.k_pe_shape) if o.return_k else None
     return q_out.contiguous(), k_out
 
 
 def reference_problem(p: MlaProblem) -> MlaProblem:
-    """``p`` on a copy of its cache (for the reference to write)."""
+    """``p`` on a copy of its cache(s) (for the reference to write)."""
+    def rows_of(cache: torch.Tensor) -> torch.Tensor:
+        if p.sequence:
+            return cache.squeeze(1)
+        return cache.squeeze(-2) if cache.dim() == _CACHE_NDIMS[p.options.layout][1] else cache
+
     cache = p.kv_cache.clone()
-    rows = cache.squeeze(-2) if cache.dim() == _CACHE_NDIMS[p.options.layout][1] else cache
-    return dataclasses.replace(p, kv_cache=cache, cache_rows=rows)
+    kp = p.k_pe_cache.clone() if p.k_pe_cache is not None else None
+    return dataclasses.replace(p, kv_cache=cache, cache_rows=rows_of(cache), k_pe_cache=kp,
+                               k_pe_rows=rows_of(kp) if kp is not None else None)

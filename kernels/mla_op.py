@@ -1,8 +1,8 @@
 """``torch.ops.fx_fusion.mla_rope_store``: the MLA sibling of ``rope_kv_store`` (``ops``), and its public wrapper.
 
-The op mutates only ``kv_cache``; q_out (``[T, Hq, LQ + R]``: q_nope then the rotated q_pe) and, when asked, the
-rotated k_pe come back as fresh tensors. Implementations, as ``rope_kv_store``'s: the Triton kernel on CUDA (and on
-CPU through the interpreter with ``TRITON_INTERPRET=1``), otherwise on CPU the float reference in fp32; a fake
+The op mutates only ``kv_cache`` (and ``k_pe_cache`` when given); q_out (``[T, Hq, LQ + R]``: q_nope then the
+rotated q_pe) and, when asked, the rotated k_pe come back as fresh tensors. Implementations, as
+``rope_kv_store``'s: the Triton kernel on CUDA (and on CPU through the interpreter with ``TRITON_INTERPRET=1``), otherwise on CPU the float reference in fp32; a fake
 implementation with the same checks; under torch.compile on CUDA (``validate=False``) the breakdown into the
 kernel's ``wrap_triton`` launch, elsewhere the op stays opaque.
 
@@ -29,7 +29,7 @@ from fx_fusion.kernels.problem import check_index_ranges
 def _tensor_arguments(
     q_pe: torch.Tensor, q_nope: torch.Tensor | None, k_pe: torch.Tensor, kv_c: torch.Tensor, kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
-    k_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None, k_pe_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's tensor arguments and its returns; its other arguments are ``MlaOptions``'s fields."""
 
@@ -65,7 +65,8 @@ def _mla_rope_store(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 _mla_rope_store.__signature__ = _SIGNATURE  # what custom_op infers the schema from
 
-mla_rope_store_op = torch.library.custom_op("fx_fusion::mla_rope_store", _mla_rope_store, mutates_args=("kv_cache",))
+mla_rope_store_op = torch.library.custom_op("fx_fusion::mla_rope_store", _mla_rope_store,
+                                            mutates_args=("kv_cache", "k_pe_cache"))
 
 
 @mla_rope_store_op.register_fake
@@ -79,16 +80,16 @@ def _launch_traceable(**arguments) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 mla_rope_store_op.register_torch_dispatch(
-    FunctionalTensorMode, break_down_when_compiled(_SIGNATURE, "q_pe", ("kv_cache",), _launch_traceable))
-register_autograd_checks(mla_rope_store_op, "mla_rope_store", _SIGNATURE, ("kv_cache",))
+    FunctionalTensorMode, break_down_when_compiled(_SIGNATURE, "q_pe", ("kv_cache", "k_pe_cache"), _launch_traceable))
+register_autograd_checks(mla_rope_store_op, "mla_rope_store", _SIGNATURE, ("kv_cache", "k_pe_cache"))
 
 
 def mla_rope_store(
     q_pe: torch.Tensor, k_pe: torch.Tensor, kv_c: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
     *, q_nope: torch.Tensor | None = None, cos_sin_cache: torch.Tensor | None = None,
     positions: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-    layout: CacheLayout | str = CacheLayout.TOKEN, k_scale: torch.Tensor | None = None, check_bounds: bool = False,
-    **options,
+    layout: CacheLayout | str = CacheLayout.TOKEN, k_scale: torch.Tensor | None = None,
+    k_pe_cache: torch.Tensor | None = None, check_bounds: bool = False, **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotate q_pe and k_pe (DeepSeek MLA's rope parts), store ``[kv_c | rope(k_pe)]`` in ``kv_cache`` at each
     token's slot; return ``(q_out, rotated k_pe or None)``, q_out ``[T, Hq, LQ + R]`` = ``[q_nope | rope(q_pe)]``
@@ -100,6 +101,12 @@ def mla_rope_store(
     ``rope_kv_store`` (read its docstring): ``cos_sin_cache [max_pos, R]`` with ``positions``, or ``cos``/``sin``;
     ``k_scale`` for an fp8 cache; ``check_bounds`` sets ``check_slots`` and ``check_positions``.
 
+    ``k_pe_cache``: the rotated k_pe goes there (rows of R) and kv_cache holds kv_c alone (rows of L), both of
+    ``layout``, one slot each per token (transformers' DeepseekV3). ``layout="sequence"``: HF's StaticCache
+    ``[B, 1, S_max, W]``, ``slot_mapping`` its ``cache_position [S]``, and q_pe ``[B, S, Hq, R]``, q_nope ``[B, S,
+    Hq, LQ]``, k_pe ``[B, S, (1,) R]``, kv_c ``[B, S, (1,) L]`` (any strides: HF's ``[B, H, S, D]`` transposed).
+    ``deinterleave=True`` (with ``is_neox=False``): pairs (2i, 2i + 1) rotated and written at (i, i + R/2).
+
     ``**options``: the other ``MlaOptions`` fields (``is_neox``, ``return_k``, ``validate``, ``negative_wraps``,
     ``table_dtype``, ``fp8_dtype``, ``quant_dtype``, ``scale_mul``, ``clamp``, ...); another name is a
     ``TypeError`` naming it.
@@ -110,5 +117,5 @@ def mla_rope_store(
     rot = q_pe.shape[-1] if isinstance(q_pe, torch.Tensor) and q_pe.dim() > 0 else None
     cos, sin, _ = split_rotary_table(cos_sin_cache, cos, sin, positions, rot, rotary_name="q_pe's R")
     q_out, k_out = torch.ops.fx_fusion.mla_rope_store(q_pe, q_nope, k_pe, kv_c, kv_cache, slot_mapping, cos, sin,
-                                                      positions, k_scale, **opts.op_arguments())
+                                                      positions, k_scale, k_pe_cache, **opts.op_arguments())
     return q_out, (k_out if opts.return_k else None)

@@ -207,8 +207,9 @@ def _autograd_checked(generated, signature: inspect.Signature, cache_names: tupl
     def autograd_kernel(keyset, *args, **kwargs):
         if torch.is_grad_enabled():
             for i, name in caches:  # the dispatcher passes every argument but keyword-only ones by position
-                if isinstance(args[i], torch.Tensor):
-                    check_writable(name, args[i])
+                x = args[i] if i < len(args) else kwargs.get(name)  # (trailing defaults may be left out)
+                if isinstance(x, torch.Tensor):
+                    check_writable(name, x)
         return generated(keyset, *args, **kwargs)
     return autograd_kernel
 

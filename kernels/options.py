@@ -107,7 +107,7 @@ class RopeKVOptions:
 
 
 # the layouts an MLA cache may have (one latent "head" of L + R features per slot)
-MLA_LAYOUTS = (CacheLayout.TOKEN, CacheLayout.PAGED)
+MLA_LAYOUTS = (CacheLayout.TOKEN, CacheLayout.PAGED, CacheLayout.SEQUENCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,9 @@ class MlaOptions:
 
     # NeoX pairing (feature i with i + R / 2) if True, else GPT-J (feature 2i with 2i + 1)
     is_neox: bool = True
-    # kv_cache's layout: token [num_slots, (1,) L + R] or paged [num_blocks, block_size, (1,) L + R]
+    # the caches' layout: token [num_slots, (1,) W], paged [num_blocks, block_size, (1,) W] or sequence
+    # [B, 1, S_max, W] (HF StaticCache, slots = cache_position; q_pe, k_pe, kv_c then [B, S, ...]); W = L + R, or
+    # L for kv_cache and R for k_pe_cache when the op gets both
     layout: CacheLayout = CacheLayout.TOKEN
     # also return the rotated k_pe (else the op's k_pe_out is empty and the wrapper returns None)
     return_k: bool = False
@@ -142,6 +144,9 @@ class MlaOptions:
     check_positions: bool = False
     # eager fp8 stores: k_scale is read rounded to ``quant_dtype`` (needs ``quant_dtype``)
     scale_round: bool = False
+    # GPT-J pairs (2i, 2i + 1) rotated and written de-interleaved, at (i, i + R/2) (HF DeepSeek's
+    # apply_rotary_pos_emb_interleave); needs is_neox=False
+    deinterleave: bool = False
 
     def __post_init__(self):
         _normalise(self)

@@ -20,7 +20,7 @@ from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
 from fx_fusion.patterns.mla_store import (MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store,
-                                          two_caches_reason)
+                                          match_two_caches, two_caches_reason)
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
@@ -77,6 +77,18 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
             continue
         if k is not None:
             ks.append(k)
+    for k in list(ks):  # transformers DeepseekV3: the rotated k_pe and the latent in two caches, one MLA site
+        try:
+            two = match_two_caches(k.store, k.root, k.roles, k.chain, k.rope, state.v_candidates, state.order,
+                                   state.quants)
+        except Exception as err:  # noqa: BLE001
+            sites.append(internal_error(k.store.node, err))
+            ks.remove(k)
+            continue
+        if two is not None:
+            ks.remove(k)
+            state.mla.append(two)
+            state.v_candidates.remove(two.store)
     state.k_roots = {k.root for k in ks} | {m.k_root for m in state.mla}
     by_name = {st.node.name: st for st in stores}
     for site in sites:  # an MLA latent and rotated k_pe in two caches: say so first

@@ -35,8 +35,11 @@ from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
-from fx_fusion.patterns.plan import TableSource, _check_quant_device, _table_source
+from fx_fusion.patterns.plan import (TOKEN_MAJOR, TOKEN_ROLES, TableSource, _check_quant_device, _complete_roles,
+                                     _table_source, x_roles)
 from fx_fusion.patterns.quant import scale_rounding
+from fx_fusion.patterns.replacement import (TableView, _from_token_major, _kernel_table, _table_view,
+                                            _to_token_major)
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle
 from fx_fusion.patterns.site import Disabled, FusionOptions, Site, Unfusable, source_line
 from fx_fusion.patterns.splice import Tracer, splice
@@ -57,6 +60,7 @@ class MlaPlan:
     sin: TableSource
     num_tokens: int | None  # None when symbolic
     notes: tuple = ()
+    roles: tuple | None = None  # two caches: the roles of q_root's dims (k_root's, its head dim named)
 
     @property
     def q_nope(self) -> Node | None:
@@ -83,6 +87,8 @@ def mla_site(m: MlaStore) -> Site:
 
 def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
     """The plan of an exact rewrite of the MLA site ``m``, or ``Unfusable`` with the reason."""
+    if m.k_store is not None:
+        return _can_fuse_two_caches(m, state)
     st, rope, k_root = m.store, m.rope, m.k_root
     dtype = k_root.meta["val"].dtype
     if dtype not in MODEL_DTYPES:
@@ -115,7 +121,7 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
         if isinstance(scale, Node) and scale.meta["val"].device != st.cache.meta["val"].device:
             raise Unfusable(f"tensors on several devices: the scale {scale.name} on {scale.meta['val'].device}, "
                             f"the pool on {st.cache.meta['val'].device}")
-    q_root, q = _pair_q(m, state)
+    q_root, q = _pair_q(m, state, 3)
     if q.x.meta["val"].dtype != dtype or q_root.meta["val"].dtype != dtype:
         raise Unfusable(f"q_pe is rotated in {q.x.meta['val'].dtype} -> {q_root.meta['val'].dtype}, k_pe in {dtype}")
     q_shape = shape_of(q.x)
@@ -144,6 +150,68 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
     return plan
 
 
+def _can_fuse_two_caches(m: MlaStore, state: GraphState) -> MlaPlan:
+    """``can_fuse_mla`` for the latent and the rotated k_pe in two caches (transformers DeepseekV3, sequence layout):
+    the op's ``k_pe_cache``. Every tensor is read through its dims' roles (``[B, H, S, D]`` as HF has them)."""
+    st, kst, rope, k_root = m.store, m.k_store, m.rope, m.k_root
+    dtype = k_root.meta["val"].dtype
+    if dtype not in MODEL_DTYPES:
+        raise Unfusable(f"the rotated k_pe is {dtype}, not a model dtype")
+    if rope.x.meta["val"].dtype != dtype:
+        raise Unfusable(f"k_pe's RoPE changes dtype ({rope.x.meta['val'].dtype} -> {dtype})")
+    if rope.rotary_dim != rope.head_dim:
+        raise Unfusable(f"k_pe's RoPE rotates {rope.rotary_dim} of its {rope.head_dim} features; the MLA op rotates "
+                        "all of k_pe")
+    wanted = TOKEN_MAJOR[st.layout]
+    roles = tuple(m.roles)
+    named = [r for r in roles if r is not None]
+    if roles[-1] is not Role.FEATURE or len(set(named)) != len(named) or not set(named) <= set(wanted) or any(
+            r is None and not is_one(n) for r, n in zip(roles, shape_of(k_root))):
+        raise Unfusable(f"cannot tell the batch and sequence dims of k_pe (dims {roles})")
+    latent = shape_of(m.kv_c)[-1]
+    c_roles = tuple(st.value_roles)
+    if m.kv_c.meta["val"].dtype != dtype:
+        raise Unfusable(f"kv_c is {m.kv_c.meta['val'].dtype} but the rotated k_pe is {dtype}")
+    if c_roles[-1] is not Role.FEATURE or not {r for r in c_roles if r is not None} <= set(wanted):
+        raise Unfusable(f"cannot tell the dims of the latent (dims {c_roles})")
+    for name, cache, width in (("latent", st.cache, latent), ("k_pe", kst.cache, rope.rotary_dim)):
+        if cache.meta["val"].dtype != dtype:
+            raise Unfusable(f"the {name} cache is {cache.meta['val'].dtype}, the values {dtype}")
+        if shape_of(cache)[-1] != width:
+            raise Unfusable(f"the {name} cache has rows of {shape_of(cache)[-1]} features, the values {width}")
+    if kst.slots is not st.slots:
+        raise Unfusable("the latent and the rotated k_pe are stored at different cache positions")
+    q_root, q = _pair_q(m, state, len(shape_of(k_root)))
+    if q.x.meta["val"].dtype != dtype or q_root.meta["val"].dtype != dtype:
+        raise Unfusable(f"q_pe is rotated in {q.x.meta['val'].dtype} -> {q_root.meta['val'].dtype}, k_pe in {dtype}")
+    q_roles = _complete_roles(roles, shape_of(q_root), wanted)
+    if Role.HEAD not in q_roles:
+        raise Unfusable(f"cannot tell q's head dim (dims {q_roles})")
+    cos, sin = (_table_source(ref, q_roles, name) for ref, name in ((rope.cos, "cos"), (rope.sin, "sin")))
+    if cos.positions is not sin.positions:
+        raise Unfusable("cos and sin are indexed by different positions")
+    q_cat = _q_cat(q_root)
+    return_k = any(u not in m.k_chain and u is not kst.node for n in [k_root, *m.k_chain] for u in n.users)
+    devices = {n.meta["val"].device for n in (q.x, rope.x, m.kv_c, st.cache, kst.cache, st.slots, cos.node,
+                                               sin.node)}
+    if len(devices) != 1:
+        raise Unfusable(f"tensors on several devices: {sorted(map(str, devices))}")
+    notes = ["MLA latent and rotated k_pe in two caches (transformers DeepseekV3): torch.ops.fx_fusion.mla_rope_store"
+             " with k_pe_cache"]
+    if q_cat is None:
+        notes.append(f"q's cat with q_nope stays outside the op ({q_root.name} has users other than one "
+                     "cat([q_nope, q_rot], -1))")
+    tokens = [n for r, n in zip(roles, shape_of(k_root)) if r in TOKEN_ROLES]
+    num_tokens = None
+    if all(isinstance(n, int) for n in tokens):
+        num_tokens = 1
+        for n in tokens:
+            num_tokens *= n
+    plan = MlaPlan(m, q_root, q, q_cat, return_k, cos, sin, num_tokens, tuple(notes), roles=q_roles)
+    _check_acyclic(plan)
+    return plan
+
+
 def should_fuse_mla(plan: MlaPlan, options: FusionOptions) -> None:
     """``Disabled`` where the options turn this (exact) site off: layout, style, token thresholds."""
     layout = plan.site.store.layout
@@ -160,19 +228,20 @@ def _one_head(shape: tuple) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and is_one(shape[1]))
 
 
-def _pair_q(m: MlaStore, state: GraphState) -> tuple[Node, RopeMatch]:
-    """q_pe's RoPE: the same tables, style and width as k_pe's, another input, outermost node, nearest to k's."""
+def _pair_q(m: MlaStore, state: GraphState, rank: int) -> tuple[Node, RopeMatch]:
+    """q_pe's RoPE (``rank`` dims): the same tables, style and width as k_pe's, another input, outermost node,
+    nearest to k's."""
     k = m.rope
     found = []
     for cand in within([k.cos.leaf.node], state.ropes.max_depth, lambda n: n.users):
         val = cand.meta.get("val")
-        if (not isinstance(val, torch.Tensor) or val.dim() != 3 or cand not in state.order or cand is m.k_root
+        if (not isinstance(val, torch.Tensor) or val.dim() != rank or cand not in state.order or cand is m.k_root
                 or cand in state.k_roots or cand in state.used or not isinstance(val.shape[-1], int)
                 or val.shape[-1] != k.head_dim):
             continue
         r = state.ropes.match(cand)
-        if r is not None and (r.style, r.rotary_dim, r.cos, r.sin) == (k.style, k.rotary_dim, k.cos, k.sin) and (
-                r.x is not k.x):
+        if r is not None and (r.style, r.deinterleave, r.rotary_dim, r.cos, r.sin) == (
+                k.style, k.deinterleave, k.rotary_dim, k.cos, k.sin) and r.x is not k.x:
             found.append((cand, r))
     inner = {c for c, r in found for u in c.users if any(u is c2 for c2, _ in found)}
     outer = [(c, r) for c, r in found if c not in inner]
@@ -193,7 +262,7 @@ def _q_cat(q_root: Node) -> Node | None:
     if not isinstance(nope, Node) or nope.meta["val"].dtype != q_root.meta["val"].dtype:
         return None
     ns, qs = shape_of(nope), shape_of(q_root)
-    if len(ns) != 3 or not all(map(sizes_equal, ns[:2], qs[:2])):
+    if len(ns) != len(qs) or not all(map(sizes_equal, ns[:-1], qs[:-1])):
         return None
     return cat
 
@@ -216,7 +285,9 @@ def _check_acyclic(plan: MlaPlan) -> None:
               plan.cos.positions} - {None}
     if m.quant is not None and isinstance(m.quant.scale, Node):
         inputs.add(m.quant.scale)
-    replaced = {plan.q_root, m.k_root, m.store.node}
+    replaced = {plan.q_root, m.k_root, m.store.node} | ({m.k_store.node} if m.k_store is not None else set())
+    if m.k_store is not None:
+        inputs.add(m.k_store.cache)
     seen, frontier = set(replaced), list(replaced)
     while frontier:
         for u in frontier.pop().users:
@@ -240,7 +311,7 @@ def mla_spec(plan: MlaPlan, validate: bool) -> MlaSpec:
                                         scale_round=scale_rounding(quant, device) is not None)
     options = MlaOptions(is_neox=m.rope.style is RopeStyle.NEOX, layout=m.store.layout, return_k=plan.return_k,
                          validate=validate, negative_wraps=True, table_dtype=m.rope.cos.leaf.round_to,
-                         check_slots=True, check_positions=True, **extra)
+                         check_slots=True, check_positions=True, deinterleave=m.rope.deinterleave, **extra)
 
     def table(ref, src: TableSource) -> tuple:
         count = m.rotary_dim if ref.per_element else m.rotary_dim // 2
@@ -262,8 +333,8 @@ def mla_replacement(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, position
     cos, sin = _table(cos, spec.cos), _table(sin, spec.sin)
     if spec.scale_value is not None:
         k_scale = torch.full((1,), spec.scale_value, dtype=torch.float32, device=q_pe.device)
-    q_out, k_out, new = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
-                                                  k_scale, spec.options, kernel=kernel)
+    q_out, k_out, new, _ = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_pool, slots, cos, sin, positions,
+                                                     k_scale, spec.options, kernel=kernel)
     k_rot = k_out.reshape(spec.k_out_shape) if spec.k_out_shape is not None else None
     if spec.store_shape is not None:
         new = new.reshape(spec.store_shape)
@@ -279,6 +350,8 @@ def _table(x: torch.Tensor, view: tuple) -> torch.Tensor:
 
 def rewrite_mla(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tracer) -> None:
     """Replace the MLA site by the op (new nodes first; on a failure they are erased and the graph is as it was)."""
+    if plan.site.k_store is not None:
+        return rewrite_two_caches(graph, plan, options, tracer)
     m = plan.site
     st = m.store
     scale = m.quant.scale if m.quant is not None and isinstance(m.quant.scale, Node) else None
@@ -308,6 +381,81 @@ def rewrite_mla(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tra
         if old is not None:
             old.replace_all_uses_with(n_new)
     for n in dict.fromkeys((st.result, st.node)):
+        if not n.users:
+            graph.erase_node(n)
+
+
+@dataclass(frozen=True)
+class TwoCachesSpec:
+    """The static part of a two-cache replacement: options, and the roles of every tensor's dims."""
+
+    options: MlaOptions
+    q_roles: tuple  # q_pe's, q_nope's and q_out's (as q_root's)
+    k_roles: tuple  # k_pe's (the RoPE input's)
+    k_out_roles: tuple | None  # k_root's, when the op returns the rotated k_pe
+    c_roles: tuple  # kv_c's (the latent store's value)
+    cos: TableView
+    sin: TableView
+
+
+def two_caches_replacement(q_pe, q_nope, k_pe, kv_c, kv_cache, k_pe_cache, slots, cos, sin, positions, *,
+                           spec: TwoCachesSpec, kernel: bool):
+    """What replaces a two-cache MLA site, as plain torch: views to ``[B, S, H, D]``, the op, views back. Returns
+    ``(q_out as q's cat or q_root, k_rot or None, the new latent cache, the new k_pe cache)``."""
+    layout = spec.options.layout
+    wanted = TOKEN_MAJOR[layout]
+    q_pe = _to_token_major(q_pe, spec.q_roles, wanted)
+    q_nope = _to_token_major(q_nope, spec.q_roles, wanted) if q_nope is not None else None
+    k_pe = _to_token_major(k_pe, spec.k_roles, wanted)
+    kv_c = _to_token_major(kv_c, spec.c_roles, wanted)
+    tokens = {r: n for r, n in zip(wanted, q_pe.shape) if r in TOKEN_ROLES}
+    cos, positions = _kernel_table(cos, positions, spec.cos, layout, tokens)
+    sin, _ = _kernel_table(sin, None, spec.sin, layout, tokens)
+    q_out, k_out, new_kv, new_kp = mla_rope_store_functional(q_pe, q_nope, k_pe, kv_c, kv_cache, slots, cos, sin,
+                                                             positions, None, spec.options, kernel=kernel,
+                                                             k_pe_cache=k_pe_cache)
+    q_out = _from_token_major(q_out, wanted, spec.q_roles)
+    k_rot = _from_token_major(k_out, wanted, spec.k_out_roles) if spec.k_out_roles is not None else None
+    return q_out, k_rot, new_kv, new_kp
+
+
+def rewrite_two_caches(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tracer) -> None:
+    """``rewrite_mla`` for a two-cache site: one op writes both caches."""
+    m = plan.site
+    st, kst, rope = m.store, m.k_store, m.rope
+    q_nope = plan.q_nope
+    inputs = [plan.q.x, q_nope, rope.x, m.kv_c, st.cache, kst.cache, st.slots, plan.cos.node, plan.sin.node,
+              plan.cos.positions]
+    opts = MlaOptions(is_neox=rope.style is RopeStyle.NEOX, layout=st.layout, return_k=plan.return_k,
+                      validate=options.validate, negative_wraps=True, table_dtype=rope.cos.leaf.round_to,
+                      check_slots=True, check_positions=True, deinterleave=rope.deinterleave)
+    spec = TwoCachesSpec(opts, plan.roles, x_roles(rope, m.roles[:-1]),
+                         tuple(m.roles) if plan.return_k else None, tuple(st.value_roles),
+                         _table_view(rope.cos, plan.cos, rope.rotary_dim),
+                         _table_view(rope.sin, plan.sin, rope.rotary_dim))
+    kernels = routes(st.cache.meta["val"].device, options.validate)
+    for kernel in kernels:
+        try:
+            traced = tracer.trace(two_caches_replacement, inputs, written=(4, 5), spec=spec, kernel=kernel)
+            break
+        except NotTraceable:
+            if kernel is kernels[-1]:
+                raise
+    last_input = max(n for n in inputs if n is not None)
+    with graph.inserting_before(last_input.next):
+        new_nodes, (q_out, k_rot, new_kv, new_kp) = splice(
+            graph, traced.gm, inputs, kst.node.meta.get("stack_trace"), traced.write_backs)
+    olds = [(q_out, plan.q_cat if plan.q_cat is not None else plan.q_root),
+            (k_rot, m.k_root if plan.return_k else None), (new_kv, st.result), (new_kp, kst.result)]
+    for n_new, old in olds:
+        if old is not None and not (isinstance(n_new, Node) and _same_meta(n_new.meta["val"], old.meta["val"])):
+            for n in reversed(new_nodes):
+                graph.erase_node(n)
+            raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
+    for n_new, old in olds:
+        if old is not None:
+            old.replace_all_uses_with(n_new)
+    for n in dict.fromkeys((st.result, st.node, kst.result, kst.node)):
         if not n.users:
             graph.erase_node(n)
 

@@ -13,7 +13,9 @@ that hold an MLA row but are assembled otherwise are reported with a reason (``n
 
     halves   kv_pool[loc, :, :L] = kv_c; kv_pool[loc, :, L:] = k_rot   (slice -> index_put -> slice_scatter, twice)
     latent   latent[:, :, :L] = kv_c; latent[:, :, L:] = k_rot; kv_pool[loc] = latent   (copy + slice_scatter)
-    two caches  transformers DeepseekV3: the latent and k_rot in two caches of one head (``plan._pair_v``)
+    two caches  transformers DeepseekV3: the latent and k_rot in two caches of one head, each by
+                ``index_put(cache, [None, None, cache_position], x)`` (``match_two_caches``: fused with the op's
+                ``k_pe_cache``; other layouts, fp8 or views of a buffer are reported, ``two_caches_reason``)
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class MlaStore:
     k_root: Node  # the RoPE output (rotated k_pe)
     k_chain: list  # the views from k_root to the cat's second part
     rope: RopeMatch
+    # two caches (transformers DeepseekV3): ``store`` writes kv_c (``kv_c`` is its value, ``row`` None) and
+    # ``k_store`` the rotated k_pe into a cache of its own; ``roles`` label k_root's dims (from the k store)
+    k_store: Store | None = None
+    roles: tuple | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -145,6 +151,42 @@ def latent_buffer_reason(root: Node, match_rope, depth: int = 16) -> str | None:
                 return (f"MLA latent row assembled in place in a buffer ({src.name}, a RoPE output, is copied into a "
                         f"slice of it by {n.name}), then stored: not matched yet")
     return None
+
+
+def _latent_partner(st: Store, candidates: list) -> list:
+    """The stores with ``st``'s indices and layout into another one-head cache of another width and the same
+    slots (the latent next to the rotated k_pe)."""
+    if st.layout is CacheLayout.SEQUENCE:
+        heads, width = shape_of(st.cache)[1], shape_of(st.cache)[-1]
+    else:
+        heads, width = shape_of(st.cache)[-2], shape_of(st.cache)[-1]
+    if not is_one(heads):
+        return []
+    found = []
+    for v in candidates:
+        if v.indices != st.indices or v.layout is not st.layout or v.cache is st.cache:
+            continue
+        vshape = shape_of(v.cache)
+        v_heads = vshape[1] if v.layout is CacheLayout.SEQUENCE else vshape[-2]
+        if is_one(v_heads) and vshape[-1] != width and tuple(vshape[:-1]) == tuple(shape_of(st.cache)[:-1]):
+            found.append(v)
+    return found
+
+
+def match_two_caches(st: Store, root: Node, roles: tuple, chain: list, rope: RopeMatch, candidates: list,
+                     order: dict, quants: dict) -> MlaStore | None:
+    """A store of a RoPE output (``root``, seen through ``chain`` with dims ``roles``) into a one-head sequence
+    cache, next to a store of the latent with the same cache positions into another one-head cache: one MLA site
+    with two caches (the nearest such latent store); None when there is none or the form is one the op does not
+    take yet (the caller reports it through ``two_caches_reason``)."""
+    if st.layout is not CacheLayout.SEQUENCE or st.flat_value:
+        return None
+    partners = [v for v in _latent_partner(st, candidates)
+                if not v.flat_value and v.node not in quants and v.cache_view is None and v.origin is not Origin.VIEW]
+    if not partners or st.node in quants or st.cache_view is not None or st.origin is Origin.VIEW:
+        return None
+    latent = min(partners, key=lambda v: abs(order[v.node] - order[st.node]))
+    return MlaStore(latent, None, None, [], latent.value, root, chain, rope, k_store=st, roles=roles)
 
 
 def two_caches_reason(st: Store, candidates: list) -> str | None:

@@ -90,6 +90,9 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     st, root, rope = k.store, k.root, k.rope
     if root in state.used:
         raise Unfusable("this RoPE output is already taken by another site")
+    if rope.deinterleave:
+        raise Unfusable("the RoPE writes its GPT-J pairs de-interleaved (pairs (2i, 2i + 1) to features (i, i + R/2)):"
+                        " only the MLA op computes that")
     if k.roles[-1] != Role.FEATURE or rope.head_dim != st.head_dim:
         raise Unfusable("the stored feature dim is not the RoPE's last dim")
     kval = root.meta["val"]

@@ -9,6 +9,8 @@ becomes a polynomial in features of its leaves (the tensor being rotated and the
 
     NeoX   out[i]     = x[i]     * cos[i] - x[i + R/2] * sin[i]
            out[i+R/2] = x[i+R/2] * cos'[i] + x[i]      * sin'[i]        (GPT-J: pairs 2i, 2i + 1)
+    GPT-J pairs written de-interleaved (HF DeepSeek's ``rope_interleave``; ``RopeMatch.deinterleave``):
+           out[i]     = x[2i]    * cos[i] - x[2i+1]    * sin[i],  out[i+R/2] = x[2i+1] * cos'[i] + x[2i] * sin'[i]
            out[j]     = x[j]                                            for rotary_dim <= j < head_dim
 
 A wrong sign, swapped cos/sin, a missing term or a different table makes the match fail with a reason.
@@ -73,6 +75,9 @@ class RopeMatch:
     cos: TableRef
     sin: TableRef
     x_dims: tuple = ()  # for each prefix dim of x: the root's prefix dim it follows (None: size 1)
+    # GPT-J pairs (2i, 2i + 1) of x written at (i, i + R/2) of the root (HF DeepSeek's rope_interleave); only
+    # the MLA op computes this
+    deinterleave: bool = False
 
 
 # ---- the RoPE check ------------------------------------------------------------------------
@@ -92,12 +97,14 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         raise NotRope("no single tensor is rotated")
     # With one head (MQA) a per-token table indexes the same dims as x and the polynomials are
     # symmetric in the two: prefer x of the root's rank, then one that is not a gather, then the dtype
-    # of the result. A wrong pick is still exact; it only fails to pair with q's RoPE later.
+    # of the result, then the leaf read at two features in one output feature (x and its partner; a
+    # table is read at one). A wrong pick is still exact; it only fails to pair with q's RoPE later.
     root_dtype = root.meta["val"].dtype
 
     def preference(lid):
         leaf = ev.leaves[lid].node
-        return len(xs[lid]) != n_prefix, leaf.target is aten.index.Tensor, leaf.meta["val"].dtype != root_dtype
+        return (len(xs[lid]) != n_prefix, leaf.target is aten.index.Tensor, leaf.meta["val"].dtype != root_dtype,
+                not _paired(v, lid))
 
     ranked = sorted(xs, key=preference)
     if len(ranked) > 1 and preference(ranked[0]) == preference(ranked[1]):
@@ -125,16 +132,20 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         raise NotRope(f"odd rotary dim {rot}")
     half = rot // 2
     partner0 = _partner(v.feats[0], x, 0)
+    deinterleave = False
     if partner0 == half:
         style, pairs = RopeStyle.NEOX, [(i, i + half) for i in range(half)]
     elif partner0 == 1:
         style, pairs = RopeStyle.GPTJ, [(2 * i, 2 * i + 1) for i in range(half)]
+        # HF DeepSeek's apply_rotary_pos_emb_interleave: pairs (2i, 2i + 1) written at (i, i + R/2)
+        deinterleave = half > 1 and {f for m in v.feats[1] for lid, f in m if lid == x} == {2, 3}
     else:
         raise NotRope("feature 0 is not paired like NeoX or GPT-J RoPE")
     cos1, sin1, cos2, sin2 = [], [], [], []
-    for e1, e2 in pairs:
-        c1, s1 = _terms(v.feats[e1], x, e1, e2, -1.0)
-        c2, s2 = _terms(v.feats[e2], x, e2, e1, +1.0)
+    for i, (e1, e2) in enumerate(pairs):
+        o1, o2 = (i, i + half) if deinterleave else (e1, e2)  # the output features of the pair
+        c1, s1 = _terms(v.feats[o1], x, e1, e2, -1.0)
+        c2, s2 = _terms(v.feats[o2], x, e2, e1, +1.0)
         cos1.append(c1), sin1.append(s1), cos2.append(c2), sin2.append(s2)
     firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
     cos = _table(ev, v, cos1, cos2, firsts, seconds, "cos")
@@ -151,7 +162,7 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
             raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")
     _check_rounding(v.rounding, root_dtype)
-    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x])
+    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x], deinterleave)
 
 
 def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
@@ -227,6 +238,11 @@ def _follows(ev: Evaluator, v: Value, lid: int) -> tuple | None:
     if any(i not in covered for i in range(len(v.prefix)) if not is_one(v.prefix[i])):
         return None
     return tuple(dims)
+
+
+def _paired(v: Value, lid: int) -> bool:
+    """Whether some output feature reads leaf ``lid`` at two features (as a RoPE reads x and its partner)."""
+    return any(len({f for m in p for leaf, f in m if leaf == lid}) > 1 for p in v.feats)
 
 
 def _partner(p: Poly, x: int, j: int) -> int | None:

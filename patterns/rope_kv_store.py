@@ -83,8 +83,9 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             try:
                 plan = can_fuse_mla(m, state)
                 site.num_tokens = str(plan.num_tokens) if plan.num_tokens is not None else "dynamic"
-                site.nodes = {"q_rope": plan.q_root.name, "k_rope": m.k_root.name, "row": m.row.name,
-                              "kv_store": m.store.node.name}
+                site.nodes = {"q_rope": plan.q_root.name, "k_rope": m.k_root.name, "kv_store": m.store.node.name,
+                              **({"row": m.row.name} if m.row is not None else {}),
+                              **({"k_pe_store": m.k_store.node.name} if m.k_store is not None else {})}
                 site.notes = list(plan.notes)
                 should_fuse_mla(plan, options)
                 tracer = tracer or Tracer(_fake_mode(graph))

@@ -314,6 +314,8 @@ def splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: st
                 return new_nodes, torch.fx.node.map_arg(n.args[0], env.__getitem__)
             if n.op != "call_function":
                 raise RuntimeError(f"the traced replacement holds a {n.op} node ({n.name})")
+            if n.target is operator.getitem and not n.users and n.meta.get("val") is None:
+                continue  # an op's output for an optional cache it was not given (None): nothing to copy
             new = _copy_node(graph, n, env)
             new_nodes.append(new)
             if stack_trace:

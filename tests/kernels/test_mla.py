@@ -26,7 +26,8 @@ from tests.kernels.test_rope_kv_cache import INTERPRETED, TOLERANCES, as_bytes, 
 
 OP = torch.ops.fx_fusion.mla_rope_store
 MAX_POSITION = 256
-TENSORS = ("q_pe", "q_nope", "k_pe", "kv_c", "kv_cache", "slot_mapping", "cos", "sin", "positions", "k_scale")
+TENSORS = ("q_pe", "q_nope", "k_pe", "kv_c", "kv_cache", "slot_mapping", "cos", "sin", "positions", "k_scale",
+           "k_pe_cache")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def test_registered_schema():
     schema = OP.default._schema
     assert [a.name for a in schema.arguments] == [*TENSORS, *(f.name for f in dataclasses.fields(MlaOptions))]
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert written == {"kv_cache"} and len(schema.returns) == 2
+    assert written == {"kv_cache", "k_pe_cache"} and len(schema.returns) == 2
 
 
 def finite_cache(args: dict) -> dict:
@@ -423,7 +424,8 @@ BAD = {
                            r"^k_scale is given, but the caches are torch.bfloat16"),
     "k_scale-two": (lambda a: a.update(kv_cache=torch.zeros(24, 1, 32, dtype=torch.float8_e4m3fn),
                                        k_scale=torch.ones(2)), ValueError, r"^k_scale must hold one"),
-    "layout-sequence": (_set("layout", "sequence"), ValueError, r"^layout must be one of \['token', 'paged'\]"),
+    "layout-paged_x": (_set("layout", "paged_x"), ValueError,
+                       r"^layout must be one of \['token', 'paged', 'sequence'\]"),
     "clamp-without-quant": (_set("clamp", (-1.0, 1.0)), ValueError, r"^clamp is given without quant_dtype"),
     "kv_c-overlaps-cache": (_set("kv_c", lambda a: a["kv_cache"][:5, 0, :24]), ValueError,
                             r"^kv_c overlaps kv_cache"),
@@ -532,3 +534,176 @@ def test_a_dynamic_token_count_pins_no_constexpr():
                       if isinstance(arguments.get(name), torch.SymInt))
     assert symbolic == [], f"constexprs symbolic under a dynamic token count: {symbolic}"
     assert isinstance(arguments["T"], torch.SymInt) and isinstance(arguments["qnope_sh"], torch.SymInt)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers DeepseekV3's caches: the sequence layout, a second cache for the rotated k_pe, de-interleaving
+# --------------------------------------------------------------------------------------------------
+
+
+def make_hf_mla(device, *, B=2, S=3, past=4, Hq=3, L=24, LQ=16, R=8, s_max=10, dtype=torch.float32,
+                two_caches=True, deinterleave=True, is_neox=False, table="per_token", k_pe_4d=True, **options):
+    """The op's arguments as transformers' DeepseekV3Attention has them: q ``[B, Hq, S, LQ + R]`` split and seen as
+    ``[B, S, Hq, ...]`` (strided views), kv_c / k_pe split from one ``[B, S, L + R]`` projection, caches ``[B, 1,
+    s_max, L]`` and ``[B, 1, s_max, R]`` (one ``[.., L + R]`` cache without ``two_caches``) of random values, slots
+    ``cache_position = past + arange(S)``; cos/sin per token ``[B, S, R / 2]`` (``table="per_token"``) or a ``[P, R /
+    2]`` table with positions ``[B, S]`` (``"positions"``)."""
+    q = torch.randn(B, Hq, S, LQ + R, dtype=dtype, device=device)
+    q_nope, q_pe = (x.transpose(1, 2) for x in q.split([LQ, R], dim=-1))
+    kv_c, k_pe = torch.randn(B, S, L + R, dtype=dtype, device=device).split([L, R], dim=-1)
+    if k_pe_4d:
+        kv_c, k_pe = kv_c.unsqueeze(2), k_pe.unsqueeze(2)
+    kv_cache = torch.randn(B, 1, s_max, L if two_caches else L + R, dtype=dtype, device=device)
+    k_pe_cache = torch.randn(B, 1, s_max, R, dtype=dtype, device=device) if two_caches else None
+    slot_mapping = torch.arange(past, past + S, device=device)
+    positions = torch.randint(0, MAX_POSITION, (B, S), device=device)
+    ang = rope_angles(torch.arange(MAX_POSITION, device=device), R // 2)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    if table == "per_token":
+        cos, sin, positions = cos[positions], sin[positions], positions
+        pos_arg = None
+    else:
+        pos_arg = positions
+    return dict(q_pe=q_pe, q_nope=q_nope, k_pe=k_pe, kv_c=kv_c, kv_cache=kv_cache, slot_mapping=slot_mapping,
+                cos=cos, sin=sin, positions=pos_arg, k_scale=None, k_pe_cache=k_pe_cache, layout="sequence",
+                is_neox=is_neox, deinterleave=deinterleave, **options), positions
+
+
+def hf_rope64(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, is_neox: bool,
+              deinterleave: bool) -> torch.Tensor:
+    """RoPE in float64 as transformers writes it: ``apply_rotary_pos_emb_interleave`` (de-interleaving), NeoX's
+    ``rotate_half``, or GPT-J's interleaved pairs kept in place. x ``[..., R]``, tables ``[..., R / 2]``."""
+    x, c, s = x.double(), cos_half.double(), sin_half.double()
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    if is_neox or deinterleave:
+        return torch.cat([o1, o2], dim=-1)
+    return torch.stack([o1, o2], dim=-1).flatten(-2)
+
+
+def check_hf(args: dict, positions: torch.Tensor) -> None:
+    """The op against transformers' maths in float64 (every element of q_out / k_out), the rows at cache_position
+    against it, every other row of both caches byte-identical; ``mla.reference`` against the same float64 values;
+    and ``mla.launch`` into NaN-poisoned outputs (fresh caches) against the op's results."""
+    tensors, options = split(args)
+    o = MlaOptions(**options)
+    caches = [c for c in (args["kv_cache"], args["k_pe_cache"]) if c is not None]
+    before = [c.clone() for c in caches]
+    p = mla.prepare_mla(**tensors, options=o)
+    ref = mla.reference_problem(p)
+    q_ref, k_ref = mla.reference(ref, compute_dtype=torch.float64)
+    q_out, k_out = OP(**tensors, **o.op_arguments())
+
+    ang = rope_angles(torch.arange(MAX_POSITION), p.rotary_dim // 2).to(args["cos"].device)
+    c = ang.cos().to(args["cos"].dtype)[positions][:, :, None]  # [B, S, 1, R / 2], as the op reads them
+    s = ang.sin().to(args["cos"].dtype)[positions][:, :, None]
+    q_want = hf_rope64(args["q_pe"], c, s, o.is_neox, o.deinterleave)
+    if args["q_nope"] is not None:
+        q_want = torch.cat([args["q_nope"].double(), q_want], -1)
+    k_want = hf_rope64(p.k_pe[:, :, None], c, s, o.is_neox, o.deinterleave)[:, :, 0]  # [B, S, R]
+    atol, rtol = TOLERANCES[p.q_pe.dtype]
+    for name, got in (("op", q_out), ("reference", q_ref)):
+        torch.testing.assert_close(got.double(), q_want, atol=atol, rtol=rtol, msg=lambda m: f"{name} q_out: {m}")
+    assert q_out.shape == (*args["q_pe"].shape[:-1], q_want.shape[-1]) and q_out.is_contiguous()
+    if o.return_k:
+        for name, got in (("op", k_out), ("reference", k_ref)):
+            torch.testing.assert_close(got.reshape(k_want.shape).double(), k_want, atol=atol, rtol=rtol,
+                                       msg=lambda m: f"{name} k_out: {m}")
+    latent = p.kv_c.double()
+    rows_want = [latent, k_want] if args["k_pe_cache"] is not None else [torch.cat([latent, k_want], -1)]
+    written = p.slot_mapping[0].long()
+    untouched = [i for i in range(p.num_slots) if i not in written.tolist()]
+    assert untouched
+    for i, (cache, old, want) in enumerate(zip(caches, before, rows_want)):
+        ref_cache = (ref.kv_cache, ref.k_pe_cache)[i]
+        for name, got in (("op", cache), ("reference", ref_cache)):
+            torch.testing.assert_close(got[:, 0, written].double(), want, atol=atol, rtol=rtol,
+                                       msg=lambda m: f"{name} cache {i} rows: {m}")
+        assert torch.equal(as_bytes(cache[:, :, untouched]), as_bytes(old[:, :, untouched])), "untouched row written"
+    q_nan, k_nan = mla.outputs(p)
+    q_nan.fill_(float("nan")), k_nan.fill_(float("nan"))
+    mla.launch(mla.reference_problem(p), q_nan, k_nan if o.return_k else None)
+    assert torch.equal(as_bytes(q_nan), as_bytes(q_out))
+    if o.return_k:
+        assert torch.equal(as_bytes(k_nan), as_bytes(k_out))
+
+
+HF_CASES = {
+    "interleave-two-caches-fp32": dict(),
+    "interleave-two-caches-bf16": dict(dtype=torch.bfloat16),
+    "neox-two-caches-fp32": dict(is_neox=True, deinterleave=False),
+    "neox-two-caches-bf16-return-k-3d": dict(is_neox=True, deinterleave=False, dtype=torch.bfloat16, return_k=True,
+                                             k_pe_4d=False),
+    "interleave-one-cache-table-positions": dict(two_caches=False, table="positions", return_k=True),
+    "gptj-kept-interleaved-two-caches": dict(deinterleave=False),
+    "batch1-decode": dict(B=1, S=1, past=9),
+    "no-q_nope-batch3": dict(B=3, LQ=0),
+}
+HF_QUICK = ("interleave-two-caches-fp32", "neox-two-caches-bf16-return-k-3d", "interleave-one-cache-table-positions")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=i, marks=() if i in HF_QUICK else pytest.mark.full)
+                                  for i, c in HF_CASES.items()])
+def test_hf_sequence_layout_matches_float64(device, case):
+    case = dict(case)
+    no_q_nope = case.pop("LQ", None) == 0
+    args, positions = make_hf_mla(device, **case)
+    if no_q_nope:
+        args["q_nope"] = None
+    check_hf(args, positions)
+
+
+HF_BAD = {
+    # id: (change to make_hf_mla's arguments, exception, message)
+    "k_pe_cache-width": (_set("k_pe_cache", lambda a: a["k_pe_cache"][..., :6]), ValueError,
+                         r"^k_pe_cache has rows of 6 features .* expected R = 8"),
+    "k_pe_cache-slots": (_set("k_pe_cache", lambda a: a["k_pe_cache"][:, :, :9]), ValueError,
+                         r"^k_pe_cache has \(2, 9\) slots"),
+    "k_pe_cache-dtype": (_set("k_pe_cache", lambda a: a["k_pe_cache"].double()), TypeError,
+                         r"^k_pe_cache must have dtype"),
+    "k_pe_cache-heads": (_set("k_pe_cache", lambda a: a["k_pe_cache"].expand(2, 2, 10, 8).clone()), ValueError,
+                         r"^k_pe_cache has 2 heads"),
+    "kv_cache-with-k_pe-width": (_set("kv_cache", lambda a: torch.randn(2, 1, 10, 32)), ValueError,
+                                 r"^kv_cache has rows of 32 features .* expected L = 24"),
+    "kv_cache-batch": (_set("kv_cache", lambda a: a["kv_cache"][:1]), ValueError, r"^k_pe_cache has \(2, 10\) slots"),
+    "both-caches-batch": (lambda a: a.update(kv_cache=a["kv_cache"][:1], k_pe_cache=a["k_pe_cache"][:1]),
+                          ValueError, r"^kv_cache has batch 1 .* but q_pe has batch 2"),
+    "q_pe-3d-for-sequence": (_set("q_pe", lambda a: a["q_pe"][0]), ValueError, r"^q_pe must have 4 dims"),
+    "k_pe-two-heads": (_set("k_pe", lambda a: a["k_pe"].expand(2, 3, 2, 8)), ValueError,
+                       r"^k_pe must be \[B, S, R\] or \[B, S, 1, R\]"),
+    "slot_mapping-per-batch": (_set("slot_mapping", lambda a: a["slot_mapping"].expand(2, 3)), ValueError,
+                               r"^slot_mapping must have shape \[3\]"),
+    "deinterleave-neox": (_set("is_neox", True), ValueError, r"^deinterleave=True .* needs is_neox=False"),
+    "deinterleave-not-bool": (_set("deinterleave", 2), TypeError, r"^deinterleave must be a bool"),
+    "k_pe_cache-overlaps-kv_cache": (lambda a: a.update(k_pe_cache=a["kv_cache"][..., :8]), ValueError,
+                                     r"k_pe_cache .*kv_cache|kv_cache .*k_pe_cache"),
+    "k_pe-overlaps-k_pe_cache": (_set("k_pe", lambda a: a["k_pe_cache"][:, 0, :3, None]), ValueError,
+                                 r"k_pe .*k_pe_cache"),
+}
+HF_BAD_QUICK = ("k_pe_cache-width", "both-caches-batch", "deinterleave-neox", "k_pe_cache-overlaps-kv_cache")
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    pytest.param(*c, id=i, marks=() if i in HF_BAD_QUICK else pytest.mark.full) for i, c in HF_BAD.items()])
+def test_hf_bad_argument(change, exc, match):
+    """Through the op: the error names the argument, and both caches are byte-identical afterwards."""
+    args, _ = make_hf_mla("cpu")
+    change(args)
+    caches = [args["kv_cache"], args["k_pe_cache"]]
+    before = [as_bytes(c).clone() for c in caches]
+    tensors, options = split(args)
+    with pytest.raises(exc, match=match):
+        OP(**tensors, **MlaOptions(**options).op_arguments())
+    for c, b in zip(caches, before):
+        assert torch.equal(as_bytes(c), b)
+
+
+@pytest.mark.parametrize("two_caches", [True, pytest.param(False, marks=pytest.mark.full)])
+def test_hf_opcheck(device, two_caches):
+    """opcheck (schema, fake tensors, the mutation of both caches) on the sequence layout."""
+    args, _ = make_hf_mla(device, B=2, S=2, two_caches=two_caches, return_k=True)
+    tensors, options = split(args)
+    torch.library.opcheck(OP.default, tuple(tensors[n] for n in TENSORS), MlaOptions(**options).op_arguments())

@@ -290,3 +290,48 @@ def test_unfused_mla_site_raises_with_on_unfusable_raise(inference):
     compiled = torch.compile(block, backend=fx_fusion.make_backend(RAISE))
     with pytest.raises(Exception, match="two halves"):
         compiled(*mla_steps(block, decode=())[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers DeepseekV3: the latent and the rotated k_pe in two caches
+# ------------------------------------------------------------------------------------------------
+
+HF_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), BF16: dict(atol=2e-2, rtol=2e-2)}  # test_hf_models.py's
+
+
+@pytest.mark.parametrize("interleave, dtype", [
+    pytest.param(True, torch.float32, id="interleave-fp32"),
+    pytest.param(False, BF16, id="rotate_half-bf16"),
+    pytest.param(False, torch.float32, id="rotate_half-fp32", marks=FULL),
+    pytest.param(True, BF16, id="interleave-bf16", marks=FULL),
+])
+def test_hf_deepseek_v3_two_caches_fuse_every_layer(interleave, dtype, records, inference):
+    """A prefill and two decode steps of a 2-layer DeepseekV3ForCausalLM: every graph holds one mla_rope_store per
+    layer (both caches, q's cat), the logits and both caches of every layer equal eager's (the HF tests'
+    tolerances), the cache rows never written keep their random start values."""
+    from tests.mla_models import build_deepseek_v3, hf_steps, new_latent_cache, run_hf_steps
+
+    model, config = build_deepseek_v3(interleave, dtype)
+    steps = hf_steps(config)
+    ref, cache = new_latent_cache(config, dtype=dtype), new_latent_cache(config, dtype=dtype)
+    start = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    expected = run_hf_steps(model, ref, steps)
+    compiled = torch.compile(model.forward, backend=fx_fusion.make_backend(RAISE))
+    actual = run_hf_steps(compiled, cache, steps)
+    tol = HF_TOL[dtype]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"step {i} logits: {m}")
+    written = sum(s.shape[1] for s in steps)
+    for i, (layer, ref_layer, (keys0, values0)) in enumerate(zip(cache.layers, ref.layers, start)):
+        torch.testing.assert_close(layer.keys, ref_layer.keys, **tol, msg=lambda m: f"layer {i} latents: {m}")
+        torch.testing.assert_close(layer.values, ref_layer.values, **tol, msg=lambda m: f"layer {i} k_pe: {m}")
+        assert torch.equal(layer.keys[:, :, written:], keys0[:, :, written:]), f"layer {i}: a latent row changed"
+        assert torch.equal(layer.values[:, :, written:], values0[:, :, written:]), f"layer {i}: a k_pe row changed"
+        assert not torch.equal(layer.values[:, :, :written], values0[:, :, :written])
+    layers = config.num_hidden_layers
+    assert len(records) == 2, f"expected a prefill and a decode graph, got {len(records)}"
+    for i, rec in enumerate(records):
+        assert len(rec.sites) == layers and all(s.fused for s in rec.sites), (
+            f"graph {i}: {[(s.store, s.reason) for s in rec.sites]}")
+        assert rec.mla_nodes == layers, f"graph {i}: {rec.mla_nodes} mla_rope_store calls"
+        assert all("k_pe_store" in s.nodes for s in rec.sites), [s.nodes for s in rec.sites]
