@@ -281,3 +281,36 @@ def test_rope_computed_in_float64_is_reported_and_bit_exact(passes):
         assert [(s.fused, s.disabled) for s in run.sites] == [(False, False)]
         assert "computed in float64" in run.sites[0].reason, run.sites[0].reason
         assert fused_nodes(run.after) == 0
+
+
+class PerHeadTables(nn.Module):
+    """``k_buffer[loc] = rope(k)`` with cos and sin sliced from ``[T, 2, 16]`` inputs that vary per head: the RoPE
+    recogniser reads them as the tables (only k is read at two features of an output feature), which the op cannot
+    take (its tables are per token or position); with one kv head they are per-token tables, which it can."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.register_buffer("k_buffer", torch.randn(32, heads, 16))
+        self.register_buffer("v_buffer", torch.randn(32, heads, 16))
+
+    def forward(self, q, k, v, y, z, loc):
+        cos, sin = y[..., :8], z[..., :8]
+
+        def rope(x):
+            x1, x2 = x.chunk(2, -1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+        self.k_buffer[loc] = rope(k)
+        self.v_buffer[loc] = v
+        return rope(q) * 2
+
+
+@pytest.mark.parametrize("heads", [2, 1])
+def test_tables_that_vary_per_head_are_reported_and_per_token_ones_fuse(heads, passes):
+    inputs = [torch.randn(3, heads, 16) for _ in range(5)] + [torch.tensor([3, 9, 30])]
+    compare(PerHeadTables(heads), FALLBACK, [inputs])
+    (run,) = passes
+    (site,) = run.sites
+    if heads == 2:
+        assert not site.fused and "cos varies per head" in site.reason, site.reason
+    else:
+        assert site.fused, site.reason

@@ -327,11 +327,10 @@ def table_per_head(x, cos, sin, y):
     (x_squared_only, "not paired like NeoX or GPT-J"),
     (missing_term, "not a two-term rotation"),
     (missing_rotation, "not paired like NeoX or GPT-J"),
-    (other_tensor_in_one_term, "ambiguous rotated tensor"),
+    (other_tensor_in_one_term, "not x times a table"),  # x, read at two features, is the rotated tensor
     (other_table_in_one_term, "cos values come from several tensors"),
     (mismatched_pairs, "not paired like NeoX or GPT-J"),
     (scaled_rotation, "scaled by 2 after the multiply"),
-    (table_per_head, "ambiguous rotated tensor"),
 ], ids=lambda v: v.__name__ if callable(v) else "")
 def test_not_rope(fn, reason):
     cos, sin = tables(n=D // 2)
@@ -340,6 +339,18 @@ def test_not_rope(fn, reason):
     args = (torch.randn(T, H, D), cos, sin, *(extra[n] for n in names[3:]))
     with pytest.raises(NotRope, match=reason):
         match_rope(output_node(trace(fn, *args)))
+
+
+def test_a_table_varying_per_head_is_read_as_the_table():
+    """cos a slice of another ``[T, H, D]`` tensor: x and it index the same dims, but only x is read at two features
+    of one output feature (x and its partner), so x is the rotated tensor and y the cos table (``plan.can_fuse``
+    then refuses a table that varies per head: ``tests/patterns/test_pass_soundness.py``)."""
+    cos, sin = tables(n=D // 2)
+    x, y = torch.randn(T, H, D), torch.randn(T, H, D)
+    gm = trace(table_per_head, x, cos, sin, y)
+    m = match_rope(output_node(gm))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    assert m.x is placeholders[0] and m.cos.leaf.node is not placeholders[0]
 
 
 # ------------------------------------------------------------------------------------------------
