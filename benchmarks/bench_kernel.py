@@ -511,13 +511,12 @@ def op_then_fp8_q(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_sc
 
 
 def op_fp8_q(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_scale, n_q, n_kv, d):
-    """The op emitting fp8 q: the same quantisation in the same launch. It divides by the scale it is given; eager
-    CUDA reads a 0-d CUDA scale rounded to the quotient's dtype (``patterns/quant.py::scale_rounding``), so the
-    scale is handed over as eager reads it, as the pass does."""
-    if q_scale.is_cuda:
-        q_scale = q_scale.to(q.dtype)
+    """The op emitting fp8 q: the same quantisation in the same launch. Eager CUDA reads a 0-d CUDA scale rounded
+    to the quotient's dtype (``patterns/quant.py::scale_rounding``): the op rounds it as it loads it
+    (``q_scale_round``), as the pass asks of it."""
     return rope_kv_store(q, k, v, k_cache, v_cache, loc, cos_sin_cache=cos_sin_cache, positions=positions,
-                         q_fp8_dtype=FP8_Q, q_scale=q_scale, q_clamp=(-FP8_Q_MAX, FP8_Q_MAX))[0]
+                         q_fp8_dtype=FP8_Q, q_scale=q_scale, q_clamp=(-FP8_Q_MAX, FP8_Q_MAX),
+                         q_scale_round=q_scale.is_cuda)[0]
 
 
 # table -> (the three sides: stock's model code, the op plus the rest compiled, the op doing it all)
@@ -704,11 +703,10 @@ def mla_model(q_nope, q_pe, kv_c, k_pe, pool, loc, positions, cos_sin_cache, k_s
 
 def mla_op(q_nope, q_pe, kv_c, k_pe, pool, loc, positions, cos_sin_cache, k_scale):
     """The MLA op doing all of it (the fp8 pool: SGLang's bf16 quotient, as ``mla_model`` rounds it; eager CUDA
-    reads a 0-d CUDA scale rounded to the quotient's dtype, so the scale is handed over as eager reads it, as the
-    graph pass does for the other op)."""
-    fp8 = dict(fp8_dtype=torch.float8_e4m3fn, quant_dtype=torch.bfloat16) if k_scale is not None else {}
-    if k_scale is not None and k_scale.is_cuda:
-        k_scale = k_scale.to(torch.bfloat16)
+    reads a 0-d CUDA scale rounded to the quotient's dtype, which the op does as it loads it: ``scale_round``, as
+    the graph pass asks of it)."""
+    fp8 = {} if k_scale is None else dict(fp8_dtype=torch.float8_e4m3fn, quant_dtype=torch.bfloat16,
+                                          scale_round=k_scale.is_cuda)
     return mla_rope_store(q_pe, k_pe, kv_c, pool, loc, q_nope=q_nope, cos_sin_cache=cos_sin_cache,
                           positions=positions, is_neox=False, k_scale=k_scale, **fp8)[0]
 
