@@ -522,3 +522,29 @@ def test_mla_latent_store_is_launched_by_inductor(kw, mode, codes):
     assert_every_graph_fused(delta(before))
     assert codes and all(direct_launches(code, "_mla_rope_store_kernel") == 1 and "torch.ops.fx_fusion" not in code
                          for code in codes), "the MLA kernel is not launched once per graph by Inductor's code"
+
+
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleave", "rotate_half"])
+def test_deepseek_v3_two_caches_are_written_by_the_launch(interleave, codes):
+    """transformers' DeepseekV3ForCausalLM (tiny, random weights, bf16) on the GPU, a prefill and two decode steps:
+    every graph launches the MLA kernel once per layer from Inductor's code (no ``torch.ops.fx_fusion`` call), the
+    latent and the rotated k_pe in the layer's two caches; logits and both caches of every layer as eager's."""
+    from tests.mla_models import build_deepseek_v3, hf_steps, new_latent_cache, run_hf_steps
+
+    model, config = build_deepseek_v3(interleave, BF16, device=DEVICE)
+    steps = [ids.to(DEVICE) for ids in hf_steps(config)]
+    ref, cache = (new_latent_cache(config, dtype=BF16, device=DEVICE) for _ in range(2))
+    expected = run_hf_steps(model, ref, steps)
+    compiled = torch.compile(model.forward, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
+    before = snapshot()
+    actual = run_hf_steps(compiled, cache, steps)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i} logits: {m}")
+    for i, (layer, ref_layer) in enumerate(zip(cache.layers, ref.layers)):  # tests/e2e/test_hf_models.py's tolerance
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=2e-2, rtol=2e-2, msg=lambda m: f"layer {i}: {m}")
+        torch.testing.assert_close(layer.values, ref_layer.values, atol=2e-2, rtol=2e-2,
+                                   msg=lambda m: f"layer {i} k_pe: {m}")
+    layers = config.num_hidden_layers
+    assert_every_graph_fused(delta(before), sites_per_graph=layers)
+    assert codes and all(direct_launches(code, "_mla_rope_store_kernel") == layers and "torch.ops.fx_fusion" not in code
+                         for code in codes), "the MLA kernel is not launched once per layer by Inductor's code"
