@@ -125,7 +125,9 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
     if q.x.meta["val"].dtype != dtype or q_root.meta["val"].dtype != dtype:
         raise Unfusable(f"q_pe is rotated in {q.x.meta['val'].dtype} -> {q_root.meta['val'].dtype}, k_pe in {dtype}")
     q_shape = shape_of(q.x)
-    if len(q_shape) != 3 or q.x_dims != (0, 1) or not sizes_equal(q_shape[0], tokens) or not all(
+    # q_pe's dims follow its RoPE output's (x_dims: None for a size-1 dim, e.g. the tokens of a one-token decode)
+    follows = len(q.x_dims) == 2 and all(d == i or (d is None and q_shape[i] == 1) for i, d in enumerate(q.x_dims))
+    if len(q_shape) != 3 or not follows or not sizes_equal(q_shape[0], tokens) or not all(
             map(sizes_equal, q_shape, shape_of(q_root))):
         raise Unfusable(f"q_pe {tuple(q_shape)} and its RoPE output are not [T, Hq, R] with k_pe's T")
     roles = (Role.TOKEN,) + (Role.HEAD,) * (len(shape_of(k_root)) - 2)

@@ -180,6 +180,15 @@ def test_absorbed_decode_forms_fuse_and_match_eager(kw, records, inference):
     assert not any("q's cat" in n for n in notes), notes  # the absorbed q cat is the op's q_out
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(torch.float32, id="fp32", marks=FULL)])
+def test_one_token_decode_fuses(dtype, records, inference):
+    """Decode of one token per step (the common case): Dynamo specialises the size-1 token dim, so q_pe's RoPE
+    follows its output's dims but the tokens' (x_dims None there); it was refused as "not [T, Hq, R]"."""
+    block = make_mla_block(store="view_cat", dtype=dtype)
+    run_and_compare(block, steps=mla_steps(block, prefill=5, decode=(1, 1)))
+    check_fused(records)
+
+
 def test_two_layers_fuse_one_call_each(records, inference):
     run_and_compare(TwoLayers(store="view_cat"))
     check_fused(records, layers=2)
