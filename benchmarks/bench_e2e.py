@@ -22,6 +22,12 @@ fusion"); a pass that emits the norm in the fused op measures "norm fused". For 
 versions of the pass (the stock side is the same code), or, if the pass gets a ``FusionConfig`` field that turns
 the norm's fusion off, once with ``--fx-options FIELD=False``.
 
+Model e (``--models e``): a DeepSeek-V3-shaped decoder at TP 8 (16 q heads, hidden 7168, 61 layers) with multi-head
+latent attention as SGLang's absorbed path writes it (``MLAAttention``: kv_lora_rank 512, qk_nope 128, rope 64 in
+GPT-J pairs from DeepSeek's fp32 ``cos_sin_cache``, v_head 128; ``q = cat([absorb(q_nope), q_pe])``,
+``kv_pool[loc] = cat([kv_c, k_pe]).view(-1, 1, 576)``), random weights, and a dense SwiGLU MLP (2304 wide, the TP-8
+share of DeepSeek-V3's dense layers) in place of the MoE. The pass fuses each layer into one ``fx_fusion.mla_rope_store``.
+
 Model d (``--models d``): Hugging Face ``GptOssForCausalLM`` at gpt-oss-20b sizes (64 q / 8 kv heads, head_dim
 64, hidden 2880, 32 experts top-4, sliding window 128 on alternate layers, YaRN rope scaling from
 ``GptOssConfig``'s defaults), random bf16 weights built on the device (nothing downloaded), embedding and LM
@@ -117,10 +123,14 @@ class Spec:
     smoke_heads: tuple[int, int]  # (q, kv) heads of the --smoke version: the Triton interpreter is slow
     fp8_cache: bool = False  # pools of float8_e4m3fn bytes in uint8 tensors, per-tensor scales (SGLang's fp8 KV)
     qk_norm: bool = False  # RMSNorm of each q and k head before the RoPE, as HF's Qwen3Attention (Qwen3RMSNorm)
+    # MLA (model e): (kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim); head_dim is the rope dim
+    mla: tuple[int, int, int, int] | None = None
 
     def smoke(self) -> "Spec":
+        mla = (32, 16, 8, 16) if self.mla else None
         return dataclasses.replace(self, n_q=self.smoke_heads[0], n_kv=self.smoke_heads[1], hidden=SMOKE_HIDDEN,
-                                   intermediate=SMOKE_INTERMEDIATE, layers=SMOKE_LAYERS)
+                                   intermediate=SMOKE_INTERMEDIATE, layers=SMOKE_LAYERS, mla=mla,
+                                   head_dim=mla[2] if mla else self.head_dim)
 
 
 SPECS = {
@@ -129,6 +139,10 @@ SPECS = {
     "c": Spec("c", "Llama-3-8B", 32, 8, 128, 4096, 14336, 32, 500000.0, False, (8, 2)),
     "f": Spec("f", "Qwen3-8B", 32, 8, 128, 4096, 12288, 36, 1000000.0, False, (8, 2), qk_norm=True),
 }
+# DeepSeek-V3 at TP 8: 16 of its 128 q heads, the latent pool of one row per token; a dense SwiGLU MLP in place of
+# the MoE (its dense layers' 18432, sharded 8 ways), 61 layers
+SPECS["e"] = Spec("e", "DeepSeek-V3 TP-8 shard (MLA, dense MLP)", 16, 1, 64, 7168, 2304, 61, 10000.0, False, (4, 1),
+                  mla=(512, 128, 64, 128))
 SPECS["a-fp8"] = dataclasses.replace(SPECS["a"], key="a-fp8", name="gpt-oss-120b TP-8 shard, fp8 KV cache",
                                      fp8_cache=True)
 SMOKE_HIDDEN, SMOKE_INTERMEDIATE, SMOKE_LAYERS = 128, 256, 2
@@ -272,6 +286,57 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch * tq, self.q_size))
 
 
+class MLAAttention(nn.Module):
+    """DeepSeek-V3's multi-head latent attention as SGLang's absorbed path writes it (``forward_absorb``).
+
+    q straight from the hidden state (no q LoRA) ``[T, Hq, nope + R]`` -> split; ``kv_a_proj`` -> the latent ``kv_c``
+    (RMS-normed) and one k_pe head; both rope parts rotated in GPT-J pairs by DeepSeek's ``forward_native`` (the
+    fp32 ``cos_sin_cache`` row per position, ``repeat_interleave(2)``, ``x * cos + rotate(x) * sin`` promoted to
+    fp32, cast back); q_nope absorbed into the latent space (``bmm`` with ``w_kc``); ``q = cat([q_nope, q_pe])``;
+    ``kv_pool[loc] = cat([kv_c, k_pe]).view(-1, 1, L + R)`` (SGLang's MLA token pool); attention of q over the
+    pool's rows (the latent part as the values), then ``w_vc`` and ``o_proj``.
+    """
+
+    def __init__(self, spec: Spec, hidden: int, num_slots: int, rotary: RotaryEmbedding, dtype, device):
+        super().__init__()
+        self.n_q = spec.n_q
+        self.L, self.nope, self.R, self.V = spec.mla
+        make = dict(dtype=dtype, device=device)
+        self.q_proj = nn.Linear(hidden, self.n_q * (self.nope + self.R), bias=False, **make)
+        self.kv_a_proj = nn.Linear(hidden, self.L + self.R, bias=False, **make)
+        self.kv_a_norm = RMSNorm(self.L, dtype, device)
+        self.w_kc = nn.Parameter(torch.randn(self.n_q, self.nope, self.L, **make) * self.nope ** -0.5)
+        self.w_vc = nn.Parameter(torch.randn(self.n_q, self.L, self.V, **make) * self.L ** -0.5)
+        self.o_proj = nn.Linear(self.n_q * self.V, hidden, bias=False, **make)
+        self.rotary = rotary
+        self.scale = (self.nope + self.R) ** -0.5
+        self.register_buffer("kv_pool", torch.zeros(num_slots, 1, self.L + self.R, **make), persistent=False)
+
+    def _rope(self, positions, x):
+        """DeepseekScalingRotaryEmbedding.forward_native, GPT-J pairs, on ``x [T, H, R]``."""
+        cos, sin = self.rotary.cos_sin_cache[positions].chunk(2, dim=-1)
+        cos = cos.repeat_interleave(2, dim=-1).unsqueeze(-2)
+        sin = sin.repeat_interleave(2, dim=-1).unsqueeze(-2)
+        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return (x * cos + rotated * sin).to(x.dtype)
+
+    def forward(self, positions, hidden, loc, mask):
+        t, n_q, L = hidden.shape[0], self.n_q, self.L
+        q = self.q_proj(hidden).view(t, n_q, self.nope + self.R)
+        q_nope, q_pe = q.split([self.nope, self.R], dim=-1)
+        kv_c, k_pe = self.kv_a_proj(hidden).split([L, self.R], dim=-1)
+        kv_c = self.kv_a_norm(kv_c)
+        q_pe, k_pe = self._rope(positions, q_pe), self._rope(positions, k_pe.unsqueeze(1))
+        q = torch.cat([torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1), q_pe], dim=-1)
+        self.kv_pool[loc] = torch.cat([kv_c, k_pe.view(t, self.R)], dim=-1).view(-1, 1, L + self.R)
+        batch, tq, kv_len = mask.shape[0], mask.shape[2], mask.shape[3]
+        rows = self.kv_pool[: batch * kv_len].view(batch, 1, kv_len, L + self.R).expand(batch, n_q, kv_len, -1)
+        q = q.view(batch, tq, n_q, L + self.R).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, rows, rows[..., :L], attn_mask=mask, scale=self.scale)
+        out = torch.bmm(out.transpose(1, 2).reshape(batch * tq, n_q, L).transpose(0, 1), self.w_vc)
+        return self.o_proj(out.transpose(0, 1).reshape(t, n_q * self.V))
+
+
 class MLP(nn.Module):
     """Dense SwiGLU: down(silu(gate) * up), gate and up from one merged Linear."""
 
@@ -289,7 +354,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec, hidden, intermediate, num_slots, rotary, gqa, dtype, device):
         super().__init__()
         self.input_norm = RMSNorm(hidden, dtype, device)
-        self.attn = Attention(spec, hidden, num_slots, rotary, gqa, dtype, device)
+        self.attn = (MLAAttention(spec, hidden, num_slots, rotary, dtype, device) if spec.mla
+                     else Attention(spec, hidden, num_slots, rotary, gqa, dtype, device))
         self.post_norm = RMSNorm(hidden, dtype, device)
         self.mlp = MLP(hidden, intermediate, dtype, device)
 
@@ -316,8 +382,10 @@ class Decoder(nn.Module):
             hidden = layer(positions, hidden, loc, mask)
         return self.norm(hidden)
 
-    def caches(self):
-        return [(layer.attn.k_buffer, layer.attn.v_buffer) for layer in self.layers]
+    def caches(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, its pools: (k, v), or the MLA latent pool alone."""
+        return [(layer.attn.kv_pool,) if isinstance(layer.attn, MLAAttention) else
+                (layer.attn.k_buffer, layer.attn.v_buffer) for layer in self.layers]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,8 +454,9 @@ def untouched_rows_intact(model: Decoder, seed: int, loc: torch.Tensor) -> bool:
 
 
 def written_rows(model: Decoder, loc: torch.Tensor) -> torch.Tensor:
-    """The rows at ``loc`` of every layer's k and v pool ``[layers, 2, T, Hkv, D]``; fp8 pools dequantised."""
-    rows = torch.stack([torch.stack((k[loc], v[loc])) for k, v in model.caches()])
+    """The rows at ``loc`` of every layer's pools ``[layers, pools, T, ...]`` (k and v, or the MLA latent pool);
+    fp8 pools (k and v) dequantised."""
+    rows = torch.stack([torch.stack([c[loc] for c in caches]) for caches in model.caches()])
     if rows.dtype == torch.uint8:
         return rows.view(FP8).float() * torch.tensor(FP8_SCALES, device=rows.device).view(1, 2, 1, 1, 1)
     return rows
@@ -677,11 +746,11 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Decoder(spec, layers, hidden, intermediate, num_slots, s.max_pos, gqa, s.dtype, s.device).eval()
-    for k, v in model.caches():
-        torch._dynamo.mark_static_address(k)
-        torch._dynamo.mark_static_address(v)
+    for caches in model.caches():
+        for c in caches:
+            torch._dynamo.mark_static_address(c)
     params = sum(p.numel() for p in model.parameters())
-    cache_bytes = sum(2 * k.numel() * k.element_size() for k, _ in model.caches())
+    cache_bytes = sum(c.numel() * c.element_size() for caches in model.caches() for c in caches)
     log(f"\n## model {spec.key}: {spec.name} — {layers} layers"
         + (f" (the real model has {spec.layers})" if layers != spec.layers else "")
         + f", {spec.n_q} q / {spec.n_kv} kv heads, head_dim {spec.head_dim}, hidden {hidden}, "
@@ -689,6 +758,8 @@ def run_model(spec: Spec, layers: int, s: Settings, rows: dict, compile_rows: li
           f"({cache_bytes / 2**30:.2f} GiB)")
     store = ("fp8: k_buffer[loc] = k.div(k_scale).to(float8_e4m3fn).view(uint8), uint8 pool, scales "
              f"{FP8_SCALES}" if spec.fp8_cache else "k_buffer[loc] = k")
+    if spec.mla:
+        store = f"MLA latent pool [slots, 1, {spec.mla[0]} + {spec.mla[2]}]: kv_pool[loc] = cat([kv_c, k_pe])"
     log(f"   cache: token pool [slots, Hkv, D] (SGLang style, {store}); attention: "
         + ("SDPA(enable_gqa=True)" if gqa else "repeat_interleave kv heads + SDPA")
         + f" with a bool mask; SDPA backend for GQA: decode {backend_decode}, prefill {backend_prefill}")
