@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.functional import NotTraceable, mla_rope_store_functional, routes
+from fx_fusion.kernels.functional import mla_rope_store_functional
 from fx_fusion.kernels.options import MlaOptions
 from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
@@ -90,14 +90,7 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
     if m.k_store is not None:
         return _can_fuse_two_caches(m, state)
     st, rope, k_root = m.store, m.rope, m.k_root
-    dtype = k_root.meta["val"].dtype
-    if dtype not in MODEL_DTYPES:
-        raise Unfusable(f"the rotated k_pe is {dtype}, not a model dtype")
-    if rope.x.meta["val"].dtype != dtype:
-        raise Unfusable(f"k_pe's RoPE changes dtype ({rope.x.meta['val'].dtype} -> {dtype})")
-    if rope.rotary_dim != rope.head_dim:
-        raise Unfusable(f"k_pe's RoPE rotates {rope.rotary_dim} of its {rope.head_dim} features; the MLA op rotates "
-                        "all of k_pe")
+    dtype = _k_pe_dtype(m)
     k_x = shape_of(rope.x)
     if not _one_head(k_x) or not _one_head(shape_of(k_root)):
         raise Unfusable(f"k_pe {tuple(k_x)} / its RoPE output {tuple(shape_of(k_root))} is not [T, R] or [T, 1, R]")
@@ -156,14 +149,7 @@ def _can_fuse_two_caches(m: MlaStore, state: GraphState) -> MlaPlan:
     """``can_fuse_mla`` for the latent and the rotated k_pe in two caches (transformers DeepseekV3, sequence layout):
     the op's ``k_pe_cache``. Every tensor is read through its dims' roles (``[B, H, S, D]`` as HF has them)."""
     st, kst, rope, k_root = m.store, m.k_store, m.rope, m.k_root
-    dtype = k_root.meta["val"].dtype
-    if dtype not in MODEL_DTYPES:
-        raise Unfusable(f"the rotated k_pe is {dtype}, not a model dtype")
-    if rope.x.meta["val"].dtype != dtype:
-        raise Unfusable(f"k_pe's RoPE changes dtype ({rope.x.meta['val'].dtype} -> {dtype})")
-    if rope.rotary_dim != rope.head_dim:
-        raise Unfusable(f"k_pe's RoPE rotates {rope.rotary_dim} of its {rope.head_dim} features; the MLA op rotates "
-                        "all of k_pe")
+    dtype = _k_pe_dtype(m)
     wanted = TOKEN_MAJOR[st.layout]
     roles = tuple(m.roles)
     named = [r for r in roles if r is not None]
@@ -224,6 +210,20 @@ def should_fuse_mla(plan: MlaPlan, options: FusionOptions) -> None:
     n = plan.num_tokens
     if n is not None and (n < options.min_tokens or (options.max_tokens is not None and n > options.max_tokens)):
         raise Disabled(f"{n} tokens is outside [{options.min_tokens}, {options.max_tokens}] (config)")
+
+
+def _k_pe_dtype(m: MlaStore) -> torch.dtype:
+    """The rotated k_pe's dtype, once its RoPE is one the op computes (a model dtype throughout, every feature
+    rotated), else ``Unfusable``."""
+    rope, dtype = m.rope, m.k_root.meta["val"].dtype
+    if dtype not in MODEL_DTYPES:
+        raise Unfusable(f"the rotated k_pe is {dtype}, not a model dtype")
+    if rope.x.meta["val"].dtype != dtype:
+        raise Unfusable(f"k_pe's RoPE changes dtype ({rope.x.meta['val'].dtype} -> {dtype})")
+    if rope.rotary_dim != rope.head_dim:
+        raise Unfusable(f"k_pe's RoPE rotates {rope.rotary_dim} of its {rope.head_dim} features; the MLA op rotates "
+                        "all of k_pe")
+    return dtype
 
 
 def _one_head(shape: tuple) -> bool:
@@ -359,32 +359,9 @@ def rewrite_mla(graph: Graph, plan: MlaPlan, options: FusionOptions, tracer: Tra
     scale = m.quant.scale if m.quant is not None and isinstance(m.quant.scale, Node) else None
     inputs = [plan.q.x, plan.q_nope, m.rope.x, m.kv_c, st.cache, st.slots, plan.cos.node, plan.sin.node,
               plan.cos.positions, scale]
-    spec = mla_spec(plan, options.validate)
-    kernels = routes(st.cache.meta["val"].device, options.validate)
-    for kernel in kernels:
-        try:
-            traced = tracer.trace(mla_replacement, inputs, written=(4,), spec=spec, kernel=kernel)
-            break
-        except NotTraceable:  # a symbolic size the kernel takes as a constant: the op instead
-            if kernel is kernels[-1]:
-                raise
-    last_input = max(n for n in inputs if n is not None)
-    with graph.inserting_before(last_input.next):
-        new_nodes, (q_out, k_rot, new) = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"),
-                                                traced.write_backs)
-    olds = [(q_out, plan.q_cat if plan.q_cat is not None else plan.q_root),
-            (k_rot, m.k_root if plan.return_k else None), (new, st.result)]
-    for n_new, old in olds:
-        if old is not None and not (isinstance(n_new, Node) and _same_meta(n_new.meta["val"], old.meta["val"])):
-            for n in reversed(new_nodes):
-                graph.erase_node(n)
-            raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
-    for n_new, old in olds:
-        if old is not None:
-            old.replace_all_uses_with(n_new)
-    for n in dict.fromkeys((st.result, st.node)):
-        if not n.users:
-            graph.erase_node(n)
+    traced = tracer.trace_best(mla_replacement, inputs, (4,), st.cache.meta["val"].device, options.validate,
+                               spec=mla_spec(plan, options.validate))
+    _splice_in(graph, plan, traced, inputs, st.node.meta.get("stack_trace"), [st.result], [st])
 
 
 @dataclass(frozen=True)
@@ -435,29 +412,31 @@ def rewrite_two_caches(graph: Graph, plan: MlaPlan, options: FusionOptions, trac
                          tuple(m.roles) if plan.return_k else None, tuple(st.value_roles),
                          _table_view(rope.cos, plan.cos, rope.rotary_dim),
                          _table_view(rope.sin, plan.sin, rope.rotary_dim))
-    kernels = routes(st.cache.meta["val"].device, options.validate)
-    for kernel in kernels:
-        try:
-            traced = tracer.trace(two_caches_replacement, inputs, written=(4, 5), spec=spec, kernel=kernel)
-            break
-        except NotTraceable:
-            if kernel is kernels[-1]:
-                raise
+    traced = tracer.trace_best(two_caches_replacement, inputs, (4, 5), st.cache.meta["val"].device,
+                               options.validate, spec=spec)
+    _splice_in(graph, plan, traced, inputs, kst.node.meta.get("stack_trace"), [st.result, kst.result], [st, kst])
+
+
+def _splice_in(graph: Graph, plan: MlaPlan, traced, inputs: list, stack_trace: str | None, new_caches: list,
+               stores: list) -> None:
+    """Splice ``traced`` (outputs: q_out, the rotated k_pe or None, then the new value of each cache) in after its
+    last input; q's cat (or the rotated q), the rotated k_pe where the op returns it, and each store's result
+    (``new_caches``) are redirected to them, then the stores left without users are erased. New nodes first: if
+    an output's shape or dtype is not the node's it replaces, they are erased and the graph is as it was."""
     last_input = max(n for n in inputs if n is not None)
     with graph.inserting_before(last_input.next):
-        new_nodes, (q_out, k_rot, new_kv, new_kp) = splice(
-            graph, traced.gm, inputs, kst.node.meta.get("stack_trace"), traced.write_backs)
-    olds = [(q_out, plan.q_cat if plan.q_cat is not None else plan.q_root),
-            (k_rot, m.k_root if plan.return_k else None), (new_kv, st.result), (new_kp, kst.result)]
-    for n_new, old in olds:
+        new_nodes, outputs = splice(graph, traced.gm, inputs, stack_trace, traced.write_backs)
+    olds = [plan.q_cat if plan.q_cat is not None else plan.q_root, plan.site.k_root if plan.return_k else None,
+            *new_caches]
+    for n_new, old in zip(outputs, olds, strict=True):
         if old is not None and not (isinstance(n_new, Node) and _same_meta(n_new.meta["val"], old.meta["val"])):
             for n in reversed(new_nodes):
                 graph.erase_node(n)
             raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
-    for n_new, old in olds:
+    for n_new, old in zip(outputs, olds):
         if old is not None:
             old.replace_all_uses_with(n_new)
-    for n in dict.fromkeys((st.result, st.node, kst.result, kst.node)):
+    for n in dict.fromkeys(n for store in stores for n in (store.result, store.node)):
         if not n.users:
             graph.erase_node(n)
 

@@ -8,12 +8,9 @@ indices) are made here, once per graph and rule (the layers of a model share the
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.functional import NotTraceable, routes
 from fx_fusion.patterns.fx_utils import shape_of, sizes_equal
 from fx_fusion.patterns.plan import Plan, first_of_pair
 from fx_fusion.patterns.replacement import replacement, replacement_spec
@@ -21,7 +18,6 @@ from fx_fusion.patterns.site import FusionOptions, Unfusable
 from fx_fusion.patterns.splice import Traced, Tracer, splice
 from fx_fusion.patterns.store import Origin, Store
 
-log = logging.getLogger("fx_fusion")
 aten = torch.ops.aten
 
 
@@ -82,16 +78,9 @@ def _replay_views(graph: Graph, x: Node, views: tuple, mode, new_nodes: list) ->
 
 
 def _trace(tracer: Tracer, spec, inputs: list, st: Store) -> Traced:
-    """The replacement traced with the best launch form that traces (``kernels.functional.routes``)."""
-    kernels = routes(st.cache.meta["val"].device, spec.options.validate)
-    for kernel in kernels:
-        try:
-            return tracer.trace(replacement, inputs, written=(3, 4), spec=spec, kernel=kernel)  # writes the caches
-        except NotTraceable as e:  # e.g. a symbolic stride the kernel takes as a constant: the op instead
-            if kernel is kernels[-1]:
-                raise
-            log.debug("%s: %s; emitting the op", st.node.name, e)
-    raise AssertionError("unreachable")
+    """The replacement traced with the best launch form that traces (``Tracer.trace_best``); it writes the caches."""
+    return tracer.trace_best(replacement, inputs, (3, 4), st.cache.meta["val"].device, spec.options.validate,
+                             spec=spec)
 
 
 def _slots(graph: Graph, st: Store, mode) -> Node:

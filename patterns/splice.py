@@ -33,7 +33,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from fx_fusion.kernels.functional import NotTraceable
+from fx_fusion.kernels.functional import NotTraceable, routes
 from fx_fusion.patterns.site import Unfusable
 
 log = logging.getLogger("fx_fusion")
@@ -91,6 +91,21 @@ class Tracer:
         self._traces.setdefault(self._key(fn, written, static, inputs), traced)
         counters["fx_fusion"]["replacement_traces"] += 1
         return traced
+
+    def trace_best(self, fn: Callable, inputs: list, written: tuple, device: torch.device, validate: bool,
+                   **static) -> Traced:
+        """``trace`` with the best launch form that traces on ``device`` (``fn``'s ``kernel`` argument, from
+        ``kernels.functional.routes``): the kernel's launch, or, where a symbolic size it takes as a constant keeps it
+        from tracing (``NotTraceable``), the op."""
+        kernels = routes(device, validate)
+        for kernel in kernels:
+            try:
+                return self.trace(fn, inputs, written, kernel=kernel, **static)
+            except NotTraceable as e:
+                if kernel is kernels[-1]:
+                    raise
+                log.debug("%s: %s; emitting the op", getattr(fn, "__qualname__", fn), e)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _key(fn: Callable, written: tuple, static: dict, inputs: list) -> str:
