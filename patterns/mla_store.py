@@ -193,12 +193,11 @@ def two_caches_reason(st: Store, candidates: list) -> str | None:
     """The reason for a RoPE output stored into a one-head cache next to a store with the same indices into another
     one-head cache of another width (transformers DeepseekV3 caches the latent and the rotated k_pe apart), else
     None."""
-    if st.layout is CacheLayout.SEQUENCE:
-        heads, width = shape_of(st.cache)[1], shape_of(st.cache)[-1]
-    else:
-        heads, width = shape_of(st.cache)[-2], shape_of(st.cache)[-1]
-    if not is_one(heads):
+    partners = _latent_partner(st, candidates)
+    if not partners:
         return None
+    return (f"MLA latent (in {partners[0].cache.name}) and rotated k_pe (in {st.cache.name}) stored in two caches of "
+            "one head each (transformers DeepseekV3's cache.update(latent, k_rot)): not matched yet")
     for v in candidates:
         if v.indices != st.indices or v.layout is not st.layout or v.cache is st.cache:
             continue
