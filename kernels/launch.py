@@ -100,13 +100,18 @@ def launch_traceable(p: RopeKVProblem, return_k: bool, buffers: tuple | None = N
     q_out = torch.empty(p.q_shape, dtype=p.q_out_dtype, device=p.q.device)
     k_out = torch.empty(p.k_shape if return_k else (0,), dtype=p.k.dtype, device=p.k.device)
     grid, args = kernel_arguments(p, q_out, k_out if return_k else None, buffers)
-    symbolic = sorted(name for name in _constexpr_names(_rope_kv_store_kernel)
-                      if isinstance(args.get(name), torch.SymInt))
+    check_traceable(_rope_kv_store_kernel, args)
+    torch.library.wrap_triton(_rope_kv_store_kernel)[grid](**args)  # the launch for T = 0 is empty
+    return q_out, k_out
+
+
+def check_traceable(kernel, args: dict) -> None:
+    """``NotTraceable`` naming the arguments ``kernel`` takes as compile-time constants that are symbolic in ``args``:
+    launching it from traced code would specialise them."""
+    symbolic = sorted(name for name in _constexpr_names(kernel) if isinstance(args.get(name), torch.SymInt))
     if symbolic:
         raise NotTraceable(f"the kernel takes {', '.join(symbolic)} as compile-time constants, but they are "
                            "symbolic here: launching it from traced code would specialise them")
-    torch.library.wrap_triton(_rope_kv_store_kernel)[grid](**args)  # the launch for T = 0 is empty
-    return q_out, k_out
 
 
 class NotTraceable(Exception):

@@ -16,8 +16,8 @@ import torch
 import triton
 
 from fx_fusion.kernels import analysis_cache
-from fx_fusion.kernels.launch import (NotTraceable, _constexpr_names, _static, assertion_options,
-                                      fp8_store_arguments, interpreted)
+from fx_fusion.kernels.launch import (_static, assertion_options, check_traceable, fp8_store_arguments,
+                                      interpreted)
 from fx_fusion.kernels.mla_kernel import _mla_rope_store_kernel
 from fx_fusion.kernels.options import FP8_DTYPES, MODEL_DTYPES, TABLE_DTYPES, CacheLayout, MlaOptions, make_mla_options
 from fx_fusion.kernels.problem import (INDEX_DTYPES, _as_bs, _check_eager_fp8, _check_no_overlap, _check_rotary,
@@ -333,11 +333,7 @@ def launch_traceable(p: MlaProblem) -> tuple[torch.Tensor, torch.Tensor]:
     q_out = torch.empty(p.q_out_shape, dtype=p.q_pe.dtype, device=p.q_pe.device)
     k_out = torch.empty(p.k_pe_shape if p.options.return_k else (0,), dtype=p.k_pe.dtype, device=p.k_pe.device)
     grid, args = kernel_arguments(p, q_out, k_out if p.options.return_k else None)
-    symbolic = sorted(name for name in _constexpr_names(_mla_rope_store_kernel)
-                      if isinstance(args.get(name), torch.SymInt))
-    if symbolic:
-        raise NotTraceable(f"the kernel takes {', '.join(symbolic)} as compile-time constants, but they are "
-                           "symbolic here: launching it from traced code would specialise them")
+    check_traceable(_mla_rope_store_kernel, args)
     torch.library.wrap_triton(_mla_rope_store_kernel)[grid](**args)  # the launch for T = 0 is empty
     return q_out, k_out
 
