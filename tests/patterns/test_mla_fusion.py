@@ -29,6 +29,7 @@ import fx_fusion.backend as fx_backend
 from fx_fusion import FusionConfig, RopeKVFusionPass
 from fx_fusion.kernels.functional import MLA_OP
 from tests.mla_models import FP8, MLABlock, make_mla_block, mla_steps, reference_rows, rotate_gptj
+from tests.patterns.test_rope_kv_store import inference  # noqa: F401  (the fixture)
 
 aten = torch.ops.aten
 BF16 = torch.bfloat16
@@ -64,14 +65,6 @@ def records(monkeypatch) -> list[Record]:
 
     monkeypatch.setattr(fx_backend, "RopeKVFusionPass", RecordingPass)
     return out
-
-
-@pytest.fixture
-def inference():
-    torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        yield
-    torch._dynamo.reset()
 
 
 class TwoLayers(nn.Module):
