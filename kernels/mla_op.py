@@ -29,9 +29,13 @@ from fx_fusion.kernels.problem import check_index_ranges
 def _tensor_arguments(
     q_pe: torch.Tensor, q_nope: torch.Tensor | None, k_pe: torch.Tensor, kv_c: torch.Tensor, kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
-    k_scale: torch.Tensor | None, k_pe_cache: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None, k_pe_cache: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's tensor arguments and its returns; its other arguments are ``MlaOptions``'s fields."""
+    """The op's tensor arguments and its returns; its other arguments are ``MlaOptions``'s fields.
+
+    ``k_pe_cache`` has no default although it may be None: torch 2.11's in-place bookkeeping of a custom op indexes
+    the mutated arguments by position, and the dispatcher leaves out trailing arguments equal to their defaults,
+    so a call without a second cache failed there with an ``IndexError`` (torch 2.13 handles it)."""
 
 
 _SIGNATURE = op_signature(_tensor_arguments, MlaOptions)
