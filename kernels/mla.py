@@ -224,9 +224,17 @@ def launch_config(p: MlaProblem) -> dict:
     A q program writes BLOCK_RQ (token, head) rows of LQ + R features, a kv program BLOCK_RKV tokens' cache rows of
     L + R: about 2K elements each at large T, as the existing kernel's programs move (``launch.launch_config``), and
     finer (down to one row) while there are fewer than ~512 programs, so that small decode batches still spread over
-    the SMs. Four warps; on HIP, where a warp is a 64-lane wavefront, two. Not yet measured on a GPU. Under
-    torch.compile a symbolic token count keeps the large-T tiles (no guard on it). In the interpreter: few programs of
-    large tiles (its cost is per program).
+    the SMs. Four warps; on HIP, where a warp is a 64-lane wavefront, two. Under torch.compile a symbolic token count
+    keeps the large-T tiles (no guard on it). In the interpreter: few programs of large tiles (its cost is per
+    program).
+
+    An fp8 cache takes fewer rows per kv program: 2 (of 4 at L + R = 576), 1 with the index checks (the pass's
+    launches). The fp8 cast's arithmetic took the kernel from 32 to 40 registers a thread on sm_90 (48 resident
+    warps of 64, for the q programs too) and staged a layout conversion through shared memory; 2 rows need 32 (33
+    with the checks: 48 warps again), 1 row 30-31, and no shared memory. Measured on an H200 (DeepSeek-V3, SGLang's
+    uint8 pool, T = 8192 / 32768; benchmarks/RESULTS.md): at 16 q heads 92.7 / 363 us with 4 rows, 87.1 / 344 with
+    2, 90.6 / 358 with 1; with the checks 93.0 / 367 with 2 (and 4), 91.0 / 360 with 1; at 128 q heads, with the
+    checks, 637 / 2544 with 2 or 4 rows, 604 / 2414 with 1.
     """
     half = triton.next_power_of_2(_static(p.rotary_dim) // 2)
     block_lq = triton.next_power_of_2(max(_static(p.q_nope_dim), 1))
@@ -236,6 +244,9 @@ def launch_config(p: MlaProblem) -> dict:
     budget = 16384 if interpreted() and p.q_pe.device.type == "cpu" else 2048
     block_rq = triton.next_power_of_2(max(1, budget // q_width))
     block_rkv = triton.next_power_of_2(max(1, budget // kv_width))
+    if budget == 2048 and p.stored_dtype in FP8_DTYPES:
+        checked = p.options.check_slots or p.options.check_positions
+        block_rkv = max(1, block_rkv // (4 if checked else 2))
     n_tok = p.num_tokens
     if budget == 2048 and isinstance(n_tok, int):
         while block_rq > 1 and n_tok * p.num_heads // block_rq < 512:
