@@ -45,11 +45,13 @@ interpreter, there is no replay and no floor, and the host loops run twice each:
 the CPU timings say nothing.
 
 ``--mla`` (DeepSeek-V3: kv_lora_rank 512, rope 64, GPT-J pairs with an fp32 ``cos_sin_cache``; 16 q heads (TP 8) and
-128 (TP 1); a bf16 pool and SGLang's fp8 pool, float8_e4m3fn bytes in uint8 after ``row / k_scale``) times two
+128 (TP 1); a bf16 pool and SGLang's fp8 pool, float8_e4m3fn bytes in uint8 after ``row / k_scale``) times three
 compiled functions per point, both ways: stock (the absorbed decode's model code: rotate q_pe and k_pe,
-``q = cat([q_nope, q_pe])``, ``pool[loc] = cat([kv_c, k_pe]).view(-1, 1, 576)``) and the MLA op doing it in one
-launch (``mla_rope_store``). Checked first (``_mla_check``): the fused side against eager and stock, every differing
-value within one step of the stored format, the differing bytes counted.
+``q = cat([q_nope, q_pe])``, ``pool[loc] = cat([kv_c, k_pe]).view(-1, 1, 576)``), the MLA op doing it in one
+launch (``mla_rope_store``, plain ``torch.compile``), and the model code compiled with ``backend="fx_fusion"``
+(the pass finds the op, and the backend's static launch: what a user gets). Checked first (``_mla_check``): the
+two fused sides against eager and stock, every differing value within one step of the stored format, the
+differing bytes counted.
 """
 
 from __future__ import annotations
@@ -739,7 +741,7 @@ def mla_min_bytes(t: int, n_q: int, fp8: bool) -> int:
 
 
 def _mla_check(sides: dict, case: tuple) -> tuple[bool, str]:
-    """Both sides and eager ``mla_model`` once from the same pool: untouched rows intact; the fused side against
+    """Every side and eager ``mla_model`` once from the same pool: untouched rows intact; each fused side against
     eager (its rounding: one rounding of the fp32 rotation, SGLang's bf16 quotient before the fp8 cast) and stock
     (Inductor keeps fp32 between the steps), each differing value within one step of the stored format (bf16:
     2**-7 relative; fp8: one e4m3 step, 2**-3), with the count of differing bytes. A GPU contracts ``x1 * c - x2 * s`` into
@@ -753,40 +755,48 @@ def _mla_check(sides: dict, case: tuple) -> tuple[bool, str]:
         got[name] = (f(*case).clone(), pool.clone())
     untouched = torch.ones(pool.shape[0], dtype=torch.bool, device=pool.device)
     untouched[loc] = False
-    ok = torch.equal(got["fused"][1][untouched], start[untouched])
+    ok = all(torch.equal(got[side][1][untouched], start[untouched]) for side in sides)
     texts = []
-    for other in ("eager", "stock"):
-        differ = 0
-        for a, b in zip(got["fused"], got[other]):
-            differ += int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
-            if a.dtype == torch.uint8:
-                a, b, step = a.view(torch.float8_e4m3fn).float(), b.view(torch.float8_e4m3fn).float(), FP8_Q_STEP
-            else:
-                a, b, step = a.float(), b.float(), 2.0 ** -7  # one bf16 step: up to 2**-7 of the value
-            ok &= bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * step + 2.0 ** -9).all())
-        texts.append(f"{differ} bytes differ from {other}'s")
-    return ok, f"{'ok' if ok else 'FAILED'}; " + ", ".join(texts) + " (each value within one step)"
+    for side in sides:
+        for other in ("eager", "stock"):
+            if side == other:
+                continue
+            differ = 0
+            for a, b in zip(got[side], got[other]):
+                differ += int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+                if a.dtype == torch.uint8:
+                    a, b, step = a.view(torch.float8_e4m3fn).float(), b.view(torch.float8_e4m3fn).float(), FP8_Q_STEP
+                else:
+                    a, b, step = a.float(), b.float(), 2.0 ** -7  # one bf16 step: up to 2**-7 of the value
+                ok &= bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * step + 2.0 ** -9).all())
+            texts.append(f"{side}/{other} {differ}")
+    return ok, f"{'ok' if ok else 'FAILED'}; bytes differing " + ", ".join(texts)
 
 
 def mla_table(args) -> None:
-    """``--mla``: per model, pool dtype and T, stock and the MLA op: replay medians, host loops, checks."""
+    """``--mla``: per model, pool dtype and T, stock, the MLA op and the pass: replay medians, host loops, checks."""
+    import fx_fusion  # noqa: F401  (registers backend="fx_fusion")
+    from torch._dynamo.utils import counters
+
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
     print("\n## --mla: DeepSeek-V3 MLA (L 512, R 64, GPT-J pairs): RoPE of q_pe/k_pe -> q cat -> latent pool at "
-          "random slots; times in us")
-    print("| model | pool | T | stock replay | fused replay | floor | fused % of floor | fused / stock | stock host/call "
-          "| fused host/call | fused / stock host | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "random slots; times in us; op = torch.compile of the MLA op, fx = the model code with backend=\"fx_fusion\"")
+    print("| model | pool | T | stock replay | op replay | fx replay | floor | fx % of floor | op / stock | fx / stock "
+          "| stock host/call | op host/call | fx host/call | op / stock host | fx / stock host | fused / graphs | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = []
     num_slots = max(4096, 2 * max(args.tokens))
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), _recompile_limit(64):
         for name, fp8 in itertools.product(args.mla_models, (False, True)):
             n_q = MLA_MODELS[name]
             torch._dynamo.reset()
-            sides = {"stock": torch.compile(mla_model), "fused": torch.compile(mla_op)}
+            counters.clear()
+            sides = {"stock": torch.compile(mla_model), "op": torch.compile(mla_op),
+                     "fx": torch.compile(mla_model, backend="fx_fusion")}
             for t in args.tokens:
                 case = mla_case(t, n_q, fp8, num_slots, gen, dev)
                 ok, detail = _mla_check(sides, case)
@@ -796,9 +806,12 @@ def mla_table(args) -> None:
                           for f in sides.values()]
                 host = list(host_loop_us(sides, case, args.host_calls, args.host_rounds).values())
                 floor_us = 1e6 * mla_min_bytes(t, n_q, fp8) / bw
+                fx = counters["fx_fusion"]
                 print(f"| {name} | {'fp8' if fp8 else 'bf16'} | {t} | {replay[0]:.2f} | {replay[1]:.2f} | "
-                      f"{floor_us:.2f} | {100 * floor_us / replay[1]:.0f} | {replay[1] / replay[0]:.2f} | "
-                      f"{host[0]:.1f} | {host[1]:.1f} | {host[1] / host[0]:.2f} | {detail} |", flush=True)
+                      f"{replay[2]:.2f} | {floor_us:.2f} | {100 * floor_us / replay[2]:.0f} | "
+                      f"{replay[1] / replay[0]:.2f} | {replay[2] / replay[0]:.2f} | {host[0]:.1f} | {host[1]:.1f} | "
+                      f"{host[2]:.1f} | {host[1] / host[0]:.2f} | {host[2] / host[0]:.2f} | "
+                      f"{fx['rope_kv_store_fused']} / {fx['graphs']} | {detail} |", flush=True)
     if failed:
         print(f"FAILED checks: {', '.join(failed)}")
         sys.exit(1)
