@@ -18,6 +18,7 @@ must move divided by the device-to-device copy bandwidth measured in the same ru
     python benchmarks/bench_kernel.py --fp8-q              # RoPE -> fp8 q -> store: stock, op + quantisation, op fp8 q
     python benchmarks/bench_kernel.py --qk-norm --fp8-q --device cpu --tokens 1 8  # CPU: the checks (interpreter)
     python benchmarks/bench_kernel.py --mla                # DeepSeek-V3 MLA latent store: stock vs the MLA op
+    python benchmarks/bench_kernel.py --mla-rows [--checks]  # the MLA kernel at 1, 2, 4 kv rows a program
 
 ``--compiled`` times what a torch.compile user gets instead of the op alone: one RoPE + KV-store function
 per cache layout (SGLang token pool, vLLM paged cache, Hugging Face sequence cache with per-token cos/sin),
@@ -191,6 +192,9 @@ def main() -> None:
     ap.add_argument("--mla", action="store_true",
                     help="DeepSeek-V3 MLA: RoPE of q_pe/k_pe -> q cat -> latent pool store; stock vs the MLA op")
     ap.add_argument("--mla-models", nargs="+", default=list(MLA_MODELS), choices=list(MLA_MODELS))
+    ap.add_argument("--mla-rows", action="store_true",
+                    help="the MLA kernel alone at 1, 2 and 4 kv rows a program (fp8 pools' tile choice)")
+    ap.add_argument("--checks", action="store_true", help="with --mla-rows: with the index checks the pass emits")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu: --qk-norm / --fp8-q checks only (the kernel interpreted when TRITON_INTERPRET=1, "
                          "set when no GPU is present; timings meaningless)")
@@ -201,6 +205,9 @@ def main() -> None:
         return
     if args.mla:
         mla_table(args)
+        return
+    if args.mla_rows:
+        mla_rows_table(args)
         return
     if args.device != "cuda":
         ap.error("--device cpu runs only --qk-norm and --fp8-q")
@@ -815,6 +822,43 @@ def mla_table(args) -> None:
     if failed:
         print(f"FAILED checks: {', '.join(failed)}")
         sys.exit(1)
+
+
+def mla_rows_table(args) -> None:
+    """``--mla-rows``: replay medians of the MLA kernel (``mla.launch``) at the default launch configuration and at
+    1, 2 and 4 cache rows a kv program (``BLOCK_RKV``), bf16 and fp8 pools; ``--checks``: with the index checks (as
+    the pass launches it). The written bytes must not depend on the tile."""
+    from fx_fusion.kernels import mla
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s | index checks {'on' if args.checks else 'off'}")
+    variants = {"default": {}, "1 row": {"BLOCK_RKV": 1}, "2 rows": {"BLOCK_RKV": 2}, "4 rows": {"BLOCK_RKV": 4}}
+    print("| model | pool | T | " + " | ".join(f"{v} us" for v in variants) + " | default % of floor | same bytes |")
+    print("|---|---|---|" + "---|" * (len(variants) + 2))
+    num_slots = max(4096, 2 * max(args.tokens))
+    for name, fp8 in itertools.product(args.mla_models, (False, True)):
+        for t in args.tokens:
+            q_nope, q_pe, kv_c, k_pe, pool, loc, positions, table, k_scale = mla_case(
+                t, MLA_MODELS[name], fp8, num_slots, gen, dev)
+            fp8_options = dict(fp8_dtype=torch.float8_e4m3fn, quant_dtype=torch.bfloat16, scale_round=True)
+            p = mla.prepare_mla(q_pe, q_nope, k_pe, kv_c, pool, loc, *table.chunk(2, dim=-1), positions, k_scale,
+                                is_neox=False, check_slots=args.checks, check_positions=args.checks,
+                                **(fp8_options if fp8 else {}))
+            q_out, _ = mla.outputs(p)
+            start, times, written = pool.clone(), {}, {}
+            for v, config in variants.items():
+                pool.copy_(start)
+                mla.launch(p, q_out, None, **config)
+                written[v] = (q_out.clone(), pool.clone())
+                times[v] = 1e3 * do_bench_cudagraph(lambda: mla.launch(p, q_out, None, **config), rep=args.rep,
+                                                    return_mode="median")
+            same = all(torch.equal(a, b) for v in variants for a, b in zip(written[v], written["default"]))
+            floor_us = 1e6 * mla_min_bytes(t, MLA_MODELS[name], fp8) / bw
+            print(f"| {name} | {'fp8' if fp8 else 'bf16'} | {t} | " + " | ".join(f"{times[v]:.2f}" for v in variants)
+                  + f" | {100 * floor_us / times['default']:.0f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":
