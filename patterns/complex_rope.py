@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import OpRole, ops_with
+from fx_fusion.patterns.fx_utils import Emitter, OpRole, fake_mode_of, ops_with
 
 aten = torch.ops.aten
 log = logging.getLogger("fx_fusion")
@@ -87,10 +87,10 @@ def _rewrite(graph: Graph, out: ComplexRopeRewrites) -> None:
         if not _is_complex_mul(p):
             continue
         if fake_mode is None:
-            fake_mode = _fake_mode(graph)
+            fake_mode = fake_mode_of(graph)
             if fake_mode is None:
                 return
-        emit = _Emitter(graph, fake_mode, out.created, vr.meta.get("stack_trace"))
+        emit = Emitter(graph, fake_mode, out.created, vr.meta.get("stack_trace"))
         operands = p.args[:2]
         with graph.inserting_before(p):
             parts = [pairs.get(_view_key(o)) or pairs.setdefault(_view_key(o), _parts(emit, o)) for o in operands]
@@ -131,34 +131,10 @@ def _view_key(n):
     return n
 
 
-def _parts(emit: _Emitter, z: Node) -> tuple[Node, Node]:
+def _parts(emit: Emitter, z: Node) -> tuple[Node, Node]:
     """The real and imaginary parts of complex ``z``: the real pairs it was viewed from, or a real view of it."""
     if z.target is aten.view_as_complex.default and isinstance(z.args[0], Node):
         pairs = z.args[0]
     else:
         pairs = emit(aten.view_as_real.default, z)
     return emit(aten.select.int, pairs, -1, 0), emit(aten.select.int, pairs, -1, 1)
-
-
-class _Emitter:
-    """Insert ``target(*args)`` at the graph's insertion point, its fake value computed on the args' fake values."""
-
-    def __init__(self, graph: Graph, fake_mode, created: list, stack_trace: str | None):
-        self.graph, self.fake_mode, self.created, self.stack_trace = graph, fake_mode, created, stack_trace
-
-    def __call__(self, target, *args) -> Node:
-        vals = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
-        with self.fake_mode:
-            val = target(*vals)
-        n = self.graph.call_function(target, args)
-        n.meta["val"] = val
-        if self.stack_trace:
-            n.meta["stack_trace"] = self.stack_trace
-        self.created.append(n)
-        return n
-
-
-def _fake_mode(graph: Graph):
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])

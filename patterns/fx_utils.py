@@ -144,3 +144,29 @@ def within(starts, depth: int, step) -> list[Node]:
         out += nxt
         frontier = nxt
     return out
+
+
+class Emitter:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point, its fake value computed on the args' fake
+    values (``fake_mode``), the new node appended to ``created`` and given ``stack_trace``."""
+
+    def __init__(self, graph, fake_mode, created: list, stack_trace: str | None):
+        self.graph, self.fake_mode, self.created, self.stack_trace = graph, fake_mode, created, stack_trace
+
+    def __call__(self, target, *args, **kwargs) -> Node:
+        vals, kw_vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+        with self.fake_mode:
+            val = target(*vals, **kw_vals)
+        n = self.graph.call_function(target, args, kwargs or None)
+        n.meta["val"] = val
+        if self.stack_trace:
+            n.meta["stack_trace"] = self.stack_trace
+        self.created.append(n)
+        return n
+
+
+def fake_mode_of(graph):
+    """The fake mode of the graph's values (one per graph), found from its inputs; None if they carry none."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])

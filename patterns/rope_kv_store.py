@@ -41,6 +41,7 @@ from fx_fusion.kernels.functional import FUSED_OP, is_fused_node
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.find import KStore, find_sites
+from fx_fusion.patterns.fx_utils import fake_mode_of
 from fx_fusion.patterns.mla_rewrite import can_fuse_mla, mla_site, rewrite_mla, should_fuse_mla
 from fx_fusion.patterns.plan import can_fuse, should_fuse
 from fx_fusion.patterns.rewrite import rewrite
@@ -149,9 +150,7 @@ def eliminate_dead_code(graph: Graph) -> bool:
 
 def _fake_mode(graph: Graph):
     """The fake mode of the graph's values (one per graph), found from its inputs."""
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([n.meta.get("val") for n in graph.find_nodes(op="placeholder")])
+    mode = fake_mode_of(graph)
     if mode is None:
         raise Unfusable("the graph's inputs carry no fake values to trace the replacement with")
     return mode
