@@ -44,6 +44,7 @@ from torch.fx import Graph, Node
 from fx_fusion.patterns.engine_store import engine_store_op
 from fx_fusion.patterns.evaluator import Evaluator
 from fx_fusion.patterns.fx_utils import within
+from fx_fusion.patterns.mla_halves import merge_row_halves
 
 aten = torch.ops.aten
 
@@ -299,6 +300,7 @@ def _key(x, number: dict[Node, Node]):
 RULES: list[Rule] = [
     # a rule that spells a form out into nodes the matchers know belongs before the merge, so its nodes merge too
     merge_value_equal,
+    merge_row_halves,  # after the merge: the two halves must index the same rows (one slot node)
 ]
 
 

@@ -11,7 +11,8 @@ One row per token, ``[kv_c | rope(k_pe)]`` (L + R features), goes into a pool of
 ``match_mla_store`` turns such a store into an ``MlaStore`` (planned and rewritten in ``mla_rewrite.py``). Forms
 that hold an MLA row but are assembled otherwise are reported with a reason (``not_matched_reason``):
 
-    halves   kv_pool[loc, :, :L] = kv_c; kv_pool[loc, :, L:] = k_rot   (slice -> index_put -> slice_scatter, twice)
+    halves   kv_pool[loc, :, :L] = kv_c; kv_pool[loc, :, L:] = k_rot   (slice -> index_put -> slice_scatter, twice;
+             ``mla_halves.merge_row_halves`` makes the one-store form of it before matching, where it is one)
     latent   latent[:, :, :L] = kv_c; latent[:, :, L:] = k_rot; kv_pool[loc] = latent   (copy + slice_scatter)
     two caches  transformers DeepseekV3: the latent and k_rot in two caches of one head, each by
                 ``index_put(cache, [None, None, cache_position], x)`` (``match_two_caches``: fused with the op's
@@ -127,7 +128,8 @@ def halves_reason(st: Store) -> str | None:
     while pool.op == "call_function" and pool.target is aten.slice_scatter.default:  # the other half's result
         pool = pool.args[0]
     return (f"MLA latent store written in two halves ({st.node.name} writes features {_bounds(last)} of each row of "
-            f"{pool.name}): not matched yet")
+            f"{pool.name}) that are not one store of the row: fused when both halves index the same rows, together "
+            f"cover the row, are quantised alike and nothing else reads the pool between them")
 
 
 def _bounds(view: Node) -> str:
