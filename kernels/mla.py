@@ -228,13 +228,11 @@ def launch_config(p: MlaProblem) -> dict:
     keeps the large-T tiles (no guard on it). In the interpreter: few programs of large tiles (its cost is per
     program).
 
-    An fp8 cache takes fewer rows per kv program: 2 (of 4 at L + R = 576), 1 with the index checks (the pass's
-    launches). The fp8 cast's arithmetic took the kernel from 32 to 40 registers a thread on sm_90 (48 resident
-    warps of 64, for the q programs too) and staged a layout conversion through shared memory; 2 rows need 32 (33
-    with the checks: 48 warps again), 1 row 30-31, and no shared memory. Measured on an H200 (DeepSeek-V3, SGLang's
-    uint8 pool, T = 8192 / 32768; benchmarks/RESULTS.md): at 16 q heads 92.7 / 363 us with 4 rows, 87.1 / 344 with
-    2, 90.6 / 358 with 1; with the checks 93.0 / 367 with 2 (and 4), 91.0 / 360 with 1; at 128 q heads, with the
-    checks, 637 / 2544 with 2 or 4 rows, 604 / 2414 with 1.
+    An fp8 cache takes one row per kv program (of 4 at L + R = 576). The fp8 cast took the kernel from 32 to 35-40
+    registers a thread on sm_90 at 2-4 rows (48 resident warps of 64, for the q programs too); one row needs 30-32.
+    Measured on an H200 (DeepSeek-V3, SGLang's uint8 pool, T = 8192 / 32768, the cast by the conversion instruction;
+    benchmarks/RESULTS.md): at 16 q heads 88.3 / 349 us with 1 row, 90.9 / 357 with 2, 91.3 / 357 with 4; with the
+    pass's index checks 88.7 / 351, 91.4 / 360, 95.2 / 373; at 128 q heads 600 / 2396 with 1 row, 633 / 2527 with 2.
     """
     half = triton.next_power_of_2(_static(p.rotary_dim) // 2)
     block_lq = triton.next_power_of_2(max(_static(p.q_nope_dim), 1))
@@ -245,8 +243,7 @@ def launch_config(p: MlaProblem) -> dict:
     block_rq = triton.next_power_of_2(max(1, budget // q_width))
     block_rkv = triton.next_power_of_2(max(1, budget // kv_width))
     if budget == 2048 and p.stored_dtype in FP8_DTYPES:
-        checked = p.options.check_slots or p.options.check_positions
-        block_rkv = max(1, block_rkv // (4 if checked else 2))
+        block_rkv = 1
     n_tok = p.num_tokens
     if budget == 2048 and isinstance(n_tok, int):
         while block_rq > 1 and n_tok * p.num_heads // block_rq < 512:

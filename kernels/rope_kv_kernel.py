@@ -240,9 +240,20 @@ def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_R
         bits = _fp8_bits(x, 3, 7, 0x7E, None, 1024.0)
     elif FP8_CAST == 2:  # e4m3fn, NaN past the tie at 464 (torch on CUDA: (448, 464] -> 448, |x| > 464 -> NaN)
         bits = _fp8_bits(x, 3, 7, 0x7E, 0x7F, 1024.0)
+    elif FP8_CAST == 4:  # the same bits from the GPU's own conversion (sm_89 and later)
+        bits = _e4m3_bits_cvt(x)
     else:  # e5m2, inf from the tie at 61440 on (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
         bits = _fp8_bits(x, 2, 15, 0x7B, 0x7C, 131072.0)
     return bits
+
+
+@triton.jit
+def _e4m3_bits_cvt(x):
+    # FP8_CAST 2's bits through the conversion instruction (cvt.rn.satfinite: nearest even, subnormals included,
+    # |x| past 448 saturated): saturation is right up to the tie at 464; past it, and for NaN, eager's sign | 0x7F
+    sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
+    hw = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return tl.where((tl.abs(x) > 464.0) | (x != x), (sign | 0x7F).to(tl.uint8), hw)
 
 
 @triton.jit
@@ -376,7 +387,8 @@ def _rope_kv_store_kernel(
     N_SLOTS: tl.constexpr, N_SWA: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
     # eager fp8 stores (quant_dtype given; see _eager_fp8): FP8_CAST 0: off, 1: e4m3fn saturating, 2: e4m3fn
-    # NaN from 464, 3: e5m2 inf from 61440; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
+    # NaN from 464 (4: the same, by the GPU's conversion), 3: e5m2 inf from 61440; X_ROUND/Q_ROUND as ROUND_TABLE;
+    # CLAMP_LO/HI float or None
     FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
     CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,
     # fp8 q: q_out holds _eager_fp8 of the rotated q (codes as above: Q_X_ROUND rounds to q's dtype, Q_QROUND to

@@ -161,15 +161,16 @@ def compile_configurations(names=None) -> dict:
 
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed
     triton.knobs.compilation.always_compile = True  # (a cached kernel would skip ptxas)
-    eager_fp8_cast = launch_module.eager_fp8_cast
+    eager_fp8_cast, by_conversion = launch_module.eager_fp8_cast, launch_module._by_conversion
     out = {}
     for cfg in (c for c in SM90_CONFIGS if names is None or c.name in names):
         launch = launcher(cfg)
         launch_module.eager_fp8_cast = lambda device, dtype: eager_fp8_cast(torch.device("cuda"), dtype)
+        launch_module._by_conversion = lambda code, device: 4 if code == 2 else code  # as on an sm_90 GPU
         try:
             fn, arguments, options = record_launch(launch)
         finally:
-            launch_module.eager_fp8_cast = eager_fp8_cast
+            launch_module.eager_fp8_cast, launch_module._by_conversion = eager_fp8_cast, by_conversion
         log = io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(log):
@@ -179,7 +180,8 @@ def compile_configurations(names=None) -> dict:
         stats = _ptxas_stats(log.getvalue())
         warps = compiled.metadata.num_warps
         out[cfg.name] = stats | dict(shared=compiled.metadata.shared, num_warps=warps, seconds=seconds,
-                                     occupancy=sm90_occupancy(stats["regs"], warps, compiled.metadata.shared))
+                                     occupancy=sm90_occupancy(stats["regs"], warps, compiled.metadata.shared),
+                                     fp8_cvt=compiled.asm["ptx"].count("cvt.rn.satfinite.e4m3x2"))
     return out
 
 
@@ -267,6 +269,16 @@ def test_no_spills_no_local_memory_sm90(sm90_stats, cfg):
     assert s["spill_stores"] == 0 and s["spill_loads"] == 0, s
     assert s["stack"] == 0, s
     assert 0 < s["regs"] <= 255 and s["occupancy"] > 0, s
+
+
+EAGER_FP8_CONFIGS = [c for c in SM90_CONFIGS if getattr(c, "q_fp8", False) or getattr(c, "cache", None) == "uint8"]
+
+
+@pytest.mark.parametrize("cfg", EAGER_FP8_CONFIGS, ids=[c.name for c in EAGER_FP8_CONFIGS])
+def test_eager_fp8_casts_use_the_conversion_instruction_sm90(sm90_stats, cfg):
+    """On sm_89 and later the launcher asks for eager's e4m3fn bits from the conversion instruction (FP8_CAST 4,
+    ``launch._by_conversion``), not from integer arithmetic; the GPU rounding tests check its bits."""
+    assert sm90_stats[cfg.name]["fp8_cvt"] > 0, sm90_stats[cfg.name]
 
 
 def test_sm90_occupancy():
