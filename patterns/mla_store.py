@@ -104,7 +104,10 @@ def match_mla_store(st: Store, quant: Quant | None, ropes) -> MlaStore | None:
             why = ropes.why_not(k_root)
         if why is None:
             return None
-        raise NotMla(f"the MLA row {root.name} ends in a RoPE-like value that is not a RoPE the fused op computes "
+        # a one-head k/v cache row built by a cat reaches here too (MQA, a rotate spelled with a cat): not
+        # called MLA, since it need not be
+        raise NotMla(f"the row {root.name} (a last-dim cat stored into a one-row-per-slot cache, as an MLA latent row "
+                     f"[kv_c | rope(k_pe)] is) ends in a RoPE-like value that is not a RoPE the fused op computes "
                      f"({k_root.name}: {why})")
     if len(parts) != 2 or not isinstance(parts[0], Node):
         raise NotMla(f"the MLA row {root.name} concatenates {len(parts)} parts; the fused op writes [kv_c | k_pe]")
