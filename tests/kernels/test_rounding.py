@@ -25,9 +25,15 @@ def _rotated_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 @pytest.fixture
-def reference_path(monkeypatch):
+def reference_path():
     """The op's CPU implementation without the interpreter: the fp32 reference."""
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    # Not monkeypatch.setattr: its undo assigns the old value back, and an assigned knob no longer reads
+    # TRITON_INTERPRET, so the interpreter would stay on for the rest of the session (test_launch loads a copy
+    # of the kernel module with TRITON_INTERPRET=0 and would still get interpreted kernels). scope() restores the
+    # knob to unset and the variable to its value.
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
+        yield
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter's conversions (CPU only)")
