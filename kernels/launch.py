@@ -228,7 +228,7 @@ def _by_conversion(code: int, device: torch.device) -> int:
     and later, compiled: the interpreter keeps the integer arithmetic, which it runs as written). The arithmetic
     of code 2 took about 30 integer operations an element; the kernels' fp8 stores and fp8 q were bound by it."""
     if (code == 2 and device.type == "cuda" and torch.version.hip is None and not interpreted()
-            and torch.cuda.get_device_capability(device) >= (8, 9)):
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)):
         return 4
     return code
 
