@@ -55,6 +55,9 @@ def launch_config(p: RopeKVProblem) -> dict:
     # head's consecutive positions (gpt-oss shapes on an H200: 93 % / 97 % of the floor at T = 8192 / 32768,
     # against 90 % / 93 % with half; benchmarks/RESULTS.md)
     block_rkv = block_rq if p.options.layout is CacheLayout.SEQUENCE else max(1, block_rq // 2)
+    if p.options.norm_full_width:  # every program's rows whole tokens: the norm sums a token's heads
+        block_rq = max(block_rq, _static(p.q.shape[2]))
+        block_rkv = max(block_rkv, _static(p.k.shape[2]))
     cfg = dict(BLOCK_RQ=block_rq, BLOCK_RKV=block_rkv, BLOCK_HALF=half, BLOCK_D=d, num_warps=4)
     if torch.version.hip is not None and p.q.is_cuda:
         cfg.update(num_warps=2)
@@ -149,6 +152,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale, q_scale_ptr=p.q_scale,
         q_norm_w_ptr=p.q_norm_weight, k_norm_w_ptr=p.k_norm_weight,
         Q_NORM=o.q_norm, K_NORM=o.k_norm, NORM_EPS=o.norm_eps, NORM_OFFSET=o.norm_offset, NORM_ROUND=o.norm_round,
+        NORM_FULL=o.norm_full_width,
         T=p.num_tokens,
         **_stride_arguments(p, qo, ko),
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,

@@ -97,6 +97,9 @@ class RopeKVOptions:
     scale_round: bool = False
     # fp8 q: q_scale is read rounded to the quotient's dtype (``q_quant_dtype``, or q's dtype); needs ``q_fp8_dtype``
     q_scale_round: bool = False
+    # QK-norm over all of a token's heads (OLMo 2: RMSNorm of the whole q / k projection, H * D features, before
+    # the head split), weights ``[H * D]``; needs ``q_norm`` or ``k_norm`` and a power-of-two head count
+    norm_full_width: bool = False
 
     def __post_init__(self):
         _normalise(self)
@@ -212,6 +215,8 @@ def _normalise(options) -> None:
                          "fp8 store)")
     if has("q_scale_round") and options.q_scale_round and options.q_fp8_dtype is None:
         raise ValueError("q_scale_round is given without q_fp8_dtype (it rounds q_scale, of q's fp8 quantisation)")
+    if has("norm_full_width") and options.norm_full_width and not (options.q_norm or options.k_norm):
+        raise ValueError("norm_full_width is given without q_norm or k_norm (it says how wide the QK-norm is)")
 
 
 def op_value(value):

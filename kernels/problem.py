@@ -239,8 +239,8 @@ def prepare(
     _check_scales(k_scale, v_scale, k_cache.dtype, o.fp8_dtype, dev)
     _check_eager_fp8(dev, o.fp8_dtype or k_cache.dtype, o.quant_dtype, o.scale_mul, o.clamp)
     _check_fp8_q(q_scale, o, q.dtype, dev)
-    _check_norm("q", o.q_norm, q_norm_weight, head_dim, dev)
-    _check_norm("k", o.k_norm, k_norm_weight, head_dim, dev)
+    _check_norm("q", o.q_norm, q_norm_weight, head_dim, q4.shape[2], o.norm_full_width, dev)
+    _check_norm("k", o.k_norm, k_norm_weight, head_dim, k4.shape[2], o.norm_full_width, dev)
     _check_no_overlap({"q": q, "k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     check_writable("k_cache", k_cache)
     check_writable("v_cache", v_cache)
@@ -250,17 +250,21 @@ def prepare(
                          q.shape, k.shape, q_scale, q_norm_weight, k_norm_weight)
 
 
-def _check_norm(x: str, norm: bool, weight, head_dim: int, dev: torch.device) -> None:
-    """QK-norm's weight of ``x`` (q or k): a contiguous ``[head_dim]`` tensor of a model dtype, or None; given only
-    with the norm on."""
+def _check_norm(x: str, norm: bool, weight, head_dim: int, heads: int, full_width: bool, dev: torch.device) -> None:
+    """QK-norm of ``x`` (q or k): its weight a contiguous ``[head_dim]`` tensor (``[heads * head_dim]`` with
+    ``full_width``) of a model dtype, or None, given only with the norm on; a full-width norm needs a power-of-two
+    head count (the kernel sums a token's heads as one block)."""
+    if norm and full_width and isinstance(heads, int) and heads & (heads - 1):
+        raise ValueError(f"norm_full_width needs a power-of-two number of {x} heads, got {heads}")
     if weight is None:
         return
     name = f"{x}_norm_weight"
     if not norm:
         raise ValueError(f"{name} is given but {x}_norm is False (the weight of a norm the op does not apply)")
     _expect_tensor(name, weight, dtypes=MODEL_DTYPES, ndims=(1,), device=dev)
-    if weight.shape[0] != head_dim or not weight.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous [{head_dim}] tensor (head_dim), got shape "
+    width, what = (heads * head_dim, f"{x}'s heads * head_dim") if full_width else (head_dim, "head_dim")
+    if weight.shape[0] != width or not weight.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [{width}] tensor ({what}), got shape "
                          f"{tuple(weight.shape)} with strides {weight.stride()}")
 
 

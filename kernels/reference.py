@@ -55,13 +55,15 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, o, compute_dtype: torch.dtype) -> torch.Tensor:
-    """QK-norm of each head (the last dim) in ``compute_dtype``, rounded to x's dtype where the model rounds."""
+    """QK-norm of each head (x [..., H, D]: the last dim; ``norm_full_width``: the last two, weight [H * D]) in
+    ``compute_dtype``, rounded to x's dtype where the model rounds."""
     y = x.to(compute_dtype)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + o.norm_eps)
+    dims = (-2, -1) if o.norm_full_width else (-1,)
+    y = y * torch.rsqrt(y.pow(2).mean(dims, keepdim=True) + o.norm_eps)
     if o.norm_round:
         y = y.to(x.dtype).to(compute_dtype)
     if weight is not None:
-        y = y * (weight.to(compute_dtype) + o.norm_offset)
+        y = y * (weight.to(compute_dtype).view(x.shape[-2:] if o.norm_full_width else x.shape[-1:]) + o.norm_offset)
     return y.to(x.dtype)
 
 

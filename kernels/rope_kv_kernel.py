@@ -125,31 +125,39 @@ def _add(a, b):
 
 
 @triton.jit
-def _rms_scale(x1, x2, xt, D: tl.constexpr, EPS: tl.constexpr):
+def _rms_scale(x1, x2, xt, D: tl.constexpr, EPS: tl.constexpr, HEADS: tl.constexpr, BLOCK_R: tl.constexpr):
     """Per row: 1 / sqrt(mean(x^2) + EPS) over the head's D features (pairs x1, x2 [BLOCK_R, BLOCK_HALF] and the
     tail xt [BLOCK_R, BLOCK_TAIL], or None; masked values 0), in fp32, sqrt and division correctly rounded (as
-    eager's rsqrt on CPU). The sum's order is the kernel's own (eager's differs at the level of fp32 rounding)."""
+    eager's rsqrt on CPU). The sum's order is the kernel's own (eager's differs at the level of fp32 rounding).
+    HEADS > 1 (OLMo 2's norm over the whole projection): the mean over the HEADS * D features of each token, whose
+    heads are HEADS consecutive rows (the launch makes every program's rows whole tokens)."""
     # tl.reduce with a combine of our own, not tl.sum: Triton's library @jit functions run in its interpreter only
     # when TRITON_INTERPRET was set before Triton was imported (a process that imported Inductor first fails)
     ss = tl.reduce(x1 * x1, 1, _add) + tl.reduce(x2 * x2, 1, _add)
     if xt is not None:
         ss += tl.reduce(xt * xt, 1, _add)
-    return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, D) + EPS))
+    if HEADS > 1:
+        tokens = tl.reduce(tl.reshape(ss, (BLOCK_R // HEADS, HEADS)), 1, _add)
+        ss = tl.reshape(tl.broadcast_to(tokens[:, None], (BLOCK_R // HEADS, HEADS)), (BLOCK_R,))
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(ss, D * HEADS) + EPS))
 
 
 @triton.jit
-def _rms_apply(x, r, w_ptr, feat, fmask, ty, OFFSET: tl.constexpr, ROUND: tl.constexpr):
+def _rms_apply(x, r, w_ptr, w_row, feat, fmask, ty, OFFSET: tl.constexpr, ROUND: tl.constexpr):
     """x [BLOCK_R, F] normalised by r [BLOCK_R] as the model's RMSNorm rounds it: ``x * r``, rounded to ty first
-    with ROUND, times ``w[feat] + OFFSET`` (w read in its dtype, the sum in fp32; no w: no multiply), rounded to
-    ty; returned in fp32."""
+    with ROUND, times ``w[w_row + feat] + OFFSET`` (w read in its dtype, the sum in fp32; no w: no multiply; w_row:
+    each row's offset into a full-width weight, head * D, or None), rounded to ty; returned in fp32."""
     x = x * r[:, None]
     if ROUND:
         x = _to(x, ty).to(tl.float32)
     if w_ptr is not None:
-        w = tl.load(w_ptr + feat, mask=fmask, other=0.0).to(tl.float32)
+        if w_row is None:
+            w = tl.load(w_ptr + feat, mask=fmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            w = tl.load(w_ptr + w_row[:, None] + feat[None, :], mask=fmask[None, :], other=0.0).to(tl.float32)
         if OFFSET != 0.0:
             w = w + OFFSET
-        x = x * w[None, :]
+        x = x * w
     return _to(x, ty).to(tl.float32)
 
 
@@ -399,9 +407,9 @@ def _rope_kv_store_kernel(
     S_ROUND: tl.constexpr, Q_S_ROUND: tl.constexpr,
     # QK-norm: RMSNorm of each q (Q_NORM) / k (K_NORM) head before the RoPE (_rms_scale, _rms_apply), eps NORM_EPS,
     # weight offset NORM_OFFSET (Gemma's 1 + w), NORM_ROUND: the normalised value rounded to x's dtype before the
-    # weight multiply (HF Llama / Qwen3)
+    # weight multiply (HF Llama / Qwen3); NORM_FULL: over all of a token's heads (OLMo 2), weights [H * D]
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, NORM_EPS: tl.constexpr, NORM_OFFSET: tl.constexpr,
-    NORM_ROUND: tl.constexpr,
+    NORM_ROUND: tl.constexpr, NORM_FULL: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     # out-of-range slots (after NEGATIVE_WRAPS; negative ones without it are padding) and positions fail a
     # device-side assertion instead of being skipped or clamped, where the kernel is compiled with assertions
@@ -433,14 +441,15 @@ def _rope_kv_store_kernel(
             qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm, other=0.0)
         if Q_NORM:
             q_ty = q_ptr.dtype.element_ty
+            qw_row = qh * D if NORM_FULL else None
             if ROT < D:
                 qx = qx.to(tl.float32)
-                qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS)
-                qx = _rms_apply(qx, qr, q_norm_w_ptr, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
+                qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
+                qx = _rms_apply(qx, qr, q_norm_w_ptr, qw_row, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
             else:
-                qr = _rms_scale(qx1, qx2, None, D, NORM_EPS)
-            qx1 = _rms_apply(qx1, qr, q_norm_w_ptr, qe1, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
-            qx2 = _rms_apply(qx2, qr, q_norm_w_ptr, qe2, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
+                qr = _rms_scale(qx1, qx2, None, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
+            qx1 = _rms_apply(qx1, qr, q_norm_w_ptr, qw_row, qe1, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
+            qx2 = _rms_apply(qx2, qr, q_norm_w_ptr, qw_row, qe2, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
         qo1, qo2 = _rope_pairs(qx1, qx2, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         qout_ty = q_out_ptr.dtype.element_ty
@@ -510,14 +519,15 @@ def _rope_kv_store_kernel(
             x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm, other=0.0)
         if K_NORM:
             k_ty = k_ptr.dtype.element_ty
+            kw_row = h * D if NORM_FULL else None
             if ROT < D:
                 x = x.to(tl.float32)
-                r = _rms_scale(x1, x2, x, D, NORM_EPS)
-                x = _rms_apply(x, r, k_norm_w_ptr, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
+                r = _rms_scale(x1, x2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
+                x = _rms_apply(x, r, k_norm_w_ptr, kw_row, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
             else:
-                r = _rms_scale(x1, x2, None, D, NORM_EPS)
-            x1 = _rms_apply(x1, r, k_norm_w_ptr, e1, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
-            x2 = _rms_apply(x2, r, k_norm_w_ptr, e2, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
+                r = _rms_scale(x1, x2, None, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
+            x1 = _rms_apply(x1, r, k_norm_w_ptr, kw_row, e1, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
+            x2 = _rms_apply(x2, r, k_norm_w_ptr, kw_row, e2, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
         o1, o2 = _rope_pairs(x1, x2, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         kc_ty = k_cache_ptr.dtype.element_ty

@@ -50,6 +50,7 @@ class Config:
     norm_offset: float = 0.0
     norm_round: bool = False
     q_fp8: bool = False  # q_out in float8_e4m3fn (with a q_scale)
+    norm_full_width: bool = False  # OLMo 2's norm over all of a token's heads (weights [H * D])
 
     @property
     def name(self) -> str:
@@ -60,7 +61,7 @@ class Config:
             parts.append(("q" if self.q_norm else "") + ("k" if self.k_norm else "") + "norm"
                          + ("" if self.norm_weight else "-nowt")
                          + (f"-off{self.norm_offset:g}" if self.norm_offset else "")
-                         + ("-round" if self.norm_round else ""))
+                         + ("-round" if self.norm_round else "") + ("-full" if self.norm_full_width else ""))
         if self.q_fp8:
             parts.append("fp8q")
         return "-".join(parts)
@@ -98,6 +99,8 @@ NORM_CONFIGS = (
     Config(**QWEN3, rot=64),
     Config(**QWEN3, norm_weight=False),
     Config(**QWEN3, fp8=True, q_fp8=True),
+    Config(q_norm=True, k_norm=True, norm_full_width=True),  # OLMo 2: fp32 norm times w, rounded once
+    Config(q_norm=True, k_norm=True, norm_full_width=True, rot=64, layout="sequence", table="hf"),
     Config(q_fp8=True),
 )
 
@@ -177,8 +180,10 @@ def _make_args(cfg: Config):
         positions = None
     scales = (torch.ones(1), torch.ones(1)) if cfg.fp8 else (None, None)
     q_scale = torch.full((1,), 0.05) if cfg.q_fp8 else None
-    weights = (torch.randn(cfg.D, dtype=dt) if norm and cfg.norm_weight else None for norm in (cfg.q_norm, cfg.k_norm))
-    norm = dict(q_norm=cfg.q_norm, k_norm=cfg.k_norm, norm_offset=cfg.norm_offset, norm_round=cfg.norm_round)
+    weights = (torch.randn(cfg.D * (h if cfg.norm_full_width else 1), dtype=dt) if norm and cfg.norm_weight else None
+               for norm, h in ((cfg.q_norm, Hq), (cfg.k_norm, Hkv)))
+    norm = dict(q_norm=cfg.q_norm, k_norm=cfg.k_norm, norm_offset=cfg.norm_offset, norm_round=cfg.norm_round,
+                norm_full_width=cfg.norm_full_width)
     p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales, q_scale, *weights,
                 is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout,
                 q_fp8_dtype=torch.float8_e4m3fn if cfg.q_fp8 else None, **norm)

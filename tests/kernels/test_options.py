@@ -55,7 +55,7 @@ def test_schema_types_follow_the_field_types():
         "check_slots": "bool", "check_positions": "bool", "q_fp8_dtype": "Optional[int]",
         "q_quant_dtype": "Optional[int]", "q_scale_mul": "bool", "q_clamp": "Optional[List[float]]",
         "q_norm": "bool", "k_norm": "bool", "norm_eps": "float", "norm_offset": "float", "norm_round": "bool",
-        "scale_round": "bool", "q_scale_round": "bool",
+        "scale_round": "bool", "q_scale_round": "bool", "norm_full_width": "bool",
     }
 
 
@@ -164,13 +164,14 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
     for name in ("k_cache", "v_cache"):
         args[name] = torch.randint(0, 256, args[name].shape, dtype=torch.uint8)
     args.update(k_scale=torch.tensor([0.5]), v_scale=torch.tensor([2.0]), q_scale=torch.tensor([0.25]),
-                q_norm_weight=torch.randn(32), k_norm_weight=torch.randn(32))
+                q_norm_weight=torch.randn(4 * 32), k_norm_weight=torch.randn(2 * 32))  # full width: [H * D]
     options = RopeKVOptions(is_neox=False, rotary_dim=16, layout="paged", return_k=True, validate=True,
                             negative_wraps=True, table_dtype=torch.bfloat16, fp8_dtype=torch.float8_e4m3fn,
                             quant_dtype=torch.float32, scale_mul=True, clamp=(-448.0, 448.0), check_slots=True,
                             check_positions=True, q_fp8_dtype=torch.float8_e5m2, q_quant_dtype=torch.bfloat16,
                             q_scale_mul=True, q_clamp=(-1024.0, 1024.0), q_norm=True, k_norm=True, norm_eps=1e-5,
-                            norm_offset=1.0, norm_round=True, scale_round=True, q_scale_round=True)
+                            norm_offset=1.0, norm_round=True, scale_round=True, q_scale_round=True,
+                            norm_full_width=True)
     assert all(getattr(options, f.name) != f.default for f in FIELDS)
     return {n: args[n] for n in (*TENSORS, *LATER_TENSORS)}, options
 

@@ -105,3 +105,80 @@ def test_bad_norm_arguments_name_the_argument_and_write_nothing(device):
         with pytest.raises(error, match=match):
             prepare(**args, **extra)
     assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The full-width norm (OLMo 2: one RMSNorm over the whole q / k projection, H * D features, before the head split)
+# ------------------------------------------------------------------------------------------------
+
+def olmo2_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Olmo2RMSNorm on the projection [T, H * D] (given here as [T, H, D]): fp32, times the weight, rounded once."""
+    h = x.flatten(-2).float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (w.float() * h).to(x.dtype).view(x.shape)
+
+
+def full_width_args(device, dtype, *, layout="token", rot=None, Hq=4, Hkv=2, T=7, qkv="3d"):
+    args = make_args(device, T=T, Hq=Hq, Hkv=Hkv, D=64, rot=rot, layout=layout, dtype=dtype, qkv=qkv)
+    # heads of very different scales: a per-head norm and a full-width one give different results
+    for x, h in (("q", Hq), ("k", Hkv)):
+        scale = torch.linspace(0.5, 4.0, h, device=device, dtype=dtype).repeat_interleave(64)
+        args[x] = (args[x].flatten(-2) * scale).view(args[x].shape) if args[x].dim() >= 3 else args[x] * scale
+    weights = {x: torch.randn(h * 64, dtype=dtype, device=device) * 0.5 + 1.0 for x, h in (("q", Hq), ("k", Hkv))}
+    return args, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("layout, rot, qkv", [("token", None, "3d"), ("paged", 32, "fused2d"),
+                                              pytest.param("sequence", None, "4d", marks=pytest.mark.full)])
+def test_full_width_norm_against_the_reference(device, dtype, layout, rot, qkv):
+    args, w = full_width_args(device, dtype, layout=layout, rot=rot, qkv=qkv)
+    run_and_check(dict(args, q_norm=True, k_norm=True, q_norm_weight=w["q"], k_norm_weight=w["k"], norm_eps=1e-6,
+                       norm_full_width=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_full_width_norm_is_the_models_norm(device, dtype):
+    """OLMo 2's norm in eager torch, then the op without it, against the op with the norm: and not the per-head
+    norm (the heads' scales differ, so the two disagree)."""
+    eps = 1e-6
+    args, w = full_width_args(device, dtype, rot=32, Hq=8, Hkv=8, T=37)  # several tokens per program
+    q_n, k_n = olmo2_norm(args["q"], w["q"], eps), olmo2_norm(args["k"], w["k"], eps)
+    plain = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    common = dict(cos=args["cos"], sin=args["sin"], positions=args["positions"], rotary_dim=32, return_k=True)
+    q_want, k_want = kernels.rope_kv_store(q_n, k_n, plain["v"], plain["k_cache"], plain["v_cache"],
+                                           plain["slot_mapping"], **common)
+    fused = dict(q_norm=True, k_norm=True, norm_eps=eps, q_norm_weight=w["q"], k_norm_weight=w["k"], **common)
+    q_got, k_got = kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"], args["v_cache"],
+                                         args["slot_mapping"], norm_full_width=True, **fused)
+    ulp = torch.finfo(dtype).eps * (1 if dtype == torch.bfloat16 else 8)
+    for got, want in ((q_got, q_want), (k_got, k_want), (args["k_cache"], plain["k_cache"])):
+        both_nan = got.float().isnan() & want.float().isnan()  # poisoned cache rows no token addresses
+        diff = torch.where(both_nan, 0.0, (got.float() - want.float()).abs())
+        want = torch.where(both_nan, 0.0, want.float())
+        assert (diff <= 2 * ulp * want.abs().clamp_min(1.0)).all(), diff.max()
+    assert torch.equal(as_bytes(args["v_cache"]), as_bytes(plain["v_cache"]))
+    per_head_w = {x: w[x][:64] for x in w}  # a per-head norm of the same input: another result
+    q_head, _ = kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"].clone(),
+                                      args["v_cache"].clone(), args["slot_mapping"],
+                                      **dict(fused, q_norm_weight=per_head_w["q"], k_norm_weight=per_head_w["k"]))
+    assert not torch.allclose(q_head.float(), q_got.float(), atol=0.1, rtol=0.1)
+
+
+def test_full_width_bad_arguments(device):
+    args, w = full_width_args(device, torch.bfloat16)
+    before = (as_bytes(args["k_cache"]).clone(), as_bytes(args["v_cache"]).clone())
+    cases = [
+        (dict(norm_full_width=True), ValueError, r"norm_full_width is given without q_norm or k_norm"),
+        (dict(q_norm=True, norm_full_width=True, q_norm_weight=w["q"][:64]), ValueError,
+         r"q_norm_weight must be a contiguous \[256\] tensor \(q's heads \* head_dim\)"),
+        (dict(k_norm=True, q_norm_weight=None, k_norm_weight=w["k"]), ValueError,
+         r"k_norm_weight must be a contiguous \[64\] tensor \(head_dim\)"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            prepare(**args, **extra)
+    odd, _ = full_width_args(device, torch.bfloat16, Hq=6, Hkv=2)
+    with pytest.raises(ValueError, match=r"norm_full_width needs a power-of-two number of q heads, got 6"):
+        prepare(**odd, q_norm=True, norm_full_width=True)
+    assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])
