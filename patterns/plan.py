@@ -391,20 +391,23 @@ def _fused_norms(q: tuple[Node, RopeMatch], k: tuple[Node, RopeMatch], roles, de
     if len(fused) == 2:
         a, b = (_norm_constants(fused[w].match) for w in ("q", "k"))
         if a != b:
-            notes.append(f"q's and k's QK-norms stay kernels of their own: the op takes one eps, offset and rounding, "
-                         f"q's are {a}, k's {b}")
+            notes.append(f"q's and k's QK-norms stay kernels of their own: the op takes one eps, offset, rounding "
+                         f"and width (per head or full), q's are {a}, k's {b}")
             return None, None
     return fused.get("q"), fused.get("k")
 
 
 def _norm_constants(m: NormMatch) -> tuple:
-    return m.eps, m.offset, m.round_before_weight
+    return m.eps, m.offset, m.round_before_weight, m.heads > 1
 
 
 def _fused_norm(m: NormMatch, rope: RopeMatch, roles, root: Node, device, state: GraphState) -> FusedNorm:
     """How the op reads the norm's input in place of the RoPE's x; ``NotNorm`` where the norm cannot move into
     the op."""
     x = m.x.meta["val"]
+    if m.heads & (m.heads - 1):
+        raise NotNorm(f"one norm over {m.heads} heads (the whole projection): the op's full-width norm sums a "
+                      "power-of-two number of heads")
     if x.dim() != len(shape_of(m.out)) or not all(map(sizes_equal, x.shape, shape_of(m.out))):
         raise NotNorm(f"{m.x.name} {list(x.shape)} is broadcast by the norm to {list(shape_of(m.out))}")
     # the views from the norm to the RoPE, labelled back from the RoPE's x as far as they can be; the rest must be

@@ -17,8 +17,11 @@ the fused kernel reproduces per row of D features in fp32::
 Only graphs that round where this formula rounds are accepted (a bf16 * bf16 product is the fp32 product
 rounded once, as the fp32 product of two bf16 values is exact); the order of the mean's sum is free. Any other
 graph raises ``NotNorm`` with the reason, recorded for the report: a norm computed in bf16, a weight rounded
-before the multiply, a tensor eps, ``max(var, eps)``, a bias, a mean over other dims, a full-width norm over
-H*D split into heads afterwards (OLMo 2), a view between the norm and the RoPE that moves features.
+before the multiply, a tensor eps, ``max(var, eps)``, a bias, a mean over other dims, a view between the norm and
+the RoPE that moves features.
+
+OLMo 2 normalises the whole projection, ``H * D`` features with a ``[H * D]`` weight, and splits it into heads
+after the norm: matched with ``heads = H`` (the op's ``norm_full_width``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class NormMatch:
     round_before_weight: bool  # y is rounded to x's dtype before the weight multiply
     weight_dtype: torch.dtype | None  # the dtype of the weight's values (upcasts to fp32 are exact), None: no weight
     views: tuple = ()  # the view nodes from ``out`` to the RoPE's x, in order
+    heads: int = 1  # 1: a norm per head; H: one norm over the H heads' features, split into heads after (OLMo 2)
 
 
 def _dtype(n: Node) -> torch.dtype:
@@ -104,9 +108,10 @@ def _keeps_last(v: Node, d) -> bool:
     return sizes_equal(shape_of(v.args[0])[-1], d) and sizes_equal(shape_of(v)[-1], d)
 
 
-def _views_to(rope_x: Node) -> tuple[Node, tuple]:
-    """The node below the views in front of ``rope_x``, and those views in graph order; each must keep the last
-    dim (the features) as the last dim, of one size."""
+def _views_to(rope_x: Node) -> tuple[Node, tuple, int]:
+    """The node below the views in front of ``rope_x``, those views in graph order, and the heads one norm row
+    covers: each view must keep the last dim (the features) as the last dim, of one size, but for one reshape
+    splitting H * D normalised features into H heads of D (OLMo 2; heads H, else 1)."""
     views, n = [], rope_x
     while _call(n, *_VIEWS):
         views.append(n)
@@ -115,7 +120,7 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple]:
     if not shape_of(n):
         raise NotNorm(f"{n.name} is a 0-d tensor, not a normalised one")
     d = shape_of(n)[-1]
-    i = 0
+    i, heads = 0, 1
     while i < len(views):
         v = views[i]
         if _keeps_last(v, d):
@@ -132,13 +137,14 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple]:
         src_last, head = shape_of(v.args[0])[-1], shape_of(rope_x)[-1]
         split = (v.target in RESHAPES and isinstance(src_last, int) and isinstance(head, int) and src_last > head
                  and src_last % head == 0 and sizes_equal(shape_of(v)[-1], head))
-        if split and all(_keeps_last(w, head) for w in views[i + 1:]) and _near_rsqrt(n, 8):
-            raise NotNorm(f"normalised over H*D = {src_last} features before the head split by {v.name} "
-                          f"(full-width norm, not fused: the kernel normalises each head's {head})")
+        if split and heads == 1 and all(_keeps_last(w, head) for w in views[i + 1:]) and _near_rsqrt(n, 8):
+            heads, d = src_last // head, head  # OLMo 2: one norm over the whole projection, then the head split
+            i += 1
+            continue
         raise NotNorm(f"{v.name} ({v.target}) between the norm and the RoPE moves the normalised features "
                       f"({list(shape_of(v.args[0]))} -> {list(shape_of(v))}); only views keeping the last dim "
                       "are followed")
-    return n, tuple(views)
+    return n, tuple(views), heads
 
 
 def _normalised(y: Node) -> tuple[Node, float]:
@@ -232,7 +238,7 @@ def match_qk_norm(rope_x: Node) -> NormMatch:
     kernel reproduces; raise ``NotNorm`` with the reason otherwise."""
     if not isinstance(rope_x, Node) or not shape_of(rope_x):
         raise NotNorm(f"{rope_x} is not a tensor with a feature dim")
-    out, views = _views_to(rope_x)
+    out, views, heads = _views_to(rope_x)
     top, final = out, None
     if _call(top, *_CASTS):
         top, final = top.args[0], top
@@ -274,4 +280,4 @@ def match_qk_norm(rope_x: Node) -> NormMatch:
         raise NotNorm(f"the normalised tensor {out.name} is {_dtype(out)}, x is {xdt}: the result is not rounded "
                       "back to x's dtype")
     return NormMatch(out=out, x=x, weight=weight, eps=eps, offset=offset, round_before_weight=rounded is not None,
-                     weight_dtype=weight_dtype, views=views)
+                     weight_dtype=weight_dtype, views=views, heads=heads)

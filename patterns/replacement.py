@@ -111,7 +111,8 @@ def _options(p: Plan, validate: bool, scale_round: bool = False, q_scale_round: 
     norm = p.q_norm or p.k_norm
     if norm is not None:  # q's and k's constants agree (plan._fused_norms)
         extra.update(q_norm=p.q_norm is not None, k_norm=p.k_norm is not None, norm_eps=norm.match.eps,
-                   norm_offset=norm.match.offset, norm_round=norm.match.round_before_weight)
+                     norm_offset=norm.match.offset, norm_round=norm.match.round_before_weight,
+                     norm_full_width=norm.match.heads > 1)
     return RopeKVOptions(
         is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim, layout=p.layout, return_k=p.return_k,
         validate=validate, negative_wraps=True, table_dtype=p.k.cos.leaf.round_to,

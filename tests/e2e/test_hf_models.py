@@ -245,7 +245,7 @@ def test_gpt_oss_lazy_static_cache_through_a_full_sliding_window(prefill, tmp_pa
 
 
 # QK-norm before the RoPE: per head (Qwen3: w * round(norm); Gemma 3: norm * (1 + w) in fp32, with sliding-window
-# layers), and OLMo 2's full-width norm over the whole q / k projection before the head split
+# layers), and OLMo 2's full-width norm over the whole q / k projection before the head split (fused whole)
 QK_NORM = {
     "qwen3": FAMILIES["qwen3"],
     "gemma3": Family(lambda: transformers.Gemma3TextConfig(
@@ -264,10 +264,10 @@ QK_NORM_CASES = [pytest.param(name, dtype, id=f"{name}-{tag}", marks=pytest.mark
 
 @pytest.mark.parametrize("name, dtype", QK_NORM_CASES)
 def test_qk_norm_models_fuse_the_norm_with_the_rope(name, dtype, tmp_path):
-    """Qwen3 and Gemma 3 (tiny, random weights): every layer's q and k norms are applied by the fused op
-    (the site names the norms it took, and no rsqrt is left in the graph); OLMo 2's full-width norm is not the
-    op's, so its layers fuse the RoPE and the store and say why the norm stays. Logits and poisoned caches equal
-    to eager over a prefill and a decode step."""
+    """Qwen3, Gemma 3 and OLMo 2 (tiny, random weights): every layer's q and k norms are applied by the fused op
+    (the site names the norms it took, and no rsqrt of theirs is left in the graph; OLMo 2's norm over the whole
+    projection too, ``norm_full_width``). Logits and poisoned caches equal to eager over a prefill and a decode
+    step."""
     spec = QK_NORM[name]
     config = spec.config()
     model = spec.model(config).to(dtype).eval()
@@ -295,12 +295,7 @@ def test_qk_norm_models_fuse_the_norm_with_the_rope(name, dtype, tmp_path):
         torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), **tol)
     for report in assert_every_layer_fused(tmp_path, graphs=2):
         for site in report["sites"]:
-            if name == "olmo2":
-                assert "q_norm" not in site["nodes"] and "k_norm" not in site["nodes"], site
-                assert any("full-width norm" in note for note in site["notes"]), site["notes"]
-            else:
-                assert {"q_norm", "k_norm"} <= set(site["nodes"]) and not site["notes"], site
-        if name != "olmo2":
-            before, after = ((tmp_path / f"{report['graph']}.{when}.py").read_text().count("aten.rsqrt.default(")
-                             for when in ("before", "after"))
-            assert before == after + 2 * LAYERS, (before, after)  # the q and k norms went, the others stay
+            assert {"q_norm", "k_norm"} <= set(site["nodes"]) and not site["notes"], site
+        before, after = ((tmp_path / f"{report['graph']}.{when}.py").read_text().count("aten.rsqrt.default(")
+                         for when in ("before", "after"))
+        assert before == after + 2 * LAYERS, (before, after)  # the q and k norms went, the others stay

@@ -353,6 +353,18 @@ def olmo2_full_width(x, w):  # x: [B, S, H*D], w: [H*D]; OLMo 2 normalises q and
     return h.view(B, S, H, D).transpose(1, 2)
 
 
+def olmo2_per_head_weight(x, w):  # a full-width norm, then a [D] weight per head after the split: not the op's
+    h = (_norm_fp32(x.float()).view(B, S, H, D) * w).to(x.dtype)
+    return h.transpose(1, 2)
+
+
+def test_full_width_norm_is_matched_with_its_heads():
+    """OLMo 2: one norm over the H * D features of the projection, then the head split: heads = H."""
+    m = match_qk_norm(output_node(trace(olmo2_full_width, torch.randn(B, S, H * D, **bf), torch.randn(H * D))))
+    assert isinstance(m, NormMatch) and m.heads == H and list(m.weight.meta["val"].shape) == [H * D]
+    assert (m.offset, m.round_before_weight) == (0.0, False)
+
+
 def features_reordered(x, w):  # interleaved pairs to halves between the norm and the RoPE
     return hf_rms_norm(x, w).unflatten(-1, (D // 2, 2)).transpose(-1, -2).flatten(-2)
 
@@ -400,7 +412,7 @@ NEGATIVES = [
     (eps_tensor, (torch.randn(S, H, D, **bf), torch.randn(D, **bf), torch.tensor(1e-6)), "eps is a tensor"),
     (eps_with_alpha, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "adds eps times 2"),
     (offset_with_alpha, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "computed in the graph"),
-    (olmo2_full_width, (torch.randn(B, S, H * D, **bf), torch.randn(H * D)), "full-width norm"),
+    (olmo2_per_head_weight, (torch.randn(B, S, H * D, **bf), torch.randn(D)), "no operand of the multiply"),
     (features_reordered, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "moves the normalised features"),
     (features_transposed, (torch.randn(S, H, D, D, **bf), torch.randn(D, **bf)), "moves the normalised features"),
     (computed_in_bf16, (torch.randn(S, H, D, **bf), torch.randn(D, **bf)), "computed in torch.bfloat16"),
@@ -518,7 +530,7 @@ def test_post_grad_graph_olmo2_full_width():
     args = (torch.randn(B, S, H * D, dtype=torch.bfloat16), torch.randn(H * D), torch.randn(B, S, D),
             torch.randn(B, S, D))
     (m,) = compile_and_capture(rope_after(norm), args, graph_outputs)
-    assert isinstance(m, NotNorm) and "full-width norm" in str(m), m
+    assert isinstance(m, NormMatch) and m.heads == H, m
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -556,7 +568,7 @@ def test_mean_over_every_dim():
 HF_FAMILIES = {  # transformers' own attention code, one layer, bf16: (config class, model class, expected)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(offset=0.0, round_before_weight=True, n_views=1)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(offset=1.0, round_before_weight=False, n_views=0)),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "full-width norm"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(offset=0.0, round_before_weight=False, n_views=2)),
 }
 
 
@@ -564,7 +576,7 @@ HF_FAMILIES = {  # transformers' own attention code, one layer, bf16: (config cl
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_transformers_models(family):
     """The norm behind the stored k's RoPE in transformers' Qwen3 and Gemma 3 (per head, after or before the
-    transpose), and OLMo 2's norm over the whole projection, refused with its reason."""
+    transpose), and OLMo 2's norm over the whole projection (its heads counted)."""
     transformers = pytest.importorskip("transformers")
     from fx_fusion.patterns.kv_store import match_store, walk_views
 
@@ -592,5 +604,7 @@ def test_transformers_models(family):
         assert isinstance(m, NotNorm) and expected in str(m), m
         return
     assert isinstance(m, NormMatch), m
-    assert m.weight.op == "placeholder" and m.weight_dtype == torch.bfloat16 and m.eps == 1e-6
+    assert m.weight.op == "placeholder" and m.weight_dtype == torch.bfloat16
+    assert m.eps == (1e-5 if family == "olmo2" else 1e-6)  # the configs' defaults
     assert (m.offset, m.round_before_weight, len(m.views)) == tuple(expected.values())
+    assert m.heads == (2 if family == "olmo2" else 1)  # k's heads (num_key_value_heads) under one norm

@@ -59,6 +59,7 @@ class QKNormBlock(SGLangBlock):
     sglang-qwen3   ``q.reshape(-1, D)`` -> SGLang RMSNorm -> ``view(q.shape)`` (SGLang's ``_apply_qk_norm``)
     gemma3         ``q.unflatten(-1, (H, D))`` -> GemmaRMSNorm (``1 + w``) -> ``flatten`` (vLLM's Gemma 3)
     no-weight      vLLM's RMSNorm without a weight
+    olmo2          HF's Olmo2RMSNorm over the whole projection ``[T, H * D]`` (weight ``[H * D]``), then the heads
     bias           vLLM's RMSNorm plus a per-feature bias: not an RMSNorm the op takes
     read-k-norm    vLLM-qwen3, and the normalised k is also returned: the k norm stays a kernel of its own
     """
@@ -67,14 +68,18 @@ class QKNormBlock(SGLangBlock):
         super().__init__(**kw)
         self.norm_form, self.eps = form, eps
         wdtype = torch.float32 if form == "sglang-qwen3" else self.dtype
-        self.q_norm_weight = nn.Parameter(1.0 + 0.2 * torch.randn(self.head_dim, dtype=wdtype))
-        self.k_norm_weight = nn.Parameter(1.0 + 0.2 * torch.randn(self.head_dim, dtype=wdtype))
+        heads = (self.num_heads, self.num_kv_heads) if form == "olmo2" else (1, 1)
+        self.q_norm_weight = nn.Parameter(1.0 + 0.2 * torch.randn(heads[0] * self.head_dim, dtype=wdtype))
+        self.k_norm_weight = nn.Parameter(1.0 + 0.2 * torch.randn(heads[1] * self.head_dim, dtype=wdtype))
         self.bias = nn.Parameter(0.1 * torch.randn(self.head_dim, dtype=self.dtype))
 
     def _norm(self, x, w):
         d, f = self.head_dim, self.norm_form
         if f == "sglang-qwen3":
             return sglang_rms_norm(x.reshape(-1, d), w, self.eps).view(x.shape)
+        if f == "olmo2":
+            h = x.float()
+            return (w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
         if f == "gemma3":
             return gemma_rms_norm(x.unflatten(-1, (-1, d)), w, self.eps).flatten(-2)
         y = vllm_rms_norm(x.view(*x.shape[:-1], x.shape[-1] // d, d), None if f == "no-weight" else w, self.eps)
@@ -105,8 +110,9 @@ def run(block, records, codes_of=None):
 
 
 FULL = pytest.mark.full  # the quick tier keeps one case of each kind
-CASES = [pytest.param(form, dtype, id=f"{form}-{name}", marks=() if (form, name) == ("vllm-qwen3", "fp32") else FULL)
-         for form in ("vllm-qwen3", "sglang-qwen3", "gemma3", "no-weight")
+CASES = [pytest.param(form, dtype, id=f"{form}-{name}",
+                      marks=() if (form, name) in (("vllm-qwen3", "fp32"), ("olmo2", "bf16")) else FULL)
+         for form in ("vllm-qwen3", "sglang-qwen3", "gemma3", "no-weight", "olmo2")
          for dtype, name in ((torch.float32, "fp32"), (BF16, "bf16"))]
 
 
@@ -144,6 +150,18 @@ def test_a_norm_the_op_cannot_take_stays_and_is_reported(form, who, why, records
                    for note in site.notes), site.notes
         if form == "read-k-norm":  # q's norm still moves into the op
             assert "q_norm" in site.nodes and "k_norm" not in site.nodes, site.nodes
+
+
+def test_a_full_width_norm_over_heads_not_a_power_of_two_stays(records, codes, inference):
+    """OLMo 2's norm over 6 q heads: the op's full-width norm takes a power-of-two head count, so q's norm stays a
+    kernel of its own (reported) and k's (2 heads) moves into the op."""
+    block = QKNormBlock(form="olmo2", num_heads=6, num_kv_heads=2, head_dim=16).eval()
+    run(block, records)
+    check_fused(records, codes, [block.k_buffer])
+    for rec in records:
+        (site,) = rec.fused
+        assert "q_norm" not in site.nodes and "k_norm" in site.nodes, site.nodes
+        assert any(n.startswith("q's QK-norm stays") and "power-of-two" in n for n in site.notes), site.notes
 
 
 @FULL
