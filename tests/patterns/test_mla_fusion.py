@@ -322,7 +322,7 @@ def test_unfused_mla_site_raises_with_on_unfusable_raise(inference):
     pytest.param(dict(), id="D-halves-fp32"),
     pytest.param(dict(dtype=BF16), id="D-halves-bf16", marks=FULL),
     pytest.param(dict(fp8="uint8", k_scale=None), id="J-uint8-no-scale-fp32"),
-    pytest.param(dict(fp8="uint8", scale_tensor=True, dtype=BF16), id="J-uint8-0d-scale-bf16"),
+    pytest.param(dict(fp8="uint8", scale_tensor=True, dtype=BF16), id="J-uint8-0d-scale-bf16", marks=FULL),
     pytest.param(dict(fp8="float8", dtype=BF16), id="J-float8-python-scale-bf16", marks=FULL),
 ])
 def test_two_half_store_fuses(kw, records, inference):
@@ -354,8 +354,8 @@ class HalvesNearMiss(MLABlock):
         pool[loc.roll(1) if self.variant == "other-rows" else loc, :, lat:] = hi
 
 
-@pytest.mark.parametrize("variant", ["other-rows", "read-between", "gap",
-                                     pytest.param("two-scales", marks=FULL)])
+@pytest.mark.parametrize("variant", ["other-rows", *(pytest.param(v, marks=FULL)
+                                                    for v in ("read-between", "gap", "two-scales"))])
 def test_two_halves_that_are_not_one_row_are_reported(variant, records, inference):
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -152,6 +152,7 @@ def test_a_norm_the_op_cannot_take_stays_and_is_reported(form, who, why, records
             assert "q_norm" in site.nodes and "k_norm" not in site.nodes, site.nodes
 
 
+@FULL
 def test_a_full_width_norm_over_heads_not_a_power_of_two_stays(records, codes, inference):
     """OLMo 2's norm over 6 q heads: the op's full-width norm takes a power-of-two head count, so q's norm stays a
     kernel of its own (reported) and k's (2 heads) moves into the op."""
