@@ -21,7 +21,9 @@ scale to ``quant_dtype`` with ``scale_round`` (as eager on CUDA reads a 0-d scal
 is), the division is one correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of
 eager's ``x / scale``), ``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the
 overflow rule eager has on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself
-(``_fp8_bits``), so the rounding is the same on every target and in the interpreter. Caches may then be ``uint8``
+(``_fp8_bits``), so the rounding is the same on every target and in the interpreter; on sm_89 and later it takes
+eager's CUDA e4m3fn bits from the conversion instruction instead (``_e4m3_bits_cvt``, the same bits, checked against
+torch's cast on an H200; ``launch._by_conversion``). Caches may then be ``uint8``
 pools holding the bits of ``fp8_dtype`` (SGLang's fp8 pools). fp8 q (``q_fp8_dtype``, for fp8 attention) is the
 same function of the rotated q with q's own scale (``q_scale_round``), quotient dtype, clamp and format (``Q_*``).
 
