@@ -53,9 +53,9 @@ def _slice_bounds(n: Node, width) -> tuple[int, int] | None:
     return max(0, min(start, width)), max(0, min(end, width))
 
 
-def _half(w: Node) -> tuple[Node, Node, list, Node] | None:
+def _half(w: Node) -> tuple[Node, Node, list, Node, tuple[int, int]] | None:
     """``w = slice_scatter(dest, index_put(slice(dest), indices, value))`` of the last dim: ``(dest, the slice,
-    indices, value)``, else None."""
+    indices, value, (start, end))``, else None."""
     if w.op != "call_function" or w.target is not aten.slice_scatter.default or len(w.args) < 2:
         return None
     dest, put = w.args[0], w.args[1]
@@ -71,7 +71,7 @@ def _half(w: Node) -> tuple[Node, Node, list, Node] | None:
     bounds = _slice_bounds(view, width)
     if bounds is None or bounds != _slice_bounds(w, width):
         return None
-    return dest, view, list(indices), value
+    return dest, view, list(indices), value, bounds
 
 
 def _same_indices(a: list, b: list) -> bool:
@@ -116,13 +116,12 @@ def merge_row_halves(graph: Graph) -> int:
         second = _half(w2)
         if second is None:
             continue
-        w1, _, indices, hi = second
+        w1, slice2, indices, hi, (s2, e2) = second
         first = _half(w1) if isinstance(w1, Node) else None
-        if first is None or set(w1.users) != {w2, second[1]}:
+        if first is None or set(w1.users) != {w2, slice2}:
             continue
-        pool, _, indices1, lo = first
+        pool, slice1, indices1, lo, (s1, e1) = first
         width = shape_of(pool)[-1]
-        (s1, e1), (s2, e2) = _slice_bounds(w1, width), _slice_bounds(w2, width)
         if not _same_indices(indices, indices1) or len(indices) >= len(shape_of(pool)):
             continue
         if (s1, e1, e2) == (0, s2, width):
@@ -148,7 +147,7 @@ def merge_row_halves(graph: Graph) -> int:
             for op in reversed(ops):
                 row = emit(op.target, row, *op.args[1:], **op.kwargs)
             store = emit(aten.index_put.default, pool, indices, row)
-        replaced = [w2, w2.args[1], second[1], w1, w1.args[1], first[1]]  # users before inputs
+        replaced = [w2, w2.args[1], slice2, w1, w1.args[1], slice1]  # users before inputs
         for side in parts:  # the halves' own quantisations, each down to a0 / b0
             while side is not a0 and side is not b0:
                 replaced.append(side)
