@@ -332,6 +332,15 @@ def test_two_half_store_fuses(kw, records, inference):
     check_fused(records)
 
 
+@FULL
+def test_two_half_store_fuses_with_dynamic_true(records, inference):
+    """``dynamic=True`` (every size symbolic): the halves still make one row store, fused in every graph."""
+    run_and_compare(make_mla_block(store="halves"), dynamic=True)
+    assert records
+    for i, rec in enumerate(records):
+        assert [s.fused for s in rec.sites] == [True] and rec.mla_nodes == 1 and rec.negs == 0, (i, rec.sites)
+
+
 class HalvesNearMiss(MLABlock):
     """Two-half stores that are not one store of the row (each must stay two stores, reported)."""
 
@@ -347,6 +356,8 @@ class HalvesNearMiss(MLABlock):
             lo, hi = ((x / scale).to(FP8).view(torch.uint8) for x, scale in ((lo, 0.05), (hi, 0.07)))
         if self.variant == "gap":  # the last latent feature left as it was
             pool[loc, :, :lat - 1] = lo[..., :lat - 1]
+        elif self.variant == "broadcast-row":  # the first token's latent broadcast to every row
+            pool[loc, :, :lat] = lo[:1]
         else:
             pool[loc, :, :lat] = lo
         if self.variant == "read-between":  # the half-written pool read before the second half
@@ -355,7 +366,8 @@ class HalvesNearMiss(MLABlock):
 
 
 @pytest.mark.parametrize("variant", ["other-rows", *(pytest.param(v, marks=FULL)
-                                                    for v in ("read-between", "gap", "two-scales"))])
+                                                    for v in ("read-between", "gap", "two-scales",
+                                                              "broadcast-row"))])
 def test_two_halves_that_are_not_one_row_are_reported(variant, records, inference):
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -183,7 +183,7 @@ def test_q_and_k_norms_with_different_eps_stay_outside(records, codes, inference
 
 
 @FULL
-@pytest.mark.parametrize("form", ["sglang-qwen3", "vllm-qwen3"])
+@pytest.mark.parametrize("form", ["sglang-qwen3", "vllm-qwen3", "olmo2"])
 def test_a_dynamic_token_count_keeps_the_norms_in_the_op(form, records, codes, inference):
     """``mark_dynamic`` on the token dim: SGLang's ``[T*H, D]`` rows are reshaped to ``[-1, H, D]`` for the op (one
     symbolic size); both norms fused in every graph (the dynamic one included), equal to eager at three token
