@@ -179,12 +179,12 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
     return (n_q_programs + n_kv_programs,), args
 
 
-# the saturating FP8_CAST code of each fp8 format the kernel writes bits of (see _eager_fp8)
+# the saturating FP8_CAST code of each fp8 format the kernel writes bits of (see casts._eager_fp8)
 _SATURATING_FP8_CAST = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3}
 
 
 def _fp8_store_arguments(p: RopeKVProblem) -> dict:
-    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI and S_ROUND (see ``_eager_fp8``).
+    """The kernel's FP8_CAST, X_ROUND, Q_ROUND, SCALE_MUL, CLAMP_LO, CLAMP_HI and S_ROUND (see ``casts._eager_fp8``).
 
     With ``quant_dtype``: eager's quantisation, rounded as eager rounds it on this device. Without it, an fp8
     cache of a format whose bits the kernel computes stores ``clamp(x / scale, -max, max)`` from the fp32

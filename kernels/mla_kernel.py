@@ -42,8 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fx_fusion.kernels.rope_kv_kernel import (_cache_value, _load_pairs, _offset, _pair_features, _rope_pairs,
-                                              _table_rows, _to, _token_rows)
+from fx_fusion.kernels.casts import _cache_value, _to
+from fx_fusion.kernels.rope_kv_kernel import _load_pairs, _offset, _pair_features, _rope_pairs, _table_rows, _token_rows
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _mla_rope_store_kernel(
     B: tl.constexpr, HQ: tl.constexpr, LQ: tl.constexpr, L: tl.constexpr, R: tl.constexpr,
     N_SLOTS: tl.constexpr, N_POSITIONS: tl.constexpr, CACHE_BLOCK_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,           # largest finite value of an fp8 cache dtype; None for other caches
-    # the cache's values (rope_kv_kernel's _cache_value): FP8_CAST 0 (x / scale saturated, or x), else eager's
+    # the cache's values (casts.py's _cache_value): FP8_CAST 0 (x / scale saturated, or x), else eager's
     # fp8 store; X_ROUND/Q_ROUND as ROUND_TABLE; CLAMP_LO/HI float or None
     FP8_CAST: tl.constexpr, X_ROUND: tl.constexpr, Q_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr,
     CLAMP_LO: tl.constexpr, CLAMP_HI: tl.constexpr,

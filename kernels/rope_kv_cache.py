@@ -3,8 +3,9 @@
 One file per layer, imported by the rest of the package directly:
 
     rope_kv_kernel.py  the Triton kernel; its docstring describes the maths, layouts and slot conventions
-    options.py         RopeKVOptions: the op's non-tensor options, described once (the op's schema comes from it)
-    options.py         RopeKVOptions (the op's non-tensor options), CacheLayout and the dtype sets they take
+    casts.py           the kernels' roundings and eager's fp8 quantisation, bit for bit (shared with the MLA kernel)
+    options.py         RopeKVOptions: the op's non-tensor options, described once (the op's schema comes from it),
+                       CacheLayout and the dtype sets they take
     problem.py         RopeKVProblem, prepare and the host-side checks
     launch.py          the launch configuration, the kernel's arguments, launch and launch_traceable
     reference.py       the float reference in plain torch

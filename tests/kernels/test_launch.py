@@ -23,6 +23,7 @@ import triton
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fx_fusion.kernels import casts
 from fx_fusion.kernels import launch as kernel_launch
 from fx_fusion.kernels import rope_kv_cache as rkc
 from fx_fusion.kernels import rope_kv_kernel
@@ -126,11 +127,13 @@ def traced_kernels():
     copies = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")  # Triton reads it when @triton.jit runs
-        for layer in (rope_kv_kernel, kernel_launch):
+        for layer in (casts, rope_kv_kernel, kernel_launch):
             name = f"fx_fusion_{layer.__name__.rpartition('.')[2]}_jit"
             spec = importlib.util.spec_from_file_location(name, layer.__file__)
             copies[layer] = importlib.util.module_from_spec(spec)
             mp.setitem(sys.modules, name, copies[layer])
+            if layer is rope_kv_kernel:  # the kernel imports the helpers it calls: the compiled copies
+                mp.setitem(sys.modules, casts.__name__, copies[casts])
             spec.loader.exec_module(copies[layer])
     jit_kernel = copies[rope_kv_kernel]._rope_kv_store_kernel
     assert isinstance(jit_kernel, triton.runtime.JITFunction)
