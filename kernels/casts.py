@@ -24,29 +24,33 @@ import triton
 import triton.language as tl
 
 
+# The Triton interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even, as eager does): there the
+# kernels round bf16 themselves, on the bits. Compiled kernels convert as they are (the explicit rounding cost up to
+# 17 % at T = 512, and about six instructions an element in eager's fp8 path).
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+
 @triton.jit
 def _round(x, ROUND: tl.constexpr):
-    # x (fp32) rounded to bf16 (ROUND = 1) or fp16 (2), as fp32; x itself for 0. bf16 is rounded to nearest
-    # even on the bits (the upper 16 bits of an fp32; inf and NaN stay so), which the Triton interpreter
-    # also gets right (its bf16 conversion does not).
+    # x (fp32) rounded to bf16 (ROUND = 1) or fp16 (2) to nearest even, as fp32; x itself for 0. Compiled: the
+    # conversion instruction, as eager's on a GPU (a NaN becomes the canonical one); in the interpreter bf16 is
+    # rounded on the bits (the upper 16 bits of an fp32; inf and NaN stay so).
     if ROUND == 1:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        x = tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+        if _INTERPRETED:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+        else:
+            x = x.to(tl.bfloat16).to(tl.float32)
     elif ROUND == 2:
         x = x.to(tl.float16).to(tl.float32)
     return x
 
 
-# The Triton interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even): there the kernel rounds
-# its bf16 outputs itself. Compiled kernels convert as they are (the explicit rounding cost up to 17 % at T = 512).
-_ROUND_BF16_OUTPUTS = tl.constexpr(bool(triton.knobs.runtime.interpret))
-
-
 @triton.jit
 def _to(x, ty):
     # x (fp32) converted to ty, rounded to nearest even
-    if _ROUND_BF16_OUTPUTS and ty == tl.bfloat16:
+    if _INTERPRETED and ty == tl.bfloat16:
         x = _round(x, 1)
     return x.to(ty)
 
@@ -103,10 +107,13 @@ def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_R
         else:
             x = tl.math.div_rn(x, scale)
     x = _round(x, Q_ROUND)
-    if CLAMP_LO is not None:  # NaN stays NaN, as torch.clamp keeps it
-        x = tl.where(x != x, x, tl.maximum(x, CLAMP_LO))
-    if CLAMP_HI is not None:
-        x = tl.where(x != x, x, tl.minimum(x, CLAMP_HI))
+    if CLAMP_LO is not None or CLAMP_HI is not None:  # NaN stays NaN, as torch.clamp keeps it
+        c = x
+        if CLAMP_LO is not None:
+            c = tl.maximum(c, CLAMP_LO)
+        if CLAMP_HI is not None:
+            c = tl.minimum(c, CLAMP_HI)
+        x = tl.where(x != x, x, c)
     if FP8_CAST == 1:  # e4m3fn, saturating (torch on CPU: |x| > 448, inf too, -> 448)
         bits = _fp8_bits(x, 3, 7, 0x7E, None, 1024.0)
     elif FP8_CAST == 2:  # e4m3fn, NaN past the tie at 464 (torch on CUDA: (448, 464] -> 448, |x| > 464 -> NaN)
@@ -124,7 +131,7 @@ def _e4m3_bits_cvt(x):
     # |x| past 448 saturated): saturation is right up to the tie at 464; past it, and for NaN, eager's sign | 0x7F
     sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
     hw = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    return tl.where((tl.abs(x) > 464.0) | (x != x), (sign | 0x7F).to(tl.uint8), hw)
+    return tl.where(tl.abs(x) <= 464.0, hw, (sign | 0x7F).to(tl.uint8))  # (false for NaN)
 
 
 @triton.jit
