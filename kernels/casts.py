@@ -10,7 +10,7 @@ With ``quant_dtype`` a kernel's fp8 store is instead what eager model code compu
 scale to ``quant_dtype`` with ``scale_round`` (as eager on CUDA reads a 0-d scale tensor; else it is read as it
 is), the division is one correctly rounded fp32 division, ``round_Q`` rounds to ``quant_dtype`` (the dtype of
 eager's ``x / scale``), ``clamp`` is the model's optional clamp, and ``fp8_cast`` is ``.to(fp8)`` with the
-overflow rule eager has on the device (``problem.eager_fp8_cast``). The kernel computes the fp8 bits itself
+overflow rule eager has on the device (``fp8_rules.eager_fp8_cast``). The kernel computes the fp8 bits itself
 (``_fp8_bits``), so the rounding is the same on every target and in the interpreter; on sm_89 and later it takes
 eager's CUDA e4m3fn bits from the conversion instruction instead (``_e4m3_bits_cvt``, the same bits, checked against
 torch's cast on an H200; ``launch._by_conversion``). Caches may then be ``uint8``

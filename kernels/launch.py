@@ -13,8 +13,8 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 from fx_fusion.kernels import analysis_cache
-from fx_fusion.kernels.problem import (FP8_DTYPES, TABLE_DTYPES, CacheLayout, RopeKVProblem, _as_bshd,
-                                       eager_fp8_cast)
+from fx_fusion.kernels.fp8_rules import eager_fp8_cast
+from fx_fusion.kernels.problem import FP8_DTYPES, TABLE_DTYPES, CacheLayout, RopeKVProblem, _as_bshd
 from fx_fusion.kernels.rope_kv_kernel import _rope_kv_store_kernel
 
 analysis_cache.install(_rope_kv_store_kernel)  # Inductor analyses the kernel once per configuration, not per site

@@ -37,7 +37,7 @@ class CacheLayout(str, enum.Enum):
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz)
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# fp8 q: the formats whose bits the kernel computes as eager's cast rounds them (``problem.eager_fp8_cast``)
+# fp8 q: the formats whose bits the kernel computes as eager's cast rounds them (``fp8_rules.eager_fp8_cast``)
 Q_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # what cos/sin may be rounded to before the multiply (``table_dtype``), by the kernel's ROUND_TABLE code
 TABLE_DTYPES = (None, torch.bfloat16, torch.float16)
@@ -64,7 +64,7 @@ class RopeKVOptions:
     table_dtype: torch.dtype | None = None
     # the fp8 format whose bits uint8 caches hold (with quant_dtype)
     fp8_dtype: torch.dtype | None = None
-    # eager fp8 stores: the dtype of ``x / scale`` (see ``problem.eager_fp8_cast``)
+    # eager fp8 stores: the dtype of ``x / scale`` (see ``fp8_rules.eager_fp8_cast``)
     quant_dtype: torch.dtype | None = None
     # eager fp8 stores: ``x * scale`` instead of ``x / scale``
     scale_mul: bool = False
@@ -135,7 +135,7 @@ class MlaOptions:
     table_dtype: torch.dtype | None = None
     # the fp8 format whose bits a uint8 kv_cache holds (with quant_dtype)
     fp8_dtype: torch.dtype | None = None
-    # eager fp8 stores: the dtype of ``row / k_scale`` (see ``problem.eager_fp8_cast``)
+    # eager fp8 stores: the dtype of ``row / k_scale`` (see ``fp8_rules.eager_fp8_cast``)
     quant_dtype: torch.dtype | None = None
     # eager fp8 stores: ``row * k_scale`` instead of ``row / k_scale``
     scale_mul: bool = False

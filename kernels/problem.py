@@ -4,16 +4,13 @@
 index tensors) seen as ``[B, S, H, D]`` (``[B or 1, S]``) views, with the options the kernel is specialised on
 (``RopeKVOptions``, ``options.py``).
 The other checks are for the op and the graph pass: ``check_index_ranges`` (syncs the device),
-``check_writable`` (eager's refusals to write a cache), ``default_rotary_dim``, and what eager's fp8 casts do
-on each device (``eager_fp8_cast``, ``exactly_representable``). The maths, layouts and slot conventions are
-described in ``rope_kv_kernel``.
+``check_writable`` (eager's refusals to write a cache) and ``default_rotary_dim``; what eager's fp8 casts do on
+each device is ``fp8_rules.py``. The maths, layouts and slot conventions are described in ``rope_kv_kernel``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +19,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 # CacheLayout and the dtype sets live with the options they describe; imported from here too
+from fx_fusion.kernels.fp8_rules import eager_fp8_cast, exactly_representable
 from fx_fusion.kernels.options import (FP8_DTYPES, MODEL_DTYPES, TABLE_DTYPES, CacheLayout,  # noqa: F401
                                        RopeKVOptions, make_options)
 
@@ -410,51 +408,6 @@ def _check_scales(k_scale, v_scale, cache_dtype: torch.dtype, fp8_dtype, dev: to
             raise ValueError(f"{name} must hold one per-tensor scale, got shape {tuple(scale.shape)}")
         if cache_dtype not in FP8_DTYPES and fp8_dtype is None:
             raise ValueError(f"{name} is given, but the caches are {cache_dtype}, not fp8")
-
-
-# fp8 formats eager fp8 stores can write, by the kernel's FP8_CAST code of their overflow rule on a device
-_EAGER_FP8_CAST = {
-    # torch 2.13 on CPU: e4m3fn saturates (inf too) to +-448; e5m2 rounds to nearest even, overflows to inf
-    "cpu": {torch.float8_e4m3fn: 1, torch.float8_e5m2: 3},
-    # NVIDIA (measured on an H200, torch 2.11): e4m3fn rounds (448, 464] to 448 (464 is a tie, to even) and
-    # gives NaN past it; e5m2 as on CPU
-    "cuda": {torch.float8_e4m3fn: 2, torch.float8_e5m2: 3},
-}
-
-
-def eager_fp8_cast(device: torch.device, dtype: torch.dtype) -> int:
-    """The kernel's ``FP8_CAST`` code for eager's ``x.to(dtype)`` on ``device``, or ``ValueError`` saying
-    why it is not known (HIP: not measured; ``float8_e4m3fnuz``: no measured device stores it)."""
-    kind = device.type
-    if kind == "cuda" and torch.version.hip is not None:
-        raise ValueError(f"eager's {dtype} cast on HIP (AMD) GPUs has not been measured, so the kernel "
-                         "cannot promise to round and overflow as it does")
-    rules = _EAGER_FP8_CAST.get(kind)
-    if rules is None:
-        raise ValueError(f"eager's {dtype} cast on {kind} devices has not been measured")
-    if dtype not in rules:
-        raise ValueError(f"eager's {dtype} cast on {kind} has not been measured (known: "
-                         f"{', '.join(str(d) for d in rules)})")
-    return rules[dtype]
-
-
-def exactly_representable(x: float, dtype: torch.dtype) -> bool:
-    """Whether the Python float ``x`` is a value of ``dtype`` (fp32, bf16, fp16; infinities are), computed
-    without tensors (this runs under fake modes)."""
-    if math.isnan(x):
-        return False
-    if math.isinf(x):
-        return True
-    try:
-        f32 = struct.unpack("<f", struct.pack("<f", x))[0]
-        if dtype is torch.float16:
-            return struct.unpack("<e", struct.pack("<e", x))[0] == x
-    except OverflowError:
-        return False
-    if f32 != x:
-        return False
-    low_bits = struct.unpack("<I", struct.pack("<f", x))[0] & 0xFFFF  # what bf16 drops of an fp32
-    return dtype is torch.float32 or (dtype is torch.bfloat16 and low_bits == 0)
 
 
 def _check_eager_fp8(dev: torch.device, stored: torch.dtype, quant_dtype, scale_mul: bool, clamp) -> None:

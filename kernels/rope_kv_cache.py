@@ -7,6 +7,7 @@ One file per layer, imported by the rest of the package directly:
     options.py         RopeKVOptions: the op's non-tensor options, described once (the op's schema comes from it),
                        CacheLayout and the dtype sets they take
     problem.py         RopeKVProblem, prepare and the host-side checks
+    fp8_rules.py       what eager's fp8 casts do on each device (the fp8 stores are checked against it)
     launch.py          the launch configuration, the kernel's arguments, launch and launch_traceable
     reference.py       the float reference in plain torch
     ops.py             the custom op; functional.py: the op and its launch in functional form, for the graph pass

@@ -13,7 +13,8 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 from torch.fx import Node
 
-from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout, eager_fp8_cast
+from fx_fusion.kernels.fp8_rules import eager_fp8_cast
+from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout
 from fx_fusion.patterns.find import GraphState, KStore
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from fx_fusion.kernels.problem import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES, exactly_representable
+from fx_fusion.kernels.fp8_rules import exactly_representable
+from fx_fusion.kernels.problem import FP8_DTYPES, MODEL_DTYPES, SCALE_DTYPES
 from fx_fusion.patterns.fx_utils import RESHAPES, OpRole, is_one, ops_with, shape_of
 
 aten = torch.ops.aten

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fx_fusion import FusionConfig
-from fx_fusion.kernels import problem
+from fx_fusion.kernels import fp8_rules
 from fx_fusion.kernels.functional import FUSED_OP
 from fx_fusion.kernels.ops import rope_kv_store
 from fx_fusion.patterns.plan import _check_quant_device
@@ -154,7 +154,7 @@ def test_python_divisor_on_cuda_fuses_only_as_a_power_of_two():
 def test_hip_fp8_rule_is_not_assumed(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     with pytest.raises(ValueError, match="HIP"):
-        problem.eager_fp8_cast(torch.device("cuda"), E4)
+        fp8_rules.eager_fp8_cast(torch.device("cuda"), E4)
     with pytest.raises(Unfusable, match="HIP"):
         _check_quant_device(Quant(E4, False, torch.bfloat16, False, None, None), torch.device("cuda"))
 
@@ -221,7 +221,7 @@ def test_cuda_e4m3fn_rule_rounds_the_tie_at_464_to_448(monkeypatch):
     (464 lies halfway between 448, code 0x7E, and the next code, 0x7F, which is NaN: to even), NaN past it.
 
     Measured on an H200 (torch 2.11): eager's first NaN is 466.0 in bf16 and 464.5 in fp32; 464.0 stores 448."""
-    monkeypatch.setitem(problem._EAGER_FP8_CAST, "cpu", problem._EAGER_FP8_CAST["cuda"])
+    monkeypatch.setitem(fp8_rules._EAGER_FP8_CAST, "cpu", fp8_rules._EAGER_FP8_CAST["cuda"])
     sweep = _around_the_top()
     rows = len(sweep) // 32 + 1
     v = torch.randn(rows, 2, 16)
