@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from fx_fusion.patterns.evaluator import Evaluator, Leaf, products_below, table_scales
+from fx_fusion.patterns.evaluator import Evaluator, Leaf, products_below
 from fx_fusion.patterns.fx_utils import is_one, shape_of
 from fx_fusion.patterns.polynomial import NotRope, Poly, Sym, Value
+from fx_fusion.patterns.scales import table_scales
 
 aten = torch.ops.aten
 

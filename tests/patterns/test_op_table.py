@@ -11,7 +11,7 @@ import operator
 import pytest
 import torch
 
-from fx_fusion.patterns import complex_rope, evaluator, find, kv_store, quant
+from fx_fusion.patterns import complex_rope, evaluator, find, kv_store, quant, scales
 from fx_fusion.patterns.fx_utils import OP_ROLES, RESHAPES, SCATTER_OF, OpRole, ops_with
 
 aten = torch.ops.aten
@@ -67,9 +67,9 @@ def test_the_evaluator_sees_through_every_view_cast_and_rope_op_it_should():
 def test_what_each_matcher_follows():
     """Each matcher's set, as it was before the table (a change here changes what a matcher follows)."""
     views = WALKED | {aten.expand.default}
-    assert evaluator._TABLE_VIEWS == views | CASTS | {aten.slice.Tensor, aten.select.int, operator.getitem,
+    assert scales._TABLE_VIEWS == views | CASTS | {aten.slice.Tensor, aten.select.int, operator.getitem,
                                                       aten.split.Tensor, aten.split_with_sizes.default}
-    assert evaluator._COPIES_AND_CASTS == {aten.clone.default, aten.alias.default} | CASTS
+    assert scales._COPIES_AND_CASTS == {aten.clone.default, aten.alias.default} | CASTS
     assert kv_store._WALKED == WALKED
     # a table's view key: no clone, no split, and squeeze.dims is not keyed (as before the table)
     assert complex_rope._VIEW_OPS == views - {aten.clone.default, aten.squeeze.dims} | {aten.slice.Tensor,

@@ -15,7 +15,7 @@ import operator
 import pytest
 import torch
 
-from fx_fusion.patterns import evaluator
+from fx_fusion.patterns import evaluator, scales
 from fx_fusion.patterns.evaluator import Evaluator, Step
 from fx_fusion.patterns.polynomial import NotRope, Value
 from tests.patterns.test_rope_soundness import Graph
@@ -115,10 +115,10 @@ def test_table_scales_are_seen_through_views_and_casts():
     c, s = g.input("c", 3, 4), scalar(g)
     scaled = g.op(aten.mul.Tensor, g.op(aten.mul.Tensor, c, 2.0), 1.5)
     cast = g.op(prims.convert_element_type.default, g.op(aten.unsqueeze.default, scaled, 1), BF16)
-    assert evaluator.table_scales(cast) == (1.5, 2.0)
-    assert evaluator.table_scales(g.op(aten.mul.Tensor, c, 1.0)) == ()
+    assert scales.table_scales(cast) == (1.5, 2.0)
+    assert scales.table_scales(g.op(aten.mul.Tensor, c, 1.0)) == ()
     s1, s2 = (g.op(prims.convert_element_type.default, s, BF16) for _ in range(2))
-    assert evaluator.table_scales(g.op(aten.mul.Tensor, c, s1)) == evaluator.table_scales(g.op(aten.mul.Tensor, s2, c))
+    assert scales.table_scales(g.op(aten.mul.Tensor, c, s1)) == scales.table_scales(g.op(aten.mul.Tensor, s2, c))
 
 
 def test_mul_of_two_tensors_broadcasts_features_and_prefix():
