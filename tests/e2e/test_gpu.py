@@ -450,12 +450,14 @@ QK_NORM_CASES = [
     pytest.param("sglang-qwen3", BF16, id="sglang-qwen3-bf16"),
     pytest.param("gemma3", BF16, id="gemma3-bf16"),
     pytest.param("vllm-qwen3", torch.float32, id="vllm-qwen3-fp32"),
+    pytest.param("olmo2", BF16, id="olmo2-bf16"),  # one norm over all of a token's heads (norm_full_width)
+    pytest.param("olmo2", torch.float32, id="olmo2-fp32"),
 ]
 
 
 @pytest.mark.parametrize("form, dtype", QK_NORM_CASES)
 def test_qk_norm_is_applied_by_the_launch(form, dtype, codes):
-    """Qwen3 / Gemma 3 token-pool blocks (``tests/patterns/test_qk_norm_fusion.py``) on the GPU: one direct
+    """Qwen3 / Gemma 3 / OLMo 2 token-pool blocks (``tests/patterns/test_qk_norm_fusion.py``) on the GPU: one direct
     launch per graph applies both norms, the RoPE and the store (no norm kernel is left: no ``libdevice.rsqrt``
     in the code), outputs and caches equal to eager (bf16: a normalised value may be one step from eager's)."""
     from tests.patterns.test_qk_norm_fusion import NORM_CACHE_TOL, QKNormBlock
