@@ -446,8 +446,9 @@ def sweep_table(args, bw: float, gen) -> None:
 # --qk-norm, --fp8-q: what a model does around the RoPE + store, three compiled sides side by side
 # --------------------------------------------------------------------------------------------------
 
-# (Hq, Hkv, D, QK-norm style): Qwen3-8B, Gemma-3-27B (whole models, no tensor parallelism)
-QK_MODELS = {"qwen3-8b": (32, 8, 128, "qwen3"), "gemma3-27b": (32, 16, 128, "gemma3")}
+# (Hq, Hkv, D, QK-norm style): Qwen3-8B, Gemma-3-27B, OLMo-2-7B (whole models, no tensor parallelism)
+QK_MODELS = {"qwen3-8b": (32, 8, 128, "qwen3"), "gemma3-27b": (32, 16, 128, "gemma3"),
+             "olmo2-7b": (32, 32, 128, "olmo2")}
 NORM_EPS = 1e-6  # both models' rms_norm_eps
 # (atol, rtol) of a side against stock (--qk-norm's outputs and caches, --fp8-q's caches): bf16 values below 8 in
 # magnitude (unit-RMS heads times weights near 1, rotated; randn caches), which the sides round at different
@@ -481,22 +482,39 @@ def gemma3_rms_norm(x, weight, eps):
     return (h * (1.0 + weight.float())).type_as(x)
 
 
+def olmo2_rms_norm(x, weight, eps):
+    """HF ``Olmo2RMSNorm.forward`` (over the whole ``[T, H * D]`` projection): fp32 throughout, times the weight,
+    rounded once."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(input_dtype)
+
+
 # style -> (the model's norm, the op's options that compute it)
 NORM_STYLES = {"qwen3": (qwen3_rms_norm, dict(norm_round=True, norm_offset=0.0)),
-               "gemma3": (gemma3_rms_norm, dict(norm_round=False, norm_offset=1.0))}
+               "gemma3": (gemma3_rms_norm, dict(norm_round=False, norm_offset=1.0)),
+               "olmo2": (olmo2_rms_norm, dict(norm_round=False, norm_offset=0.0, norm_full_width=True))}
+
+
+def _norms(q, k, q_w, k_w, n_q, n_kv, d, style):
+    """The model's QK-norm of ``style``: of each head, or (OLMo 2) of a token's whole q and k, then the heads."""
+    norm = NORM_STYLES[style][0]
+    if NORM_STYLES[style][1].get("norm_full_width"):
+        return (norm(q.reshape(-1, n_q * d), q_w, NORM_EPS).view(-1, n_q, d),
+                norm(k.reshape(-1, n_kv * d), k_w, NORM_EPS).view(-1, n_kv, d))
+    return norm(q.view(-1, n_q, d), q_w, NORM_EPS), norm(k.view(-1, n_kv, d), k_w, NORM_EPS)
 
 
 def norm_rope_store(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_w, k_w, n_q, n_kv, d, style):
-    """The model: QK-norm of each head (HF's RMSNorm of ``style``) -> SGLang's RoPE -> the token-pool store."""
-    norm = NORM_STYLES[style][0]
-    q, k = norm(q.view(-1, n_q, d), q_w, NORM_EPS), norm(k.view(-1, n_kv, d), k_w, NORM_EPS)
+    """The model: QK-norm (HF's RMSNorm of ``style``) -> SGLang's RoPE -> the token-pool store."""
+    q, k = _norms(q, k, q_w, k_w, n_q, n_kv, d, style)
     return unfused(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, n_q, n_kv, d)
 
 
 def norm_then_op(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_w, k_w, n_q, n_kv, d, style):
-    """The model's QK-norm, then the op doing the RoPE + store only (what the graph pass gives today)."""
-    norm = NORM_STYLES[style][0]
-    q, k = norm(q.view(-1, n_q, d), q_w, NORM_EPS), norm(k.view(-1, n_kv, d), k_w, NORM_EPS)
+    """The model's QK-norm, then the op doing the RoPE + store only (the RoPE-only fusion)."""
+    q, k = _norms(q, k, q_w, k_w, n_q, n_kv, d, style)
     return rope_kv_store(q, k, v, k_cache, v_cache, loc, cos_sin_cache=cos_sin_cache, positions=positions)[0]
 
 
@@ -575,8 +593,8 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
     names = SIDE_NAMES[table]
     a, b, c = names
     if table == "qk-norm":
-        what = (f"QK-norm (HF Qwen3RMSNorm / Gemma3RMSNorm, eps {NORM_EPS}) -> RoPE -> store; check: {b} and {c} "
-                f"against stock, q out and whole caches, allclose(atol={QK_NORM_TOL[0]:g}, rtol={QK_NORM_TOL[1]:g})")
+        what = (f"QK-norm (HF Qwen3RMSNorm / Gemma3RMSNorm / Olmo2RMSNorm, eps {NORM_EPS}) -> RoPE -> store; check: "
+                f"{b} and {c} against stock, q out and whole caches, allclose(atol={QK_NORM_TOL[0]:g}, rtol={QK_NORM_TOL[1]:g})")
     else:
         what = (f"RoPE -> store -> q to {FP8_Q} with a static scale {Q_SCALE} (0-d fp32), clamp +-{FP8_Q_MAX:g}; "
                 f"check: {c}'s q byte-exact against eager's quantisation of the op's bf16 q; q of {b} and {c} "
@@ -597,8 +615,10 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
         for t in args.tokens:
             q, k, v, kc, vc, loc, pos, csc = make_case(t, n_q, n_kv, d, gen=gen, num_slots=num_slots, dev=dev)
             if table == "qk-norm":
-                offset = 1.0 if style == "qwen3" else 0.0  # Gemma stores w for its 1 + w
-                q_w, k_w = (torch.randn(d, generator=gen, device=dev).mul(0.1).add(offset).to(q.dtype) for _ in "qk")
+                offset = 0.0 if style == "gemma3" else 1.0  # Gemma stores w for its 1 + w
+                full = NORM_STYLES[style][1].get("norm_full_width", False)
+                q_w, k_w = (torch.randn(d * (h if full else 1), generator=gen, device=dev).mul(0.1).add(offset)
+                            .to(q.dtype) for h in (n_q, n_kv))
                 extra = (q_w, k_w)
             else:
                 extra = (torch.tensor(Q_SCALE, dtype=torch.float32, device=dev),)
