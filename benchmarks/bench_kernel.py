@@ -594,7 +594,8 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
     a, b, c = names
     if table == "qk-norm":
         what = (f"QK-norm (HF Qwen3RMSNorm / Gemma3RMSNorm / Olmo2RMSNorm, eps {NORM_EPS}) -> RoPE -> store; check: "
-                f"{b} and {c} against stock, q out and whole caches, allclose(atol={QK_NORM_TOL[0]:g}, rtol={QK_NORM_TOL[1]:g})")
+                f"{b} and {c} against stock, q out and whole caches, allclose(atol={QK_NORM_TOL[0]:g}, "
+                f"rtol={QK_NORM_TOL[1]:g})")
     else:
         what = (f"RoPE -> store -> q to {FP8_Q} with a static scale {Q_SCALE} (0-d fp32), clamp +-{FP8_Q_MAX:g}; "
                 f"check: {c}'s q byte-exact against eager's quantisation of the op's bf16 q; q of {b} and {c} "
