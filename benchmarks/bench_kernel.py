@@ -36,12 +36,15 @@ one compiled function per side and model called at every T (q/k/v split from one
     op + norm   torch.compile of the model's norm (fp8: quantisation) around the op doing the RoPE + store only:
                 what the graph pass gives today (Inductor's kernels for the rest, the op's launch)
     fused       torch.compile of the op with the norm (fp8: the quantisation) inside: one launch
+    fx          the stock side's model code compiled with ``backend="fx_fusion"``: what a user gets (the pass puts
+                the norm or the quantisation into the op; the backend launches it statically in the default mode)
 
+Models: Qwen3-8B, Gemma-3-27B and OLMo-2-7B (its norm over a token's whole q and k, ``norm_full_width``).
 Before timing, each point runs every side once from the same caches and compares with stock: q out and the whole
 caches, at bf16 tolerance (``QK_NORM_TOL``); fp8 q within one e4m3 step of stock's, and the fused side's q
-byte-exact against eager's quantisation of the op's own bf16 q (``_check_sides`` says why not against stock). A
-failed check is marked in its row and makes the exit status 1. The floor counts the norm weights
-(fp8: q out at one byte an element). On a machine without CUDA (or ``--device cpu``) the kernel runs in the Triton
+byte-exact against eager's quantisation of the op's own bf16 q (``_check_sides`` says why not against stock); the
+fx side against the model code run eagerly, its differing bytes counted. A failed check is marked in its row and
+makes the exit status 1. The floor counts the norm weights (fp8: q out at one byte an element). On a machine without CUDA (or ``--device cpu``) the kernel runs in the Triton
 interpreter, there is no replay and no floor, and the host loops run twice each: the checks are the point there,
 the CPU timings say nothing.
 
@@ -546,7 +549,9 @@ def op_fp8_q(q, k, v, k_cache, v_cache, loc, positions, cos_sin_cache, q_scale, 
                          q_scale_round=q_scale.is_cuda)[0]
 
 
-# table -> (the three sides: stock's model code, the op plus the rest compiled, the op doing it all)
+# table -> (the three sides: stock's model code, the op plus the rest compiled, the op doing it all), each compiled
+# with plain torch.compile; a fourth, "fx", is stock's model code compiled with backend="fx_fusion" (what a user
+# gets: the pass puts the norm or the quantisation into the op, and the backend launches it statically)
 THREE_SIDES = {"qk-norm": (norm_rope_store, norm_then_op, op_with_norm),
                "fp8-q": (rope_store_fp8_q, op_then_fp8_q, op_fp8_q)}
 SIDE_NAMES = {"qk-norm": ("stock", "op + norm", "fused"), "fp8-q": ("stock", "op + quant", "fused")}
@@ -589,6 +594,9 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
 
     One compiled function per side and model, called at every T without a reset (as ``--compiled``): Dynamo
     compiles T = 1, the first other T, then one graph with a dynamic T."""
+    import fx_fusion  # noqa: F401  (registers backend="fx_fusion")
+    from torch._dynamo.utils import counters
+
     cuda = dev.type == "cuda"
     names = SIDE_NAMES[table]
     a, b, c = names
@@ -603,16 +611,20 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
                 f"rtol={QK_NORM_TOL[1]:g})")
     print(f"\n## --{table}: {what}; bf16, token pool at random slots; times in us"
           + ("" if cuda else " (CPU: meaningless)"))
-    print(f"| model | T | {a} replay | {b} replay | {c} replay | floor | {c} % of floor | {c} / {a} | {c} / {b} "
-          f"| {a} host/call | {b} host/call | {c} host/call | {c} / {a} host | {c} / {b} host | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | T | {a} replay | {b} replay | {c} replay | fx replay | floor | {c} % of floor | fx % of floor "
+          f"| {c} / {a} | {c} / {b} | fx / {a} | fx / {b} | {a} host/call | {b} host/call | {c} host/call "
+          f"| fx host/call | {c} / {a} host | {c} / {b} host | fx / {a} host | fx / {b} host | fx fused / graphs "
+          "| check |")
+    print("|---" * 23 + "|")
     failed = []
     num_slots = max(4096, 2 * max(args.tokens))
     for name in args.norm_models:
         n_q, n_kv, d, style = QK_MODELS[name]
         torch._dynamo.reset()
+        counters.clear()
         sides = {side: torch.compile(with_fused_qkv(fn, n_q, n_kv, d))
                  for side, fn in zip(names, THREE_SIDES[table])}
+        sides["fx"] = torch.compile(with_fused_qkv(THREE_SIDES[table][0], n_q, n_kv, d), backend="fx_fusion")
         for t in args.tokens:
             q, k, v, kc, vc, loc, pos, csc = make_case(t, n_q, n_kv, d, gen=gen, num_slots=num_slots, dev=dev)
             if table == "qk-norm":
@@ -626,7 +638,7 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
                 style = None
             case = (torch.cat((q, k, v), dim=-1), kc, vc, loc, pos, csc, *extra, n_q, n_kv, d,
                     *((style,) if style else ()))
-            ok, detail = _check_sides(table, sides, case)
+            ok, detail = _check_sides(table, sides, case, with_fused_qkv(THREE_SIDES[table][0], n_q, n_kv, d))
             if not ok:
                 failed.append(f"{table} {name} T={t}")
             if cuda:
@@ -634,23 +646,25 @@ def three_sides_table(table: str, args, dev: torch.device, bw: float | None, gen
                           for f in sides.values()]
                 calls, rounds, warmup = args.host_calls, args.host_rounds, 10
             else:
-                replay = [float("nan")] * 3
+                replay = [float("nan")] * 4
                 calls, rounds, warmup = 2, 1, 0
             host = list(host_loop_us(sides, case, calls, rounds, warmup).values())
             q_out_dtype = FP8_Q if table == "fp8-q" else None
             nbytes = min_bytes(t, n_q, n_kv, d, q.dtype, csc.dtype, q_out_dtype)
-            if table == "qk-norm":
-                nbytes += 2 * d * q.element_size()  # the two weights
+            if table == "qk-norm":  # the two weights
+                nbytes += (n_q + n_kv if full else 2) * d * q.element_size()
             floor_us = 1e6 * nbytes / bw if bw else float("nan")
-            cells = [*replay, floor_us, 100 * floor_us / replay[2], replay[2] / replay[0], replay[2] / replay[1],
-                     *host, host[2] / host[0], host[2] / host[1]]
-            specs = [".2f"] * 4 + [".0f", ".2f", ".2f"] + [".1f"] * 3 + [".2f", ".2f"]
+            cells = [*replay, floor_us, 100 * floor_us / replay[2], 100 * floor_us / replay[3],
+                     replay[2] / replay[0], replay[2] / replay[1], replay[3] / replay[0], replay[3] / replay[1],
+                     *host, host[2] / host[0], host[2] / host[1], host[3] / host[0], host[3] / host[1]]
+            specs = [".2f"] * 5 + [".0f", ".0f"] + [".2f"] * 4 + [".1f"] * 4 + [".2f"] * 4
+            fx = counters["fx_fusion"]
             print(f"| {name} | {t} | " + " | ".join("-" if x != x else format(x, spec) for x, spec in zip(cells, specs))
-                  + f" | {detail} |", flush=True)
+                  + f" | {fx['rope_kv_store_fused']} / {fx['graphs']} | {detail} |", flush=True)
     return failed
 
 
-def _check_sides(table: str, sides: dict, case: tuple) -> tuple[bool, str]:
+def _check_sides(table: str, sides: dict, case: tuple, eager) -> tuple[bool, str]:
     """Run every side once from the same caches and compare with stock; returns (all checks held, the row's text).
 
     --qk-norm: q out and the whole caches at ``QK_NORM_TOL``. --fp8-q: the caches at ``QK_NORM_TOL``; q's bytes
@@ -659,16 +673,18 @@ def _check_sides(table: str, sides: dict, case: tuple) -> tuple[bool, str]:
     can it be: Inductor fuses RoPE, division and cast in fp32 without eager's bf16 roundings of q_rot and of the
     quotient (and so does the op + quant side's division), so a value near an e4m3 rounding boundary lands one
     code apart; the check there is that every differing byte is one e4m3 step at most (``FP8_Q_STEP``).
-    The caches end as the last side left them."""
+    fx (the model code with backend="fx_fusion") is checked against the model code run eagerly: bytes differing
+    counted, values within ``QK_NORM_TOL`` (fp8 q dequantised: within one e4m3 step or the atol). The caches end as
+    the last side left them."""
     qkv, kc, vc = case[:3]
     start = (kc.clone(), vc.clone())
     results = {}
-    for side, f in sides.items():
+    for side, f in {**sides, "eager": eager}.items():
         kc.copy_(start[0])
         vc.copy_(start[1])
-        out = f(*case)  # the first call of a side at this T may compile
+        out = f(*case)  # the first call of a compiled side at this T may compile
         results[side] = (out.reshape(qkv.shape[0], -1), kc.clone(), vc.clone())
-    stock = results.pop("stock")
+    stock, eager, fx = results.pop("stock"), results.pop("eager"), results.pop("fx")
     atol, rtol = QK_NORM_TOL
 
     def close(x, y):
@@ -699,10 +715,23 @@ def _check_sides(table: str, sides: dict, case: tuple) -> tuple[bool, str]:
         vc.copy_(start[1])
         q_rot = rope_kv_store(q, k, v, kc, vc, loc, cos_sin_cache=csc, positions=pos)[0].reshape(qkv.shape[0], -1)
         want = (q_rot / q_scale).clamp(-FP8_Q_MAX, FP8_Q_MAX).to(FP8_Q)
-        fused = results["fused"][0]
-        exact = int((fused.view(torch.uint8) != want.view(torch.uint8)).sum())
+        exact = int((results["fused"][0].view(torch.uint8) != want.view(torch.uint8)).sum())
         oks.append(exact == 0)
         texts.append(f"fused vs eager quantisation of the op's bf16 q: {exact} bytes differ")
+    # fx: the model code through the pass, against the model code run eagerly. The op computes each product of the
+    # rotation in fp32 where this bf16 model code rounds it to bf16 (README, "Exactness"), as stock's fp32 maths
+    # does not either: where the two products nearly cancel, eager's q is far from both in e4m3 steps. So fx's q
+    # is compared dequantised (times q_scale): within one e4m3 step or the bf16 caches' atol; bytes differing are
+    # counted.
+    differ = [int((x.contiguous().view(torch.uint8) != y.contiguous().view(torch.uint8)).sum())
+              for x, y in zip(fx, eager)]
+    if table == "qk-norm":
+        oks.append(all(close(x, y) for x, y in zip(fx, eager)))
+    else:
+        a, b = fx[0].float() * case[6].item(), eager[0].float() * case[6].item()  # dequantised
+        q_ok = bool(((a - b).abs() <= torch.maximum(a.abs(), b.abs()) * FP8_Q_STEP + atol).all())
+        oks.append(q_ok and close(fx[1], eager[1]) and close(fx[2], eager[2]))
+    texts.append(f"fx vs eager: q / k cache / v cache bytes differing {' / '.join(map(str, differ))}")
     return all(oks), ("ok; " if all(oks) else "FAILED; ") + "; ".join(texts)
 
 
