@@ -44,9 +44,9 @@ Before timing, each point runs every side once from the same caches and compares
 caches, at bf16 tolerance (``QK_NORM_TOL``); fp8 q within one e4m3 step of stock's, and the fused side's q
 byte-exact against eager's quantisation of the op's own bf16 q (``_check_sides`` says why not against stock); the
 fx side against the model code run eagerly, its differing bytes counted. A failed check is marked in its row and
-makes the exit status 1. The floor counts the norm weights (fp8: q out at one byte an element). On a machine without CUDA (or ``--device cpu``) the kernel runs in the Triton
-interpreter, there is no replay and no floor, and the host loops run twice each: the checks are the point there,
-the CPU timings say nothing.
+makes the exit status 1. The floor counts the norm weights (fp8: q out at one byte an element). On a machine
+without CUDA (or ``--device cpu``) the kernel runs in the Triton interpreter, there is no replay and no floor, and
+the host loops run twice each: the checks are the point there, the CPU timings say nothing.
 
 ``--mla`` (DeepSeek-V3: kv_lora_rank 512, rope 64, GPT-J pairs with an fp32 ``cos_sin_cache``; 16 q heads (TP 8) and
 128 (TP 1); a bf16 pool and SGLang's fp8 pool, float8_e4m3fn bytes in uint8 after ``row / k_scale``) times three
