@@ -181,17 +181,31 @@ def compile_configurations(names=None) -> dict:
         warps = compiled.metadata.num_warps
         out[cfg.name] = stats | dict(shared=compiled.metadata.shared, num_warps=warps, seconds=seconds,
                                      occupancy=sm90_occupancy(stats["regs"], warps, compiled.metadata.shared),
-                                     fp8_cvt=compiled.asm["ptx"].count("cvt.rn.satfinite.e4m3x2"))
+                                     fp8_cvt=compiled.asm["ptx"].count("cvt.rn.satfinite.e4m3x2"),
+                                     sass=sass_instructions(compiled.asm["cubin"]))
     return out
+
+
+def sass_instructions(cubin: bytes) -> int | None:
+    """Machine instructions in the kernel (every path counted once, not as executed), from the disassembler Triton
+    ships (``cuobjdump``); None where it is missing. A static count: the same code path per element in two builds
+    compares, a branch taken or not does not show."""
+    try:
+        from triton.tools.disasm import get_sass
+
+        sass = get_sass(cubin)
+    except Exception:  # noqa: BLE001 (a Triton without its CUDA tools: the column stays empty)
+        return None
+    return sum(1 for line in sass.splitlines() if re.match(r"^\S*\t(@!?U?P\w+\s+)?[A-Z]", line))
 
 
 def markdown_table(stats: dict) -> str:
     lines = ["| config | registers | stack frame | spill stores / loads | shared | warps | warps per SM (of 64) "
-             "| compile s |", "|---|---|---|---|---|---|---|---|"]
+             "| SASS instructions | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for cfg in SM90_CONFIGS:
         if (s := stats.get(cfg.name)) is not None:
             lines.append(f"| {cfg.name} | {s['regs']} | {s['stack']} | {s['spill_stores']} / {s['spill_loads']} | "
-                         f"{s['shared']} | {s['num_warps']} | {s['occupancy']} | {s['seconds']:.1f} |")
+                         f"{s['shared']} | {s['num_warps']} | {s['occupancy']} | {s['sass']} | {s['seconds']:.1f} |")
     return "\n".join(lines)
 
 
