@@ -30,6 +30,10 @@ stay two), or is returned by the graph, itself or through a view (two outputs wo
 
 Only groups with a member the pass looks at are merged: nodes within ``SCOPE_DEPTH`` inputs of a store
 (``index_put``, ``copy``, an engine's store op); the rest of the graph is left to Inductor.
+
+The other rules reduce slice writes: ``merge_row_halves`` (``mla_halves.py``) makes a cache row written in two
+feature halves one row store, and ``assemble_as_cat`` (``slice_writes.py``) makes a buffer of the graph's own,
+written slice by slice over its whole last dim, the cat of what was written.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from fx_fusion.patterns.engine_store import engine_store_op
 from fx_fusion.patterns.evaluator import Evaluator
 from fx_fusion.patterns.fx_utils import within
 from fx_fusion.patterns.mla_halves import merge_row_halves
+from fx_fusion.patterns.slice_writes import assemble_as_cat
 
 aten = torch.ops.aten
 
@@ -301,6 +306,7 @@ RULES: list[Rule] = [
     # a rule that spells a form out into nodes the matchers know belongs before the merge, so its nodes merge too
     merge_value_equal,
     merge_row_halves,  # after the merge: the two halves must index the same rows (one slot node)
+    assemble_as_cat,  # buffers written slice by slice (SGLang's MLA q and latent row); never a cache's halves
 ]
 
 
