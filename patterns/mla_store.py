@@ -13,7 +13,9 @@ that hold an MLA row but are assembled otherwise are reported with a reason (``n
 
     halves   kv_pool[loc, :, :L] = kv_c; kv_pool[loc, :, L:] = k_rot   (slice -> index_put -> slice_scatter, twice;
              ``mla_halves.merge_row_halves`` makes the one-store form of it before matching, where it is one)
-    latent   latent[:, :, :L] = kv_c; latent[:, :, L:] = k_rot; kv_pool[loc] = latent   (copy + slice_scatter)
+    latent   latent[:, :, :L] = kv_c; latent[:, :, L:] = k_rot; kv_pool[loc] = latent   (copy + slice_scatter;
+             ``slice_writes.assemble_as_cat`` makes it the cat form before matching where the writes cover the row,
+             so only a buffer written in part is reported)
     two caches  transformers DeepseekV3: the latent and k_rot in two caches of one head, each by
                 ``index_put(cache, [None, None, cache_position], x)`` (``match_two_caches``: fused with the op's
                 ``k_pe_cache``; other layouts, fp8 or views of a buffer are reported, ``two_caches_reason``)

@@ -9,6 +9,7 @@ elsewhere.
     kv_c, k_pe = kv_a_proj(x).split([L, R], -1); kv_c = kv_a_layernorm(kv_c)       # k_pe [T, 1, R] or [T, R]
     q_pe, k_pe = rotary(positions, q_pe, k_pe)  # GPT-J (interleaved) pairs from cos_sin_cache [max_pos, R]
     path "absorb" (decode / extend):  q = cat([bmm(q_nope, w_kc), q_pe], -1)    [T, Hq, L + R]
+                                      (absorb_q="buffer": q = new_empty; q[..., :L] = bmm(...); q[..., L:] = q_pe)
                                       attention over the pool rows kv_loc, values = the rows' first L
     path "prefill" (forward_normal):  k_nope, v = kv_b_proj(kv_c).view(T, Hq, nope + V).split([nope, V], -1)
                                       q = cat([q_nope, q_pe]); k = cat([k_nope, k_pe.expand(T, Hq, R)])
@@ -55,6 +56,7 @@ ROTARIES = ("scaling", "base")
 K_PE_LAYOUTS = ("3d", "2d")  # k_pe at RoPE time: [T, 1, R] (SGLang's unsqueeze(1)) or [T, R]
 FP8_POOLS = (None, "float8", "uint8")
 PREFILL_QK = ("cat", "slice_assign")
+ABSORB_QS = ("cat", "buffer")  # the absorbed q: a cat, or SGLang's forward_absorb buffer written in two slices
 FP8 = torch.float8_e4m3fn
 
 
@@ -165,15 +167,16 @@ class MLABlock(nn.Module):
 
     def __init__(self, shape: MLAShape = SMALL, *, path="absorb", store="cat_view", rotary="scaling",
                  k_pe_layout="3d", fp8=None, k_scale: float | None = 0.05, scale_tensor=False, prefill_qk="cat",
-                 dtype=torch.float32, hidden_size=64, slots=32, max_pos=64):
+                 absorb_q="cat", dtype=torch.float32, hidden_size=64, slots=32, max_pos=64):
         super().__init__()
         for name, value, allowed in (("path", path, PATHS), ("store", store, STORES), ("rotary", rotary, ROTARIES),
                                      ("k_pe_layout", k_pe_layout, K_PE_LAYOUTS), ("fp8", fp8, FP8_POOLS),
-                                     ("prefill_qk", prefill_qk, PREFILL_QK)):
+                                     ("prefill_qk", prefill_qk, PREFILL_QK), ("absorb_q", absorb_q, ABSORB_QS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.shape, self.path, self.store, self.rotary = shape, path, store, rotary
         self.k_pe_layout, self.fp8, self.prefill_qk, self.dtype = k_pe_layout, fp8, prefill_qk, dtype
+        self.absorb_q = absorb_q
         s = shape
         self.q_proj = nn.Linear(hidden_size, s.heads * s.qk_head_dim, bias=False, dtype=dtype)
         self.kv_a_proj = nn.Linear(hidden_size, s.latent_dim, bias=False, dtype=dtype)
@@ -248,7 +251,12 @@ class MLABlock(nn.Module):
     def _absorbed_attention(self, q_nope, q_pe, kv_loc):
         s = self.shape
         q_nope_out = torch.bmm(q_nope.transpose(0, 1), self.w_kc).transpose(0, 1)  # [T, Hq, L]
-        q = torch.cat([q_nope_out, q_pe], dim=-1)  # [T, Hq, L + R]
+        if self.absorb_q == "cat":
+            q = torch.cat([q_nope_out, q_pe], dim=-1)  # [T, Hq, L + R]
+        else:  # SGLang's forward_absorb: a new buffer, written in two slices
+            q = q_nope_out.new_empty(q_nope_out.shape[0], s.heads, s.kv_lora_rank + s.rope_dim)
+            q[..., :s.kv_lora_rank] = q_nope_out
+            q[..., s.kv_lora_rank:] = q_pe
         rows = self.pool_rows(kv_loc)  # [S, L + R]
         # fp32 attention: Inductor's rounding of a bf16 softmax would make outputs differ from eager's
         scores = torch.einsum("thd,sd->hts", q.float(), rows.float()) * self.softmax_scale

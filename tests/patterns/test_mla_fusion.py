@@ -163,6 +163,11 @@ ABSORB_CASES = [
     # every op of this RoPE is bf16: Inductor computes the chain in fp32 and rounds once, as the op does (eager
     # rounds after each op: the k_pe part is compared with the bf16 tolerance, as plain Inductor's would be)
     pytest.param(dict(store="view_cat", rotary="base", dtype=BF16), id="G-base-bf16", marks=FULL),
+    # SGLang's forward_absorb as written: q assembled in a new buffer, the latent row in the projection's output,
+    # each in two slice writes (patterns/slice_writes.py makes them cats)
+    pytest.param(dict(store="latent", absorb_q="buffer", dtype=BF16), id="E-sglang-buffers-bf16"),
+    pytest.param(dict(store="latent"), id="E-latent-fp32", marks=FULL),
+    pytest.param(dict(store="view_cat", absorb_q="buffer"), id="E-q-buffer-fp32", marks=FULL),
 ]
 
 
@@ -202,6 +207,17 @@ def test_prefill_form_fuses_with_the_rotated_k_pe_returned(dtype, records, infer
     for rec in records:
         assert [s.fused for s in rec.sites] == [True] and rec.mla_nodes == 1 and rec.negs == 0, rec.sites
         assert "k_rope" in rec.sites[0].nodes
+
+
+def test_sglang_prefill_written_in_slices_fuses(records, inference):
+    """SGLang's forward_normal_prepare: the rotated q_pe written into q's tail in place, k assembled in a new buffer
+    (the rotated k_pe broadcast over the heads), the latent row in the projection's output: the k buffer and the
+    latent become cats (``patterns/slice_writes.py``); q's partial write stays, the op returns its rotated q_pe."""
+    block = make_mla_block(path="prefill", prefill_qk="slice_assign", store="latent")
+    run_and_compare(block, steps=[mla_steps(block, prefill=5, decode=())[0]])
+    assert records
+    for rec in records:
+        assert [s.fused for s in rec.sites] == [True] and rec.mla_nodes == 1 and rec.negs == 0, rec.sites
 
 
 @pytest.mark.parametrize("kw", [
@@ -246,9 +262,6 @@ def test_q_with_another_user_keeps_its_cat(records, inference):
 # ------------------------------------------------------------------------------------------------
 
 NOT_FUSED = [
-    pytest.param(dict(store="latent"), "MLA latent row assembled in place in a buffer", id="E-latent"),
-    pytest.param(dict(path="prefill", prefill_qk="slice_assign", store="latent"),
-                 "MLA latent row assembled in place in a buffer", id="L-prefill-latent", marks=FULL),
     pytest.param(None, "not a RoPE the fused op computes", id="bf16-products-rounded-before-the-sum"),
     pytest.param("scaled-sin", "not a RoPE the fused op computes", id="sin-scaled-by-2"),
 ]
@@ -308,9 +321,9 @@ def test_dynamic_true_fuses_exactly(records, inference):
 
 
 def test_unfused_mla_site_raises_with_on_unfusable_raise(inference):
-    block = make_mla_block(store="latent")
+    block = _products_rounded_block()
     compiled = torch.compile(block, backend=fx_fusion.make_backend(RAISE))
-    with pytest.raises(Exception, match="assembled in place"):
+    with pytest.raises(Exception, match="not a RoPE the fused op computes"):
         compiled(*mla_steps(block, decode=())[0])
 
 
