@@ -16,7 +16,7 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import OpRole, ops_with, shape_of
+from fx_fusion.patterns.fx_utils import OpRole, in_topological_order, ops_with, shape_of
 from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
 from fx_fusion.patterns.mla_store import (MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store,
@@ -60,6 +60,8 @@ class GraphState:
     # (cos leaf, rank, head_dim, dtype) -> the RoPE outputs reading that leaf (one walk per leaf: layers may share it)
     ropes_of_leaf: dict = field(default_factory=dict)
     mla: list[MlaStore] = field(default_factory=list)  # MLA latent-pool row stores (patterns/mla_store.py)
+    # the graph is in topological order (checked once; each rewrite keeps it so: splice.keep_in_order)
+    in_order: bool = False
 
 
 def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
@@ -69,6 +71,7 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
     sites: list[Site] = []
     stores = _stores(graph, ropes, sites)
     ks, state = [], GraphState({n: i for i, n in enumerate(graph.nodes)}, ropes, [], set())
+    state.in_order = in_topological_order(graph)
     for st in stores:
         try:
             k = _classify(st, state, sites)

@@ -146,6 +146,37 @@ def within(starts, depth: int, step) -> list[Node]:
     return out
 
 
+def in_topological_order(graph) -> bool:
+    """Whether every node comes after its inputs (one walk; ``stable_topological_sort`` costs far more, and on a
+    sorted graph it keeps every node where it is)."""
+    seen = set()
+    for n in graph.nodes:
+        if not all(a in seen for a in n.all_input_nodes):
+            return False
+        seen.add(n)
+    return True
+
+
+def first_downstream(replaced, inputs, in_order: bool) -> Node | None:
+    """One of ``inputs`` computed from a node of ``replaced`` (reached through users), or None. ``in_order``: the
+    graph is in topological order, so every node's users follow it and the walk stops at nodes past the last
+    input (what they reach comes later still): a walk near the site, not through the rest of the graph."""
+    inputs = {n for n in inputs if n is not None}
+    if not inputs:
+        return None
+    last = max(inputs) if in_order else None  # nodes compare by their place in the graph
+    seen = set(replaced)
+    frontier = [n for n in replaced if last is None or n < last]
+    while frontier:
+        for u in frontier.pop().users:
+            if u in inputs:
+                return u
+            if u not in seen and (last is None or u < last):
+                seen.add(u)
+                frontier.append(u)
+    return None
+
+
 class Emitter:
     """Insert ``target(*args, **kwargs)`` at the graph's insertion point, its fake value computed on the args' fake
     values (``fake_mode``), the new node appended to ``created`` and given ``stack_trace``."""

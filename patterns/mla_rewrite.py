@@ -33,7 +33,7 @@ from fx_fusion.kernels.functional import mla_rope_store_functional
 from fx_fusion.kernels.options import MlaOptions
 from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
-from fx_fusion.patterns.fx_utils import Role, is_one, shape_of, sizes_equal, within
+from fx_fusion.patterns.fx_utils import Role, first_downstream, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
 from fx_fusion.patterns.plan import (TOKEN_MAJOR, TOKEN_ROLES, TableSource, _check_quant_device, _complete_roles,
                                      _table_source, x_roles)
@@ -42,7 +42,7 @@ from fx_fusion.patterns.replacement import (TableView, _from_token_major, _kerne
                                             _to_token_major)
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle
 from fx_fusion.patterns.site import Disabled, FusionOptions, Site, Unfusable, source_line
-from fx_fusion.patterns.splice import Tracer, splice
+from fx_fusion.patterns.splice import Tracer, keep_in_order, splice
 
 aten = torch.ops.aten
 
@@ -141,7 +141,7 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
         notes.append(f"the row {m.row.name} is also read elsewhere: the graph keeps computing it")
     num_tokens = tokens if isinstance(tokens, int) else None
     plan = MlaPlan(m, q_root, q, q_cat, return_k, cos, sin, num_tokens, tuple(notes))
-    _check_acyclic(plan)
+    _check_acyclic(plan, state.in_order)
     return plan
 
 
@@ -196,7 +196,7 @@ def _can_fuse_two_caches(m: MlaStore, state: GraphState) -> MlaPlan:
         for n in tokens:
             num_tokens *= n
     plan = MlaPlan(m, q_root, q, q_cat, return_k, cos, sin, num_tokens, tuple(notes), roles=q_roles)
-    _check_acyclic(plan)
+    _check_acyclic(plan, state.in_order)
     return plan
 
 
@@ -280,24 +280,19 @@ def _mla_table(ref, roles: tuple, name: str) -> TableSource:
     return src
 
 
-def _check_acyclic(plan: MlaPlan) -> None:
+def _check_acyclic(plan: MlaPlan, in_order: bool) -> None:
     """The op's inputs must not depend on anything it replaces."""
     m = plan.site
-    inputs = {plan.q.x, plan.q_nope, m.rope.x, m.kv_c, m.store.cache, m.store.slots, plan.cos.node, plan.sin.node,
-              plan.cos.positions} - {None}
+    inputs = [plan.q.x, plan.q_nope, m.rope.x, m.kv_c, m.store.cache, m.store.slots, plan.cos.node, plan.sin.node,
+              plan.cos.positions]
     if m.quant is not None and isinstance(m.quant.scale, Node):
-        inputs.add(m.quant.scale)
+        inputs.append(m.quant.scale)
     replaced = {plan.q_root, m.k_root, m.store.node} | ({m.k_store.node} if m.k_store is not None else set())
     if m.k_store is not None:
-        inputs.add(m.k_store.cache)
-    seen, frontier = set(replaced), list(replaced)
-    while frontier:
-        for u in frontier.pop().users:
-            if u in inputs:
-                raise Unfusable(f"{u.name} is both an input of the fused op and computed from the site")
-            if u not in seen:
-                seen.add(u)
-                frontier.append(u)
+        inputs.append(m.k_store.cache)
+    u = first_downstream(replaced, inputs, in_order)
+    if u is not None:
+        raise Unfusable(f"{u.name} is both an input of the fused op and computed from the site")
 
 
 # ---- the replacement -----------------------------------------------------------------------------
@@ -424,7 +419,8 @@ def _splice_in(graph: Graph, plan: MlaPlan, traced, inputs: list, stack_trace: s
     (``new_caches``) are redirected to them, then the stores left without users are erased. New nodes first: if
     an output's shape or dtype is not the node's it replaces, they are erased and the graph is as it was."""
     last_input = max(n for n in inputs if n is not None)
-    with graph.inserting_before(last_input.next):
+    anchor = last_input.next
+    with graph.inserting_before(anchor):
         new_nodes, outputs = splice(graph, traced.gm, inputs, stack_trace, traced.write_backs)
     olds = [plan.q_cat if plan.q_cat is not None else plan.q_root, plan.site.k_root if plan.return_k else None,
             *new_caches]
@@ -436,6 +432,7 @@ def _splice_in(graph: Graph, plan: MlaPlan, traced, inputs: list, stack_trace: s
     for n_new, old in zip(outputs, olds):
         if old is not None:
             old.replace_all_uses_with(n_new)
+    keep_in_order(new_nodes, anchor)
     for n in dict.fromkeys(n for store in stores for n in (store.result, store.node)):
         if not n.users:
             graph.erase_node(n)

@@ -16,7 +16,7 @@ from torch.fx import Node
 from fx_fusion.kernels.fp8_rules import eager_fp8_cast
 from fx_fusion.kernels.problem import MODEL_DTYPES, CacheLayout
 from fx_fusion.patterns.find import GraphState, KStore
-from fx_fusion.patterns.fx_utils import RESHAPES, Role, is_one, shape_of, sizes_equal, within
+from fx_fusion.patterns.fx_utils import RESHAPES, Role, first_downstream, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
 from fx_fusion.patterns.mla_store import two_caches_reason
 from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, find_qk_norm
@@ -154,7 +154,7 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
                 k_quant, v_quant, q_quant, q_fp8, q_fp8_views, q_norm, k_norm, tuple(notes))
     norms = [x for n in (q_norm, k_norm) if n is not None for x in (n.match.x, n.match.weight) if x is not None]
     _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store), *scales,
-                          *(src.positions for src in (cos, sin) if src.positions is not None), *norms])
+                          *(src.positions for src in (cos, sin) if src.positions is not None), *norms], state.in_order)
     return plan
 
 
@@ -356,20 +356,13 @@ def _table_source(ref: TableRef, roles, name: str) -> TableSource:
     return TableSource(leaf, None, leaf_roles + (Role.FEATURE,))
 
 
-def _check_acyclic(plan: Plan, inputs: list[Node]) -> None:
+def _check_acyclic(plan: Plan, inputs: list[Node], in_order: bool) -> None:
     """The fused op's inputs must not depend on anything it replaces."""
     replaced = {plan.q_root, plan.k_root, plan.k_store.node, plan.v_store.node} | (
         {plan.q_fp8} if plan.q_fp8 is not None else set())
-    inputs = set(inputs)
-    seen, frontier = set(replaced), list(replaced)
-    while frontier:
-        n = frontier.pop()
-        for u in n.users:
-            if u in inputs:
-                raise Unfusable(f"{u.name} is both an input of the fused op and computed from the store")
-            if u not in seen:
-                seen.add(u)
-                frontier.append(u)
+    u = first_downstream(replaced, inputs, in_order)
+    if u is not None:
+        raise Unfusable(f"{u.name} is both an input of the fused op and computed from the store")
 
 
 def x_roles(m: RopeMatch, roles) -> tuple:

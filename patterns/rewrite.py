@@ -15,7 +15,7 @@ from fx_fusion.patterns.fx_utils import shape_of, sizes_equal
 from fx_fusion.patterns.plan import Plan, first_of_pair
 from fx_fusion.patterns.replacement import replacement, replacement_spec
 from fx_fusion.patterns.site import FusionOptions, Unfusable
-from fx_fusion.patterns.splice import Traced, Tracer, splice
+from fx_fusion.patterns.splice import Traced, Tracer, keep_in_order, splice
 from fx_fusion.patterns.store import Origin, Store
 
 aten = torch.ops.aten
@@ -41,7 +41,8 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
               p.cos.positions, *scales, *weights]
     traced = _trace(tracer, spec, inputs, st)
     last_input = max(n for n in inputs if n is not None)  # nodes compare by their place in the graph
-    with graph.inserting_before(last_input.next):  # keeps the inserted nodes in order
+    anchor = last_input.next
+    with graph.inserting_before(anchor):  # keeps the inserted nodes in order
         new_nodes, outputs = splice(graph, traced.gm, inputs, st.node.meta.get("stack_trace"), traced.write_backs)
     try:
         q_rot, k_rot, k_new, v_new = outputs
@@ -59,6 +60,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
     for new, old in olds:
         if old is not None:
             old.replace_all_uses_with(new)
+    keep_in_order(new_nodes, anchor)
     # the replaced stores (index_put; an engine op's outputs, then the op); a view's scatters die with them
     for n in dict.fromkeys(n for store in (st, p.v_store) for n in (store.result, store.node)):
         if not n.users:

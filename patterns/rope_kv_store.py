@@ -41,7 +41,7 @@ from fx_fusion.kernels.functional import FUSED_OP, is_fused_node
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.find import KStore, find_sites
-from fx_fusion.patterns.fx_utils import fake_mode_of
+from fx_fusion.patterns.fx_utils import fake_mode_of, in_topological_order
 from fx_fusion.patterns.mla_rewrite import can_fuse_mla, mla_site, rewrite_mla, should_fuse_mla
 from fx_fusion.patterns.plan import can_fuse, should_fuse
 from fx_fusion.patterns.rewrite import rewrite
@@ -78,6 +78,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 site.reason, site.disabled = str(e), isinstance(e, Disabled)
             except Exception as err:  # noqa: BLE001 (a bug in the pass must not fail the compile)
                 site.reason = internal_error(k.store.node, err).reason
+                state.in_order = in_topological_order(graph)  # (a failed rewrite may have left nodes out of order)
         for m in state.mla:  # MLA latent-pool rows (patterns/mla_rewrite.py)
             site = mla_site(m)
             sites.append(site)
@@ -97,9 +98,10 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 site.reason, site.disabled = str(e), isinstance(e, Disabled)
             except Exception as err:  # noqa: BLE001
                 site.reason = internal_error(m.store.node, err).reason
+                state.in_order = in_topological_order(graph)
         rewrites.restore()
         if any(s.fused for s in sites):
-            if not _in_topological_order(graph):  # sorted already, the sort would move nothing
+            if not in_topological_order(graph):  # each rewrite keeps the order (splice.keep_in_order): a check
                 from torch._inductor.pattern_matcher import stable_topological_sort
 
                 stable_topological_sort(graph)
@@ -112,17 +114,6 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
 def _site(k: KStore) -> Site:
     return Site(store=k.store.node.name, source=source_line(k.store.node), layout=k.store.layout.value,
                 style=k.rope.style.value, rotary_dim=k.rope.rotary_dim, head_dim=k.rope.head_dim)
-
-
-def _in_topological_order(graph: Graph) -> bool:
-    """Whether every node comes after its inputs (one walk; ``stable_topological_sort`` costs far more, and on
-    a sorted graph it keeps every node where it is)."""
-    seen = set()
-    for n in graph.nodes:
-        if not all(a in seen for a in n.all_input_nodes):
-            return False
-        seen.add(n)
-    return True
 
 
 def eliminate_dead_code(graph: Graph) -> bool:

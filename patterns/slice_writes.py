@@ -3,9 +3,9 @@ canonicalisation rule).
 
 SGLang's DeepSeek attention assembles MLA's q and latent row in buffers, one feature range at a time::
 
-    q_input = q.new_empty(T, Hq, L + R)                b = empty(...)
-    q_input[..., :L] = q_nope_out                      w1 = slice_scatter(b, copy(slice(b, -1, 0, L), q_nope_out), -1, 0, L)
-    q_input[..., L:] = q_pe                            w2 = slice_scatter(w1, copy(slice(w1, -1, L, W), q_pe), -1, L, W)
+    q_input = q.new_empty(T, Hq, L + R)     b = empty(...)
+    q_input[..., :L] = q_nope_out           w1 = slice_scatter(b, copy(slice(b, -1, 0, L), q_nope_out), -1, 0, L)
+    q_input[..., L:] = q_pe                 w2 = slice_scatter(w1, copy(slice(w1, -1, L, W), q_pe), -1, L, W)
 
 and the latent row in the projection's own output (``k_input = latent.unsqueeze(1); k_input[..., :L] = kv_c``; the
 functional graph then has ``squeeze``/``unsqueeze`` round trips between the writes). ``assemble_as_cat`` replaces

@@ -345,6 +345,27 @@ def splice(graph: Graph, gm: torch.fx.GraphModule, inputs: list, stack_trace: st
         raise
 
 
+def keep_in_order(new_nodes: list[Node], anchor: Node) -> None:
+    """After ``new_nodes`` were spliced in just before ``anchor`` and given the uses of what they replace: move the
+    nodes that read them but come before them (views of the rotated q, reads of a cache after its store), with
+    what those feed that also comes before them, to just before ``anchor``, in their order. The graph stays in
+    topological order after every rewrite: the pass needs no sort of the whole graph at its end, and a node's place
+    bounds what can depend on it (``fx_utils.first_downstream``). A node moves only past nodes it does not read."""
+    new = set(new_nodes)
+    first = min(new_nodes)  # nodes compare by their place in the graph
+    early = {u for n in new_nodes for u in n.users if u not in new and u < first}
+    frontier = list(early)
+    while frontier:
+        for u in frontier.pop().users:
+            if u not in early and u not in new and u < first:
+                early.add(u)
+                frontier.append(u)
+    if any(a in early for n in new_nodes for a in n.all_input_nodes):
+        raise RuntimeError("the fused op reads a node that reads its outputs")  # (the planner's check failed)
+    for n in sorted(early):
+        anchor.prepend(n)
+
+
 _NUMBERED = re.compile(r"_\d+$")
 
 

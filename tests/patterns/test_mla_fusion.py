@@ -193,6 +193,17 @@ def test_two_layers_fuse_one_call_each(records, inference):
     check_fused(records, layers=2)
 
 
+def test_the_pass_leaves_mla_graphs_in_order_without_a_sort(records, monkeypatch, inference):
+    """Each MLA rewrite keeps the graph in topological order (``splice.keep_in_order``), SGLang's buffers too."""
+    from fx_fusion.patterns import rope_kv_store
+
+    found, real = [], rope_kv_store.in_topological_order
+    monkeypatch.setattr(rope_kv_store, "in_topological_order", lambda g: found.append(real(g)) or found[-1])
+    run_and_compare(TwoLayers(store="latent", absorb_q="buffer"))
+    check_fused(records, layers=2)
+    assert found and all(found), found
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
                                    pytest.param(BF16, id="bf16", marks=FULL)])
 def test_prefill_form_fuses_with_the_rotated_k_pe_returned(dtype, records, inference):

@@ -262,6 +262,19 @@ class TwoLayers(nn.Module):
 
 
 @pytest.mark.parametrize("form", ["sglang", pytest.param("hf", marks=FULL)])
+def test_the_pass_leaves_the_graph_in_order_without_a_sort(form, monkeypatch, inference):
+    """Each rewrite keeps the graph in topological order (``splice.keep_in_order``: the rotated q's views come before
+    the v projection the fused op reads): the pass's closing check finds every graph in order, so it sorts none."""
+    from fx_fusion.patterns import rope_kv_store
+
+    found, real = [], rope_kv_store.in_topological_order
+    monkeypatch.setattr(rope_kv_store, "in_topological_order", lambda g: found.append(real(g)) or found[-1])
+    model = TwoLayers(form)
+    run_steps(model, copy.deepcopy(model), compile_with(model), block_steps(model.layers[0]))
+    assert found and all(found), found
+
+
+@pytest.mark.parametrize("form", ["sglang", pytest.param("hf", marks=FULL)])
 def test_two_layers_fuse_two_sites(form, records, codes, inference):
     model = TwoLayers(form)
     eager = copy.deepcopy(model)

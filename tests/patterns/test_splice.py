@@ -335,3 +335,65 @@ def test_signature_of_inputs_with_an_absent_one_before_tensors():
     a.meta["val"], b.meta["val"], c.meta["val"] = base[:4], base[4:], torch.randn(3)
     _, _, shared = _signature([None, a, b, c])
     assert shared == (None, 1, 1, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph stays in topological order after a splice (keep_in_order)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_readers_of_a_spliced_value_that_came_first_move_after_it():
+    """``r = relu(x); v = r.view(-1); w = v + 1; late = neg(y); out = w * late.view(-1)``: ``r`` replaced by nodes
+    spliced in after ``late`` (their last input); ``v`` and ``w`` read them and come before: they move after them,
+    in their order,
+    and nothing else moves. Then the graph computes what it did, with every node after its inputs."""
+    from fx_fusion.patterns.fx_utils import in_topological_order
+    from fx_fusion.patterns.splice import keep_in_order
+
+    g = Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    r = g.call_function(torch.relu, (x,))
+    v = g.call_function(torch.reshape, (r, (-1,)))
+    w = g.call_function(operator.add, (v, 1))
+    other = g.call_function(torch.sin, (x,))  # reads nothing spliced: stays where it is
+    late = g.call_function(torch.neg, (y,))
+    out = g.call_function(operator.mul, (w, g.call_function(torch.reshape, (late, (-1,)))))
+    g.output((out, other))
+    anchor = late.next
+    with g.inserting_before(anchor):
+        new = g.call_function(torch.clamp, (x, 0.0, None))  # relu's value, now after its last input (late's place)
+        same = g.call_function(operator.eq, (late, late))  # a second new node, reading the late input
+        spliced = g.call_function(torch.where, (same, new, new))
+    r.replace_all_uses_with(spliced)
+    g.erase_node(r)
+    assert not in_topological_order(g)
+    keep_in_order([new, same, spliced], anchor)
+    assert in_topological_order(g)
+    order = [n for n in g.nodes if n.op == "call_function"]
+    assert order == [other, late, new, same, spliced, v, w, out.args[1], out]
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    xs, ys = torch.randn(3, 2), torch.randn(3, 2)
+    got, got_other = gm(xs, ys)
+    assert torch.equal(got, (torch.relu(xs).reshape(-1) + 1) * -ys.reshape(-1))
+    assert torch.equal(got_other, torch.sin(xs))
+
+
+def test_downstream_inputs_are_found_with_and_without_the_order_bound():
+    """``first_downstream`` finds an input computed from a replaced node, and the walk bounded by the last input's
+    place (a graph in order) gives what the whole walk gives."""
+    from fx_fusion.patterns.fx_utils import first_downstream, in_topological_order
+
+    g = Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.relu, (x,))
+    b = g.call_function(torch.neg, (a,))
+    c = g.call_function(torch.sin, (x,))
+    d = g.call_function(torch.cos, (b,))
+    tail = [g.call_function(torch.exp, (d,)) for _ in range(3)]
+    g.output((d, c, *tail))
+    assert in_topological_order(g)
+    for in_order in (True, False):
+        assert first_downstream({a}, [c, d], in_order) is d
+        assert first_downstream({a}, [c, x], in_order) is None
+        assert first_downstream({b}, [d], in_order) is d
+        assert first_downstream({d}, [c, b], in_order) is None
