@@ -487,6 +487,7 @@ MLA_CASES = [
     pytest.param(dict(fp8="uint8", scale_tensor=True), None, id="absorb-uint8-pool"),
     pytest.param(dict(), "reduce-overhead", id="absorb-bf16-cuda-graphs"),
     pytest.param(dict(path="prefill", store="view_cat"), None, id="prefill"),
+    pytest.param(dict(store="latent", absorb_q="buffer"), None, id="sglang-buffers"),  # slice writes made cats
 ]
 
 
