@@ -324,11 +324,13 @@ def test_unmatched_forms_are_reported_not_fused(kw, reason, records, inference):
     assert reason in rec.sites[0].reason, rec.sites[0].reason
 
 
-def test_dynamic_true_fuses_exactly(records, inference):
+@pytest.mark.parametrize("kw", [pytest.param(dict(store="view_cat"), id="view_cat"),
+                                pytest.param(dict(store="latent", absorb_q="buffer"), id="sglang-buffers", marks=FULL)])
+def test_dynamic_true_fuses_exactly(kw, records, inference):
     """``dynamic=True`` (every size symbolic, the head and feature dims too): every graph fused (one op, no rotation
     left), the outputs and the pools equal to eager's. (These graphs keep one ``neg``: the softmax's 0-d ``-inf``,
     which Inductor's decomposition negates when the sizes are symbolic; no RoPE's.)"""
-    run_and_compare(make_mla_block(store="view_cat"), dynamic=True)
+    run_and_compare(make_mla_block(**kw), dynamic=True)
     assert records
     for i, rec in enumerate(records):
         assert [s.fused for s in rec.sites] == [True] and rec.mla_nodes == 1 and rec.negs == 0, (i, rec.sites)
