@@ -146,6 +146,53 @@ def within(starts, depth: int, step) -> list[Node]:
     return out
 
 
+def same_shape(a, b) -> bool:
+    """Equal sizes (compared without guards)."""
+    return len(a) == len(b) and all(map(sizes_equal, a, b))
+
+
+def same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and sizes, compared without guards."""
+    return a.dtype == b.dtype and same_shape(a.shape, b.shape)
+
+
+def slice_bounds(n: Node, width) -> tuple[int, int] | None:
+    """``(start, end)`` of a step-1 slice or slice_scatter of the last dim (``width`` features), else None."""
+    base, args = n.args[0], n.args[1:] if n.target is aten.slice.Tensor else n.args[2:]
+    rank = len(shape_of(base))
+    dim, start, end, step = (list(args) + [0, None, None, 1][len(args):])[:4]
+    if dim % rank != rank - 1 or step != 1 or not isinstance(width, int):
+        return None
+    start, end = start or 0, width if end is None else end
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    start, end = (start + width if start < 0 else start), (end + width if end < 0 else end)
+    return max(0, min(start, width)), max(0, min(end, width))
+
+
+def eliminate_dead_code(graph) -> bool:
+    """``graph.eliminate_dead_code()`` (which lints the graph first), with the same result for less: it asks whether
+    a node is impure (the op's schema, its registered effects: far more than counting users) of every node, this
+    only of nodes without users (a node with users is never removed), and once per ``OpOverload`` (whose answer
+    does not depend on the call's arguments)."""
+    import torch._inductor.config
+    from torch._guards import TracingContext
+
+    impure_random = torch._inductor.config.fallback_random if TracingContext.try_get() else True  # as it decides
+    of_op: dict = {}
+
+    def impure(n) -> bool:
+        if n.users:
+            return True
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            return n.is_impure(impure_random)
+        if n.target not in of_op:
+            of_op[n.target] = n.is_impure(impure_random)
+        return of_op[n.target]
+
+    return graph.eliminate_dead_code(impure)
+
+
 def in_topological_order(graph) -> bool:
     """Whether every node comes after its inputs (one walk; ``stable_topological_sort`` costs far more, and on a
     sorted graph it keeps every node where it is)."""

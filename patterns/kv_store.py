@@ -42,7 +42,8 @@ from torch.fx import Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_fusion.kernels.problem import CacheLayout
-from fx_fusion.patterns.fx_utils import RESHAPES, SCATTER_OF, OpRole, Role, is_one, ops_with, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import (RESHAPES, SCATTER_OF, OpRole, Role, is_one, ops_with, same_shape, shape_of,
+                                        sizes_equal)
 from fx_fusion.patterns.store import BHSD, THD, NotAStore, Origin, Roles, Store, value_roles
 
 aten = torch.ops.aten
@@ -347,10 +348,6 @@ def _describe(indices) -> str:
 # ---- view chains ---------------------------------------------------------------------------
 
 
-def _same_shape(a, b) -> bool:
-    return len(a) == len(b) and all(sizes_equal(x, y) for x, y in zip(a, b))
-
-
 def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     """Follow ``node`` back through pure views; return the first non-view node, its dims' roles, the chain.
 
@@ -387,7 +384,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
             # regroups elements although a symbolic s0 "may be" 8 (no broadcasting here)
             if len(a) != len(b) or not all(sizes_equal(shape_of(src)[i], shape_of(node)[j]) for i, j in zip(a, b)):
                 # a round trip (x -> [T, H*D] -> [T, H, D], kept when the middle has other users) is the identity
-                if src.target in RESHAPES and _same_shape(shape_of(src.args[0]), shape_of(node)):
+                if src.target in RESHAPES and same_shape(shape_of(src.args[0]), shape_of(node)):
                     chain += [node, src]
                     node = src.args[0]
                     continue

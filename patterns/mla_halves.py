@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import Emitter, fake_mode_of, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import Emitter, fake_mode_of, shape_of, sizes_equal, slice_bounds
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -37,20 +37,6 @@ prims = torch.ops.prims
 _ELEMENTWISE = frozenset({aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar, aten.clamp.default,
                           aten.clamp_min.default, aten.clamp_max.default, aten._to_copy.default, aten.view.dtype,
                           prims.convert_element_type.default})
-
-
-def _slice_bounds(n: Node, width) -> tuple[int, int] | None:
-    """``(start, end)`` of a step-1 slice or slice_scatter of the last dim (``width`` features), else None."""
-    base, args = n.args[0], n.args[1:] if n.target is aten.slice.Tensor else n.args[2:]
-    rank = len(shape_of(base))
-    dim, start, end, step = (list(args) + [0, None, None, 1][len(args):])[:4]
-    if dim % rank != rank - 1 or step != 1 or not isinstance(width, int):
-        return None
-    start, end = start or 0, width if end is None else end
-    if not isinstance(start, int) or not isinstance(end, int):
-        return None
-    start, end = (start + width if start < 0 else start), (end + width if end < 0 else end)
-    return max(0, min(start, width)), max(0, min(end, width))
 
 
 def _half(w: Node) -> tuple[Node, Node, list, Node, tuple[int, int]] | None:
@@ -68,8 +54,8 @@ def _half(w: Node) -> tuple[Node, Node, list, Node, tuple[int, int]] | None:
             and len(view.users) == 1 and isinstance(value, Node)):
         return None
     width = shape_of(dest)[-1]
-    bounds = _slice_bounds(view, width)
-    if bounds is None or bounds != _slice_bounds(w, width):
+    bounds = slice_bounds(view, width)
+    if bounds is None or bounds != slice_bounds(w, width):
         return None
     return dest, view, list(indices), value, bounds
 

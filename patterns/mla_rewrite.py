@@ -33,7 +33,7 @@ from fx_fusion.kernels.functional import mla_rope_store_functional
 from fx_fusion.kernels.options import MlaOptions
 from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
-from fx_fusion.patterns.fx_utils import Role, first_downstream, is_one, shape_of, sizes_equal, within
+from fx_fusion.patterns.fx_utils import Role, first_downstream, is_one, same_meta, shape_of, sizes_equal, within
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
 from fx_fusion.patterns.plan import (TOKEN_MAJOR, TOKEN_ROLES, TableSource, _check_quant_device, _complete_roles,
                                      _table_source, x_roles)
@@ -425,7 +425,7 @@ def _splice_in(graph: Graph, plan: MlaPlan, traced, inputs: list, stack_trace: s
     olds = [plan.q_cat if plan.q_cat is not None else plan.q_root, plan.site.k_root if plan.return_k else None,
             *new_caches]
     for n_new, old in zip(outputs, olds, strict=True):
-        if old is not None and not (isinstance(n_new, Node) and _same_meta(n_new.meta["val"], old.meta["val"])):
+        if old is not None and not (isinstance(n_new, Node) and same_meta(n_new.meta["val"], old.meta["val"])):
             for n in reversed(new_nodes):
                 graph.erase_node(n)
             raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
@@ -436,8 +436,3 @@ def _splice_in(graph: Graph, plan: MlaPlan, traced, inputs: list, stack_trace: s
     for n in dict.fromkeys(n for store in stores for n in (store.result, store.node)):
         if not n.users:
             graph.erase_node(n)
-
-
-def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.dim() == b.dim() and all(map(sizes_equal, a.shape, b.shape))
-

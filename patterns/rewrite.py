@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import same_meta, shape_of, sizes_equal
 from fx_fusion.patterns.plan import Plan, first_of_pair
 from fx_fusion.patterns.replacement import replacement, replacement_spec
 from fx_fusion.patterns.site import FusionOptions, Unfusable
@@ -51,7 +51,7 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
         olds = [(q_rot, p.q_fp8 if p.q_fp8 is not None else p.q_root), (k_rot, p.k_root if p.return_k else None),
                 *(((k_new, v_new)[i], store.result) for i, store in replaced)]
         for new, old in olds:
-            if old is not None and not (isinstance(new, Node) and _same_meta(new.meta["val"], old.meta["val"])):
+            if old is not None and not (isinstance(new, Node) and same_meta(new.meta["val"], old.meta["val"])):
                 raise RuntimeError(f"the replacement of {old.name} has another shape or dtype")
     except Exception:
         for n in reversed(new_nodes):
@@ -178,8 +178,3 @@ def _run_slots(graph: Graph, st: Store, mode) -> Node:
     out.meta["val"] = val
     out.meta["fx_fusion_run_slots"] = key
     return out
-
-
-def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype and sizes, compared without guards."""
-    return a.dtype == b.dtype and a.dim() == b.dim() and all(map(sizes_equal, a.shape, b.shape))

@@ -41,7 +41,7 @@ from fx_fusion.kernels.functional import FUSED_OP, is_fused_node
 from fx_fusion.patterns.canonicalize import canonicalize
 from fx_fusion.patterns.complex_rope import canonicalize_complex_rope
 from fx_fusion.patterns.find import KStore, find_sites
-from fx_fusion.patterns.fx_utils import fake_mode_of, in_topological_order
+from fx_fusion.patterns.fx_utils import eliminate_dead_code, fake_mode_of, in_topological_order
 from fx_fusion.patterns.mla_rewrite import can_fuse_mla, mla_site, rewrite_mla, should_fuse_mla
 from fx_fusion.patterns.plan import can_fuse, should_fuse
 from fx_fusion.patterns.rewrite import rewrite
@@ -114,29 +114,6 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
 def _site(k: KStore) -> Site:
     return Site(store=k.store.node.name, source=source_line(k.store.node), layout=k.store.layout.value,
                 style=k.rope.style.value, rotary_dim=k.rope.rotary_dim, head_dim=k.rope.head_dim)
-
-
-def eliminate_dead_code(graph: Graph) -> bool:
-    """``graph.eliminate_dead_code()`` (which lints the graph first), with the same result for less: it asks whether
-    a node is impure (the op's schema, its registered effects: far more than counting users) of every node, this
-    only of nodes without users (a node with users is never removed), and once per ``OpOverload`` (whose answer
-    does not depend on the call's arguments)."""
-    import torch._inductor.config
-    from torch._guards import TracingContext
-
-    impure_random = torch._inductor.config.fallback_random if TracingContext.try_get() else True  # as it decides
-    of_op: dict = {}
-
-    def impure(n) -> bool:
-        if n.users:
-            return True
-        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
-            return n.is_impure(impure_random)
-        if n.target not in of_op:
-            of_op[n.target] = n.is_impure(impure_random)
-        return of_op[n.target]
-
-    return graph.eliminate_dead_code(impure)
 
 
 def _fake_mode(graph: Graph):

@@ -28,28 +28,14 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, Node
 
-from fx_fusion.patterns.fx_utils import Emitter, fake_mode_of, shape_of, sizes_equal
+from fx_fusion.patterns.fx_utils import (Emitter, eliminate_dead_code, fake_mode_of, same_shape, shape_of,
+                                        slice_bounds)
 
 aten = torch.ops.aten
 
 # views between two writes that keep the elements' order (checked to give the write's shape back)
 _ORDER_KEEPING_VIEWS = frozenset({aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
                                   aten.view.default, aten.reshape.default, aten._unsafe_view.default})
-
-
-def _bounds(w: Node, width) -> tuple[int, int] | None:
-    """``(start, end)`` of ``w = slice_scatter(base, src, dim, start, end, step)`` on the last dim (``width`` features,
-    static), step 1, else None."""
-    args = list(w.args[2:]) + [0, None, None, 1][len(w.args) - 2:]
-    dim, start, end, step = (args + [w.kwargs.get(k) for k in ("dim", "start", "end", "step")])[:4]
-    rank = len(shape_of(w))
-    if not isinstance(width, int) or not isinstance(dim, int) or dim % rank != rank - 1 or step not in (1, None):
-        return None
-    start, end = 0 if start is None else start, width if end is None else end
-    if not isinstance(start, int) or not isinstance(end, int):
-        return None
-    start, end = (start + width if start < 0 else start), (end + width if end < 0 else end)
-    return max(0, min(start, width)), max(0, min(end, width))
 
 
 def _behind_views(x: Node) -> tuple[Node, list[Node]]:
@@ -59,10 +45,6 @@ def _behind_views(x: Node) -> tuple[Node, list[Node]]:
         views.append(n)
         n = n.args[0]
     return n, views
-
-
-def _same_shape(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(sizes_equal(x, y) for x, y in zip(a, b))
 
 
 def _written(src: Node) -> Node:
@@ -91,13 +73,13 @@ def _writes(last: Node) -> tuple[Node, list[tuple[Node, Node, int, int]], list[N
     width, shape = shape_of(last)[-1], shape_of(last)
     writes, between, w = [], [], last
     while True:
-        bounds = _bounds(w, width)
+        bounds = slice_bounds(w, width)
         if bounds is None or not isinstance(w.args[1], Node):
             return None
         writes.append((w, w.args[1], *bounds))
         base, views = _behind_views(w.args[0])
         if not (base.op == "call_function" and base.target is aten.slice_scatter.default
-                and _same_shape(shape_of(base), shape)):
+                and same_shape(shape_of(base), shape)):
             return base, writes, between
         between += [*views, base]
         w = base
@@ -126,7 +108,7 @@ def _tiles(writes: list, width: int) -> bool:
 
 def _part(emit: Emitter, value: Node, shape: tuple, dtype: torch.dtype) -> Node:
     """``value`` as ``copy`` writes it into a slice of ``shape`` and ``dtype``: broadcast, then converted."""
-    if not _same_shape(shape_of(value), shape):
+    if not same_shape(shape_of(value), shape):
         value = emit(aten.expand.default, value, list(shape))
     if value.meta["val"].dtype != dtype:
         value = emit(torch.ops.prims.convert_element_type.default, value, dtype)
@@ -139,7 +121,7 @@ def assemble_as_cat(graph: Graph) -> int:
     changed, fake_mode = 0, None
     consumed: set[Node] = set()
     for last in reversed(list(graph.find_nodes(op="call_function", target=aten.slice_scatter.default))):
-        if last in consumed or last.op != "call_function":
+        if last in consumed:
             continue
         found = _writes(last)
         if found is None:
@@ -165,5 +147,5 @@ def assemble_as_cat(graph: Graph) -> int:
         consumed.update(between)
         changed += len(writes)
     if changed:  # the replaced writes and what they read only for a shape: the pass takes every copy for a store
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
     return changed

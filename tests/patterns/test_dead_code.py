@@ -1,4 +1,4 @@
-"""``rope_kv_store.eliminate_dead_code``: the graph ``Graph.eliminate_dead_code`` leaves, node for node, for less."""
+"""``fx_utils.eliminate_dead_code``: the graph ``Graph.eliminate_dead_code`` leaves, node for node, for less."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._guards import TracingContext, tracing
 
-from fx_fusion.patterns.rope_kv_store import eliminate_dead_code
+from fx_fusion.patterns.fx_utils import eliminate_dead_code
 
 aten = torch.ops.aten
 
