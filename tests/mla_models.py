@@ -21,6 +21,8 @@ elsewhere.
       "halves"    kv_pool[loc, :, :L] = kv_c; kv_pool[loc, :, L:] = k_pe       set_mla_kv_buffer's two halves
       "latent"    latent = kv_a_proj output .unsqueeze(1); latent[:, :, :L] = kv_c; latent[:, :, L:] = k_pe;
                   kv_pool[loc] = latent                                        forward_normal_prepare's spelling
+      "latent_tail"  the same without the kv_c write: the row keeps the projection's un-normed latent
+                  (a buffer written in part: reported, not fused)
 
 rotary: "scaling" is ``DeepseekScalingRotaryEmbedding.forward_native`` (``cos_sin_cache[positions]``,
 ``repeat_interleave(2)``, ``x * cos + rotate_gptj(x) * sin`` with the fp32 table promoting a bf16 x, then
@@ -51,7 +53,7 @@ from torch import nn
 from tests.attention_blocks import cos_sin_table
 
 PATHS = ("absorb", "prefill")
-STORES = ("cat_view", "view_cat", "halves", "latent")
+STORES = ("cat_view", "view_cat", "halves", "latent", "latent_tail")
 ROTARIES = ("scaling", "base")
 K_PE_LAYOUTS = ("3d", "2d")  # k_pe at RoPE time: [T, 1, R] (SGLang's unsqueeze(1)) or [T, R]
 FP8_POOLS = (None, "float8", "uint8")
@@ -244,7 +246,8 @@ class MLABlock(nn.Module):
             self.kv_pool[loc, :, s.kv_lora_rank:] = self._quant(k_pe)
         else:  # "latent": the projection's own output, overwritten in place, then stored whole
             latent = latent.unsqueeze(1)
-            latent[:, :, :s.kv_lora_rank] = kv_c.unsqueeze(1)
+            if self.store == "latent":  # ("latent_tail": only k_pe written; the row keeps the un-normed latent)
+                latent[:, :, :s.kv_lora_rank] = kv_c.unsqueeze(1)
             latent[:, :, s.kv_lora_rank:] = k_pe.view(t, 1, s.rope_dim) if k_pe.dim() == 2 else k_pe
             self.kv_pool[loc] = self._quant(latent)
 
