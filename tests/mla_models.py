@@ -336,7 +336,8 @@ def mla_steps(block: MLABlock, prefill: int = 5, decode: tuple[int, ...] = (2, 2
 
 def reference_rows(block: MLABlock, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The rows [T, L + R] the block stores, in float64 from its weights (before any fp8 cast): the RMS-normed
-    latent, then k_pe rotated in interleaved pairs by position * inv_freq. Any store spelling must give these."""
+    latent, then k_pe rotated in interleaved pairs by position * inv_freq. Any store spelling but "latent_tail"
+    (whose row keeps the projection's un-normed latent) must give these."""
     s = block.shape
     x = hidden.double()
     latent = x @ block.kv_a_proj.weight.double().t()
