@@ -156,7 +156,8 @@ def latent_buffer_reason(root: Node, match_rope, depth: int = 16) -> str | None:
             src, _, _ = walk_views(n.args[1], (None,) * len(shape_of(n.args[1])))
             if match_rope(src) is not None:
                 return (f"MLA latent row assembled in place in a buffer ({src.name}, a RoPE output, is copied into a "
-                        f"slice of it by {n.name}), then stored: not matched yet")
+                        f"slice of it by {n.name}), then stored: fused only where the writes cover the whole row, "
+                        f"with static bounds, into a buffer of the graph's own that nothing reads between them")
     return None
 
 
