@@ -152,7 +152,7 @@ def kernel_arguments(p: RopeKVProblem, q_out: torch.Tensor, k_out: torch.Tensor 
         cos_ptr=p.cos, sin_ptr=p.sin, k_scale_ptr=p.k_scale, v_scale_ptr=p.v_scale, q_scale_ptr=p.q_scale,
         q_norm_w_ptr=p.q_norm_weight, k_norm_w_ptr=p.k_norm_weight,
         Q_NORM=o.q_norm, K_NORM=o.k_norm, NORM_EPS=o.norm_eps, NORM_OFFSET=o.norm_offset, NORM_ROUND=o.norm_round,
-        NORM_FULL=o.norm_full_width,
+        NORM_FULL=o.norm_full_width, NORM_AFTER=o.norm_after_rope,
         T=p.num_tokens,
         **_stride_arguments(p, qo, ko),
         B=p.q.shape[0], HQ=p.q.shape[2], HKV=p.k.shape[2], D=head_dim, ROT=o.rotary_dim,

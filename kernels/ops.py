@@ -298,7 +298,8 @@ def rope_kv_store(
 
     QK-norm: with ``q_norm``/``k_norm`` each q/k head is first normalised as an RMSNorm does (``norm_eps``,
     ``norm_offset``, ``norm_round``: see ``RopeKVOptions``), with weight ``q_norm_weight``/``k_norm_weight``
-    (``[head_dim]``, contiguous, a model dtype) or none.
+    (``[head_dim]``, contiguous, a model dtype) or none; with ``norm_after_rope`` the rotated head is normalised
+    instead (the RoPE's result rounded to q's dtype, then the norm), as HunYuan and Llama 4 do.
     """
     opts = make_options(layout=layout, **options)
     if check_bounds:

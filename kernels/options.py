@@ -100,6 +100,9 @@ class RopeKVOptions:
     # QK-norm over all of a token's heads (OLMo 2: RMSNorm of the whole q / k projection, H * D features, before
     # the head split), weights ``[H * D]``; needs ``q_norm`` or ``k_norm`` and a power-of-two head count
     norm_full_width: bool = False
+    # the QK-norm is applied to the rotated head instead (HunYuan, Llama 4: RoPE, then the norm), to the RoPE's
+    # result rounded to x's dtype; needs ``q_norm`` or ``k_norm``
+    norm_after_rope: bool = False
 
     def __post_init__(self):
         _normalise(self)
@@ -217,6 +220,8 @@ def _normalise(options) -> None:
         raise ValueError("q_scale_round is given without q_fp8_dtype (it rounds q_scale, of q's fp8 quantisation)")
     if has("norm_full_width") and options.norm_full_width and not (options.q_norm or options.k_norm):
         raise ValueError("norm_full_width is given without q_norm or k_norm (it says how wide the QK-norm is)")
+    if has("norm_after_rope") and options.norm_after_rope and not (options.q_norm or options.k_norm):
+        raise ValueError("norm_after_rope is given without q_norm or k_norm (it says where the QK-norm is applied)")
 
 
 def op_value(value):

@@ -22,8 +22,15 @@ def reference(p: RopeKVProblem, return_k: bool, compute_dtype: torch.dtype = tor
         out[..., second] = x2 * c2 + x1 * s2
         return out
 
-    q_rot = rope(_rms_norm(p.q, p.q_norm_weight, o, compute_dtype) if o.q_norm else p.q)
-    k_rot = rope(_rms_norm(p.k, p.k_norm_weight, o, compute_dtype) if o.k_norm else p.k)
+    def rope_and_norm(x: torch.Tensor, norm: bool, weight: torch.Tensor | None) -> torch.Tensor:
+        if not norm:
+            return rope(x)
+        if o.norm_after_rope:  # the norm of the rotated head, rounded to x's dtype as the model stores it
+            return _rms_norm(rope(x).to(x.dtype), weight, o, compute_dtype)
+        return rope(_rms_norm(x, weight, o, compute_dtype))
+
+    q_rot = rope_and_norm(p.q, o.q_norm, p.q_norm_weight)
+    k_rot = rope_and_norm(p.k, o.k_norm, p.k_norm_weight)
 
     store, b_idx, s_sel = _stored_tokens(p)
 

@@ -154,6 +154,15 @@ def _rms_apply(x, r, w_ptr, w_row, feat, fmask, ty, OFFSET: tl.constexpr, ROUND:
 
 
 @triton.jit
+def _norm_pairs(x1, x2, r, w_ptr, w_row, i, e1, e2, ty, ROT: tl.constexpr, OFFSET: tl.constexpr,
+                ROUND: tl.constexpr):
+    """``_rms_apply`` to the pairs (x1, x2) at features (e1, e2) of rows normalised by r; returns them in fp32."""
+    x1 = _rms_apply(x1, r, w_ptr, w_row, e1, i < ROT // 2, ty, OFFSET, ROUND)
+    x2 = _rms_apply(x2, r, w_ptr, w_row, e2, i < ROT // 2, ty, OFFSET, ROUND)
+    return x1, x2
+
+
+@triton.jit
 def _offset(b, s, h, sb, ss, SH: tl.constexpr):
     """b * sb + s * ss + h * SH; ``sb`` is None where the batch index is always 0 (or broadcast)."""
     off = s * ss + h * SH
@@ -273,6 +282,8 @@ def _rope_kv_store_kernel(
     # weight multiply (HF Llama / Qwen3); NORM_FULL: over all of a token's heads (OLMo 2), weights [H * D]
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, NORM_EPS: tl.constexpr, NORM_OFFSET: tl.constexpr,
     NORM_ROUND: tl.constexpr, NORM_FULL: tl.constexpr,
+    NORM_AFTER: tl.constexpr,        # the QK-norm of the rotated head instead (HunYuan, Llama 4), of the RoPE's
+    #                                  result rounded to x's dtype
     IS_NEOX: tl.constexpr, COS_PER_ELEMENT: tl.constexpr, NEGATIVE_WRAPS: tl.constexpr,
     # out-of-range slots (after NEGATIVE_WRAPS; negative ones without it are padding) and positions fail a
     # device-side assertion instead of being skipped or clamped, where the kernel is compiled with assertions
@@ -298,23 +309,28 @@ def _rope_kv_store_kernel(
         qi, qe1, qe2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
         qm = qmask[:, None] & (qi < ROT // 2)[None, :]
         qx1, qx2 = _load_pairs(q_ptr, q_row, q_sd, qm, qe1, qe2)
+        qx = None  # the tail (features ROT..D), passed through
         if ROT < D:
             qtail = ROT + tl.arange(0, BLOCK_TAIL)
             qtm = qmask[:, None] & (qtail < D)[None, :]
             qx = tl.load(q_ptr + q_row[:, None] + (qtail * q_sd)[None, :], mask=qtm, other=0.0)
-        if Q_NORM:
-            q_ty = q_ptr.dtype.element_ty
-            qw_row = qh * D if NORM_FULL else None
-            if ROT < D:
+            if Q_NORM:
                 qx = qx.to(tl.float32)
-                qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
+        q_ty = q_ptr.dtype.element_ty
+        qw_row = qh * D if NORM_FULL else None
+        if Q_NORM and not NORM_AFTER:
+            qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
+            qx1, qx2 = _norm_pairs(qx1, qx2, qr, q_norm_w_ptr, qw_row, qi, qe1, qe2, q_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            if ROT < D:
                 qx = _rms_apply(qx, qr, q_norm_w_ptr, qw_row, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
-            else:
-                qr = _rms_scale(qx1, qx2, None, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
-            qx1 = _rms_apply(qx1, qr, q_norm_w_ptr, qw_row, qe1, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
-            qx2 = _rms_apply(qx2, qr, q_norm_w_ptr, qw_row, qe2, qi < ROT // 2, q_ty, NORM_OFFSET, NORM_ROUND)
         qo1, qo2 = _rope_pairs(qx1, qx2, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
+        if Q_NORM and NORM_AFTER:  # the norm of the rotated head, as the model stores it (in q's dtype)
+            qo1, qo2 = _to(qo1, q_ty).to(tl.float32), _to(qo2, q_ty).to(tl.float32)
+            qr = _rms_scale(qo1, qo2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
+            qo1, qo2 = _norm_pairs(qo1, qo2, qr, q_norm_w_ptr, qw_row, qi, qe1, qe2, q_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            if ROT < D:
+                qx = _rms_apply(qx, qr, q_norm_w_ptr, qw_row, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
         qout_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :],
                  _q_value(qo1, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
@@ -376,23 +392,28 @@ def _rope_kv_store_kernel(
         i, e1, e2 = _pair_features(BLOCK_HALF, ROT // 2, IS_NEOX)
         m = mask[:, None] & (i < ROT // 2)[None, :]
         x1, x2 = _load_pairs(k_ptr, k_row, k_sd, m, e1, e2)
+        x = None  # the tail (features ROT..D), passed through
         if ROT < D:
             tail = ROT + tl.arange(0, BLOCK_TAIL)
             tm = mask[:, None] & (tail < D)[None, :]
             x = tl.load(k_ptr + k_row[:, None] + (tail * k_sd)[None, :], mask=tm, other=0.0)
-        if K_NORM:
-            k_ty = k_ptr.dtype.element_ty
-            kw_row = h * D if NORM_FULL else None
-            if ROT < D:
+            if K_NORM:
                 x = x.to(tl.float32)
-                r = _rms_scale(x1, x2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
+        k_ty = k_ptr.dtype.element_ty
+        kw_row = h * D if NORM_FULL else None
+        if K_NORM and not NORM_AFTER:
+            r = _rms_scale(x1, x2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
+            x1, x2 = _norm_pairs(x1, x2, r, k_norm_w_ptr, kw_row, i, e1, e2, k_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            if ROT < D:
                 x = _rms_apply(x, r, k_norm_w_ptr, kw_row, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
-            else:
-                r = _rms_scale(x1, x2, None, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
-            x1 = _rms_apply(x1, r, k_norm_w_ptr, kw_row, e1, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
-            x2 = _rms_apply(x2, r, k_norm_w_ptr, kw_row, e2, i < ROT // 2, k_ty, NORM_OFFSET, NORM_ROUND)
         o1, o2 = _rope_pairs(x1, x2, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
+        if K_NORM and NORM_AFTER:  # the norm of the rotated head, as the model stores it (in k's dtype)
+            o1, o2 = _to(o1, k_ty).to(tl.float32), _to(o2, k_ty).to(tl.float32)
+            r = _rms_scale(o1, o2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
+            o1, o2 = _norm_pairs(o1, o2, r, k_norm_w_ptr, kw_row, i, e1, e2, k_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            if ROT < D:
+                x = _rms_apply(x, r, k_norm_w_ptr, kw_row, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(kc_base + kc_row[:, None] + _split_offset(e1, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],

@@ -51,6 +51,7 @@ class Config:
     norm_round: bool = False
     q_fp8: bool = False  # q_out in float8_e4m3fn (with a q_scale)
     norm_full_width: bool = False  # OLMo 2's norm over all of a token's heads (weights [H * D])
+    norm_after_rope: bool = False  # HunYuan / Llama 4: the norm of the rotated head
 
     @property
     def name(self) -> str:
@@ -61,7 +62,8 @@ class Config:
             parts.append(("q" if self.q_norm else "") + ("k" if self.k_norm else "") + "norm"
                          + ("" if self.norm_weight else "-nowt")
                          + (f"-off{self.norm_offset:g}" if self.norm_offset else "")
-                         + ("-round" if self.norm_round else "") + ("-full" if self.norm_full_width else ""))
+                         + ("-round" if self.norm_round else "") + ("-full" if self.norm_full_width else "")
+                         + ("-after" if self.norm_after_rope else ""))
         if self.q_fp8:
             parts.append("fp8q")
         return "-".join(parts)
@@ -102,6 +104,8 @@ NORM_CONFIGS = (
     Config(q_norm=True, k_norm=True, norm_full_width=True),  # OLMo 2: fp32 norm times w, rounded once
     Config(q_norm=True, k_norm=True, norm_full_width=True, rot=64, layout="sequence", table="hf"),
     Config(q_fp8=True),
+    Config(**QWEN3, norm_after_rope=True),  # HunYuan: the norm of the rotated head
+    Config(q_norm=True, k_norm=True, norm_weight=False, norm_after_rope=True, rot=64),  # Llama 4's (whole heads)
 )
 
 
@@ -183,7 +187,7 @@ def _make_args(cfg: Config):
     weights = (torch.randn(cfg.D * (h if cfg.norm_full_width else 1), dtype=dt) if norm and cfg.norm_weight else None
                for norm, h in ((cfg.q_norm, Hq), (cfg.k_norm, Hkv)))
     norm = dict(q_norm=cfg.q_norm, k_norm=cfg.k_norm, norm_offset=cfg.norm_offset, norm_round=cfg.norm_round,
-                norm_full_width=cfg.norm_full_width)
+                norm_full_width=cfg.norm_full_width, norm_after_rope=cfg.norm_after_rope)
     p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales, q_scale, *weights,
                 is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout,
                 q_fp8_dtype=torch.float8_e4m3fn if cfg.q_fp8 else None, **norm)

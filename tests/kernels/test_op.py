@@ -37,9 +37,8 @@ ARG_ORDER = ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "cos", "sin", 
              "k_scale", "v_scale", "is_neox", "rotary_dim", "layout", "return_k", "validate",
              "negative_wraps", "table_dtype", "fp8_dtype", "quant_dtype", "scale_mul", "clamp", "check_slots",
              "check_positions", "q_fp8_dtype", "q_quant_dtype", "q_scale_mul", "q_clamp", "q_norm", "k_norm",
-             "norm_eps", "norm_offset", "norm_round", "scale_round", "q_scale_round", "norm_full_width", "q_scale",
-             "q_norm_weight",
-             "k_norm_weight")
+             "norm_eps", "norm_offset", "norm_round", "scale_round", "q_scale_round", "norm_full_width",
+             "norm_after_rope", "q_scale", "q_norm_weight", "k_norm_weight")
 
 
 def op_args(args: dict, *, return_k: bool = False, validate: bool = False, negative_wraps: bool = False) -> tuple:

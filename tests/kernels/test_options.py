@@ -55,7 +55,7 @@ def test_schema_types_follow_the_field_types():
         "check_slots": "bool", "check_positions": "bool", "q_fp8_dtype": "Optional[int]",
         "q_quant_dtype": "Optional[int]", "q_scale_mul": "bool", "q_clamp": "Optional[List[float]]",
         "q_norm": "bool", "k_norm": "bool", "norm_eps": "float", "norm_offset": "float", "norm_round": "bool",
-        "scale_round": "bool", "q_scale_round": "bool", "norm_full_width": "bool",
+        "scale_round": "bool", "q_scale_round": "bool", "norm_full_width": "bool", "norm_after_rope": "bool",
     }
 
 
@@ -171,7 +171,7 @@ def every_option_set() -> tuple[dict, RopeKVOptions]:
                             check_positions=True, q_fp8_dtype=torch.float8_e5m2, q_quant_dtype=torch.bfloat16,
                             q_scale_mul=True, q_clamp=(-1024.0, 1024.0), q_norm=True, k_norm=True, norm_eps=1e-5,
                             norm_offset=1.0, norm_round=True, scale_round=True, q_scale_round=True,
-                            norm_full_width=True)
+                            norm_full_width=True, norm_after_rope=True)
     assert all(getattr(options, f.name) != f.default for f in FIELDS)
     return {n: args[n] for n in (*TENSORS, *LATER_TENSORS)}, options
 

@@ -182,3 +182,56 @@ def test_full_width_bad_arguments(device):
     with pytest.raises(ValueError, match=r"norm_full_width needs a power-of-two number of q heads, got 6"):
         prepare(**odd, q_norm=True, norm_full_width=True)
     assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The norm after the RoPE (HunYuan: RMSNorm with a weight; Llama 4: without): the rotated head, rounded to x's
+# dtype as the model stores it, then normalised
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("weight", [True, False], ids=["hunyuan", "llama4"])
+@pytest.mark.parametrize("rot,is_neox,layout", [(None, True, "token"), (32, True, "paged"),
+                                                pytest.param(None, False, "token", marks=pytest.mark.full)],
+                         ids=["neox", "partial-paged", "gptj"])
+def test_norm_after_rope_against_the_reference(device, dtype, weight, rot, is_neox, layout):
+    args, w = norm_args(device, dtype, rot=rot, is_neox=is_neox, layout=layout, weight=weight, seed_scale=3.0)
+    run_and_check(dict(args, q_norm=True, k_norm=True, q_norm_weight=w["q"], k_norm_weight=w["k"], norm_eps=1e-5,
+                       norm_round=True, norm_after_rope=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_norm_after_rope_is_the_models_norm(device, dtype):
+    """The op with ``norm_after_rope`` equals the op without the norm (the RoPE and the store, k returned)
+    followed by HunYuan's RMSNorm in eager torch, and differs from the norm before the RoPE."""
+    eps = 1e-5
+    args, w = norm_args(device, dtype, rot=32, seed_scale=3.0)
+    common = dict(cos=args["cos"], sin=args["sin"], positions=args["positions"], rotary_dim=32, return_k=True)
+    plain = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    q_rot, k_rot = kernels.rope_kv_store(args["q"], args["k"], plain["v"], plain["k_cache"], plain["v_cache"],
+                                         plain["slot_mapping"], **common)
+    q_want, k_want = qwen3_norm(q_rot, w["q"], eps), qwen3_norm(k_rot, w["k"], eps)
+    fused = dict(q_norm=True, k_norm=True, norm_eps=eps, norm_round=True, q_norm_weight=w["q"], k_norm_weight=w["k"],
+                 **common)
+    q_got, k_got = kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"], args["v_cache"],
+                                         args["slot_mapping"], norm_after_rope=True, **fused)
+    ulp = torch.finfo(dtype).eps * (1 if dtype == torch.bfloat16 else 8)
+    for got, want in ((q_got, q_want), (k_got, k_want)):
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= 2 * ulp * want.float().abs().clamp_min(1.0)).all(), diff.max()
+        if dtype == torch.bfloat16:
+            assert (diff > 0).float().mean() < 0.02
+    stored = args["slot_mapping"]
+    torch.testing.assert_close(args["k_cache"][stored].float(), k_got.float(), rtol=0, atol=0)
+    assert torch.equal(as_bytes(args["v_cache"]), as_bytes(plain["v_cache"]))
+    q_before, _ = kernels.rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"].clone(),
+                                        args["v_cache"].clone(), args["slot_mapping"], **fused)
+    assert not torch.allclose(q_before.float(), q_got.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_norm_after_rope_needs_a_norm(device):
+    args, _ = norm_args(device, torch.bfloat16)
+    before = (as_bytes(args["k_cache"]).clone(), as_bytes(args["v_cache"]).clone())
+    with pytest.raises(ValueError, match=r"^norm_after_rope is given without q_norm or k_norm"):
+        kernels.rope_kv_store(**args, norm_after_rope=True)
+    assert torch.equal(as_bytes(args["k_cache"]), before[0]) and torch.equal(as_bytes(args["v_cache"]), before[1])

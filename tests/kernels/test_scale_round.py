@@ -164,7 +164,8 @@ def test_rejected_call_writes_nothing():
 def test_options_keep_their_positions():
     """The new fields come last: options passed by position keep their meaning."""
     names = [f.name for f in RopeKVOptions.__dataclass_fields__.values()]
-    assert names[-3:] == ["scale_round", "q_scale_round", "norm_full_width"]  # each added after the one before
+    # each added after the one before
+    assert names[-4:] == ["scale_round", "q_scale_round", "norm_full_width", "norm_after_rope"]
     assert names[:3] == ["is_neox", "rotary_dim", "layout"]
     assert list(MlaOptions.__dataclass_fields__)[-2:] == ["scale_round", "deinterleave"]
     assert RopeKVOptions(False, 16).rotary_dim == 16 and not RopeKVOptions(False, 16).scale_round
