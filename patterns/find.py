@@ -21,6 +21,7 @@ from fx_fusion.patterns.engine_store import engine_store_op, match_engine_store
 from fx_fusion.patterns.kv_store import cat_of_tokens, match_copy_store, match_store, walk_views
 from fx_fusion.patterns.mla_store import (MlaStore, NotMla, halves_reason, latent_buffer_reason, match_mla_store,
                                           match_two_caches, two_caches_reason)
+from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, below_views, match_qk_norm, normalised_input
 from fx_fusion.patterns.quant import NotQuant, Quant, peel_quant
 from fx_fusion.patterns.rope import Evaluator, NotRope, RopeMatch, match_rope, rope_like
 from fx_fusion.patterns.site import Site, internal_error, source_line
@@ -44,6 +45,14 @@ class KStore:
     roles: tuple  # roles of root's dims, as far as the store shows them
     chain: list  # the view nodes between root and the store
     rope: RopeMatch
+    # a QK-norm of the RoPE output (HunYuan, Llama 4: the RoPE, then the norm); root is then the norm's result and
+    # ``post_norm.x`` the RoPE output
+    post_norm: NormMatch | None = None
+
+    @property
+    def rope_out(self) -> Node:
+        """The RoPE's output: root, or the tensor the norm after the RoPE normalises."""
+        return self.post_norm.x if self.post_norm is not None else self.root
 
 
 @dataclass
@@ -81,6 +90,8 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
         if k is not None:
             ks.append(k)
     for k in list(ks):  # transformers DeepseekV3: the rotated k_pe and the latent in two caches, one MLA site
+        if k.post_norm is not None:
+            continue
         try:
             two = match_two_caches(k.store, k.root, k.roles, k.chain, k.rope, state.v_candidates, state.order,
                                    state.quants)
@@ -92,7 +103,7 @@ def find_sites(graph: Graph) -> tuple[list[KStore], GraphState, list[Site]]:
             ks.remove(k)
             state.mla.append(two)
             state.v_candidates.remove(two.store)
-    state.k_roots = {k.root for k in ks} | {m.k_root for m in state.mla}
+    state.k_roots = {k.root for k in ks} | {k.rope_out for k in ks} | {m.k_root for m in state.mla}
     by_name = {st.node.name: st for st in stores}
     for site in sites:  # an MLA latent and rotated k_pe in two caches: say so first
         st = by_name.get(site.store)
@@ -166,6 +177,10 @@ def _classify(st: Store, state: GraphState, sites: list[Site]) -> KStore | None:
             sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value, reason=why))
             return None
         return KStore(st, root, roles, chain, rope)
+    x = normalised_input(root)
+    if x is not None and any(ropes.match(n) is not None or ropes.near_miss(n) is not None for n in (x, below_views(x))):
+        # a QK-norm of a RoPE output (HunYuan, Llama 4): fused with the norm after the RoPE, or reported
+        return _post_norm_store(st, root, roles, chain, x, ropes, sites)
     try:
         mla = match_mla_store(st, quant, ropes)
     except NotMla as e:
@@ -191,6 +206,28 @@ def _classify(st: Store, state: GraphState, sites: list[Site]) -> KStore | None:
         sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
                           reason=f"stores a RoPE-like value that is not a RoPE the fused op computes: {why}"))
     return None
+
+
+def _post_norm_store(st: Store, root: Node, roles: tuple, chain: list, x: Node, ropes: RopeFinder,
+                     sites: list[Site]) -> KStore | None:
+    """The k store of a norm of the RoPE output ``x`` or a view of it (``root`` the norm's result), or None with a
+    report entry where the op cannot compute it."""
+    rope, rotated = ropes.match(x), below_views(x)
+    try:
+        if rope is None and ropes.match(rotated) is not None:
+            raise NotNorm(f"the norm is of {x.name}, a view of the RoPE output {rotated.name}; the op fuses a norm of "
+                          "the RoPE output itself")
+        if rope is None:
+            raise NotNorm(f"the normalised tensor {rotated.name} is RoPE-like but not a RoPE the fused op computes: "
+                          f"{ropes.near_miss(x) or ropes.near_miss(rotated)}")
+        m = match_qk_norm(root)
+        if m.x is not x or m.heads != 1 or m.views:
+            raise NotNorm(f"{root.name} is not one norm per head of the RoPE output {x.name}")
+    except NotNorm as e:
+        sites.append(Site(store=st.node.name, source=source_line(st.node), layout=st.layout.value,
+                          reason=f"stores a QK-norm of a RoPE output that the fused op cannot compute: {e}"))
+        return None
+    return KStore(st, root, roles, chain, rope, post_norm=m)
 
 
 def _stores_rope_below(node: Node, ropes: RopeFinder, depth: int = 8) -> bool:

@@ -348,6 +348,18 @@ def _describe(indices) -> str:
 # ---- view chains ---------------------------------------------------------------------------
 
 
+def _unit_select(node: Node) -> bool:
+    """``select(x, d, 0)`` of a size-1 dim ``d`` (``k[0]`` of a batch of one): the values of ``x`` without the dim."""
+    if node.op != "call_function" or node.target is not aten.select.int or len(node.args) < 3:
+        return False
+    src = node.args[0]
+    if not isinstance(src, Node) or "val" not in src.meta:
+        return False
+    shape = shape_of(src)
+    d = node.args[1]
+    return isinstance(d, int) and -len(shape) <= d < len(shape) and is_one(shape[d]) and node.args[2] in (0, -1)
+
+
 def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     """Follow ``node`` back through pure views; return the first non-view node, its dims' roles, the chain.
 
@@ -355,7 +367,7 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
     belongs to the RoPE itself).
     """
     chain = []
-    while node.op == "call_function" and node.target in _WALKED:
+    while node.op == "call_function" and (node.target in _WALKED or _unit_select(node)):
         t = node.target
         src = node.args[0] if node.args else None
         if not isinstance(src, Node) or "val" not in src.meta:
@@ -369,6 +381,9 @@ def walk_views(node: Node, roles: Roles) -> tuple[Node, Roles, list[Node]]:
         elif t is aten.unsqueeze.default:
             d = node.args[1] % len(roles)
             roles = roles[:d] + roles[d + 1:]
+        elif t is aten.select.int:  # of a size-1 dim (``_unit_select``): drops it, as squeeze does
+            d = node.args[1] % len(shape_of(src))
+            roles = roles[:d] + (None,) + roles[d:]
         elif t in (aten.squeeze.dim, aten.squeeze.dims):
             dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
             src_shape = shape_of(src)

@@ -36,7 +36,7 @@ from fx_fusion.patterns.find import GraphState
 from fx_fusion.patterns.fx_utils import Role, first_downstream, is_one, same_meta, shape_of, sizes_equal, within
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
 from fx_fusion.patterns.plan import (TOKEN_MAJOR, TOKEN_ROLES, TableSource, _check_quant_device, _complete_roles,
-                                     _table_source, x_roles)
+                                     _table_source, check_negated, x_roles)
 from fx_fusion.patterns.quant import scale_rounding
 from fx_fusion.patterns.replacement import (TableView, _from_token_major, _kernel_table, _table_view,
                                             _to_token_major)
@@ -127,6 +127,7 @@ def can_fuse_mla(m: MlaStore, state: GraphState) -> MlaPlan:
     cos, sin = (_mla_table(ref, roles, name) for ref, name in ((rope.cos, "cos"), (rope.sin, "sin")))
     if cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
+    check_negated(rope, sin)
     q_cat = _q_cat(q_root)
     chain = set(m.k_chain) | {m.row}
     return_k = any(u not in chain for n in [k_root, *m.k_chain] for u in n.users)
@@ -178,6 +179,7 @@ def _can_fuse_two_caches(m: MlaStore, state: GraphState) -> MlaPlan:
     cos, sin = (_table_source(ref, q_roles, name) for ref, name in ((rope.cos, "cos"), (rope.sin, "sin")))
     if cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
+    check_negated(rope, sin)
     q_cat = _q_cat(q_root)
     return_k = any(u not in m.k_chain and u is not kst.node for n in [k_root, *m.k_chain] for u in n.users)
     devices = {n.meta["val"].device for n in (q.x, rope.x, m.kv_c, st.cache, kst.cache, st.slots, cos.node,

@@ -19,7 +19,7 @@ from fx_fusion.patterns.find import GraphState, KStore
 from fx_fusion.patterns.fx_utils import RESHAPES, Role, first_downstream, is_one, shape_of, sizes_equal, within
 from fx_fusion.patterns.kv_store import same_view, view_args, walk_views
 from fx_fusion.patterns.mla_store import two_caches_reason
-from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, find_qk_norm
+from fx_fusion.patterns.qk_norm import NormMatch, NotNorm, find_norm_after, find_qk_norm
 from fx_fusion.patterns.quant import NotQuant, Quant, fp8_cast_of, peel_fp8
 from fx_fusion.patterns.rope import RopeMatch, TableRef
 from fx_fusion.patterns.site import Disabled, FusionOptions, Unfusable
@@ -48,11 +48,13 @@ class TableSource:
 @dataclass(frozen=True)
 class FusedNorm:
     """A QK-norm the op applies: it reads the norm's input ``match.x`` instead of the RoPE's x, reshaped to
-    ``reshape`` first where that is not None (-1: the one symbolic size), its dims then labelled ``roles``."""
+    ``reshape`` first where that is not None (-1: the one symbolic size), its dims then labelled ``roles``. With
+    ``after`` the norm is of the RoPE's output (``match.x``), and the op reads the RoPE's x as without a norm."""
 
     match: NormMatch
     roles: tuple
     reshape: tuple | None = None
+    after: bool = False
 
 
 @dataclass
@@ -61,9 +63,9 @@ class Plan:
 
     k_store: Store
     v_store: Store
-    q_root: Node  # q's RoPE output (replaced by the op's q_out)
+    q_root: Node  # q's RoPE output, or the norm after it (replaced by the op's q_out)
     q: RopeMatch
-    k_root: Node  # k's RoPE output (replaced by k_out when it has other users)
+    k_root: Node  # k's RoPE output, or the norm after it (replaced by k_out when it has other users)
     k: RopeMatch
     roles: tuple  # roles of the RoPE outputs' dims (q's and k's agree but for the head count)
     return_k: bool
@@ -80,6 +82,12 @@ class Plan:
     q_norm: FusedNorm | None = None  # QK-norm of q / k folded into the op
     k_norm: FusedNorm | None = None
     notes: tuple = ()  # what of the site stays outside the op, and why (reported with the fused site)
+    q_rope_out: Node | None = None  # q's RoPE output where q_root is the norm after it
+
+    @property
+    def q_rotated(self) -> Node:
+        """q's RoPE output (taken by this site: no other site pairs with it)."""
+        return self.q_rope_out if self.q_rope_out is not None else self.q_root
 
     @property
     def layout(self) -> CacheLayout:
@@ -118,12 +126,17 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     _check_buffers(st, v_store)
     if v_src.meta["val"].dtype != kval.dtype:
         raise Unfusable(f"v is {v_src.meta['val'].dtype} but k is {kval.dtype}")
-    q_root, q = _pair_q(root, rope, state)
+    q_rope_out, q = _pair_q(k.rope_out, rope, state)
     # the op takes one dtype for q, k and v and returns q_out in it: q must be rotated in k's dtype
-    for what, dtype in (("q", q.x.meta["val"].dtype), ("q's RoPE output", q_root.meta["val"].dtype)):
+    for what, dtype in (("q", q.x.meta["val"].dtype), ("q's RoPE output", q_rope_out.meta["val"].dtype),
+                        ("k's RoPE output", k.rope_out.meta["val"].dtype)):
         if dtype != kval.dtype:
             raise Unfusable(f"{what} is {dtype} but k is {kval.dtype}")
-    roles = _complete_roles(k.roles, shape_of(q_root), wanted)
+    roles = _complete_roles(k.roles, shape_of(q_rope_out), wanted)
+    notes = []
+    q_norm, k_norm = _fused_norms((q_rope_out, q), (k.rope_out, rope), k.post_norm, roles, cache_val.device, state,
+                                  notes)
+    q_root = q_norm.match.out if q_norm is not None and q_norm.after else q_rope_out
     # q's token dims must be k's: the op takes one token count (nothing broadcasts q against k here)
     if len(shape_of(q_root)) != len(shape_of(root)) or any(
             r != Role.HEAD and not sizes_equal(a, b) for r, a, b in zip(roles, shape_of(q_root), shape_of(root))):
@@ -132,7 +145,6 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     q_heads, k_heads = shape_of(q_root)[head], shape_of(root)[head]
     if not (isinstance(q_heads, int) and isinstance(k_heads, int)) or q_heads % k_heads:
         raise Unfusable(f"q has {q_heads} heads, not a multiple of k's {k_heads}")
-    notes = []
     q_quant, q_fp8, q_fp8_views = _fp8_q(q_root, cache_val.device, notes)
     scales = [qt.scale for qt in (k_quant, v_quant, q_quant) if qt is not None and isinstance(qt.scale, Node)]
     devices = {n.meta["val"].device for n in (rope.x, q.x, v_src, st.cache, v_store.cache, st.slots, *scales)
@@ -143,16 +155,19 @@ def can_fuse(k: KStore, state: GraphState) -> Plan:
     sin = _table_source(rope.sin, roles, "sin")
     if (cos.positions is None) != (sin.positions is None) or cos.positions is not sin.positions:
         raise Unfusable("cos and sin are indexed by different positions")
+    check_negated(rope, sin)
     chain = [*k.chain, *(k_quant.chain if k_quant is not None else ())]
     return_k = any(u not in chain and u is not st.node for n in [root, *k.chain] for u in n.users)
     tokens = [s for s, r in zip(shape_of(root), roles) if r in TOKEN_ROLES]
     num_tokens = math.prod(tokens) if all(isinstance(s, int) for s in tokens) else None
     if k_quant is not None:
         _check_quant_device(k_quant, cache_val.device)
-    q_norm, k_norm = _fused_norms((q_root, q), (root, rope), roles, cache_val.device, state, notes)
     plan = Plan(st, v_store, q_root, q, root, rope, roles, return_k, v_src, v_roles, cos, sin, num_tokens,
-                k_quant, v_quant, q_quant, q_fp8, q_fp8_views, q_norm, k_norm, tuple(notes))
-    norms = [x for n in (q_norm, k_norm) if n is not None for x in (n.match.x, n.match.weight) if x is not None]
+                k_quant, v_quant, q_quant, q_fp8, q_fp8_views, q_norm, k_norm, tuple(notes),
+                q_rope_out if q_rope_out is not q_root else None)
+    # the op reads a norm's input in place of the RoPE's x (a norm after the RoPE: only its weight)
+    norms = [x for n in (q_norm, k_norm) if n is not None
+             for x in ((n.match.weight,) if n.after else (n.match.x, n.match.weight)) if x is not None]
     _check_acyclic(plan, [q.x, rope.x, v_src, st.slots, cos.node, sin.node, *_buffers(st, v_store), *scales,
                           *(src.positions for src in (cos, sin) if src.positions is not None), *norms], state.in_order)
     return plan
@@ -356,6 +371,14 @@ def _table_source(ref: TableRef, roles, name: str) -> TableSource:
     return TableSource(leaf, None, leaf_roles + (Role.FEATURE,))
 
 
+def check_negated(rope: RopeMatch, sin: TableSource) -> None:
+    """A mirrored rotation (``TableRef.negated``) reads sin negated: per-token values, which the replacement negates
+    (a few values a token); a table gathered by positions would be negated whole on every call."""
+    if rope.sin.negated and sin.positions is not None:
+        raise Unfusable("the rotation is mirrored (x * cos + rotate(x) * sin with rotate = (x2, -x1)) and sin is "
+                        "gathered from a table by positions: the op would read the whole table negated on every call")
+
+
 def _check_acyclic(plan: Plan, inputs: list[Node], in_order: bool) -> None:
     """The fused op's inputs must not depend on anything it replaces."""
     replaced = {plan.q_root, plan.k_root, plan.k_store.node, plan.v_store.node} | (
@@ -370,25 +393,63 @@ def x_roles(m: RopeMatch, roles) -> tuple:
     return tuple(roles[d] if d is not None else None for d in m.x_dims) + (Role.FEATURE,)
 
 
-def _fused_norms(q: tuple[Node, RopeMatch], k: tuple[Node, RopeMatch], roles, device, state: GraphState,
-                 notes: list) -> tuple[FusedNorm | None, FusedNorm | None]:
-    """The QK-norms of q and k the op can apply before its RoPE (``patterns/qk_norm.py``). A norm it cannot take
-    stays a kernel of its own, said in ``notes``; the RoPE and the store still fuse."""
+def _fused_norms(q: tuple[Node, RopeMatch], k: tuple[Node, RopeMatch], k_after: NormMatch | None, roles, device,
+                 state: GraphState, notes: list) -> tuple[FusedNorm | None, FusedNorm | None]:
+    """The QK-norms of q and k the op can apply (``patterns/qk_norm.py``; ``q``, ``k``: the RoPE outputs and their
+    matches): before its RoPE, or after it where the graph normalises a rotated tensor (``k_after``: the stored k's
+    norm, found with the store; q's is looked for here). A norm the op cannot take stays a kernel of its own, said
+    in ``notes``, and the RoPE and the store still fuse; but k's norm after the RoPE is what the cache holds, so
+    without it the site is ``Unfusable``."""
+    after = {"k": k_after} if k_after is not None else {}
+    try:
+        if (m := find_norm_after(q[0])) is not None:
+            after["q"] = m
+    except NotNorm as e:
+        notes.append(f"q's QK-norm after the RoPE stays a kernel of its own: {e}")
     fused = {}
     for what, (root, rope) in (("q", q), ("k", k)):
         try:
-            m = find_qk_norm(rope.x)
-            if m is not None:
+            if what in after:
+                fused[what] = _fused_norm_after(after[what], rope, roles, root, device)
+            elif (m := find_qk_norm(rope.x)) is not None:
+                if after:
+                    raise NotNorm("the op applies the norms after the RoPE here")
                 fused[what] = _fused_norm(m, rope, roles, root, device, state)
         except NotNorm as e:
-            notes.append(f"{what}'s QK-norm stays a kernel of its own: {e}")
+            if what == "k" and what in after:
+                raise Unfusable(f"k's QK-norm after the RoPE ({after['k'].out.name}), which the cache holds: {e}")
+            notes.append(f"{what}'s QK-norm{' after the RoPE' if what in after else ''} stays a kernel of its own: {e}")
     if len(fused) == 2:
         a, b = (_norm_constants(fused[w].match) for w in ("q", "k"))
         if a != b:
+            if fused["k"].after:
+                notes.append(f"q's QK-norm stays a kernel of its own: the op takes one eps, offset, rounding and width "
+                             f"(per head or full), q's are {a}, k's (after the RoPE, which the cache holds) {b}")
+                return None, fused["k"]
             notes.append(f"q's and k's QK-norms stay kernels of their own: the op takes one eps, offset, rounding "
                          f"and width (per head or full), q's are {a}, k's {b}")
             return None, None
     return fused.get("q"), fused.get("k")
+
+
+def _fused_norm_after(m: NormMatch, rope: RopeMatch, roles, rope_out: Node, device) -> FusedNorm:
+    """A norm of the RoPE output ``rope_out`` (``m.x``) that the op applies after its RoPE; ``NotNorm`` where it
+    cannot: a norm over more than one head, a weight the op cannot read, or another reader of the rotated tensor
+    or of a value of the norm (it would see the graph's values where the op's outputs hold its own)."""
+    if m.heads != 1 or m.views or not sizes_equal(shape_of(m.out)[-1], rope.head_dim):
+        raise NotNorm(f"{m.out.name} is not one norm per head of the rotated {rope_out.name}")
+    if tuple(shape_of(m.out)) != tuple(shape_of(rope_out)):
+        raise NotNorm(f"{rope_out.name} {list(shape_of(rope_out))} is broadcast by the norm to "
+                      f"{list(shape_of(m.out))}")
+    w = m.weight.meta["val"] if m.weight is not None else None
+    if w is not None and (not w.is_contiguous() or w.device != device):
+        raise NotNorm(f"the weight {m.weight.name} is not a contiguous tensor on {device}")
+    body = _norm_nodes(m)
+    for n in (rope_out, *(n for n in body if n is not m.out)):
+        other = next((u for u in n.users if u not in body), None)
+        if other is not None:
+            raise NotNorm(f"{other.name} also reads {n.name}, {'the rotated tensor' if n is rope_out else 'a value of the norm'}")
+    return FusedNorm(m, x_roles(rope, roles), after=True)
 
 
 def _norm_constants(m: NormMatch) -> tuple:

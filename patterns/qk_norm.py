@@ -1,4 +1,4 @@
-"""QK-norm: the RMSNorm per head that Qwen3, Gemma 3 and OLMo 2 apply to q and k before the RoPE.
+"""QK-norm: the RMSNorm per head that Qwen3, Gemma 3 and 4 and OLMo 2 apply to q and k before the RoPE.
 
 Before (functional post-grad graph; ``x`` in the model dtype, ``x.float()`` absent in fp32 models)::
 
@@ -14,6 +14,8 @@ the fused kernel reproduces per row of D features in fp32::
 
     y = x * rsqrt(sum(x^2) / D + eps); [y = round(y)]; [y = y * (w + offset)]; out = round(y)
 
+The rsqrt may be spelled ``pow(s, -0.5)`` (Gemma 4), which eager computes as an rsqrt.
+
 Only graphs that round where this formula rounds are accepted (a bf16 * bf16 product is the fp32 product
 rounded once, as the fp32 product of two bf16 values is exact); the order of the mean's sum is free. Any other
 graph raises ``NotNorm`` with the reason, recorded for the report: a norm computed in bf16, a weight rounded
@@ -22,6 +24,10 @@ the RoPE that moves features.
 
 OLMo 2 normalises the whole projection, ``H * D`` features with a ``[H * D]`` weight, and splits it into heads
 after the norm: matched with ``heads = H`` (the op's ``norm_full_width``).
+
+HunYuan (with a weight) and Llama 4 (without) apply the norm after the RoPE instead: the same ``NormMatch``, of the
+rotated tensor (``x`` is the RoPE's output), found from the stored value (``normalised_input``) or from the
+rotated q (``find_norm_after``); the op's ``norm_after_rope``.
 """
 
 from __future__ import annotations
@@ -77,9 +83,14 @@ def _upcast_source(n: Node) -> Node:
     return n
 
 
+def _is_rsqrt(n) -> bool:
+    """``rsqrt(s)``, or ``pow(s, -0.5)`` (Gemma 4's spelling; eager computes it as rsqrt on CPU and CUDA)."""
+    return _call(n, aten.rsqrt.default) or (_call(n, aten.pow.Tensor_Scalar) and n.args[1] == -0.5)
+
+
 def _is_normalised(n) -> bool:
     """``n`` is a product with an rsqrt operand (the normalised value, checked in full by ``_normalised``)."""
-    return _call(n, aten.mul.Tensor) and any(_call(a, aten.rsqrt.default) for a in n.args)
+    return _call(n, aten.mul.Tensor) and any(_is_rsqrt(a) for a in n.args)
 
 
 def computes_a_norm(n: Node) -> bool:
@@ -90,7 +101,7 @@ def computes_a_norm(n: Node) -> bool:
 
 def _near_rsqrt(n: Node, depth: int) -> bool:
     """An rsqrt at most ``depth`` steps above ``n`` (to tell a norm that does not match from no norm at all)."""
-    return any(_call(m, aten.rsqrt.default) for m in [n, *within([n], depth, lambda m: m.all_input_nodes)])
+    return any(_is_rsqrt(m) for m in [n, *within([n], depth, lambda m: m.all_input_nodes)])
 
 
 def _unround(n):
@@ -149,7 +160,7 @@ def _views_to(rope_x: Node) -> tuple[Node, tuple, int]:
 
 def _normalised(y: Node) -> tuple[Node, float]:
     """``y = xf * rsqrt(mean(xf^2, -1, keepdim) + eps)`` with ``xf`` x upcast to fp32: returns (x, eps)."""
-    r = next(a for a in y.args if _call(a, aten.rsqrt.default))
+    r = next(a for a in y.args if _is_rsqrt(a))
     xf = y.args[1] if y.args[0] is r else y.args[0]
     s = r.args[0]
     if _call(s, *_ADDS):
@@ -226,7 +237,7 @@ def find_qk_norm(rope_x: Node) -> NormMatch | None:
         n = n.args[0]
     frontier, seen = [n], {n}
     for _ in range(6):
-        if any(_call(m, aten.rsqrt.default) for m in frontier):
+        if any(_is_rsqrt(m) for m in frontier):
             return match_qk_norm(rope_x)
         frontier = [a for m in frontier if _call(m, *_NORM_TAIL, aten.rsqrt.default) for a in m.all_input_nodes
                     if a not in seen and not seen.add(a)]
@@ -281,3 +292,69 @@ def match_qk_norm(rope_x: Node) -> NormMatch:
                       "back to x's dtype")
     return NormMatch(out=out, x=x, weight=weight, eps=eps, offset=offset, round_before_weight=rounded is not None,
                      weight_dtype=weight_dtype, views=views, heads=heads)
+
+
+def normalised_input(n: Node) -> Node | None:
+    """The tensor ``n`` is a norm of (below the casts and views of it, as ``match_qk_norm`` would name it:
+    ``NormMatch.x``), where ``n`` computes a norm (``computes_a_norm``, through casts and views); None where it
+    computes none. Nothing else is checked: the caller asks ``match_qk_norm`` whether the kernel reproduces it."""
+    for _ in range(4):
+        if _call(n, *_CASTS, *_VIEWS):
+            n = n.args[0]
+        elif _call(n, *_ADDS, aten.sub.Tensor) and any(_near_rsqrt(a, 3) for a in n.args if isinstance(a, Node)):
+            n = next(a for a in n.args if isinstance(a, Node) and _near_rsqrt(a, 3))  # a bias after a norm
+        else:
+            break
+    if not computes_a_norm(n):
+        return None
+    if not _is_normalised(n):
+        n = next(y for y in (_unround(a)[0] for a in n.args) if _is_normalised(y))
+    r = next(a for a in n.args if _is_rsqrt(a))
+    xf = n.args[1] if n.args[0] is r else n.args[0]
+    return _upcast_source(xf) if isinstance(xf, Node) else None
+
+
+def below_views(n: Node) -> Node:
+    """``n`` below its views (the tensor a norm's input is a view of)."""
+    while _call(n, *_VIEWS):
+        n = n.args[0]
+    return n
+
+
+_AFTER_NORM = (*_CASTS, aten.mul.Tensor, *_ADDS, aten.sub.Tensor, aten.pow.Tensor_Scalar, aten.mean.dim,
+               aten.rsqrt.default)
+
+
+def find_norm_after(rope_out: Node) -> NormMatch | None:
+    """The QK-norm of the rotated tensor ``rope_out`` (HunYuan, Llama 4: the RoPE, then the norm): the largest
+    ``match_qk_norm`` whose ``x`` is ``rope_out``, from the normalised product on through the casts and the weight
+    multiply that read it alone. None where no norm reads ``rope_out``; ``NotNorm`` for one the kernel does not
+    reproduce."""
+    frontier, seen, y = [rope_out], {rope_out}, None
+    for _ in range(6):  # rope_out [-> fp32] -> pow -> mean -> add -> rsqrt -> the normalised product
+        y = next((u for u in frontier if _is_normalised(u) and normalised_input(u) is rope_out), None)
+        if y is not None:
+            break
+        frontier = [u for m in frontier for u in m.users if _call(u, *_AFTER_NORM) and u not in seen
+                    and not seen.add(u)]
+    if y is None:
+        return None
+    found, error, n = None, None, y
+    while True:  # on through the casts and the weight multiply, while the norm grows
+        try:
+            m = match_qk_norm(n)
+        except NotNorm as e:
+            if found is not None:
+                break  # the norm ended before n (e.g. a product with a number: the attention's scaling)
+            error = e
+        else:
+            if m.x is not rope_out:
+                break
+            found = m
+        users = list(n.users)
+        if len(users) != 1 or not _call(users[0], *_CASTS, aten.mul.Tensor):
+            break
+        n = users[0]
+    if found is None:
+        raise error
+    return found

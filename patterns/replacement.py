@@ -30,6 +30,7 @@ class TableView:
     offset: int
     stride: int
     count: int
+    negated: bool = False  # the values negated (``TableRef.negated``; per-token values only)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _options(p: Plan, validate: bool, scale_round: bool = False, q_scale_round: 
     if norm is not None:  # q's and k's constants agree (plan._fused_norms)
         extra.update(q_norm=p.q_norm is not None, k_norm=p.k_norm is not None, norm_eps=norm.match.eps,
                      norm_offset=norm.match.offset, norm_round=norm.match.round_before_weight,
-                     norm_full_width=norm.match.heads > 1)
+                     norm_full_width=norm.match.heads > 1, norm_after_rope=norm.after)
     return RopeKVOptions(
         is_neox=p.k.style is RopeStyle.NEOX, rotary_dim=p.k.rotary_dim, layout=p.layout, return_k=p.return_k,
         validate=validate, negative_wraps=True, table_dtype=p.k.cos.leaf.round_to,
@@ -221,7 +222,8 @@ def _kernel_table(src, positions, view: TableView, layout: CacheLayout, tokens: 
         want = (Role.TOKEN, Role.FEATURE) if layout is not CacheLayout.SEQUENCE else (
             Role.BATCH, Role.SEQ, Role.FEATURE)
         table = _broadcast_tokens(_to_token_major(src, view.roles, want), want, tokens)
-    return table[..., view.offset:view.offset + view.stride * (view.count - 1) + 1:view.stride], positions
+    table = table[..., view.offset:view.offset + view.stride * (view.count - 1) + 1:view.stride]
+    return (-table if view.negated else table), positions
 
 
 def _broadcast_tokens(x: torch.Tensor, roles, tokens: dict) -> torch.Tensor:
@@ -238,4 +240,4 @@ def _input_roles(m: RopeMatch, norm: FusedNorm | None, roles) -> tuple:
 
 def _table_view(ref: TableRef, src: TableSource, rotary_dim: int) -> TableView:
     count = rotary_dim if ref.per_element else rotary_dim // 2
-    return TableView(src.roles, src.positions is not None, ref.offset, ref.stride, count)
+    return TableView(src.roles, src.positions is not None, ref.offset, ref.stride, count, ref.negated)

@@ -35,7 +35,9 @@ def rewrite(graph: Graph, p: Plan, options: FusionOptions, tracer: Tracer) -> No
         replaced = [(0, st), (1, p.v_store)]
     scales = [qt.scale if qt is not None and isinstance(qt.scale, Node) else None
               for qt in (p.k_quant, p.v_quant, p.q_quant)]
-    q_x, k_x = (norm.match.x if norm is not None else rope.x for norm, rope in ((p.q_norm, p.q), (p.k_norm, p.k)))
+    # the op reads a norm's input in place of the RoPE's x, but for a norm after the RoPE
+    q_x, k_x = (norm.match.x if norm is not None and not norm.after else rope.x
+                for norm, rope in ((p.q_norm, p.q), (p.k_norm, p.k)))
     weights = [norm.match.weight if norm is not None else None for norm in (p.q_norm, p.k_norm)]
     inputs = [q_x, k_x, p.v_src, k_buf, v_buf, _slots(graph, st, tracer.mode), p.cos.node, p.sin.node,
               p.cos.positions, *scales, *weights]

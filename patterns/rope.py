@@ -22,6 +22,7 @@ with the reason. This module holds ``RopeStyle``, ``TableRef``, ``RopeMatch``, `
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class TableRef:
     stride: int
     per_element: bool
     dims: tuple
+    # the values enter the rotation negated (sin of NanoChat's mirrored ``rotate_half``, ``cat((x2, -x1))``: the
+    # rotation by -theta); the op then reads the table negated, which is exact
+    negated: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,15 +146,27 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         deinterleave = half > 1 and {f for m in v.feats[1] for lid, f in m if lid == x} == {2, 3}
     else:
         raise NotRope("feature 0 is not paired like NeoX or GPT-J RoPE")
-    cos1, sin1, cos2, sin2 = [], [], [], []
-    for i, (e1, e2) in enumerate(pairs):
-        o1, o2 = (i, i + half) if deinterleave else (e1, e2)  # the output features of the pair
-        c1, s1 = _terms(v.feats[o1], x, e1, e2, -1.0)
-        c2, s2 = _terms(v.feats[o2], x, e2, e1, +1.0)
-        cos1.append(c1), sin1.append(s1), cos2.append(c2), sin2.append(s2)
+
+    def terms(sign: float) -> tuple[list, list, list, list]:
+        # o1 = x1 * c1 - sign * x2 * s1 ; o2 = x2 * c2 + sign * x1 * s2 (sign -1: the mirrored rotation)
+        cos1, sin1, cos2, sin2 = [], [], [], []
+        for i, (e1, e2) in enumerate(pairs):
+            o1, o2 = (i, i + half) if deinterleave else (e1, e2)  # the output features of the pair
+            c1, s1 = _terms(v.feats[o1], x, e1, e2, -sign)
+            c2, s2 = _terms(v.feats[o2], x, e2, e1, sign)
+            cos1.append(c1), sin1.append(s1), cos2.append(c2), sin2.append(s2)
+        return cos1, sin1, cos2, sin2
+
+    try:
+        (cos1, sin1, cos2, sin2), mirrored = terms(1.0), False
+    except NotRope as e:
+        try:
+            (cos1, sin1, cos2, sin2), mirrored = terms(-1.0), True
+        except NotRope:
+            raise e from None
     firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
     cos = _table(ev, v, cos1, cos2, firsts, seconds, "cos")
-    sin = _table(ev, v, sin1, sin2, firsts, seconds, "sin")
+    sin = dataclasses.replace(_table(ev, v, sin1, sin2, firsts, seconds, "sin"), negated=mirrored)
     if cos.per_element != sin.per_element:
         raise NotRope("cos and sin tables have different layouts")
     if cos.leaf.round_to != sin.leaf.round_to:

@@ -64,7 +64,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
             try:
                 plan = can_fuse(k, state)
                 site.num_tokens = str(plan.num_tokens) if plan.num_tokens is not None else "dynamic"
-                site.nodes = {"q_rope": plan.q_root.name, "k_rope": plan.k_root.name,
+                site.nodes = {"q_rope": plan.q_rotated.name, "k_rope": k.rope_out.name,
                               "k_store": plan.k_store.node.name, "v_store": plan.v_store.node.name,
                               **{f"{w}_norm": n.match.out.name for w, n in (("q", plan.q_norm), ("k", plan.k_norm))
                                  if n is not None}}
@@ -72,7 +72,7 @@ def fuse_rope_kv_stores(graph: Graph, options: FusionOptions = FusionOptions()) 
                 should_fuse(plan, options)
                 tracer = tracer or Tracer(_fake_mode(graph))
                 rewrite(graph, plan, options, tracer)
-                state.used.update({plan.q_root, plan.v_store.node})
+                state.used.update({plan.q_rotated, plan.v_store.node})
                 site.fused = True
             except Unfusable as e:
                 site.reason, site.disabled = str(e), isinstance(e, Disabled)

@@ -12,6 +12,7 @@ one ``fx_fusion.rope_kv_store`` per layer.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +38,9 @@ GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=10000.0)
 LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
                 short_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5], long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0])
+
+
+RSQRT = re.compile(r"aten\.rsqrt\.default\(|aten\.pow\.Tensor_Scalar\([^,)]*, -0\.5\)")
 
 
 class NotFused(AssertionError):
@@ -252,22 +256,37 @@ QK_NORM = {
         **GQA, **COMMON, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=16), lambda c: transformers.Gemma3ForCausalLM(c)),
     "olmo2": Family(lambda: transformers.Olmo2Config(**GQA, **COMMON), lambda c: transformers.Olmo2ForCausalLM(c)),
+    # the norm after the RoPE (the op's norm_after_rope): HunYuan's RMSNorm with a weight; Llama 4's weightless norm
+    # of its complex RoPE's output (use_qk_norm, as in Llama 4 Scout), two MoE layers with chunked attention
+    "hunyuan": Family(lambda: transformers.HunYuanDenseV1Config(**GQA, **COMMON),
+                      lambda c: transformers.HunYuanDenseV1ForCausalLM(c)),
+    "llama4": Family(lambda: transformers.Llama4TextConfig(
+        **GQA, **COMMON, intermediate_size_mlp=128, num_local_experts=2, num_experts_per_tok=1, use_qk_norm=True),
+        lambda c: transformers.Llama4ForCausalLM(c)),
+    # Gemma 4: QK-norm before the RoPE (the full-attention layer with its own head dim and partial rotary), and a
+    # weightless norm of v (v_norm) whose store is the fused site's v store, not a site of its own
+    # nanochat: the mirrored rotation (rotate_half returns cat((x2, -x1)): sin negated) and weightless norms after it
+    "nanochat": Family(lambda: transformers.NanoChatConfig(**GQA, **COMMON),
+                       lambda c: transformers.NanoChatForCausalLM(c)),
+    "gemma4": Family(lambda: transformers.Gemma4TextConfig(**GQA, **COMMON, sliding_window=8, global_head_dim=16),
+                     lambda c: transformers.Gemma4ForCausalLM(c)),
 }
 
 
-# CI runs Qwen3 and Gemma 3 in bf16 (Qwen3 in fp32: CASES above) and OLMo 2 in fp32; the other two are ``slow`` (the
-# written Gemma 3 block of tests/patterns/test_qk_norm_fusion.py runs in fp32 in CI)
+# CI runs Qwen3, Gemma 3 and 4, HunYuan, Llama 4 and nanochat in bf16 (Qwen3 in fp32: CASES above) and OLMo 2 in fp32; the others are
+# ``slow`` (the written blocks of tests/patterns/test_qk_norm_fusion.py and test_qk_norm_after_rope.py run in fp32)
 QK_NORM_CASES = [pytest.param(name, dtype, id=f"{name}-{tag}", marks=pytest.mark.slow if (name, tag) in (
-    ("gemma3", "fp32"), ("olmo2", "bf16")) else ()) for name in QK_NORM
+    ("gemma3", "fp32"), ("olmo2", "bf16"), ("hunyuan", "fp32"), ("llama4", "fp32"), ("gemma4", "fp32"), ("nanochat", "fp32")) else ())
+    for name in QK_NORM
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")) if (name, tag) != ("qwen3", "fp32")]
 
 
 @pytest.mark.parametrize("name, dtype", QK_NORM_CASES)
 def test_qk_norm_models_fuse_the_norm_with_the_rope(name, dtype, tmp_path):
-    """Qwen3, Gemma 3 and OLMo 2 (tiny, random weights): every layer's q and k norms are applied by the fused op
-    (the site names the norms it took, and no rsqrt of theirs is left in the graph; OLMo 2's norm over the whole
-    projection too, ``norm_full_width``). Logits and poisoned caches equal to eager over a prefill and a decode
-    step."""
+    """Qwen3, Gemma 3 and 4, OLMo 2, HunYuan, Llama 4 and nanochat (tiny, random weights): every layer's q and k norms
+    are applied by the fused op (the site names the norms it took, and no rsqrt of theirs is left in the graph; OLMo
+    2's norm over the whole projection too, ``norm_full_width``; HunYuan's, Llama 4's and nanochat's after the RoPE,
+    ``norm_after_rope``). Logits and poisoned caches equal to eager over a prefill and a decode step."""
     spec = QK_NORM[name]
     config = spec.config()
     model = spec.model(config).to(dtype).eval()
@@ -295,7 +314,8 @@ def test_qk_norm_models_fuse_the_norm_with_the_rope(name, dtype, tmp_path):
         torch.testing.assert_close(layer.values.float(), ref_layer.values.float(), **tol)
     for report in assert_every_layer_fused(tmp_path, graphs=2):
         for site in report["sites"]:
-            assert {"q_norm", "k_norm"} <= set(site["nodes"]) and not site["notes"], site
-        before, after = ((tmp_path / f"{report['graph']}.{when}.py").read_text().count("aten.rsqrt.default(")
+            assert {"q_norm", "k_norm"} <= set(site["nodes"]) and not site["notes"], (site["nodes"], site["notes"])
+        # the q and k norms went, the others stay (an rsqrt, or Gemma 4's pow(s, -0.5))
+        before, after = (len(RSQRT.findall((tmp_path / f"{report['graph']}.{when}.py").read_text()))
                          for when in ("before", "after"))
-        assert before == after + 2 * LAYERS, (before, after)  # the q and k norms went, the others stay
+        assert before == after + 2 * LAYERS, (before, after)

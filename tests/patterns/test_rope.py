@@ -74,7 +74,7 @@ def rebuild(m: RopeMatch, values) -> torch.Tensor:
     half, prefix = m.rotary_dim // 2, x.dim() - 1
     per = m.rotary_dim if m.cos.per_element else half
     cos = table_values(m.cos, values, prefix, per).double()
-    sin = table_values(m.sin, values, prefix, per).double()
+    sin = table_values(m.sin, values, prefix, per).double() * (-1.0 if m.sin.negated else 1.0)
     if m.style is RopeStyle.NEOX:
         e1, e2 = torch.arange(half), torch.arange(half) + half
     else:
@@ -251,14 +251,26 @@ def test_cos_and_sin_swapped_consistently_is_still_an_exact_rotation():
     assert (m.cos.leaf.node.name, m.sin.leaf.node.name) == (s.name, c.name)
 
 
+def mirrored(x, cos, sin):
+    """nanochat: the rotation by -theta."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+@pytest.mark.parametrize("fn, n", [
+    (mirrored, D // 2), (lambda x, c, s: x * c + torch.cat((x[..., D // 2:], -x[..., :D // 2]), -1) * s, D)],
+    ids=["nanochat", "hf-nanochat-rotate-half"])
+def test_the_mirrored_rotation_is_the_rope_with_sin_negated(fn, n):
+    """Both signs flipped (every pair): a rotation by -theta, matched as the RoPE with sin read negated (``rebuild``
+    applies it: the match reproduces the graph's values)."""
+    cos, sin = tables(n=n)
+    m = check_match(fn, (torch.randn(T, H, D), cos, sin), style="neox")
+    assert m.sin.negated and not m.cos.negated
+
+
 # ------------------------------------------------------------------------------------------------
 # Not RoPE
 # ------------------------------------------------------------------------------------------------
-
-
-def wrong_sign(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 def wrong_sign_one_half(x, cos, sin):
@@ -320,7 +332,6 @@ def table_per_head(x, cos, sin, y):
 
 
 @pytest.mark.parametrize("fn, reason", [
-    (wrong_sign, "wrong signs"),
     (wrong_sign_one_half, "wrong signs"),
     (swapped_in_one_half, "cos values come from several tensors"),
     (x_times_x, "not x times a table"),
