@@ -21,7 +21,9 @@ which the post-grad graph keeps complex (torch 2.11 and 2.13; Inductor falls bac
 so the GPT-J rotation is plain to the evaluator (``patterns/rope.py``): cos is the real part of the table, sin its
 imaginary part, both fp32 strided views (``select`` of a ``view_as_real`` is a table of its own there). Which
 operand is rotated and which is a table (per position, not per head) is the evaluator's and ``can_fuse``'s
-business, as for every other spelling. The rewrite is undone (``restore``) wherever it was not fused, so an
+business, as for every other spelling; the parts of a complex tensor of its own (not real pairs viewed as complex)
+are marked ``COMPLEX_TABLE``, which tells the table from x where the two index the same dims (one head: DeepSeek-V2's
+k_pe). The rewrite is undone (``restore``) wherever it was not fused, so an
 unfused graph computes exactly what it computed before (Inductor would compile the real form differently).
 """
 
@@ -37,6 +39,9 @@ from fx_fusion.patterns.fx_utils import Emitter, OpRole, fake_mode_of, ops_with
 
 aten = torch.ops.aten
 log = logging.getLogger("fx_fusion")
+# meta key of the real and imaginary parts of a complex operand that is a tensor of its own (the table): with one
+# head, x and a per-token table index the same dims, and this tells them apart (``rope.match_rope``)
+COMPLEX_TABLE = "fx_fusion_complex_table"
 
 
 @dataclass
@@ -134,7 +139,11 @@ def _view_key(n):
 def _parts(emit: Emitter, z: Node) -> tuple[Node, Node]:
     """The real and imaginary parts of complex ``z``: the real pairs it was viewed from, or a real view of it."""
     if z.target is aten.view_as_complex.default and isinstance(z.args[0], Node):
-        pairs = z.args[0]
+        pairs, table = z.args[0], False
     else:
-        pairs = emit(aten.view_as_real.default, z)
-    return emit(aten.select.int, pairs, -1, 0), emit(aten.select.int, pairs, -1, 1)
+        pairs, table = emit(aten.view_as_real.default, z), True
+    parts = emit(aten.select.int, pairs, -1, 0), emit(aten.select.int, pairs, -1, 1)
+    if table:  # a complex tensor of its own (``freqs_cis``), not real pairs viewed as complex: a table to the evaluator
+        for n in (pairs, *parts):
+            n.meta[COMPLEX_TABLE] = True
+    return parts

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
+from fx_fusion.patterns.complex_rope import COMPLEX_TABLE
 from fx_fusion.patterns.evaluator import Evaluator, Leaf, products_below
 from fx_fusion.patterns.fx_utils import is_one, shape_of
 from fx_fusion.patterns.polynomial import NotRope, Poly, Sym, Value
@@ -101,15 +102,16 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     if not xs:
         raise NotRope("no single tensor is rotated")
     # With one head (MQA) a per-token table indexes the same dims as x and the polynomials are
-    # symmetric in the two: prefer x of the root's rank, then one that is not a gather, then the dtype
-    # of the result, then the leaf read at two features in one output feature (x and its partner; a
-    # table is read at one). A wrong pick is still exact; it only fails to pair with q's RoPE later.
+    # symmetric in the two: prefer one that is not a complex table's part (``complex_rope``: the complex
+    # multiply's operand that is not real pairs viewed as complex), then x of the root's rank, then one that is
+    # not a gather, then the dtype of the result, then the leaf read at two features in one output feature (x and
+    # its partner; a table is read at one). A wrong pick is still exact; it only fails to pair with q's RoPE later.
     root_dtype = root.meta["val"].dtype
 
     def preference(lid):
         leaf = ev.leaves[lid].node
-        return (len(xs[lid]) != n_prefix, leaf.target is aten.index.Tensor, leaf.meta["val"].dtype != root_dtype,
-                not _paired(v, lid))
+        return (leaf.meta.get(COMPLEX_TABLE, False), len(xs[lid]) != n_prefix, leaf.target is aten.index.Tensor,
+                leaf.meta["val"].dtype != root_dtype, not _paired(v, lid))
 
     ranked = sorted(xs, key=preference)
     if len(ranked) > 1 and preference(ranked[0]) == preference(ranked[1]):

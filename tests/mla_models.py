@@ -364,10 +364,12 @@ def hf_cache_arg() -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def deepseek_v3_config(rope_interleave: bool = True, layers: int = 2, shape: MLAShape = SMALL, **overrides):
-    """A tiny ``DeepseekV3Config``: hidden 64, q LoRA rank 16, the MLA sizes of ``shape``, dense MLPs only
-    (``first_k_dense_replace = layers``: the eager expert loop's ``nonzero`` would break the graph), vocab 128,
-    SDPA attention."""
+def deepseek_v3_config(rope_interleave: bool = True, layers: int = 2, shape: MLAShape = SMALL, version: int = 3,
+                       **overrides):
+    """A tiny ``DeepseekV3Config`` (``version=2``: ``DeepseekV2Config``, whose attention rotates q_pe and k_pe by a
+    complex multiply, GPT-J pairs, and has no ``rope_interleave``): hidden 64, q LoRA rank 16, the MLA sizes of
+    ``shape``, dense MLPs only (``first_k_dense_replace = layers``: the eager expert loop's ``nonzero`` would break
+    the graph), vocab 128, SDPA attention."""
     import transformers
 
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -375,21 +377,23 @@ def deepseek_v3_config(rope_interleave: bool = True, layers: int = 2, shape: MLA
               q_lora_rank=16, kv_lora_rank=shape.kv_lora_rank, qk_nope_head_dim=shape.qk_nope_dim,
               qk_rope_head_dim=shape.rope_dim, v_head_dim=shape.v_head_dim, n_routed_experts=4, n_group=1,
               topk_group=1, num_experts_per_tok=2, first_k_dense_replace=layers, max_position_embeddings=64,
-              rope_interleave=rope_interleave, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-              attn_implementation="sdpa")
+              bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="sdpa")
+    if version == 3:
+        kw.update(rope_interleave=rope_interleave)
     kw.update(overrides)
-    return transformers.DeepseekV3Config(**kw)
+    return (transformers.DeepseekV3Config if version == 3 else transformers.DeepseekV2Config)(**kw)
 
 
 def build_deepseek_v3(rope_interleave: bool = True, dtype=torch.float32, layers: int = 2, seed: int = 0,
-                      device="cpu", **overrides):
-    """A random-weight ``DeepseekV3ForCausalLM`` (eval, ``dtype``) and its config."""
+                      device="cpu", version: int = 3, **overrides):
+    """A random-weight ``DeepseekV3ForCausalLM`` (``version=2``: ``DeepseekV2ForCausalLM``; eval, ``dtype``) and its
+    config."""
     import transformers
 
-    config = deepseek_v3_config(rope_interleave, layers, **overrides)
+    config = deepseek_v3_config(rope_interleave, layers, version=version, **overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = transformers.DeepseekV3ForCausalLM(config)
+        model = (transformers.DeepseekV3ForCausalLM if version == 3 else transformers.DeepseekV2ForCausalLM)(config)
     return model.to(device=device, dtype=dtype).eval(), config
 
 

@@ -424,19 +424,23 @@ def test_two_halves_that_are_not_one_row_are_reported(variant, records, inferenc
 HF_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), BF16: dict(atol=2e-2, rtol=2e-2)}  # test_hf_models.py's
 
 
-@pytest.mark.parametrize("interleave, dtype", [
-    pytest.param(True, torch.float32, id="interleave-fp32"),
-    pytest.param(False, BF16, id="rotate_half-bf16"),
-    pytest.param(False, torch.float32, id="rotate_half-fp32", marks=FULL),
-    pytest.param(True, BF16, id="interleave-bf16", marks=FULL),
+@pytest.mark.parametrize("interleave, dtype, version", [
+    pytest.param(True, torch.float32, 3, id="interleave-fp32"),
+    pytest.param(False, BF16, 3, id="rotate_half-bf16"),
+    pytest.param(False, torch.float32, 3, id="rotate_half-fp32", marks=FULL),
+    pytest.param(True, BF16, 3, id="interleave-bf16", marks=FULL),
+    pytest.param(None, torch.float32, 2, id="v2-complex-fp32"),
+    pytest.param(None, BF16, 2, id="v2-complex-bf16", marks=FULL),
 ])
-def test_hf_deepseek_v3_two_caches_fuse_every_layer(interleave, dtype, records, inference):
-    """A prefill and two decode steps of a 2-layer DeepseekV3ForCausalLM: every graph holds one mla_rope_store per
-    layer (both caches, q's cat), the logits and both caches of every layer equal eager's (the HF tests'
-    tolerances), the cache rows never written keep their random start values."""
+def test_hf_deepseek_v3_two_caches_fuse_every_layer(interleave, dtype, version, records, inference):
+    """A prefill and two decode steps of a 2-layer DeepseekV3ForCausalLM (and DeepseekV2ForCausalLM, whose RoPE is a
+    complex multiply: k_pe's one head and its per-token table index the same dims, told apart by which operand is
+    the complex table): every graph holds one mla_rope_store per layer (both caches, q's cat), the logits and both
+    caches of every layer equal eager's (the HF tests' tolerances), the cache rows never written keep their random
+    start values."""
     from tests.mla_models import build_deepseek_v3, hf_steps, new_latent_cache, run_hf_steps
 
-    model, config = build_deepseek_v3(interleave, dtype)
+    model, config = build_deepseek_v3(interleave, dtype, version=version)
     steps = hf_steps(config)
     ref, cache = new_latent_cache(config, dtype=dtype), new_latent_cache(config, dtype=dtype)
     start = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
