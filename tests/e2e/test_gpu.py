@@ -452,17 +452,25 @@ QK_NORM_CASES = [
     pytest.param("vllm-qwen3", torch.float32, id="vllm-qwen3-fp32"),
     pytest.param("olmo2", BF16, id="olmo2-bf16"),  # one norm over all of a token's heads (norm_full_width)
     pytest.param("olmo2", torch.float32, id="olmo2-fp32"),
+    # the norm after the RoPE (norm_after_rope): tests/patterns/test_qk_norm_after_rope.py's blocks
+    pytest.param("after:hunyuan", BF16, id="hunyuan-bf16"),
+    pytest.param("after:llama4", BF16, id="llama4-bf16"),
+    pytest.param("after:hunyuan", torch.float32, id="hunyuan-fp32"),
 ]
 
 
 @pytest.mark.parametrize("form, dtype", QK_NORM_CASES)
 def test_qk_norm_is_applied_by_the_launch(form, dtype, codes):
-    """Qwen3 / Gemma 3 / OLMo 2 token-pool blocks (``tests/patterns/test_qk_norm_fusion.py``) on the GPU: one direct
-    launch per graph applies both norms, the RoPE and the store (no norm kernel is left: no ``libdevice.rsqrt``
-    in the code), outputs and caches equal to eager (bf16: a normalised value may be one step from eager's)."""
+    """Qwen3 / Gemma 3 / OLMo 2 token-pool blocks (``tests/patterns/test_qk_norm_fusion.py``), and HunYuan / Llama 4
+    ones normalising after the RoPE (``tests/patterns/test_qk_norm_after_rope.py``), on the GPU: one direct launch
+    per graph applies both norms, the RoPE and the store (no norm kernel is left: no ``libdevice.rsqrt`` in the
+    code), outputs and caches equal to eager (bf16: a normalised value may be one step from eager's)."""
+    from tests.patterns.test_qk_norm_after_rope import PostNormBlock
     from tests.patterns.test_qk_norm_fusion import NORM_CACHE_TOL, QKNormBlock
 
-    block = QKNormBlock(form=form, dtype=dtype, num_heads=8, num_kv_heads=2, head_dim=128).eval().to(DEVICE)
+    after, form = form.startswith("after:"), form.removeprefix("after:")
+    block = (PostNormBlock if after else QKNormBlock)(form=form, dtype=dtype, num_heads=8, num_kv_heads=2,
+                                                      head_dim=128).eval().to(DEVICE)
     eager = copy.deepcopy(block)
     compiled = torch.compile(block, backend=fx_fusion.make_backend(FusionConfig(on_unfusable="raise")))
     before = snapshot()
@@ -527,14 +535,16 @@ def test_mla_latent_store_is_launched_by_inductor(kw, mode, codes):
                          for code in codes), "the MLA kernel is not launched once per graph by Inductor's code"
 
 
-@pytest.mark.parametrize("interleave", [True, False], ids=["interleave", "rotate_half"])
-def test_deepseek_v3_two_caches_are_written_by_the_launch(interleave, codes):
-    """transformers' DeepseekV3ForCausalLM (tiny, random weights, bf16) on the GPU, a prefill and two decode steps:
-    every graph launches the MLA kernel once per layer from Inductor's code (no ``torch.ops.fx_fusion`` call), the
-    latent and the rotated k_pe in the layer's two caches; logits and both caches of every layer as eager's."""
+@pytest.mark.parametrize("interleave, version", [(True, 3), (False, 3), (None, 2)],
+                         ids=["interleave", "rotate_half", "v2-complex"])
+def test_deepseek_v3_two_caches_are_written_by_the_launch(interleave, version, codes):
+    """transformers' DeepseekV3ForCausalLM (and DeepseekV2ForCausalLM, its RoPE a complex multiply; tiny, random
+    weights, bf16) on the GPU, a prefill and two decode steps: every graph launches the MLA kernel once per layer
+    from Inductor's code (no ``torch.ops.fx_fusion`` call), the latent and the rotated k_pe in the layer's two
+    caches; logits and both caches of every layer as eager's."""
     from tests.mla_models import build_deepseek_v3, hf_steps, new_latent_cache, run_hf_steps
 
-    model, config = build_deepseek_v3(interleave, BF16, device=DEVICE)
+    model, config = build_deepseek_v3(interleave, BF16, device=DEVICE, version=version)
     steps = [ids.to(DEVICE) for ids in hf_steps(config)]
     ref, cache = (new_latent_cache(config, dtype=BF16, device=DEVICE) for _ in range(2))
     expected = run_hf_steps(model, ref, steps)
