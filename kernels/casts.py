@@ -104,6 +104,8 @@ def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_R
         scale = _round(tl.load(scale_ptr).to(tl.float32), S_ROUND)
         if SCALE_MUL:
             x = x * scale
+        elif Q_ROUND == 1 and X_ROUND == 1 and (S_ROUND == 1 or scale_ptr.dtype.element_ty == tl.bfloat16):
+            x = _bf16_quotient(x, scale)
         else:
             x = tl.math.div_rn(x, scale)
     x = _round(x, Q_ROUND)
@@ -123,6 +125,24 @@ def _eager_fp8(x, scale_ptr, X_ROUND: tl.constexpr, SCALE_MUL: tl.constexpr, Q_R
     else:  # e5m2, inf from the tie at 61440 on (torch on CPU and CUDA: 480 -> 512, 1e6 -> inf)
         bits = _fp8_bits(x, 2, 15, 0x7B, 0x7C, 131072.0)
     return bits
+
+
+@triton.jit
+def _bf16_quotient(x, s):
+    # x / s, of bf16 values x and s, as eager's bf16 ``x / scale`` holds it once rounded to bf16 (the caller rounds):
+    # x * (1 / s), one multiply instead of a correctly rounded division an element. Exact: x and s have 8 significant
+    # bits, so x / s is never a bf16 midpoint (its odd part would need 9 bits) and lies at least 2^-17 (relative)
+    # from every one, while 1 / s and the product are each rounded once (within 2^-23 together); the correctly
+    # rounded x / s is as far from the midpoints, so both round to the same bf16. A quotient in fp32's subnormal
+    # range (an fp8 zero either way) keeps its sign. Scales whose reciprocal would leave fp32's normal range
+    # (|s| outside [2^-100, 2^100], zero, inf, NaN) divide as they are. (0 mismatches against ``(x / s).to(bf16)``
+    # over every finite bf16 x and 456 scales: tests/kernels/test_fp8_q.py.)
+    inv = tl.math.div_rn(1.0, s)
+    if (tl.abs(s) >= 2.0 ** -100) & (tl.abs(s) <= 2.0 ** 100):
+        q = x * inv
+    else:
+        q = tl.math.div_rn(x, s)
+    return q
 
 
 @triton.jit

@@ -172,3 +172,22 @@ def test_bad_fp8_q_arguments_name_the_argument_and_write_nothing(fp8, exc, match
         rope_kv_store(args["q"], args["k"], args["v"], args["k_cache"], args["v_cache"], args["slot_mapping"],
                       cos=args["cos"], sin=args["sin"], positions=args["positions"], rotary_dim=64, **fp8)
     assert torch.equal(args["k_cache"].view(torch.uint8), before.view(torch.uint8))
+
+
+def test_a_bf16_quotient_is_a_multiply_by_the_reciprocal():
+    """``casts._bf16_quotient``'s claim, for every finite bf16 x and 456 bf16 scales across fp32's range: x * (1 / s),
+    each rounded once in fp32, rounds to the same bf16 as the correctly rounded x / s (quotients below 2^-120, an
+    fp8 zero either way, aside). The kernels' bf16-quotient fp8 path rests on it; ``test_fp8_q_variants`` and
+    ``test_scale_round.py`` run that path against eager."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x[torch.isfinite(x)].float()
+    g = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-100, 100, (400,), generator=g).float()
+    mantissas = torch.randint(128, 256, (400,), generator=g).float() / 128
+    scales = (mantissas * torch.pow(2.0, exponents)).to(torch.bfloat16).float()
+    scales = torch.cat([scales, -scales[:50], torch.tensor([0.0234, 0.3, 0.05, 0.37, 1 / 3, 0.0625]).bfloat16().float()])
+    for s in scales:
+        fast = (x * (1.0 / s)).to(torch.bfloat16)
+        exact = (x / s).to(torch.bfloat16)
+        differ = (fast.view(torch.int16) != exact.view(torch.int16)) & (exact.float().abs() >= 2.0 ** -120)
+        assert not differ.any(), (s.item(), x[differ][:4])

@@ -50,6 +50,9 @@ class Config:
     norm_offset: float = 0.0
     norm_round: bool = False
     q_fp8: bool = False  # q_out in float8_e4m3fn (with a q_scale)
+    # the scale read rounded to the bf16 quotient's dtype, as the pass launches eager CUDA's 0-d scale (the quotient
+    # is then one multiply by the reciprocal: casts._bf16_quotient)
+    q_scale_round: bool = False
     norm_full_width: bool = False  # OLMo 2's norm over all of a token's heads (weights [H * D])
     norm_after_rope: bool = False  # HunYuan / Llama 4: the norm of the rotated head
 
@@ -65,7 +68,7 @@ class Config:
                          + ("-round" if self.norm_round else "") + ("-full" if self.norm_full_width else "")
                          + ("-after" if self.norm_after_rope else ""))
         if self.q_fp8:
-            parts.append("fp8q")
+            parts.append("fp8q" + ("-sround" if self.q_scale_round else ""))
         return "-".join(parts)
 
 
@@ -104,6 +107,8 @@ NORM_CONFIGS = (
     Config(q_norm=True, k_norm=True, norm_full_width=True),  # OLMo 2: fp32 norm times w, rounded once
     Config(q_norm=True, k_norm=True, norm_full_width=True, rot=64, layout="sequence", table="hf"),
     Config(q_fp8=True),
+    Config(q_fp8=True, q_scale_round=True),  # vLLM's 0-d scale on CUDA, as the pass launches it
+    Config(**QWEN3, fp8=True, q_fp8=True, q_scale_round=True),
     Config(**QWEN3, norm_after_rope=True),  # HunYuan: the norm of the rotated head
     Config(q_norm=True, k_norm=True, norm_weight=False, norm_after_rope=True, rot=64),  # Llama 4's (whole heads)
 )
@@ -190,7 +195,7 @@ def _make_args(cfg: Config):
                 norm_full_width=cfg.norm_full_width, norm_after_rope=cfg.norm_after_rope)
     p = prepare(q, k, v, k_cache, v_cache, slots, cos, sin, positions, None, *scales, q_scale, *weights,
                 is_neox=cfg.is_neox, rotary_dim=rot, layout=cfg.layout,
-                q_fp8_dtype=torch.float8_e4m3fn if cfg.q_fp8 else None, **norm)
+                q_fp8_dtype=torch.float8_e4m3fn if cfg.q_fp8 else None, q_scale_round=cfg.q_scale_round, **norm)
     q_out = torch.empty_like(q, dtype=p.q_out_dtype)
     k_out = torch.empty_like(k) if cfg.return_k else None
     return p, q_out, k_out
