@@ -103,6 +103,10 @@ def match_store(n: Node) -> Store:
         layout, slots = CacheLayout.PAGED, _single_index(indices)
         expected, roles = (shape_of(slots)[0], *cshape[2:]), THD
         key = ("flat", slots)
+    elif len(cshape) == 3 and len(indices) == 2 and indices[0] is None:
+        raise NotAStore(f"a {list(cshape)} cache written along its second dim, with no head dim (a one-head key "
+                        "cache [B, S, D], as DeepSeek-V3.2's indexer keeps its keys): the op's caches have a head dim, "
+                        "and a v cache beside them")
     elif len(cshape) == 3:
         layout, slots = CacheLayout.TOKEN, _single_index(indices)
         expected, roles = (shape_of(slots)[0], *cshape[1:]), THD

@@ -371,6 +371,8 @@ class TokenPoolStore(nn.Module):
       "cast"           the stored k and v are cast to the cache dtype at the store
       "k_user_3d"      the rotated k [T, Hkv, D] that is stored is also returned
       "k_user_2d"      the rotated k [T, Hkv*D] (the form SGLang's attention receives) is also returned
+      "no_head_dim"    the first kv head of the rotated k is stored into a [1, slots, D] cache along dim 1 (a
+                       one-head key cache, as DeepSeek-V3.2's indexer keeps its keys), v as usual
     """
 
     def __init__(self, variant="plain", heads=4, kv_heads=2, head_dim=16, slots=32, dtype=torch.float32,
@@ -383,6 +385,7 @@ class TokenPoolStore(nn.Module):
         cache_dtype = cache_dtype or dtype
         self.register_buffer("k_buffer", torch.randn(slots, kv_heads, head_dim, dtype=cache_dtype))
         self.register_buffer("v_buffer", torch.randn(slots, kv_heads, head_dim, dtype=cache_dtype))
+        self.register_buffer("k_seq", torch.randn(1, slots, head_dim, dtype=cache_dtype))
 
     def rope(self, positions, q, k, table=None):
         table = self.cos_sin_cache if table is None else table
@@ -409,7 +412,10 @@ class TokenPoolStore(nn.Module):
         v_store = v.view(-1, self.kv_heads, self.head_dim)
         if var == "cast":
             k_store, v_store = k_store.to(k_buffer.dtype), v_store.to(v_buffer.dtype)
-        k_buffer[loc] = k_store
+        if var == "no_head_dim":
+            self.k_seq[:, loc] = k_store[:, 0].unsqueeze(0)
+        else:
+            k_buffer[loc] = k_store
         v_buffer[loc] = v_store
         if var == "unrotated" or var == "k_user_2d":
             extra = (k_rot * 3,)
@@ -460,6 +466,7 @@ def test_store_into_a_tensor_made_in_the_graph_fuses(records, codes, inference):
 
 @pytest.mark.parametrize("variant, reason", [
     ("read_before", "the cache is also read before the store"),
+    ("no_head_dim", "with no head dim (a one-head key cache [B, S, D]"),
 ])
 def test_store_that_is_not_an_in_place_cache_write_is_not_fused(variant, reason, records, codes, inference):
     """The cache read before the store: the RoPE output's store stays."""
