@@ -438,7 +438,8 @@ def _fused_norm_after(m: NormMatch, rope: RopeMatch, roles, rope_out: Node, devi
     or of a value of the norm (it would see the graph's values where the op's outputs hold its own)."""
     if m.heads != 1 or m.views or not sizes_equal(shape_of(m.out)[-1], rope.head_dim):
         raise NotNorm(f"{m.out.name} is not one norm per head of the rotated {rope_out.name}")
-    if tuple(shape_of(m.out)) != tuple(shape_of(rope_out)):
+    out, rotated = shape_of(m.out), shape_of(rope_out)
+    if len(out) != len(rotated) or not all(map(sizes_equal, out, rotated)):  # (no shape guards: sizes may be symbolic)
         raise NotNorm(f"{rope_out.name} {list(shape_of(rope_out))} is broadcast by the norm to "
                       f"{list(shape_of(m.out))}")
     w = m.weight.meta["val"] if m.weight is not None else None

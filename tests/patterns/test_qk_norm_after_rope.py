@@ -125,3 +125,24 @@ def test_a_q_norm_after_the_rope_with_another_reader_stays(records, codes, infer
         assert "k_norm" in site.nodes and "q_norm" not in site.nodes, site.nodes
         assert any(n.startswith("q's QK-norm after the RoPE stays") and "also reads" in n for n in site.notes), \
             site.notes
+
+
+@FULL
+def test_a_dynamic_token_count_keeps_the_norms_after_the_rope_in_the_op(records, codes, inference):
+    """``mark_dynamic`` on the token dim: both norms after the RoPE fused in every graph (the dynamic one included),
+    equal to eager at three token counts."""
+    from tests.attention_blocks import make_inputs
+    from tests.patterns.test_qk_norm_fusion import NORM_CACHE_TOL
+
+    block = PostNormBlock(form="hunyuan", dtype=BF16).eval()
+    eager = copy.deepcopy(block)
+    compiled = compile_with(block)
+    for i, (t, past) in enumerate(((5, 0), (3, 5), (7, 8))):
+        inputs = make_inputs(block, t, past=past)
+        for x in inputs[:3]:
+            torch._dynamo.mark_dynamic(x, 0)
+        assert_close(compiled(*inputs), eager(*inputs), OUTPUT_TOL, f"step {i} output")
+        assert_same_state(block, eager, f"step {i}", NORM_CACHE_TOL)
+    assert records and any(rec.fused[0].num_tokens == "dynamic" for rec in records)
+    for rec in records:
+        assert {"q_norm", "k_norm"} <= set(rec.fused[0].nodes), rec.fused[0].notes
