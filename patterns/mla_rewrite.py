@@ -35,8 +35,9 @@ from fx_fusion.kernels.problem import MODEL_DTYPES
 from fx_fusion.patterns.find import GraphState
 from fx_fusion.patterns.fx_utils import Role, first_downstream, is_one, same_meta, shape_of, sizes_equal, within
 from fx_fusion.patterns.mla_store import MlaStore, row_cat
+from fx_fusion.patterns.norm_plan import x_roles
 from fx_fusion.patterns.plan import (TOKEN_MAJOR, TOKEN_ROLES, TableSource, _check_quant_device, _complete_roles,
-                                     _table_source, check_negated, x_roles)
+                                     _table_source, check_negated)
 from fx_fusion.patterns.quant import scale_rounding
 from fx_fusion.patterns.replacement import (TableView, _from_token_major, _kernel_table, _table_view,
                                             _to_token_major)

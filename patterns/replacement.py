@@ -14,7 +14,8 @@ import torch
 from fx_fusion.kernels.functional import rope_kv_store_functional
 from fx_fusion.kernels.options import CacheLayout, RopeKVOptions
 from fx_fusion.patterns.fx_utils import Role, is_one, shape_of
-from fx_fusion.patterns.plan import TOKEN_MAJOR, TOKEN_ROLES, FusedNorm, Plan, TableSource, x_roles
+from fx_fusion.patterns.norm_plan import FusedNorm, x_roles
+from fx_fusion.patterns.plan import TOKEN_MAJOR, TOKEN_ROLES, Plan, TableSource
 from fx_fusion.patterns.quant import scale_rounding
 from fx_fusion.patterns.rope import RopeMatch, RopeStyle, TableRef
 from fx_fusion.patterns.store import Origin, Store
