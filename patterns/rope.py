@@ -148,9 +148,27 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
         deinterleave = half > 1 and {f for m in v.feats[1] for lid, f in m if lid == x} == {2, 3}
     else:
         raise NotRope("feature 0 is not paired like NeoX or GPT-J RoPE")
+    cos, sin = _tables(ev, v, x, pairs, half, deinterleave)
+    if cos.per_element != sin.per_element:
+        raise NotRope("cos and sin tables have different layouts")
+    if cos.leaf.round_to != sin.leaf.round_to:
+        raise NotRope(f"cos is read rounded to {cos.leaf.round_to}, sin to {sin.leaf.round_to}")
+    if cos.leaf.node is not sin.leaf.node and (
+            (cos_scale := table_scales(cos.leaf.node)) != (sin_scale := table_scales(sin.leaf.node))):
+        raise NotRope(f"cos is scaled by {_describe(cos_scale)}, sin by {_describe(sin_scale)}: not a rotation "
+                      "times one common factor")
+    for name, ref in (("cos", cos), ("sin", sin)):
+        if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
+            raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")
+    _check_rounding(v.rounding, root_dtype)
+    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x], deinterleave)
+
+
+def _tables(ev: Evaluator, v: Value, x: int, pairs: list, half: int, deinterleave: bool) -> tuple[TableRef, TableRef]:
+    """cos and sin of the rotation of leaf ``x`` over ``pairs``: ``o1 = x1 * c1 - x2 * s1 ; o2 = x2 * c2 + x1 * s2``,
+    or the mirrored rotation (by -theta: both signs flipped, nanochat), read as sin negated."""
 
     def terms(sign: float) -> tuple[list, list, list, list]:
-        # o1 = x1 * c1 - sign * x2 * s1 ; o2 = x2 * c2 + sign * x1 * s2 (sign -1: the mirrored rotation)
         cos1, sin1, cos2, sin2 = [], [], [], []
         for i, (e1, e2) in enumerate(pairs):
             o1, o2 = (i, i + half) if deinterleave else (e1, e2)  # the output features of the pair
@@ -169,19 +187,7 @@ def match_rope(root: Node, evaluator: Evaluator | None = None) -> RopeMatch:
     firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
     cos = _table(ev, v, cos1, cos2, firsts, seconds, "cos")
     sin = dataclasses.replace(_table(ev, v, sin1, sin2, firsts, seconds, "sin"), negated=mirrored)
-    if cos.per_element != sin.per_element:
-        raise NotRope("cos and sin tables have different layouts")
-    if cos.leaf.round_to != sin.leaf.round_to:
-        raise NotRope(f"cos is read rounded to {cos.leaf.round_to}, sin to {sin.leaf.round_to}")
-    if cos.leaf.node is not sin.leaf.node and (
-            (cos_scale := table_scales(cos.leaf.node)) != (sin_scale := table_scales(sin.leaf.node))):
-        raise NotRope(f"cos is scaled by {_describe(cos_scale)}, sin by {_describe(sin_scale)}: not a rotation "
-                      "times one common factor")
-    for name, ref in (("cos", cos), ("sin", sin)):
-        if (dtype := ref.leaf.node.meta["val"].dtype) not in _KERNEL_DTYPES:
-            raise NotRope(f"{name} is {dtype}; the fused op reads float16, bfloat16 or float32 tables")
-    _check_rounding(v.rounding, root_dtype)
-    return RopeMatch(root, ev.leaves[x].node, style, rot, head_dim, cos, sin, xs[x], deinterleave)
+    return cos, sin
 
 
 def rope_like(root: Node, evaluator: Evaluator | None = None) -> int | None:
