@@ -18,7 +18,7 @@ from torch import nn
 
 from fx_fusion import FusionConfig
 from tests.attention_blocks import SGLangBlock, decode_inputs, prefill_inputs, token_pool_rotary
-from tests.patterns.test_qk_norm_fusion import run, vllm_rms_norm
+from tests.patterns.test_qk_norm_fusion import check_norms_fused, run, vllm_rms_norm
 from tests.patterns.test_rope_kv_store import (
     CACHE_TOL, OUTPUT_TOL, assert_close, assert_same_state, check_fused, compile_with, inference, records)
 
@@ -86,13 +86,8 @@ CASES = [pytest.param(form, dtype, kw, id=f"{form}-{name}{'-' + tag if tag else 
 
 @pytest.mark.parametrize("form, dtype, kw", CASES)
 def test_norms_after_the_rope_fuse_into_the_op(form, dtype, kw, records, codes, inference):
-    block = PostNormBlock(form=form, dtype=dtype, num_heads=4, num_kv_heads=2, head_dim=16, **kw).eval()
-    run(block, records)
-    check_fused(records, codes, [block.k_buffer])
-    for rec in records:
-        (site,) = rec.fused
-        assert {"q_norm", "k_norm"} <= set(site.nodes) and site.notes == [], (site.nodes, site.notes)
-    assert not any("rsqrt" in code for code in codes), "a norm is left outside the op"
+    check_norms_fused(PostNormBlock(form=form, dtype=dtype, num_heads=4, num_kv_heads=2, head_dim=16, **kw).eval(),
+                      records, codes)
 
 
 @pytest.mark.parametrize("form, why", [
@@ -131,18 +126,6 @@ def test_a_q_norm_after_the_rope_with_another_reader_stays(records, codes, infer
 def test_a_dynamic_token_count_keeps_the_norms_after_the_rope_in_the_op(records, codes, inference):
     """``mark_dynamic`` on the token dim: both norms after the RoPE fused in every graph (the dynamic one included),
     equal to eager at three token counts."""
-    from tests.attention_blocks import make_inputs
-    from tests.patterns.test_qk_norm_fusion import NORM_CACHE_TOL
+    from tests.patterns.test_qk_norm_fusion import run_dynamic
 
-    block = PostNormBlock(form="hunyuan", dtype=BF16).eval()
-    eager = copy.deepcopy(block)
-    compiled = compile_with(block)
-    for i, (t, past) in enumerate(((5, 0), (3, 5), (7, 8))):
-        inputs = make_inputs(block, t, past=past)
-        for x in inputs[:3]:
-            torch._dynamo.mark_dynamic(x, 0)
-        assert_close(compiled(*inputs), eager(*inputs), OUTPUT_TOL, f"step {i} output")
-        assert_same_state(block, eager, f"step {i}", NORM_CACHE_TOL)
-    assert records and any(rec.fused[0].num_tokens == "dynamic" for rec in records)
-    for rec in records:
-        assert {"q_norm", "k_norm"} <= set(rec.fused[0].nodes), rec.fused[0].notes
+    run_dynamic(PostNormBlock(form="hunyuan", dtype=BF16).eval(), records)

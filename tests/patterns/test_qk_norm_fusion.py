@@ -118,7 +118,12 @@ CASES = [pytest.param(form, dtype, id=f"{form}-{name}",
 
 @pytest.mark.parametrize("form, dtype", CASES)
 def test_qk_norms_fuse_into_the_op(form, dtype, records, codes, inference):
-    block = QKNormBlock(form=form, dtype=dtype, num_heads=4, num_kv_heads=2, head_dim=16).eval()
+    check_norms_fused(QKNormBlock(form=form, dtype=dtype, num_heads=4, num_kv_heads=2, head_dim=16).eval(), records,
+                      codes)
+
+
+def check_norms_fused(block, records, codes) -> None:
+    """``run``, then: one fused site per graph with both norms inside the op and no note, no rsqrt left."""
     run(block, records)
     check_fused(records, codes, [block.k_buffer])
     for rec in records:
@@ -188,7 +193,12 @@ def test_a_dynamic_token_count_keeps_the_norms_in_the_op(form, records, codes, i
     """``mark_dynamic`` on the token dim: SGLang's ``[T*H, D]`` rows are reshaped to ``[-1, H, D]`` for the op (one
     symbolic size); both norms fused in every graph (the dynamic one included), equal to eager at three token
     counts."""
-    block = QKNormBlock(form=form, dtype=BF16).eval()
+    run_dynamic(QKNormBlock(form=form, dtype=BF16).eval(), records)
+
+
+def run_dynamic(block, records) -> None:
+    """Three token counts with ``mark_dynamic`` on the token dim, compiled and eager: outputs and caches equal, a
+    graph with a dynamic token count among those fused, both norms in every graph's op."""
     eager = copy.deepcopy(block)
     compiled = compile_with(block)
     for i, (t, past) in enumerate(((5, 0), (3, 5), (7, 8))):
