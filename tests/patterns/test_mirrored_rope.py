@@ -92,7 +92,8 @@ def steps(block):
 
 
 @pytest.mark.parametrize("dtype, gathered", [(torch.float32, None), pytest.param(BF16, None, marks=pytest.mark.full),
-                                             (torch.float32, "rows")], ids=["fp32", "bf16", "rows-fp32"])
+                                             pytest.param(torch.float32, "rows", marks=pytest.mark.full)],
+                         ids=["fp32", "bf16", "rows-fp32"])
 def test_the_mirrored_rotation_fuses_with_its_norms(dtype, gathered, records, codes, inference):
     """nanochat's attention: every graph's site fused (the norms after the RoPE inside the op), outputs and the
     poisoned caches equal to eager over a prefill and two decode steps; also into a token pool (``k[0]``, a select of
