@@ -154,12 +154,23 @@ def _rms_apply(x, r, w_ptr, w_row, feat, fmask, ty, OFFSET: tl.constexpr, ROUND:
 
 
 @triton.jit
-def _norm_pairs(x1, x2, r, w_ptr, w_row, i, e1, e2, ty, ROT: tl.constexpr, OFFSET: tl.constexpr,
-                ROUND: tl.constexpr):
-    """``_rms_apply`` to the pairs (x1, x2) at features (e1, e2) of rows normalised by r; returns them in fp32."""
+def _qk_norm(x1, x2, xt, w_ptr, h, i, e1, e2, ty, ROT: tl.constexpr, D: tl.constexpr, EPS: tl.constexpr,
+             OFFSET: tl.constexpr, ROUND: tl.constexpr, FULL: tl.constexpr, HEADS: tl.constexpr,
+             BLOCK_R: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    """QK-norm of BLOCK_R head rows (heads h) held as the pairs (x1, x2) at features (e1, e2) and the tail xt
+    (features ROT..D, where ROT < D; else any tensor, returned as it is), all fp32: ``_rms_scale`` then ``_rms_apply``;
+    FULL: one norm over a token's HEADS heads, weights [HEADS * D]. Returns (x1, x2, xt), in fp32, rounded to ty.
+    (Never None in the result: Triton 3.6 cannot return one in a tuple.)"""
+    w_row = h * D if FULL else None
+    if ROT < D:
+        r = _rms_scale(x1, x2, xt, D, EPS, HEADS if FULL else 1, BLOCK_R)
+        tail = ROT + tl.arange(0, BLOCK_TAIL)
+        xt = _rms_apply(xt, r, w_ptr, w_row, tail, tail < D, ty, OFFSET, ROUND)
+    else:
+        r = _rms_scale(x1, x2, None, D, EPS, HEADS if FULL else 1, BLOCK_R)
     x1 = _rms_apply(x1, r, w_ptr, w_row, e1, i < ROT // 2, ty, OFFSET, ROUND)
     x2 = _rms_apply(x2, r, w_ptr, w_row, e2, i < ROT // 2, ty, OFFSET, ROUND)
-    return x1, x2
+    return x1, x2, xt
 
 
 @triton.jit
@@ -317,20 +328,19 @@ def _rope_kv_store_kernel(
             if Q_NORM:
                 qx = qx.to(tl.float32)
         q_ty = q_ptr.dtype.element_ty
-        qw_row = qh * D if NORM_FULL else None
         if Q_NORM and not NORM_AFTER:
-            qr = _rms_scale(qx1, qx2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
-            qx1, qx2 = _norm_pairs(qx1, qx2, qr, q_norm_w_ptr, qw_row, qi, qe1, qe2, q_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            qx1, qx2, qxt = _qk_norm(qx1, qx2, qx if ROT < D else qx1, q_norm_w_ptr, qh, qi, qe1, qe2, q_ty, ROT, D,
+                                     NORM_EPS, NORM_OFFSET, NORM_ROUND, NORM_FULL, HQ, BLOCK_RQ, BLOCK_TAIL)
             if ROT < D:
-                qx = _rms_apply(qx, qr, q_norm_w_ptr, qw_row, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
+                qx = qxt
         qo1, qo2 = _rope_pairs(qx1, qx2, cos_ptr, sin_ptr, qcos_row, qsin_row, cos_sd, sin_sd,
                                qm, qi, qe1, qe2, COS_PER_ELEMENT, ROUND_TABLE)
         if Q_NORM and NORM_AFTER:  # the norm of the rotated head, as the model stores it (in q's dtype)
             qo1, qo2 = _to(qo1, q_ty).to(tl.float32), _to(qo2, q_ty).to(tl.float32)
-            qr = _rms_scale(qo1, qo2, qx, D, NORM_EPS, HQ if NORM_FULL else 1, BLOCK_RQ)
-            qo1, qo2 = _norm_pairs(qo1, qo2, qr, q_norm_w_ptr, qw_row, qi, qe1, qe2, q_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            qo1, qo2, qxt = _qk_norm(qo1, qo2, qx if ROT < D else qo1, q_norm_w_ptr, qh, qi, qe1, qe2, q_ty, ROT, D,
+                                     NORM_EPS, NORM_OFFSET, NORM_ROUND, NORM_FULL, HQ, BLOCK_RQ, BLOCK_TAIL)
             if ROT < D:
-                qx = _rms_apply(qx, qr, q_norm_w_ptr, qw_row, qtail, qtail < D, q_ty, NORM_OFFSET, NORM_ROUND)
+                qx = qxt
         qout_ty = q_out_ptr.dtype.element_ty
         tl.store(q_out_ptr + qo_row[:, None] + (qe1 * qo_sd)[None, :],
                  _q_value(qo1, q_scale_ptr, qout_ty, Q_FP8_CAST, Q_X_ROUND, Q_QROUND, Q_SCALE_MUL, Q_CLAMP_LO,
@@ -400,20 +410,19 @@ def _rope_kv_store_kernel(
             if K_NORM:
                 x = x.to(tl.float32)
         k_ty = k_ptr.dtype.element_ty
-        kw_row = h * D if NORM_FULL else None
         if K_NORM and not NORM_AFTER:
-            r = _rms_scale(x1, x2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
-            x1, x2 = _norm_pairs(x1, x2, r, k_norm_w_ptr, kw_row, i, e1, e2, k_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            x1, x2, xt = _qk_norm(x1, x2, x if ROT < D else x1, k_norm_w_ptr, h, i, e1, e2, k_ty, ROT, D, NORM_EPS,
+                                  NORM_OFFSET, NORM_ROUND, NORM_FULL, HKV, BLOCK_RKV, BLOCK_TAIL)
             if ROT < D:
-                x = _rms_apply(x, r, k_norm_w_ptr, kw_row, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
+                x = xt
         o1, o2 = _rope_pairs(x1, x2, cos_ptr, sin_ptr, cos_row, sin_row, cos_sd, sin_sd,
                              m, i, e1, e2, COS_PER_ELEMENT, ROUND_TABLE)
         if K_NORM and NORM_AFTER:  # the norm of the rotated head, as the model stores it (in k's dtype)
             o1, o2 = _to(o1, k_ty).to(tl.float32), _to(o2, k_ty).to(tl.float32)
-            r = _rms_scale(o1, o2, x, D, NORM_EPS, HKV if NORM_FULL else 1, BLOCK_RKV)
-            o1, o2 = _norm_pairs(o1, o2, r, k_norm_w_ptr, kw_row, i, e1, e2, k_ty, ROT, NORM_OFFSET, NORM_ROUND)
+            o1, o2, xt = _qk_norm(o1, o2, x if ROT < D else o1, k_norm_w_ptr, h, i, e1, e2, k_ty, ROT, D, NORM_EPS,
+                                  NORM_OFFSET, NORM_ROUND, NORM_FULL, HKV, BLOCK_RKV, BLOCK_TAIL)
             if ROT < D:
-                x = _rms_apply(x, r, k_norm_w_ptr, kw_row, tail, tail < D, k_ty, NORM_OFFSET, NORM_ROUND)
+                x = xt
         kc_ty = k_cache_ptr.dtype.element_ty
         sm = m & store[:, None]
         tl.store(kc_base + kc_row[:, None] + _split_offset(e1, KC_D_SPLIT, kc_sd_hi, kc_sd)[None, :],
