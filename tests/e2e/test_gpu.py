@@ -262,7 +262,8 @@ def test_stacked_buffer_written_in_place(layout, codes):
         inputs = to_device(step)
         check_step(compiled(*inputs), eager(*inputs), model, eager, f"step {i}")
     assert_every_graph_fused(delta(before), sites_per_graph=model.layers)
-    numels = {b.numel() for b in caches(model).values()}
+    # the sizes of the written buffers (cos_sin_cache, read only, is no cache: a q-sized temporary may match it)
+    numels = {b.numel() for name, b in caches(model).items() if name != "cos_sin_cache"}
     assert codes
     for code in codes:
         assert direct_launches(code) == model.layers and "torch.ops.fx_fusion" not in code
